@@ -65,6 +65,13 @@ def e2m1_lut(device: torch.device | str | None = None, dtype: torch.dtype = torc
     return torch.tensor(E2M1_VALUES, dtype=dtype, device=device)
 
 
+def byte_to_e2m1_pair(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Values of both codes of every byte: [256, 2] `dtype`; [b, 0] is the low nibble (even element)."""
+    byte = torch.arange(256, device=device)
+    lut = e2m1_lut(device, dtype)
+    return torch.stack((lut[byte & NIBBLE_MASK], lut[byte >> NIBBLE_BITS]), dim=-1)
+
+
 def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
     """Pack E2M1 codes two per byte.
 
@@ -140,18 +147,25 @@ def dequantize(blocks: torch.Tensor, scales_e8m0: torch.Tensor, dtype: torch.dty
     rows = 1
     for d in lead:
         rows *= d
-    blocks_2d = blocks.reshape(rows, n_blocks, BYTES_PER_BLOCK)
+    blocks_flat = blocks.reshape(rows, n_blocks * BYTES_PER_BLOCK)
     scales_2d = scales_e8m0.reshape(rows, n_blocks)
     out = torch.empty((rows, k), dtype=dtype, device=blocks.device)
-    lut = e2m1_lut(blocks.device)
+    # Every E2M1 value times a power of two has at most 2 significant bits, so the product is
+    # exact in bf16/fp32/fp64 (same exponent range as the scales); fp16 and others go via fp32.
+    work_dtype = dtype if dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
+    pair_lut = byte_to_e2m1_pair(blocks.device, work_dtype)               # [256, 2]
     row_bytes = max(1, n_blocks * BYTES_PER_BLOCK)
     step = max(1, chunk_bytes // row_bytes)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        codes = unpack_e2m1(blocks_2d[start:stop])                      # [r, n_blocks, 32]
-        values = lut[codes.long()]
-        values *= e8m0_to_float(scales_2d[start:stop]).unsqueeze(-1)
-        out[start:stop] = values.reshape(stop - start, k).to(dtype)
+        # One table look-up per byte yields its (even, odd) element pair.
+        values = torch.nn.functional.embedding(blocks_flat[start:stop].to(torch.int32), pair_lut)
+        values = values.view(stop - start, n_blocks, BLOCK_SIZE)
+        scale = e8m0_to_float(scales_2d[start:stop], work_dtype).unsqueeze(-1)
+        if work_dtype == dtype:
+            torch.mul(values, scale, out=out[start:stop].view(stop - start, n_blocks, BLOCK_SIZE))
+        else:
+            out[start:stop] = (values * scale).view(stop - start, k).to(dtype)
     return out.reshape(*lead, k)
 
 

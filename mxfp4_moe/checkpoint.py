@@ -1,0 +1,675 @@
+"""The gpt-oss checkpoint reader: finds the safetensors files, reads config.json (Hugging Face or
+original naming) into one `MoEConfig`, maps each layer's MoE tensors to lazy `TensorRef`s, and
+checks their dtypes and shapes. Nothing is read beyond the headers until a slice is asked for.
+
+Tensor names per layer N (E experts, hidden H, intermediate I):
+
+  field              Hugging Face layout                                original layout (original/)
+  w13_blocks         model.layers.N.mlp.experts.gate_up_proj_blocks     block.N.mlp.mlp1_weight.blocks
+  w13_scales         model.layers.N.mlp.experts.gate_up_proj_scales     block.N.mlp.mlp1_weight.scales
+  w13_bias           model.layers.N.mlp.experts.gate_up_proj_bias       block.N.mlp.mlp1_bias
+  w2_blocks          model.layers.N.mlp.experts.down_proj_blocks        block.N.mlp.mlp2_weight.blocks
+  w2_scales          model.layers.N.mlp.experts.down_proj_scales        block.N.mlp.mlp2_weight.scales
+  w2_bias            model.layers.N.mlp.experts.down_proj_bias          block.N.mlp.mlp2_bias
+  router_weight      model.layers.N.mlp.router.weight                   block.N.mlp.gate.weight
+  router_bias        model.layers.N.mlp.router.bias                     block.N.mlp.gate.bias
+  w13_channel_scale  model.layers.N.mlp.experts.gate_up_proj_channel_scale  block.N.mlp.mlp1_weight.channel_scale
+  w2_channel_scale   model.layers.N.mlp.experts.down_proj_channel_scale     block.N.mlp.mlp2_weight.channel_scale
+
+The two channel-scale tensors are this project's optional extension (per-output-channel float
+multipliers, [E, rows] or [E, rows, 1]); gpt-oss checkpoints do not have them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import threading
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+
+from .mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, NanScale, find_nan_scales as _find_nan_scale_bytes
+
+Layout = Literal["hf", "original"]
+NanScalePolicy = Literal["report", "error"]
+
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+ORIGINAL_DIR = "original"
+
+DEFAULT_SWIGLU_LIMIT = 7.0
+DEFAULT_SWIGLU_ALPHA = 1.702
+
+# safetensors' dtype strings -> torch dtypes (the ones a checkpoint of this kind may hold).
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E8M0", "float8_e8m0fnu")):
+    if hasattr(torch, _attr):
+        _SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+SAFETENSORS_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+# safetensors refuses headers above 100 MB; a larger length field means a corrupt file.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Read scale bytes at most this many at a time when looking for NaN scales.
+_SCAN_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as a gpt-oss MXFP4 MoE checkpoint. The message names the
+    file, the tensor (or config key) and what was expected versus found."""
+
+
+# ---- names -------------------------------------------------------------------------------------
+
+_LAYER_FIELDS = ("w13_blocks", "w13_scales", "w13_bias", "w2_blocks", "w2_scales", "w2_bias",
+                 "router_weight", "router_bias")
+_OPTIONAL_FIELDS = ("w13_channel_scale", "w2_channel_scale")
+
+_HF_SUFFIXES = {
+    "w13_blocks": "experts.gate_up_proj_blocks", "w13_scales": "experts.gate_up_proj_scales",
+    "w13_bias": "experts.gate_up_proj_bias", "w2_blocks": "experts.down_proj_blocks",
+    "w2_scales": "experts.down_proj_scales", "w2_bias": "experts.down_proj_bias",
+    "router_weight": "router.weight", "router_bias": "router.bias",
+    "w13_channel_scale": "experts.gate_up_proj_channel_scale",
+    "w2_channel_scale": "experts.down_proj_channel_scale",
+}
+_ORIGINAL_SUFFIXES = {
+    "w13_blocks": "mlp1_weight.blocks", "w13_scales": "mlp1_weight.scales", "w13_bias": "mlp1_bias",
+    "w2_blocks": "mlp2_weight.blocks", "w2_scales": "mlp2_weight.scales", "w2_bias": "mlp2_bias",
+    "router_weight": "gate.weight", "router_bias": "gate.bias",
+    "w13_channel_scale": "mlp1_weight.channel_scale", "w2_channel_scale": "mlp2_weight.channel_scale",
+}
+_LAYER_PREFIX = {"hf": "model.layers.{}.mlp.", "original": "block.{}.mlp."}
+_LAYER_NAME_RE = {"hf": re.compile(r"^model\.layers\.(\d+)\.mlp\.(experts|router)\."),
+                  "original": re.compile(r"^block\.(\d+)\.mlp\.(mlp[12]_|gate\.)")}
+
+
+def layer_tensor_names(layout: Layout, layer: int) -> dict[str, str]:
+    """The checkpoint tensor name of each `LayerTensors` field (optional ones included) for one layer."""
+    if layout not in _LAYER_PREFIX:
+        raise ValueError(f"layout must be 'hf' or 'original', got {layout!r}")
+    suffixes = _HF_SUFFIXES if layout == "hf" else _ORIGINAL_SUFFIXES
+    prefix = _LAYER_PREFIX[layout].format(layer)
+    return {field: prefix + suffix for field, suffix in suffixes.items()}
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+def _config_value(raw: dict, keys: tuple[str, ...], source: str, *, required: bool = True, default: Any = None):
+    """The value under the first of `keys` present; several present must agree."""
+    found = {k: raw[k] for k in keys if k in raw and raw[k] is not None}
+    if not found:
+        if required:
+            raise CheckpointError(f"{source}: missing config key: expected one of {list(keys)}, found none "
+                                  f"(keys present: {sorted(raw)})")
+        return default
+    values = set(json.dumps(v, sort_keys=True) for v in found.values())
+    if len(values) > 1:
+        raise CheckpointError(f"{source}: config keys disagree: expected {list(found)} to hold one value, found {found}")
+    return next(iter(found.values()))
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The MoE part of a gpt-oss config.json, whichever naming it used.
+
+    Hugging Face names: num_hidden_layers, num_local_experts, num_experts_per_tok (or
+    experts_per_token), hidden_size, intermediate_size, swiglu_limit, swiglu_alpha,
+    quantization_config.quant_method. Original names: num_hidden_layers, num_experts,
+    experts_per_token, hidden_size, intermediate_size, swiglu_limit (alpha is fixed at 1.702).
+    """
+    num_layers: int
+    num_experts: int
+    experts_per_token: int
+    hidden_size: int
+    intermediate_size: int
+    swiglu_limit: float = DEFAULT_SWIGLU_LIMIT
+    swiglu_alpha: float = DEFAULT_SWIGLU_ALPHA
+    quant_method: str | None = "mxfp4"
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_experts", "experts_per_token", "hidden_size", "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"MoEConfig.{name}: expected a positive int, found {value!r}")
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(f"MoEConfig: experts_per_token {self.experts_per_token} exceeds "
+                             f"num_experts {self.num_experts}")
+        for name in ("hidden_size", "intermediate_size"):
+            if getattr(self, name) % BLOCK_SIZE:
+                raise ValueError(f"MoEConfig.{name}: expected a multiple of the MXFP4 block size "
+                                 f"{BLOCK_SIZE}, found {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = CONFIG_FILE) -> "MoEConfig":
+        """Build from a parsed config.json (either naming). Raises CheckpointError naming `source`."""
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{source}: expected a JSON object, found {type(raw).__name__}")
+        quant = raw.get("quantization_config")
+        quant_method = quant.get("quant_method") if isinstance(quant, dict) else None
+        if quant_method is None and "num_experts" in raw and "num_local_experts" not in raw:
+            quant_method = "mxfp4"          # original layout: MXFP4 by construction, no quantization_config
+        if quant_method is not None and quant_method != "mxfp4":
+            raise CheckpointError(f"{source}: quantization_config.quant_method: expected 'mxfp4', found {quant_method!r}")
+        kwargs = dict(
+            num_layers=_config_value(raw, ("num_hidden_layers",), source),
+            num_experts=_config_value(raw, ("num_local_experts", "num_experts"), source),
+            experts_per_token=_config_value(raw, ("num_experts_per_tok", "experts_per_token",
+                                                  "num_experts_per_token"), source),
+            hidden_size=_config_value(raw, ("hidden_size",), source),
+            intermediate_size=_config_value(raw, ("intermediate_size",), source),
+            swiglu_limit=float(_config_value(raw, ("swiglu_limit",), source, required=False,
+                                             default=DEFAULT_SWIGLU_LIMIT)),
+            swiglu_alpha=float(_config_value(raw, ("swiglu_alpha",), source, required=False,
+                                             default=DEFAULT_SWIGLU_ALPHA)),
+            quant_method=quant_method,
+        )
+        try:
+            return cls(**kwargs)
+        except ValueError as err:
+            raise CheckpointError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "MoEConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: config file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path}: config is not valid JSON: {err}") from None
+        return cls.from_dict(raw, source=str(path))
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Checkpoint shape of each required `LayerTensors` field under this config."""
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        return {
+            "w13_blocks": (e, 2 * i, h // BLOCK_SIZE, BYTES_PER_BLOCK),
+            "w13_scales": (e, 2 * i, h // BLOCK_SIZE),
+            "w13_bias": (e, 2 * i),
+            "w2_blocks": (e, h, i // BLOCK_SIZE, BYTES_PER_BLOCK),
+            "w2_scales": (e, h, i // BLOCK_SIZE),
+            "w2_bias": (e, h),
+            "router_weight": (e, h),
+            "router_bias": (e,),
+        }
+
+
+# ---- safetensors headers and lazy reads --------------------------------------------------------
+
+def _read_header(file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+    """Parse a safetensors header: {name: (dtype, shape, nbytes)}. Checks that every tensor's
+    bytes lie inside the file, so truncated and corrupt files fail here, by name."""
+    size = file.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{file}: truncated safetensors file: expected at least 8 bytes "
+                              f"(the header length), found {size}")
+    with open(file, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file: the length field says "
+                                  f"{header_len} header bytes, the file has {size - 8} after it")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: corrupt safetensors file: header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors file: expected a JSON object header, "
+                              f"found {type(header).__name__}")
+    data_size = size - 8 - header_len
+    tensors = {}
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: corrupt safetensors file: tensor {name}: expected dtype, shape "
+                                  f"and data_offsets, found {entry!r}") from None
+        if dtype_name not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name}: unsupported dtype {dtype_name!r} "
+                                  f"(expected one of {sorted(_SAFETENSORS_DTYPES)})")
+        dtype = _SAFETENSORS_DTYPES[dtype_name]
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - begin != nbytes:
+            raise CheckpointError(f"{file}: corrupt safetensors file: tensor {name} {dtype_name} {list(shape)} "
+                                  f"needs {nbytes} bytes, its data_offsets span {end - begin}")
+        if end > data_size:
+            raise CheckpointError(f"{file}: truncated safetensors file: tensor {name} needs bytes up to "
+                                  f"{end} of the data section, the file holds only {data_size}")
+        data_end = max(data_end, end)
+        tensors[name] = (dtype, shape, nbytes)
+    if data_end != data_size:
+        raise CheckpointError(f"{file}: corrupt safetensors file: expected a data section of {data_end} bytes "
+                              f"(the end of the last tensor), found {data_size}")
+    return tensors
+
+
+class _FileHandles:
+    """Open safetensors handles, one per file, opened on first use and kept until close()."""
+
+    def __init__(self):
+        self._handles: dict[Path, Any] = {}
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def get(self, file: Path):
+        from safetensors import safe_open
+
+        with self._lock:
+            if self.closed:
+                raise CheckpointError(f"{file}: the checkpoint was closed; open it again to read")
+            handle = self._handles.get(file)
+            if handle is None:
+                try:
+                    handle = safe_open(str(file), framework="pt", device="cpu")
+                except Exception as err:   # safetensors raises its own error type
+                    raise CheckpointError(f"{file}: cannot open safetensors file: {err}") from None
+                self._handles[file] = handle
+            return handle
+
+    def close(self) -> None:
+        with self._lock:
+            for handle in self._handles.values():
+                handle.__exit__(None, None, None)   # releases the mmap (safe_open has no close())
+            self._handles.clear()
+            self.closed = True
+
+
+class TensorRef:
+    """One tensor in one safetensors file, read lazily: `read(*index)` reads only the selected
+    slices (safetensors `get_slice`), `read_all()` the whole tensor.
+
+    name: tensor name in the checkpoint; file: the .safetensors file; shape, dtype as stored;
+    nbytes: the stored size in bytes.
+    """
+
+    __slots__ = ("name", "file", "shape", "dtype", "nbytes", "_handles")
+
+    def __init__(self, name: str, file: Path, shape: tuple[int, ...], dtype: torch.dtype, nbytes: int,
+                 handles: _FileHandles):
+        self.name, self.file, self.shape, self.dtype, self.nbytes = name, file, shape, dtype, nbytes
+        self._handles = handles
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        return f"TensorRef({self.name!r}, {list(self.shape)} {self.dtype}, file={self.file.name!r})"
+
+    def _normalize(self, index: tuple) -> list:
+        """Check an index of ints and step-1 slices against the shape. Out-of-range bounds are
+        errors, not clamped: reading past a dimension's end is the bug a shard loader must not hide."""
+        if len(index) > self.ndim:
+            raise ValueError(f"{self.file}: tensor {self.name} {list(self.shape)}: {len(index)} indices "
+                             f"for {self.ndim} dims")
+        out = []
+        for dim, (idx, size) in enumerate(zip(index, self.shape)):
+            if isinstance(idx, slice):
+                if idx.step not in (None, 1):
+                    raise ValueError(f"{self.file}: tensor {self.name}: dim {dim}: only step-1 slices "
+                                     f"are read, found step {idx.step}")
+                start = 0 if idx.start is None else idx.start
+                stop = size if idx.stop is None else idx.stop
+                start = start + size if start < 0 else start
+                stop = stop + size if stop < 0 else stop
+                if not 0 <= start <= stop <= size:
+                    raise ValueError(f"{self.file}: tensor {self.name}: dim {dim} has size {size}, "
+                                     f"slice asks for [{idx.start}:{idx.stop}]")
+                out.append(slice(start, stop))
+            elif isinstance(idx, int) and not isinstance(idx, bool):
+                pos = idx + size if idx < 0 else idx
+                if not 0 <= pos < size:
+                    raise ValueError(f"{self.file}: tensor {self.name}: dim {dim} has size {size}, "
+                                     f"index {idx} is out of range")
+                out.append(pos)
+            else:
+                raise TypeError(f"tensor {self.name}: indices must be ints or slices, found {type(idx).__name__}")
+        return out
+
+    def slice_shape(self, *index: slice | int) -> tuple[int, ...]:
+        """Shape that `read(*index)` returns (ints drop their dim)."""
+        norm = self._normalize(index)
+        shape = [s.stop - s.start for s in norm if isinstance(s, slice)]
+        return tuple(shape) + tuple(self.shape[len(norm):])
+
+    def slice_nbytes(self, *index: slice | int) -> int:
+        """Bytes that `read(*index)` reads."""
+        return math.prod(self.slice_shape(*index)) * torch.empty((), dtype=self.dtype).element_size()
+
+    def read(self, *index: slice | int) -> torch.Tensor:
+        """The selected part of the tensor, as a new CPU tensor of `dtype`; unselected trailing dims
+        are read whole. Only the selected bytes are read from the file."""
+        norm = self._normalize(index)
+        out_shape = self.slice_shape(*index)
+        if math.prod(out_shape) == 0:
+            return torch.empty(out_shape, dtype=self.dtype)
+        handle = self._handles.get(self.file)
+        try:
+            if not norm:
+                return handle.get_tensor(self.name)
+            return handle.get_slice(self.name)[tuple(norm)]
+        except Exception as err:   # safetensors' own error type; keep file and tensor in the message
+            raise CheckpointError(f"{self.file}: cannot read tensor {self.name}: {err}") from None
+
+    def read_all(self) -> torch.Tensor:
+        return self.read()
+
+
+# ---- layers ------------------------------------------------------------------------------------
+
+@dataclass
+class LayerTensors:
+    """One layer's MoE tensors in checkpoint layout (validated against the config):
+
+    w13_blocks [E, 2I, H/32, 16] uint8 (gate/up rows interleaved: 2j gate, 2j+1 up; low nibble = even k)
+    w13_scales [E, 2I, H/32] uint8 (E8M0)      w13_bias [E, 2I] float (bf16 in gpt-oss)
+    w2_blocks  [E, H, I/32, 16] uint8           w2_scales [E, H, I/32] uint8    w2_bias [E, H] float
+    router_weight [E, H] float                  router_bias [E] float
+    w13_channel_scale [E, 2I] or [E, 2I, 1] float, or None;  w2_channel_scale [E, H] or [E, H, 1], or None
+    """
+    index: int
+    w13_blocks: TensorRef
+    w13_scales: TensorRef
+    w13_bias: TensorRef
+    w2_blocks: TensorRef
+    w2_scales: TensorRef
+    w2_bias: TensorRef
+    router_weight: TensorRef
+    router_bias: TensorRef
+    w13_channel_scale: TensorRef | None = None
+    w2_channel_scale: TensorRef | None = None
+
+    def tensors(self) -> dict[str, TensorRef]:
+        """The present tensors by field name."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "index" and getattr(self, f.name) is not None}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors().values())
+
+
+@dataclass(frozen=True)
+class NanScaleReport:
+    """NaN (0xFF) scale bytes of one layer: the count over w13 and w2, and the first locations
+    (tensor name, index (expert, row, block)). Unpacks as `count, locations`."""
+    layer: int
+    count: int
+    locations: tuple[NanScale, ...]
+
+    def __iter__(self) -> Iterator:
+        return iter((self.count, list(self.locations)))
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def describe(self) -> str:
+        if not self.count:
+            return f"layer {self.layer}: no NaN scale bytes"
+        shown = "; ".join(loc.describe() for loc in self.locations)
+        more = "" if len(self.locations) == self.count else f" (first {len(self.locations)} shown)"
+        return f"layer {self.layer}: {self.count} NaN scale bytes{more}: {shown}"
+
+
+class Checkpoint:
+    """An opened checkpoint. Use as a context manager or call close(); file handles are opened on
+    first read and kept.
+
+    path: folder holding the safetensors files read (the `original/` folder for that layout)
+    layout: "hf" or "original"; config: MoEConfig; files: the safetensors files, sorted;
+    config_file: the config.json read; nan_scales: "report" or "error".
+    """
+
+    def __init__(self, path: Path, layout: Layout, config: MoEConfig, config_file: Path,
+                 tensors: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]],
+                 nan_scales: NanScalePolicy):
+        self.path = path
+        self.layout: Layout = layout
+        self.config = config
+        self.config_file = config_file
+        self.nan_scales = nan_scales
+        self._handles = _FileHandles()
+        self._refs = {name: TensorRef(name, file, shape, dtype, nbytes, self._handles)
+                      for name, (file, dtype, shape, nbytes) in tensors.items()}
+        self.files: list[Path] = sorted({ref.file for ref in self._refs.values()})
+        self._nan_checked: set[int] = set()
+        self._layers = [self._build_layer(i) for i in range(config.num_layers)]
+        self._check_no_extra_layers()
+
+    # -- plumbing --
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the file handles; TensorRefs of this checkpoint cannot be read afterwards."""
+        self._handles.close()
+
+    def __repr__(self) -> str:
+        return (f"Checkpoint({str(self.path)!r}, layout={self.layout!r}, layers={self.config.num_layers}, "
+                f"experts={self.config.num_experts}, files={len(self.files)})")
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name in the checkpoint, sorted."""
+        return sorted(self._refs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._refs
+
+    def tensor(self, name: str) -> TensorRef:
+        """Any tensor by name (dense tensors included)."""
+        if name not in self._refs:
+            raise CheckpointError(f"{self.path}: no tensor named {name} in {[f.name for f in self.files]}")
+        return self._refs[name]
+
+    # -- layers --
+    def _build_layer(self, index: int) -> LayerTensors:
+        names = layer_tensor_names(self.layout, index)
+        refs = {}
+        for field in _LAYER_FIELDS:
+            if names[field] not in self._refs:
+                raise CheckpointError(
+                    f"{self.path}: layer {index}: tensor {names[field]} is missing (expected "
+                    f"{list(self.config.expected_shapes()[field])}; config {self.config_file.name} has "
+                    f"num_hidden_layers={self.config.num_layers}; files: {[f.name for f in self.files]})")
+            refs[field] = self._refs[names[field]]
+        for field in _OPTIONAL_FIELDS:
+            refs[field] = self._refs.get(names[field])
+        layer = LayerTensors(index=index, **refs)
+        self._validate_layer(layer)
+        return layer
+
+    def _validate_layer(self, layer: LayerTensors) -> None:
+        cfg = self.config
+        where = (f"(config {self.config_file}: num_experts={cfg.num_experts}, hidden_size={cfg.hidden_size}, "
+                 f"intermediate_size={cfg.intermediate_size})")
+        for proj in ("w13", "w2"):
+            blocks, scales = getattr(layer, f"{proj}_blocks"), getattr(layer, f"{proj}_scales")
+            if blocks.dtype != torch.uint8 or blocks.ndim != 4 or blocks.shape[-1] != BYTES_PER_BLOCK:
+                raise CheckpointError(
+                    f"{blocks.file}: tensor {blocks.name}: expected uint8 [E, rows, K/32, {BYTES_PER_BLOCK}] "
+                    f"(two E2M1 codes per byte, {BLOCK_SIZE} per block), found {blocks.dtype} {list(blocks.shape)}")
+            if scales.dtype != torch.uint8 or scales.shape != blocks.shape[:-1]:
+                raise CheckpointError(
+                    f"{scales.file}: tensor {scales.name}: expected uint8 {list(blocks.shape[:-1])} "
+                    f"(the shape of {blocks.name} without its last dim), found {scales.dtype} {list(scales.shape)}")
+        for field, shape in cfg.expected_shapes().items():
+            ref = getattr(layer, field)
+            if ref.dtype not in _FLOAT_DTYPES and field not in ("w13_blocks", "w13_scales", "w2_blocks", "w2_scales"):
+                raise CheckpointError(f"{ref.file}: tensor {ref.name}: expected a float dtype "
+                                      f"(bfloat16, float16 or float32), found {ref.dtype}")
+            if ref.shape != shape:
+                raise CheckpointError(f"{ref.file}: tensor {ref.name}: expected shape {list(shape)} "
+                                      f"{where}, found {list(ref.shape)}")
+        for field, rows in (("w13_channel_scale", 2 * cfg.intermediate_size), ("w2_channel_scale", cfg.hidden_size)):
+            ref = getattr(layer, field)
+            if ref is None:
+                continue
+            allowed = ((cfg.num_experts, rows), (cfg.num_experts, rows, 1))
+            if ref.dtype not in _FLOAT_DTYPES or ref.shape not in allowed:
+                raise CheckpointError(f"{ref.file}: tensor {ref.name}: expected a float tensor of shape "
+                                      f"{list(allowed[0])} or {list(allowed[1])} {where}, "
+                                      f"found {ref.dtype} {list(ref.shape)}")
+
+    def _check_no_extra_layers(self) -> None:
+        pattern = _LAYER_NAME_RE[self.layout]
+        for name, ref in self._refs.items():
+            m = pattern.match(name)
+            if m and int(m.group(1)) >= self.config.num_layers:
+                raise CheckpointError(
+                    f"{ref.file}: tensor {name} belongs to layer {m.group(1)}, but config {self.config_file} "
+                    f"has num_hidden_layers={self.config.num_layers} (layers 0..{self.config.num_layers - 1})")
+
+    def layer(self, i: int) -> LayerTensors:
+        """Layer i's tensors. With nan_scales="error", the first call for a layer reads its scale
+        tensors whole and raises CheckpointError on a NaN (0xFF) byte, naming tensor, expert, row, block."""
+        n = self.config.num_layers
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+            raise CheckpointError(f"{self.path}: layer index {i!r} out of range: expected 0..{n - 1} "
+                                  f"(num_hidden_layers={n} in {self.config_file})")
+        if self.nan_scales == "error" and i not in self._nan_checked:
+            report = self.find_nan_scales(i, limit=1)
+            if report.count:
+                loc = report.locations[0]
+                ref = self._refs[loc.tensor]
+                raise CheckpointError(f"{ref.file}: {loc.describe()}: expected finite E8M0 scales, found "
+                                      f"{report.count} NaN scale bytes in layer {i} (open with "
+                                      f"nan_scales='report' to read it anyway)")
+            self._nan_checked.add(i)
+        return self._layers[i]
+
+    def find_nan_scales(self, layer: int, *, limit: int | None = 100) -> NanScaleReport:
+        """Scan layer `layer`'s w13 and w2 scale tensors for NaN bytes (0xFF), a few experts at a
+        time. Returns the count and the first `limit` locations, index (expert, row, block)."""
+        n = self.config.num_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+            raise CheckpointError(f"{self.path}: layer index {layer!r} out of range: expected 0..{n - 1}")
+        tensors = self._layers[layer]
+        count, locations = 0, []
+        for ref in (tensors.w13_scales, tensors.w2_scales):
+            per_expert = max(1, ref.nbytes // max(1, ref.shape[0]))
+            step = max(1, _SCAN_CHUNK_BYTES // per_expert)
+            for start in range(0, ref.shape[0], step):
+                stop = min(ref.shape[0], start + step)
+                room = None if limit is None else max(0, limit - len(locations))
+                found, where = _find_nan_scale_bytes(ref.read(slice(start, stop)), ref.name, limit=room)
+                count += found
+                locations += [NanScale(w.tensor, (w.index[0] + start, *w.index[1:])) for w in where]
+        return NanScaleReport(layer, count, tuple(locations))
+
+
+# ---- opening -----------------------------------------------------------------------------------
+
+def _has_safetensors(folder: Path) -> bool:
+    return folder.is_dir() and (any(folder.glob("*.safetensors")) or (folder / INDEX_FILE).is_file())
+
+
+def _collect_tensors(folder: Path) -> dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]]:
+    """name -> (file, dtype, shape, nbytes) from the index's weight_map, or from every
+    *.safetensors file's header when there is no index."""
+    index_file = folder / INDEX_FILE
+    tensors = {}
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index_file}: expected JSON with a 'weight_map' object of "
+                                  f"tensor name -> file name, could not read it ({err!r})") from None
+        by_file: dict[str, list[str]] = {}
+        for name, file_name in weight_map.items():
+            by_file.setdefault(file_name, []).append(name)
+        for file_name, names in sorted(by_file.items()):
+            file = folder / file_name
+            if not file.is_file():
+                raise CheckpointError(f"{index_file}: names file {file_name} (holding {names[0]} and "
+                                      f"{len(names) - 1} more tensors), expected at {file}, found no such file")
+            header = _read_header(file)
+            for name in names:
+                if name not in header:
+                    raise CheckpointError(f"{index_file}: maps tensor {name} to {file_name}, "
+                                          f"but {file} has no tensor of that name")
+                tensors[name] = (file, *header[name])
+        return tensors
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors files and no {INDEX_FILE}")
+    for file in files:
+        for name, info in _read_header(file).items():
+            if name in tensors:
+                raise CheckpointError(f"{file}: tensor {name} is also in {tensors[name][0]}: "
+                                      f"expected each tensor in one file")
+            tensors[name] = (file, *info)
+    return tensors
+
+
+def _detect_layout(names, folder: Path) -> Layout:
+    hf = any(_LAYER_NAME_RE["hf"].match(n) for n in names)
+    original = any(_LAYER_NAME_RE["original"].match(n) for n in names)
+    if hf and original:
+        raise CheckpointError(f"{folder}: holds MoE tensors of both layouts (model.layers.N.mlp.* and "
+                              f"block.N.mlp.*); expected one")
+    if not (hf or original):
+        raise CheckpointError(f"{folder}: no MoE expert tensors found: expected names like "
+                              f"model.layers.0.mlp.experts.gate_up_proj_blocks (Hugging Face) or "
+                              f"block.0.mlp.mlp1_weight.blocks (original)")
+    return "hf" if hf else "original"
+
+
+def open_checkpoint(path: str | Path, *, nan_scales: NanScalePolicy = "report",
+                    layout: Layout | Literal["auto"] = "auto") -> Checkpoint:
+    """Open a gpt-oss MXFP4 checkpoint folder and validate every layer's names, dtypes and shapes
+    against config.json (headers only; no tensor data is read).
+
+    path: a Hugging Face model folder (one *.safetensors file, or shards with
+      model.safetensors.index.json), an `original/` folder, or a model folder holding `original/`
+      and no top-level safetensors. With layout="original" a model folder's `original/` is used
+      even when top-level files exist.
+    nan_scales: "report" (default) leaves NaN scale bytes to `Checkpoint.find_nan_scales(layer)`;
+      "error" makes `layer(i)` raise CheckpointError on them.
+    Raises CheckpointError (a ValueError) naming file, tensor and expected vs found.
+    """
+    if nan_scales not in ("report", "error"):
+        raise ValueError(f"nan_scales must be 'report' or 'error', got {nan_scales!r}")
+    if layout not in ("auto", "hf", "original"):
+        raise ValueError(f"layout must be 'auto', 'hf' or 'original', got {layout!r}")
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"{root}: checkpoint folder does not exist")
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: expected a checkpoint folder, found a file")
+    folder = root
+    original_dir = root / ORIGINAL_DIR
+    if _has_safetensors(original_dir) and (layout == "original" or not _has_safetensors(root)):
+        folder = original_dir
+    if not _has_safetensors(folder):
+        raise CheckpointError(f"{root}: no *.safetensors files (nor {INDEX_FILE}) in the folder"
+                              + (f" or in {original_dir}" if folder == root else ""))
+    tensors = _collect_tensors(folder)
+    found_layout = _detect_layout(tensors, folder)
+    if layout != "auto" and found_layout != layout:
+        raise CheckpointError(f"{folder}: expected the {layout!r} layout, found tensors of the {found_layout!r} layout")
+    config_file = folder / CONFIG_FILE
+    if not config_file.is_file() and folder != root and (root / CONFIG_FILE).is_file():
+        config_file = root / CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG_FILE}: expected the model config next to the safetensors files")
+    config = MoEConfig.from_file(config_file)
+    return Checkpoint(folder, found_layout, config, config_file, tensors, nan_scales)

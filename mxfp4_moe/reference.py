@@ -70,3 +70,48 @@ def reference_moe(x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.T
         o = reference_expert_mlp(x[token_idx], weights, e, dtype)
         out.index_add_(0, token_idx, o * topk_weights[token_idx, slot].to(dtype).unsqueeze(-1))
     return out[:, :weights.hidden]
+
+
+def reference_moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
+                         bias: torch.Tensor | None, meta, *, channel_scale: torch.Tensor | None = None,
+                         gather: bool = True, swiglu: tuple[float, float] | None = None,
+                         apply_row_weight: bool = False, combine: str = "none", n_out: int | None = None,
+                         compute_dtype: torch.dtype = torch.bfloat16, config=None) -> torch.Tensor:
+    """Torch twin of `mxfp4_moe.kernels.moe_matmul` (same arguments, same output shapes and
+    dtypes), computed in float32 from the dequantized weights. `meta` is a
+    `routing.RoutingMetadata`; `config` is accepted and ignored. Rows the kernel leaves unwritten
+    (combine="none", pairs dropped to other ranks) are zero here.
+    """
+    n_experts, n, k_half = blocks.shape
+    k = 2 * k_half
+    n_full = n // 2 if swiglu is not None else n
+    n_out = n_full if n_out is None else n_out
+    rows = meta.num_rows
+    offsets = meta.expert_offsets.tolist()
+    src = meta.sorted_token.long() if gather else torch.arange(rows, device=x.device)
+    h_all = torch.zeros((rows, n_full), dtype=torch.float32, device=x.device)
+    for e in range(n_experts):
+        lo, hi = offsets[e], offsets[e + 1]
+        if hi == lo:
+            continue
+        xe = _pad_hidden(x[src[lo:hi]].float(), k)
+        h = xe @ dequantize(blocks[e], scales_e8m0[e], torch.float32).T
+        if channel_scale is not None:
+            h = h * channel_scale[e]
+        if bias is not None:
+            h = h + bias[e]
+        if swiglu is not None:
+            h = _swiglu_fn(h, *swiglu)
+        if apply_row_weight:
+            h = h * meta.sorted_weight[lo:hi, None]
+        h_all[lo:hi] = h
+    h_all = h_all[:, :n_out]
+    if combine == "none":
+        return h_all.to(compute_dtype)
+    out = torch.zeros((meta.num_tokens, n_out), dtype=torch.float32, device=x.device)
+    local = offsets[-1]
+    out.index_add_(0, meta.sorted_token[:local].long(), h_all[:local])
+    return out
+
+
+_swiglu_fn = swiglu  # the name `swiglu` is a parameter inside reference_moe_matmul

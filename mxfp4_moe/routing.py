@@ -1,8 +1,12 @@
 """Routing for the gpt-oss router: logits = x @ W_r.T + b_r, top-k experts per token, softmax
 over the k chosen. Shared by every backend, so the kernels and the reference route identically.
+Also the metadata a grouped GEMM needs (`routing_metadata`): rows sorted by expert, counts,
+offsets, the tile schedule and the inverse permutation, computed on the device.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -28,3 +32,119 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     top_logits, topk_ids = torch.topk(logits, top_k, dim=-1)
     topk_weights = torch.softmax(top_logits, dim=-1)
     return topk_weights, topk_ids
+
+
+# ---- metadata for grouped GEMMs ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RoutingMetadata:
+    """Where each (token, slot) pair goes in a grouped GEMM, and the tiles that cover them.
+
+    The T*k routed pairs ("rows") are sorted by local expert, stably (ties keep token order);
+    pairs routed to experts on other ranks (expert_map == -1) sort after all local ones and are
+    never touched by a tile: they are dropped (expert parallelism). R = T * k.
+
+      sorted_token   [R] int32  token index of sorted row r (the input row to gather)
+      sorted_slot    [R] int32  flat pair index t * k + j of sorted row r
+      sorted_weight  [R] float32 routing weight of sorted row r, or None when not given
+      inverse        [R] int32  sorted position of flat pair index t * k + j (a permutation)
+      expert_counts  [E_local] int32   rows routed to each local expert
+      expert_offsets [E_local + 1] int32  first sorted row of each expert; [E_local] = local rows
+      tile_expert    [max_tiles] int32  local expert of tile i, or -1: no work (exit at once)
+      tile_row_start [max_tiles] int32  first sorted row of tile i (its rows end at
+                                        min(start + block_m, expert_offsets[e + 1]))
+
+    max_tiles = ceil(R / block_m) + E_local bounds the real tile count whatever the routing, so
+    everything is computed on the device with no host synchronisation (CUDA-graph safe).
+    """
+
+    num_tokens: int
+    top_k: int
+    num_local_experts: int
+    block_m: int
+    sorted_token: torch.Tensor
+    sorted_slot: torch.Tensor
+    sorted_weight: torch.Tensor | None
+    inverse: torch.Tensor
+    expert_counts: torch.Tensor
+    expert_offsets: torch.Tensor
+    tile_expert: torch.Tensor
+    tile_row_start: torch.Tensor
+
+    @property
+    def num_rows(self) -> int:
+        """R = T * k: routed pairs, local or not."""
+        return self.num_tokens * self.top_k
+
+    @property
+    def max_tiles(self) -> int:
+        return self.tile_expert.shape[0]
+
+
+def max_tiles(num_rows: int, num_local_experts: int, block_m: int) -> int:
+    """Upper bound on the tiles of `block_m` rows: sum_e ceil(c_e / m) <= ceil(R / m) + E_local."""
+    return -(-num_rows // block_m) + num_local_experts
+
+
+def routing_metadata(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_local_experts: int,
+                     block_m: int, topk_weights: torch.Tensor | None = None) -> RoutingMetadata:
+    """Sort the routed pairs by local expert and lay out the tile schedule, all on topk_ids' device.
+
+    topk_ids: [T, k] integer global expert ids (from `route`); expert_map: [E] integer, global ->
+    local id or -1 (None: the identity, every expert local); num_local_experts: E_local;
+    block_m: rows per tile (power of two); topk_weights: optional [T, k] float routing weights.
+    Returns a `RoutingMetadata`. No host synchronisation: the sizes depend only on T, k, E_local
+    and block_m.
+    """
+    if topk_ids.dim() != 2:
+        raise ValueError(f"routing_metadata: topk_ids must be [tokens, top_k], got shape {tuple(topk_ids.shape)}")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise TypeError(f"routing_metadata: topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if block_m <= 0 or block_m & (block_m - 1):
+        raise ValueError(f"routing_metadata: block_m must be a power of two, got {block_m}")
+    if num_local_experts <= 0:
+        raise ValueError(f"routing_metadata: num_local_experts must be positive, got {num_local_experts}")
+    if topk_weights is not None and topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"routing_metadata: topk_weights shape {tuple(topk_weights.shape)} != topk_ids "
+                         f"shape {tuple(topk_ids.shape)}")
+    device = topk_ids.device
+    tokens, top_k = topk_ids.shape
+    rows = tokens * top_k
+    flat_ids = topk_ids.reshape(-1).long()
+    if expert_map is None:
+        local = flat_ids
+    else:
+        local = expert_map.to(device=device, dtype=torch.long)[flat_ids]
+    # Non-local pairs get key E_local, so a stable sort puts them after every local expert.
+    key = torch.where(local < 0, torch.full_like(local, num_local_experts), local)
+    sorted_key, order = torch.sort(key, stable=True)
+    counts = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=device)
+    counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+    counts = counts[:num_local_experts]
+    offsets = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    inverse = torch.empty(rows, dtype=torch.int32, device=device)
+    inverse[order] = torch.arange(rows, dtype=torch.int32, device=device)
+
+    # Tile schedule: expert e owns ceil(c_e / block_m) consecutive tiles. Tile i belongs to the
+    # first expert whose cumulative tile count exceeds i; past the last real tile it gets -1.
+    n_tiles = max_tiles(rows, num_local_experts, block_m)
+    tiles_per_expert = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles_per_expert, 0)                                 # [E_local]
+    tile_idx = torch.arange(n_tiles, dtype=tile_end.dtype, device=device)
+    tile_expert = torch.searchsorted(tile_end, tile_idx, right=True)             # in 0..E_local
+    real = tile_expert < num_local_experts
+    safe_expert = tile_expert.clamp(max=num_local_experts - 1)
+    first_tile = tile_end[safe_expert] - tiles_per_expert[safe_expert]
+    row_start = offsets[safe_expert] + (tile_idx - first_tile) * block_m
+    tile_expert = torch.where(real, tile_expert, torch.full_like(tile_expert, -1)).to(torch.int32)
+    row_start = torch.where(real, row_start, torch.zeros_like(row_start)).to(torch.int32)
+
+    sorted_weight = None
+    if topk_weights is not None:
+        sorted_weight = topk_weights.reshape(-1).float()[order]
+    return RoutingMetadata(
+        num_tokens=tokens, top_k=top_k, num_local_experts=num_local_experts, block_m=block_m,
+        sorted_token=(order // top_k).to(torch.int32) if top_k else order.to(torch.int32),
+        sorted_slot=order.to(torch.int32), sorted_weight=sorted_weight, inverse=inverse,
+        expert_counts=counts, expert_offsets=offsets, tile_expert=tile_expert, tile_row_start=row_start)

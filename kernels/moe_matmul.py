@@ -1,0 +1,178 @@
+"""Launcher for the grouped MXFP4 matmul (`_moe_matmul.py`): checks the arguments, allocates the
+output, picks block sizes and the grid, and launches. The torch twin with the same signature is
+`mxfp4_moe.reference.reference_moe_matmul`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import triton
+
+from mxfp4_moe.mxfp4 import BLOCK_SIZE
+from mxfp4_moe.routing import RoutingMetadata
+
+from ._moe_matmul import _moe_matmul_kernel
+
+Combine = Literal["none", "atomic", "slots"]
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Block sizes and schedule of one launch. block_m must equal the routing metadata's."""
+    block_m: int
+    block_n: int
+    block_k: int
+    swap_ab: bool
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def pick_block_m(num_rows: int, num_local_experts: int) -> int:
+    """Rows per tile from the mean rows per local expert: a power of two in 16..128."""
+    mean = num_rows / max(1, num_local_experts)
+    block_m = 16
+    while block_m < 128 and block_m < mean:
+        block_m *= 2
+    return block_m
+
+
+def default_config(block_m: int, n: int, k: int) -> MatmulConfig:
+    """Block sizes for an [n, k] weight at `block_m` rows per tile.
+
+    Few rows per expert: swap A and B (y.T = W @ x.T) so weight rows fill the MMA's wide side.
+    Under the interpreter, small blocks (it runs per program in numpy).
+    """
+    if interpreting():
+        return MatmulConfig(block_m, block_n=32, block_k=64, swap_ab=block_m <= 32, num_warps=4, num_stages=1)
+    block_k = 128 if k % 128 == 0 else 64
+    if block_m <= 32:
+        return MatmulConfig(block_m, block_n=128, block_k=block_k, swap_ab=True, num_warps=4, num_stages=4)
+    if block_m == 64:
+        return MatmulConfig(block_m, block_n=128, block_k=block_k, swap_ab=False, num_warps=4, num_stages=3)
+    return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=8, num_stages=3)
+
+
+def _check_weight(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        raise ValueError(f"moe_matmul: {name} expected {tuple(shape)} {dtype}, found {tuple(t.shape)} {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"moe_matmul: {name} is on {t.device}, x on {device}")
+
+
+def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor, bias: torch.Tensor | None,
+               meta: RoutingMetadata, *, channel_scale: torch.Tensor | None = None, gather: bool = True,
+               swiglu: tuple[float, float] | None = None, apply_row_weight: bool = False,
+               combine: Combine = "none", n_out: int | None = None,
+               compute_dtype: torch.dtype = torch.bfloat16, config: MatmulConfig | None = None) -> torch.Tensor:
+    """Grouped MXFP4 matmul over the expert-sorted rows of `meta`.
+
+    For sorted row r of local expert e: h[r] = x[src(r)] @ dequant(W[e]).T (* channel_scale[e])
+    (+ bias[e]) -> SwiGLU if asked (width halves) -> * routing weight if asked -> output.
+
+    x: [T, K_x] (gather=True: row src(r) = meta.sorted_token[r]) or [R, K_x] in sorted row order
+       (gather=False); K_x <= K, columns past K_x count as zero (padded hidden). Any float dtype;
+       converted to `compute_dtype` in the kernel.
+    blocks: [E_local, N, K // 2] uint8, low nibble = even k; scales_e8m0: [E_local, N, K // 32] uint8
+    bias, channel_scale: [E_local, N] float32 or None
+    swiglu: (alpha, limit) on interleaved gate/up columns (2j gate, 2j + 1 up), or None
+    apply_row_weight: multiply row r by meta.sorted_weight[r]
+    combine: "none"  -> [R, n_out] compute_dtype, sorted row order; rows of pairs dropped to other
+                        ranks (r >= expert_offsets[-1]) are left unwritten
+             "atomic"-> [T, n_out] float32: each token's rows summed by fp32 atomic adds
+             "slots" -> [T, n_out] float32: rows written to their (token, slot) place, then summed
+                        over the k slots (deterministic)
+    n_out: output columns kept (<= N, or N // 2 with swiglu); default all of them.
+    compute_dtype: bfloat16 (GPU), float16 or float32 (the interpreter's bf16 is unusable).
+    """
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"moe_matmul: compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
+    if combine not in ("none", "atomic", "slots"):
+        raise ValueError(f"moe_matmul: combine must be 'none', 'atomic' or 'slots', got {combine!r}")
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"moe_matmul: x must be a 2-D float tensor, got {tuple(x.shape)} {x.dtype}")
+    if blocks.dim() != 3:
+        raise ValueError(f"moe_matmul: blocks must be [E_local, N, K // 2], got {tuple(blocks.shape)}")
+    device = x.device
+    n_experts, n, k_half = blocks.shape
+    k = 2 * k_half
+    if n_experts != meta.num_local_experts:
+        raise ValueError(f"moe_matmul: blocks hold {n_experts} experts, routing metadata {meta.num_local_experts}")
+    if k % BLOCK_SIZE:
+        raise ValueError(f"moe_matmul: K = {k} (from blocks' last dim {k_half}) must be a multiple of {BLOCK_SIZE}")
+    _check_weight("blocks", blocks, (n_experts, n, k_half), torch.uint8, device)
+    _check_weight("scales_e8m0", scales_e8m0, (n_experts, n, k // BLOCK_SIZE), torch.uint8, device)
+    if bias is not None:
+        _check_weight("bias", bias, (n_experts, n), torch.float32, device)
+    if channel_scale is not None:
+        _check_weight("channel_scale", channel_scale, (n_experts, n), torch.float32, device)
+    rows_in = meta.num_tokens if gather else meta.num_rows
+    if x.shape[0] != rows_in:
+        raise ValueError(f"moe_matmul: x has {x.shape[0]} rows, expected {rows_in} "
+                         f"({'tokens' if gather else 'sorted rows T * k'})")
+    if x.shape[1] > k:
+        raise ValueError(f"moe_matmul: x has {x.shape[1]} columns, more than the weights' K = {k}")
+    if apply_row_weight and meta.sorted_weight is None:
+        raise ValueError("moe_matmul: apply_row_weight needs routing metadata built with topk_weights")
+    n_full = n // 2 if swiglu is not None else n
+    if swiglu is not None and n % 2:
+        raise ValueError(f"moe_matmul: swiglu needs an even N (interleaved gate/up), got {n}")
+    n_out = n_full if n_out is None else n_out
+    if not 0 < n_out <= n_full:
+        raise ValueError(f"moe_matmul: n_out must be in 1..{n_full}, got {n_out}")
+    config = config or default_config(meta.block_m, n, k)
+    if config.block_m != meta.block_m:
+        raise ValueError(f"moe_matmul: config.block_m {config.block_m} != routing metadata block_m {meta.block_m}")
+
+    tokens, rows = meta.num_tokens, meta.num_rows
+    if combine == "none":
+        y = torch.empty((rows, n_out), dtype=compute_dtype, device=device)
+    elif combine == "atomic":
+        y = torch.zeros((tokens, n_out), dtype=torch.float32, device=device)
+    else:
+        y = torch.zeros((rows, n_out), dtype=compute_dtype, device=device)
+    if rows == 0:
+        return y if combine != "slots" else y.view(tokens, meta.top_k, n_out).sum(1, dtype=torch.float32)
+
+    scatter = {"none": None, "atomic": meta.sorted_token, "slots": meta.sorted_slot}[combine]
+    alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
+    dummy = blocks  # any tensor: its pointer is never read when the matching flag is off
+    bias_t = bias if bias is not None else dummy
+    cs_t = channel_scale if channel_scale is not None else dummy
+    grid = (triton.cdiv(n, config.block_n), meta.max_tiles)
+    _moe_matmul_kernel[grid](
+        x, x.stride(0), x.stride(1),
+        blocks, blocks.stride(0), blocks.stride(1), blocks.stride(2),
+        scales_e8m0, scales_e8m0.stride(0), scales_e8m0.stride(1), scales_e8m0.stride(2),
+        bias_t, bias_t.stride(0), bias_t.stride(1),
+        cs_t, cs_t.stride(0), cs_t.stride(1),
+        y, y.stride(0), y.stride(1),
+        meta.sorted_token, scatter if scatter is not None else meta.sorted_token,
+        meta.sorted_weight if apply_row_weight else meta.expert_offsets,
+        meta.expert_offsets, meta.tile_expert, meta.tile_row_start,
+        n, x.shape[1], n_out,
+        float(alpha), float(limit),
+        K=k, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GATHER=gather, SCATTER=scatter is not None, ATOMIC=combine == "atomic",
+        HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
+        SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, SWAP_AB=config.swap_ab,
+        EVEN_K=(k % config.block_k == 0 and x.shape[1] == k),
+        COMPUTE_DTYPE=_tl_dtype(compute_dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    if combine == "slots":
+        return y.view(tokens, meta.top_k, n_out).sum(1, dtype=torch.float32)
+    return y
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]

@@ -1,0 +1,109 @@
+"""Compile the grouped-matmul kernel ahead of time for Hopper (sm_90) on any machine, no GPU
+needed, and report its resource use: registers, spills, shared memory and whether the dots
+became wgmma (HGMMA in the SASS). Used by a CPU test and before spending GPU time.
+
+    python -m mxfp4_moe.kernels.sm90_report      # prints one JSON line per variant
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .moe_matmul import MatmulConfig, default_config
+
+_TL_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+# gpt-oss shapes: w13 [2 * 2880, 2880] with SwiGLU, w2 [2880, 2880] with atomic combine; TP-4 w2.
+VARIANTS = (
+    # name, N, K, block_m, swiglu, atomic
+    ("w13_bm16", 5760, 2880, 16, True, False),
+    ("w2_bm16", 2880, 2880, 16, False, True),
+    ("w13_bm64", 5760, 2880, 64, True, False),
+    ("w2_bm64", 2880, 2880, 64, False, True),
+    ("w13_bm128", 5760, 2880, 128, True, False),
+    ("w2_bm128", 2880, 2880, 128, False, True),
+    ("w2_tp4_bm128", 2880, 768, 128, False, True),
+)
+
+
+def _bin_dir() -> Path:
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
+                    compute: str = "bfloat16", x_dtype: str = "bfloat16"):
+    """Compile `_moe_matmul_kernel` for sm_90; returns triton's CompiledKernel."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("sm90_report needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
+    import triton.language as tl
+    from ._moe_matmul import _moe_matmul_kernel
+    xt, ct = _TL_NAMES[x_dtype], getattr(tl, compute)
+    y_type = "*fp32" if atomic else f"*{_TL_NAMES[compute]}"
+    signature = {
+        "x_ptr": f"*{xt}", "stride_xm": "i32", "stride_xk": "i32",
+        "w_ptr": "*u8", "stride_we": "i32", "stride_wn": "i32", "stride_wk": "i32",
+        "s_ptr": "*u8", "stride_se": "i32", "stride_sn": "i32", "stride_sk": "i32",
+        "bias_ptr": "*fp32", "stride_be": "i32", "stride_bn": "i32",
+        "cs_ptr": "*fp32", "stride_cse": "i32", "stride_csn": "i32",
+        "y_ptr": y_type, "stride_ym": "i32", "stride_yn": "i32",
+        "gather_ptr": "*i32", "scatter_ptr": "*i32", "row_weight_ptr": "*fp32",
+        "expert_offsets_ptr": "*i32", "tile_expert_ptr": "*i32", "tile_row_start_ptr": "*i32",
+        "N": "i32", "K_X": "i32", "N_OUT": "i32", "alpha": "fp32", "limit": "fp32",
+    }
+    constexprs = {
+        "K": k, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+        "GATHER": not atomic, "SCATTER": atomic, "ATOMIC": atomic, "HAS_BIAS": True,
+        "HAS_CHANNEL_SCALE": False, "SWIGLU": swiglu, "ROW_WEIGHT": atomic, "SWAP_AB": config.swap_ab,
+        "EVEN_K": k % config.block_k == 0, "COMPUTE_DTYPE": ct,
+    }
+    for name in constexprs:
+        signature[name] = "constexpr"
+    src = ASTSource(fn=_moe_matmul_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+def resource_report(compiled) -> dict:
+    """Registers, spills, shared memory and SASS instruction counts of a compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        tool = str(_bin_dir() / "cuobjdump")
+        sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool, "-res-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return {
+        "registers": int(fields.get("REG", -1)),
+        "stack_bytes": int(fields.get("STACK", -1)),
+        "local_bytes": int(fields.get("LOCAL", -1)),
+        "shared_bytes": compiled.metadata.shared,
+        "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
+        "hmma": len(re.findall(r"\bHMMA\b", sass)),
+        "local_mem_ops": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = set(argv if argv is not None else sys.argv[1:])
+    for name, n, k, block_m, swiglu, atomic in VARIANTS:
+        if names and name not in names:
+            continue
+        config = default_config(block_m, n, k)
+        compiled = compile_variant(config, k=k, swiglu=swiglu, atomic=atomic)
+        print(json.dumps({"variant": name, "config": config.__dict__, **resource_report(compiled)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -73,7 +73,8 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                meta: RoutingMetadata, *, channel_scale: torch.Tensor | None = None, gather: bool = True,
                swiglu: tuple[float, float] | None = None, apply_row_weight: bool = False,
                combine: Combine = "none", n_out: int | None = None,
-               compute_dtype: torch.dtype = torch.bfloat16, config: MatmulConfig | None = None) -> torch.Tensor:
+               compute_dtype: torch.dtype = torch.bfloat16, config: MatmulConfig | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped MXFP4 matmul over the expert-sorted rows of `meta`.
 
     For sorted row r of local expert e: h[r] = x[src(r)] @ dequant(W[e]).T (* channel_scale[e])
@@ -93,6 +94,9 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                         over the k slots (deterministic)
     n_out: output columns kept (<= N, or N // 2 with swiglu); default all of them.
     compute_dtype: bfloat16 (GPU), float16 or float32 (the interpreter's bf16 is unusable).
+    config: block sizes (default: `default_config`); its block_m must be meta.block_m.
+    out: for combine="none", an [R, n_out] compute_dtype tensor to write into (returned).
+    Scale bytes above 240 (weights beyond 2**113) are outside the kernel's decode range.
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"moe_matmul: compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
@@ -134,7 +138,12 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
         raise ValueError(f"moe_matmul: config.block_m {config.block_m} != routing metadata block_m {meta.block_m}")
 
     tokens, rows = meta.num_tokens, meta.num_rows
-    if combine == "none":
+    if out is not None:
+        if combine != "none":
+            raise ValueError("moe_matmul: out= is only for combine='none'")
+        _check_weight("out", out, (rows, n_out), compute_dtype, device)
+        y = out
+    elif combine == "none":
         y = torch.empty((rows, n_out), dtype=compute_dtype, device=device)
     elif combine == "atomic":
         y = torch.zeros((tokens, n_out), dtype=torch.float32, device=device)

@@ -76,7 +76,8 @@ def reference_moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: tor
                          bias: torch.Tensor | None, meta, *, channel_scale: torch.Tensor | None = None,
                          gather: bool = True, swiglu: tuple[float, float] | None = None,
                          apply_row_weight: bool = False, combine: str = "none", n_out: int | None = None,
-                         compute_dtype: torch.dtype = torch.bfloat16, config=None) -> torch.Tensor:
+                         compute_dtype: torch.dtype = torch.bfloat16, config=None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """Torch twin of `mxfp4_moe.kernels.moe_matmul` (same arguments, same output shapes and
     dtypes), computed in float32 from the dequantized weights. `meta` is a
     `routing.RoutingMetadata`; `config` is accepted and ignored. Rows the kernel leaves unwritten
@@ -107,6 +108,9 @@ def reference_moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: tor
         h_all[lo:hi] = h
     h_all = h_all[:, :n_out]
     if combine == "none":
+        if out is not None:
+            out.copy_(h_all)
+            return out
         return h_all.to(compute_dtype)
     out = torch.zeros((meta.num_tokens, n_out), dtype=torch.float32, device=x.device)
     local = offsets[-1]

@@ -1,0 +1,166 @@
+"""`MXFP4MoE`: the gpt-oss MoE layer on MXFP4 expert weights, and the one place that chooses
+between the Triton kernels (`mxfp4_moe.kernels`) and the pure-torch reference (`reference.py`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .reference import reference_moe
+from .routing import route, routing_metadata
+from .weights import ExpertWeights
+
+Backend = Literal["auto", "triton", "torch"]
+Combine = Literal["atomic", "slots"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" -> "triton" for CUDA weights, "torch" elsewhere; check that "triton" can run here."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"MXFP4MoE: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"MXFP4MoE: backend='triton' needs the weights on a CUDA device (they are on {device}); "
+            "on a CPU set TRITON_INTERPRET=1 before importing mxfp4_moe.kernels to run the kernels "
+            "through Triton's interpreter (slow, for tests), or use backend='torch'")
+    return backend
+
+
+class MXFP4MoE(torch.nn.Module):
+    """gpt-oss MoE layer: route (top-k softmax), w13 + SwiGLU, w2, routing-weighted combine.
+
+    weights: one rank's `ExpertWeights` (padded layout); the layer runs where they live.
+    backend: "triton" (CUDA, or the interpreter under TRITON_INTERPRET=1), "torch" (dequantize,
+      per-expert matmul in float32: the reference) or "auto" (triton on CUDA, torch elsewhere).
+    compute_dtype: the kernels' operand dtype; default bfloat16 on CUDA, float32 in the
+      interpreter (whose bf16 is broken). Ignored by the torch backend.
+    combine: how the triton backend sums a token's k expert outputs: "atomic" (fp32 atomic adds
+      fused into the w2 epilogue) or "slots" (per-slot rows, then a sum: deterministic).
+
+    forward(x [T, H] or [T, H_pad]) -> [T, H] in x's dtype. Under TP it is this rank's partial sum
+    (w2 bias only on rank 0); under EP, pairs routed to other ranks' experts contribute nothing.
+    """
+
+    def __init__(self, weights: ExpertWeights, backend: Backend = "auto",
+                 compute_dtype: torch.dtype | None = None, combine: Combine = "atomic"):
+        super().__init__()
+        weights.validate()
+        self.weights = weights
+        self.backend = resolve_backend(backend, weights.device)
+        if compute_dtype is None:
+            compute_dtype = torch.bfloat16 if weights.device.type == "cuda" else torch.float32
+        self.compute_dtype = compute_dtype
+        if combine not in ("atomic", "slots"):
+            raise ValueError(f"MXFP4MoE: combine must be 'atomic' or 'slots', got {combine!r}")
+        self.combine = combine
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, layer: int, plan=None, device: torch.device | str = "cpu",
+                        backend: Backend = "auto", **kwargs) -> "MXFP4MoE":
+        """Load layer `layer` of the checkpoint at `path` for the rank `plan` describes (a
+        `sharding.ShardPlan`; default: one rank, Triton alignment) onto `device`."""
+        from .checkpoint import open_checkpoint
+        from .loader import load_layer
+        checkpoint = open_checkpoint(path)
+        if plan is None:
+            from .sharding import ShardPlan
+            cfg = checkpoint.config
+            plan = ShardPlan.create(num_experts=cfg.num_experts, hidden=cfg.hidden_size,
+                                    inter=cfg.intermediate_size, align="triton")
+        return cls(load_layer(checkpoint, layer, plan, device=device), backend=backend, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weights
+        if x.dim() != 2 or x.shape[1] not in (w.hidden, w.hidden_pad):
+            raise ValueError(f"MXFP4MoE.forward: x must be [tokens, {w.hidden}] (or [tokens, "
+                             f"{w.hidden_pad}] padded), got {tuple(x.shape)}")
+        if x.device != w.device:
+            raise ValueError(f"MXFP4MoE.forward: x is on {x.device}, the weights on {w.device}")
+        topk_weights, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
+        return self.experts(x, topk_weights, topk_ids)
+
+    def experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The expert part on already-routed tokens: x [T, H(_pad)], topk_* [T, k] -> [T, H] x.dtype."""
+        w = self.weights
+        if self.backend == "torch":
+            return reference_moe(x, w, topk_weights, topk_ids, torch.float32).to(x.dtype)
+        from . import kernels
+        tokens = x.shape[0]
+        if tokens == 0:
+            return x.new_zeros((0, w.hidden))
+        block_m = kernels.pick_block_m(tokens * w.top_k, w.num_local_experts)
+        meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, block_m, topk_weights)
+        act = kernels.moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta,
+                                 channel_scale=w.w13_channel_scale, gather=True,
+                                 swiglu=(w.swiglu_alpha, w.swiglu_limit), compute_dtype=self.compute_dtype)
+        y = kernels.moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta,
+                               channel_scale=w.w2_channel_scale, gather=False, apply_row_weight=True,
+                               combine=self.combine, n_out=w.hidden, compute_dtype=self.compute_dtype)
+        return y.to(x.dtype)
+
+
+def random_expert_weights(num_experts: int, hidden: int, inter: int, *, top_k: int = 4,
+                          hidden_pad: int | None = None, inter_pad: int | None = None,
+                          local_experts: list[int] | None = None, channel_scales: bool = False,
+                          seed: int = 0, device: torch.device | str = "cpu",
+                          tp_rank: int = 0) -> tuple[ExpertWeights, dict[str, torch.Tensor]]:
+    """Random gpt-oss-style weights in the padded ExpertWeights layout, for tests and benchmarks.
+
+    Float weights ~ N(0, 1 / fan_in) are quantized with `mxfp4.quantize` (spec FLOOR scales) and
+    copied into the top-left corner of zero-code, PAD_SCALE_E8M0-scale padded tensors; biases
+    ~ N(0, 0.1) (w2 bias zero unless tp_rank == 0). local_experts: the global ids this rank
+    holds (default all). Returns (weights, {"w13": [E_local, 2I, H], "w2": [E_local, H, I]} the
+    dequantized unpadded float32 weights, in checkpoint orientation [out, in]).
+    """
+    from .mxfp4 import BLOCK_SIZE, PAD_SCALE_E8M0, dequantize, quantize
+    hidden_pad = hidden if hidden_pad is None else hidden_pad
+    inter_pad = inter if inter_pad is None else inter_pad
+    local = list(range(num_experts)) if local_experts is None else list(local_experts)
+    e_local = len(local)
+    gen = torch.Generator().manual_seed(seed)
+
+    def quantized(out_f: int, in_f: int, out_pad: int, in_pad: int):
+        w = torch.randn(e_local, out_f, in_f, generator=gen) / in_f ** 0.5
+        blocks, scales = quantize(w)
+        blocks_pad = torch.zeros(e_local, out_pad, in_pad // 2, dtype=torch.uint8)
+        scales_pad = torch.full((e_local, out_pad, in_pad // BLOCK_SIZE), PAD_SCALE_E8M0, dtype=torch.uint8)
+        blocks_pad[:, :out_f, :in_f // 2] = blocks.reshape(e_local, out_f, in_f // 2)
+        scales_pad[:, :out_f, :in_f // BLOCK_SIZE] = scales
+        return blocks_pad, scales_pad, dequantize(blocks, scales, torch.float32)
+
+    w13_blocks, w13_scales, w13 = quantized(2 * inter, hidden, 2 * inter_pad, hidden_pad)
+    w2_blocks, w2_scales, w2 = quantized(hidden, inter, hidden_pad, inter_pad)
+    w13_bias = torch.zeros(e_local, 2 * inter_pad)
+    w13_bias[:, :2 * inter] = 0.1 * torch.randn(e_local, 2 * inter, generator=gen)
+    w2_bias = torch.zeros(e_local, hidden_pad)
+    if tp_rank == 0:
+        w2_bias[:, :hidden] = 0.1 * torch.randn(e_local, hidden, generator=gen)
+    router_weight = torch.zeros(num_experts, hidden_pad)
+    router_weight[:, :hidden] = torch.randn(num_experts, hidden, generator=gen) / hidden ** 0.5
+    router_bias = 0.1 * torch.randn(num_experts, generator=gen)
+    expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
+    expert_map[torch.tensor(local, dtype=torch.long)] = torch.arange(e_local, dtype=torch.int32)
+    extra = {}
+    if channel_scales:
+        extra["w13_channel_scale"] = torch.zeros(e_local, 2 * inter_pad)
+        extra["w13_channel_scale"][:, :2 * inter] = 0.5 + torch.rand(e_local, 2 * inter, generator=gen)
+        extra["w2_channel_scale"] = torch.zeros(e_local, hidden_pad)
+        extra["w2_channel_scale"][:, :hidden] = 0.5 + torch.rand(e_local, hidden, generator=gen)
+    weights = ExpertWeights(
+        w13_blocks=w13_blocks, w13_scales=w13_scales, w13_bias=w13_bias,
+        w2_blocks=w2_blocks, w2_scales=w2_scales, w2_bias=w2_bias,
+        router_weight=router_weight, router_bias=router_bias, hidden=hidden, inter=inter,
+        local_experts=torch.tensor(local, dtype=torch.int64), expert_map=expert_map, top_k=top_k,
+        w2_bias_included=tp_rank == 0, tp_rank=tp_rank, **extra)
+    weights.validate()
+    return weights.to(device), {"w13": w13, "w2": w2}

@@ -1,0 +1,152 @@
+"""The Triton grouped MXFP4 matmul against its torch twin, on the CPU through TRITON_INTERPRET
+(conftest sets it before this module imports the kernels), plus an sm_90 compile check.
+
+Tolerances (relative Frobenius error, ||out - ref|| / ||ref||): float32 compute 1e-5 (same
+operands, float32 sums in another order); float16 compute 2e-3 (x and the SwiGLU output rounded
+to fp16, ~2**-11 each). Decoding of codes and scales is checked exactly.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mxfp4_moe import mxfp4
+from mxfp4_moe.kernels import moe_matmul, pick_block_m
+from mxfp4_moe.moe import random_expert_weights
+from mxfp4_moe.reference import reference_moe_matmul
+from mxfp4_moe.routing import routing_metadata
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN in output: an element was not written"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _routing(tokens, num_experts, top_k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, num_experts, generator=gen)
+    top_v, top_i = torch.topk(logits, top_k, dim=-1)
+    return torch.softmax(top_v, -1), top_i
+
+
+CASES = [
+    # id, E, H, I, H_pad, I_pad, T, k, dtype
+    pytest.param(4, 64, 64, 64, 64, 7, 2, torch.float32, id="unpadded-T7-fp32"),
+    pytest.param(4, 96, 64, 128, 96, 33, 4, torch.float16, id="padded-H-and-I-T33-fp16"),
+    pytest.param(8, 128, 96, 128, 128, 1, 4, torch.float32, id="decode-T1-most-experts-empty"),
+    pytest.param(8, 256, 128, 256, 128, 33, 2, torch.float16, id="H256-T33-fp16"),
+]
+
+
+@pytest.mark.parametrize("E,H,I,H_pad,I_pad,T,k,dtype", CASES)
+def test_w13_swiglu_then_w2_combine(E, H, I, H_pad, I_pad, T, k, dtype, nan_like):
+    weights, _ = random_expert_weights(E, H, I, hidden_pad=H_pad, inter_pad=I_pad, top_k=k, seed=T + E)
+    gen = torch.Generator().manual_seed(T)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    topk_w, topk_ids = _routing(T, E, k, seed=T)
+    meta = routing_metadata(topk_ids, weights.expert_map, E, pick_block_m(T * k, E), topk_w)
+    local = int(meta.expert_offsets[-1])
+    swiglu = (weights.swiglu_alpha, weights.swiglu_limit)
+    args13 = (weights.w13_blocks, weights.w13_scales, weights.w13_bias, meta)
+    act = nan_like(torch.empty(T * k, I_pad, dtype=dtype))
+    act = moe_matmul(x, *args13, swiglu=swiglu, compute_dtype=dtype, out=act)
+    act_ref = reference_moe_matmul(x, *args13, swiglu=swiglu, compute_dtype=dtype)
+    assert rel_err(act[:local], act_ref[:local]) < TOL[dtype]
+    args2 = (weights.w2_blocks, weights.w2_scales, weights.w2_bias, meta)
+    for combine in ("atomic", "slots"):
+        y = moe_matmul(act, *args2, gather=False, apply_row_weight=True, combine=combine, n_out=H,
+                       compute_dtype=dtype)
+        y_ref = reference_moe_matmul(act_ref, *args2, gather=False, apply_row_weight=True, combine=combine,
+                                     n_out=H, compute_dtype=dtype)
+        assert y.shape == (T, H) and y.dtype == torch.float32
+        assert rel_err(y, y_ref) < TOL[dtype], combine
+
+
+@pytest.mark.parametrize("tokens", [0, 1], ids=["T0", "T1"])
+def test_tiny_token_counts(tokens):
+    weights, _ = random_expert_weights(4, 64, 64, top_k=2, seed=3)
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(3))
+    topk_w, topk_ids = _routing(tokens, 4, 2, seed=3)
+    meta = routing_metadata(topk_ids, None, 4, 16, topk_w)
+    y = moe_matmul(x, weights.w2_blocks, weights.w2_scales, weights.w2_bias, meta, apply_row_weight=True,
+                   combine="atomic", compute_dtype=torch.float32)
+    y_ref = reference_moe_matmul(x, weights.w2_blocks, weights.w2_scales, weights.w2_bias, meta,
+                                 apply_row_weight=True, combine="atomic", compute_dtype=torch.float32)
+    assert y.shape == (tokens, 64)
+    if tokens:
+        assert rel_err(y, y_ref) < TOL[torch.float32]
+
+
+def test_all_tokens_to_one_expert_with_channel_scales():
+    # 40 rows on expert 2 (three 16-row tiles, the last partial), others empty; per-channel scales.
+    weights, _ = random_expert_weights(4, 64, 64, top_k=1, seed=11, channel_scales=True)
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(11))
+    meta = routing_metadata(torch.full((40, 1), 2), None, 4, 16, torch.ones(40, 1))
+    kw = dict(channel_scale=weights.w13_channel_scale, swiglu=(1.702, 7.0), compute_dtype=torch.float32)
+    args = (weights.w13_blocks, weights.w13_scales, weights.w13_bias, meta)
+    out = torch.full((40, 64), float("nan"))
+    act = moe_matmul(x, *args, out=out, **kw)
+    assert rel_err(act, reference_moe_matmul(x, *args, **kw)) < TOL[torch.float32]
+
+
+def test_expert_parallel_rows_dropped():
+    # This rank holds global experts 1 and 3 of 4: pairs routed to 0 and 2 must not appear.
+    weights, _ = random_expert_weights(4, 64, 64, top_k=2, local_experts=[1, 3], seed=2)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(2))
+    topk_w, topk_ids = _routing(9, 4, 2, seed=2)
+    meta = routing_metadata(topk_ids, weights.expert_map, 2, 16, topk_w)
+    args = (weights.w2_blocks, weights.w2_scales, weights.w2_bias, meta)
+    kw = dict(apply_row_weight=True, combine="atomic", compute_dtype=torch.float32)
+    y = moe_matmul(x, *args, **kw)
+    assert rel_err(y, reference_moe_matmul(x, *args, **kw)) < TOL[torch.float32]
+    all_remote = ~(weights.expert_map.long()[topk_ids] >= 0).any(-1)
+    assert torch.equal(y[all_remote], torch.zeros_like(y[all_remote]))
+
+
+def test_decode_every_code_and_scale_exactly():
+    # One expert, K = 32 inputs x N = 256 rows; row n holds all 16 codes twice and scale byte
+    # n (0..240: the kernel's decode range) or 0xFF (NaN). x = identity, so y = dequant(W).T exactly.
+    n_rows = 256
+    codes = torch.arange(32, dtype=torch.uint8).remainder(16).repeat(n_rows, 1)
+    scales = torch.arange(n_rows, dtype=torch.int32).clamp(max=240).to(torch.uint8)
+    scales[-1] = mxfp4.E8M0_NAN
+    blocks = mxfp4.pack_e2m1(codes).reshape(1, n_rows, 16)
+    scales = scales.reshape(1, n_rows, 1)
+    meta = routing_metadata(torch.zeros(32, 1, dtype=torch.int64), None, 1, 32)
+    y = moe_matmul(torch.eye(32), blocks, scales, None, meta, compute_dtype=torch.float32,
+                   config=None)
+    expected = mxfp4.dequantize(blocks[0], scales[0], torch.float32).T          # [32, 256]
+    assert torch.equal(y[:, :-1], expected[:, :-1])
+    assert bool(torch.isnan(y[:, -1]).all())
+
+
+def test_bad_arguments_raise():
+    weights, _ = random_expert_weights(4, 64, 64, top_k=2, seed=0)
+    meta = routing_metadata(torch.zeros(3, 2, dtype=torch.int64), None, 4, 16)
+    with pytest.raises(ValueError, match="w13|blocks|scales"):
+        moe_matmul(torch.randn(3, 64), weights.w13_blocks, weights.w2_scales, None, meta)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        moe_matmul(torch.randn(3, 64), weights.w2_blocks, weights.w2_scales, None, meta, compute_dtype=torch.int8)
+    with pytest.raises(ValueError, match="more than the weights' K"):
+        moe_matmul(torch.randn(3, 96), weights.w2_blocks, weights.w2_scales, None, meta)
+
+
+def test_compiles_for_sm90_without_spills():
+    # Ahead-of-time compile for the H100 (no GPU needed): HGMMA present, no local memory.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "mxfp4_moe.kernels.sm90_report", "w13_bm16", "w2_bm128"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 2
+    for rep in reports:
+        assert rep["hgmma"] > 0, rep
+        assert rep["local_bytes"] == 0 and rep["local_mem_ops"] == 0 and rep["stack_bytes"] == 0, rep
+        assert rep["registers"] <= 255, rep

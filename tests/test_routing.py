@@ -1,0 +1,95 @@
+"""Routing metadata for the grouped GEMM: sort by expert, counts, offsets, tiles, inverse."""
+
+import pytest
+import torch
+
+from mxfp4_moe.routing import max_tiles, route, routing_metadata
+
+
+def _check_invariants(meta, topk_ids, expert_map, num_local):
+    tokens, k = topk_ids.shape
+    rows = tokens * k
+    flat = topk_ids.reshape(-1).long()
+    local = expert_map.long()[flat] if expert_map is not None else flat
+    # counts: independent recount per expert
+    expected_counts = torch.stack([(local == e).sum() for e in range(num_local)]).to(torch.int32)
+    assert torch.equal(meta.expert_counts, expected_counts)
+    assert torch.equal(meta.expert_offsets[1:], torch.cumsum(expected_counts, 0).to(torch.int32))
+    assert int(meta.expert_offsets[0]) == 0
+    n_local = int((local >= 0).sum())
+    assert int(meta.expert_offsets[-1]) == n_local
+    assert int(meta.expert_counts.sum()) + int((local < 0).sum()) == rows
+    # inverse is a permutation and inverts sorted_slot
+    assert torch.equal(torch.sort(meta.inverse.long()).values, torch.arange(rows))
+    assert torch.equal(meta.inverse.long()[meta.sorted_slot.long()], torch.arange(rows))
+    assert torch.equal(meta.sorted_token.long(), meta.sorted_slot.long() // k)
+    # sorted rows: expert of each row matches its segment; stable (slot index ascending inside)
+    offs = meta.expert_offsets.tolist()
+    for e in range(num_local):
+        seg = meta.sorted_slot.long()[offs[e]:offs[e + 1]]
+        assert bool((local[seg] == e).all())
+        assert bool((seg[1:] > seg[:-1]).all())
+    assert bool((local[meta.sorted_slot.long()[n_local:]] < 0).all())
+    # tiles: each local row covered exactly once, by a tile of its own expert
+    covered = torch.zeros(rows, dtype=torch.int64)
+    bm = meta.block_m
+    assert meta.max_tiles == max_tiles(rows, num_local, bm)
+    seen_idle = False
+    for te, start in zip(meta.tile_expert.tolist(), meta.tile_row_start.tolist()):
+        if te < 0:
+            seen_idle = True
+            continue
+        assert not seen_idle, "real tiles must come before idle ones"
+        end = min(start + bm, offs[te + 1])
+        assert offs[te] <= start < end
+        covered[start:end] += 1
+    assert torch.equal(covered[:n_local], torch.ones(n_local, dtype=torch.int64))
+    assert int(covered[n_local:].sum()) == 0
+
+
+@pytest.mark.parametrize("tokens,k,num_experts,block_m", [
+    (0, 4, 8, 16),        # no tokens
+    (1, 4, 8, 16),        # decode: most experts empty
+    (7, 2, 4, 16),        # T*k < block_m
+    (33, 4, 8, 16),       # T not a multiple of the block
+    (257, 4, 32, 64),     # several tiles per expert
+])
+def test_invariants_random_routing(tokens, k, num_experts, block_m):
+    gen = torch.Generator().manual_seed(tokens * 31 + k)
+    logits = torch.randn(tokens, num_experts, generator=gen)
+    topk_ids = torch.topk(logits, k, dim=-1).indices
+    meta = routing_metadata(topk_ids, None, num_experts, block_m)
+    _check_invariants(meta, topk_ids, None, num_experts)
+
+
+def test_all_tokens_to_one_expert():
+    topk_ids = torch.full((50, 1), 3, dtype=torch.int64)
+    meta = routing_metadata(topk_ids, None, 4, 16)
+    _check_invariants(meta, topk_ids, None, 4)
+    assert meta.expert_counts.tolist() == [0, 0, 0, 50, ] and int((meta.tile_expert == 3).sum()) == 4
+
+
+def test_expert_parallel_drops_non_local():
+    # 8 global experts, this rank holds 2, 5, 7 (round-robin-like): other pairs are dropped.
+    expert_map = torch.full((8,), -1, dtype=torch.int32)
+    expert_map[torch.tensor([2, 5, 7])] = torch.arange(3, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(5)
+    topk_ids = torch.topk(torch.randn(40, 8, generator=gen), 2, dim=-1).indices
+    meta = routing_metadata(topk_ids, expert_map, 3, 16, torch.rand(40, 2, generator=gen))
+    _check_invariants(meta, topk_ids, expert_map, 3)
+    assert meta.sorted_weight is not None and meta.sorted_weight.shape == (80,)
+
+
+def test_sorted_weight_follows_rows():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 32, generator=gen)
+    weights, ids = route(x, torch.randn(6, 32, generator=gen), torch.randn(6, generator=gen), 3)
+    meta = routing_metadata(ids, None, 6, 16, weights)
+    assert torch.equal(meta.sorted_weight, weights.reshape(-1)[meta.sorted_slot.long()])
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="power of two"):
+        routing_metadata(torch.zeros(2, 2, dtype=torch.int64), None, 4, 24)
+    with pytest.raises(ValueError, match="topk_ids must be"):
+        routing_metadata(torch.zeros(4, dtype=torch.int64), None, 4, 16)

@@ -1,0 +1,57 @@
+"""transformers as an independent oracle: run its `GptOssMLP` on our dequantized weights.
+
+Needs the optional dependency transformers (`pip install "mxfp4-moe[transformers]"`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .mxfp4 import dequantize
+from .weights import ExpertWeights
+
+
+def _require_transformers():
+    try:
+        from transformers import GptOssConfig
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+    except ImportError as exc:
+        raise ImportError("the transformers oracle needs transformers: pip install 'mxfp4-moe[transformers]'") from exc
+    return GptOssConfig, GptOssMLP
+
+
+def build_transformers_moe(weights: ExpertWeights) -> torch.nn.Module:
+    """A float32 CPU `GptOssMLP` holding `weights` dequantized (unsharded weights only: one rank
+    holding every expert and the whole intermediate size). transformers stores experts
+    transposed: gate_up_proj [E, H, 2I], down_proj [E, I, H]."""
+    if weights.num_local_experts != weights.num_experts or weights.tp_size != 1:
+        raise ValueError("build_transformers_moe needs unsharded weights (tp 1, every expert local); "
+                         f"got {weights.num_local_experts} of {weights.num_experts} experts at tp {weights.tp_size}")
+    GptOssConfig, GptOssMLP = _require_transformers()
+    hidden, inter = weights.hidden, weights.inter
+    config = GptOssConfig(num_local_experts=weights.num_experts, num_experts_per_tok=weights.top_k,
+                          hidden_size=hidden, intermediate_size=inter, swiglu_limit=weights.swiglu_limit,
+                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          vocab_size=32)
+    config.swiglu_alpha = weights.swiglu_alpha
+    config._experts_implementation = "eager"      # transformers' own per-expert loop, no hub kernels
+    mlp = GptOssMLP(config).float()
+    w = weights.to("cpu")
+    with torch.no_grad():
+        w13 = dequantize(w.w13_blocks, w.w13_scales, torch.float32)[:, :2 * inter, :hidden]
+        w2 = dequantize(w.w2_blocks, w.w2_scales, torch.float32)[:, :hidden, :inter]
+        mlp.experts.gate_up_proj.copy_(w13.transpose(1, 2))
+        mlp.experts.gate_up_proj_bias.copy_(w.w13_bias[:, :2 * inter])
+        mlp.experts.down_proj.copy_(w2.transpose(1, 2))
+        mlp.experts.down_proj_bias.copy_(w.w2_bias[:, :hidden])
+        mlp.router.weight.copy_(w.router_weight[:, :hidden])
+        mlp.router.bias.copy_(w.router_bias)
+    return mlp
+
+
+def transformers_moe_forward(x: torch.Tensor, weights: ExpertWeights, config=None) -> torch.Tensor:
+    """transformers' MoE block on x [T, H] (float32, CPU): routing and experts. Returns [T, H] float32."""
+    mlp = build_transformers_moe(weights)
+    with torch.no_grad():
+        out, _ = mlp(x.detach().float().cpu().unsqueeze(0))
+    return out[0]

@@ -1,0 +1,283 @@
+"""Benchmark the MXFP4 MoE kernels at gpt-oss sizes on a CUDA GPU.
+
+For E in {128 (gpt-oss-120b), 32 (gpt-oss-20b)}, H = I = 2880, top-4, T in a sweep: GPU time of
+w13 + SwiGLU, w2 + combine and the whole layer (CUDA-graph replay with L2 flushed between
+replays by triton.testing.do_bench, median; and eager), TFLOP/s, GB/s of the weight bytes of
+the experts hit, and the fraction of a roofline whose ceilings (device copy, bf16 matmul) are
+measured in the same run. Side by side: torch._grouped_mm on bf16-dequantized weights and, at
+small T, the torch reference layer. Routing comes from random router logits.
+
+    python benchmarks/bench_moe.py --out DIR [--experts 128 32] [--tokens 1 8 ...]
+Writes DIR/out_moe.json, DIR/results_moe.md and DIR/moe.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from mxfp4_moe.kernels import MatmulConfig, default_config, moe_matmul, pick_block_m
+from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+from mxfp4_moe.mxfp4 import BLOCK_SIZE, dequantize
+from mxfp4_moe.routing import route, routing_metadata
+
+# triton_kernels (matmul_ogs) on an H100, CUDA-graph GPU time in ms (from the project brief).
+FIELD_BEST_MS = {
+    "w13": {1: 0.035, 8: 0.115, 32: 0.257, 128: 0.407, 512: 0.480, 2048: 0.954, 8192: 2.40},
+    "w2": {1: 0.041, 8: 0.092, 32: 0.168, 128: 0.247, 512: 0.284, 2048: 0.604, 8192: 1.65},
+}
+REP_MS = 60
+
+
+def git_commit() -> str:
+    if os.environ.get("MXFP4_COMMIT"):
+        return os.environ["MXFP4_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def graph_of(fn):
+    """Capture fn into a CUDA graph (after a warm-up on a side stream); returns (graph, outputs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def time_graph(fn) -> float:
+    graph, _ = graph_of(fn)
+    return do_bench(graph.replay, warmup=10, rep=REP_MS, return_mode="median")
+
+
+def time_eager(fn) -> float:
+    return do_bench(fn, warmup=10, rep=REP_MS, return_mode="median")
+
+
+def ceilings() -> dict:
+    n = 1 << 28                                         # 1 GiB of float32
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    t = do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
+    copy_gbs = 2 * src.numel() * 4 / (t * 1e-3) / 1e9
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda").bfloat16()
+    b = torch.randn(8192, 8192, device="cuda").bfloat16()
+    t = do_bench(lambda: a @ b, warmup=10, rep=100, return_mode="median")
+    mm_tflops = 2 * 8192 ** 3 / (t * 1e-3) / 1e12
+    return {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": mm_tflops}
+
+
+def candidates(block_m: int, n: int, k: int) -> list[MatmulConfig]:
+    """The default first, then a few alternatives (the best is reported beside the default)."""
+    d = default_config(block_m, n, k)
+    alts = []
+    if block_m <= 32:
+        alts = [MatmulConfig(block_m, 64, 64, True, 4, 4), MatmulConfig(block_m, 128, 128, True, 4, 3),
+                MatmulConfig(block_m, 64, 128, True, 4, 4), MatmulConfig(block_m, 128, 64, True, 4, 6)]
+    elif block_m == 64:
+        alts = [MatmulConfig(64, 128, 64, True, 4, 3), MatmulConfig(64, 64, 64, False, 4, 4),
+                MatmulConfig(64, 128, 128, False, 4, 3)]
+    else:
+        alts = [MatmulConfig(128, 128, 128, False, 8, 3), MatmulConfig(128, 256, 64, False, 8, 3),
+                MatmulConfig(128, 128, 64, False, 4, 4)]
+    out = [d]
+    for c in alts:
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: bool) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    x = torch.randn(tokens, w.hidden, generator=gen, device="cuda").to(torch.bfloat16)
+    topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
+    rows = tokens * w.top_k
+    block_m = pick_block_m(rows, w.num_local_experts)
+    meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, block_m, topk_w)
+    hit = int((meta.expert_counts > 0).sum())
+    hp, ip, h, i = w.hidden_pad, w.inter_pad, w.hidden, w.inter
+    swiglu = (w.swiglu_alpha, w.swiglu_limit)
+    res = {"tokens": tokens, "experts": w.num_local_experts, "block_m": block_m, "experts_hit": hit}
+
+    def op_stats(name, ms, flops, weight_bytes, act_bytes):
+        floor_ms = max((weight_bytes + act_bytes) / (ceil["copy_GBps"] * 1e9),
+                       flops / (ceil["bf16_matmul_TFLOPs"] * 1e12)) * 1e3
+        res[name] = {"ms": ms, "TFLOPs": flops / (ms * 1e-3) / 1e12,
+                     "weight_GBps": weight_bytes / (ms * 1e-3) / 1e9, "roofline_frac": floor_ms / ms}
+
+    per_row13 = 2 * ip * (hp // 2 + hp // BLOCK_SIZE + 4)
+    per_row2 = hp * (ip // 2 + ip // BLOCK_SIZE + 4)
+    wb13, wb2 = hit * per_row13, hit * per_row2
+    fl13, fl2 = 2 * rows * 2 * i * h, 2 * rows * h * i
+    ab13 = tokens * h * 2 + rows * ip * 2
+    ab2 = rows * ip * 2 + tokens * h * 4
+
+    act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu)
+    best = {}
+    for op, n, k in (("w13", 2 * ip, hp), ("w2", hp, ip)):
+        timings = []
+        for cfg in candidates(block_m, n, k):
+            if op == "w13":
+                fn = lambda cfg=cfg: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu,
+                                                config=cfg)
+            else:
+                fn = lambda cfg=cfg: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, gather=False,
+                                                apply_row_weight=True, combine="atomic", n_out=h, config=cfg)
+            try:
+                timings.append((time_graph(fn), cfg))
+            except Exception as exc:  # a config that does not fit (shared memory) is skipped
+                print(f"  config {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        is_default = bool(timings) and timings[0][1] == default_config(block_m, n, k)
+        default_ms = timings[0][0] if is_default else float("nan")
+        best_ms, best_cfg = min(timings, key=lambda t: t[0])
+        best[op] = best_cfg
+        fl, wb, ab = (fl13, wb13, ab13) if op == "w13" else (fl2, wb2, ab2)
+        op_stats(op, default_ms, fl, wb, ab)
+        op_stats(op + "_best", best_ms, fl, wb, ab)
+        res[op + "_best"]["config"] = best_cfg.__dict__
+        if tokens in FIELD_BEST_MS[op]:
+            res[op]["vs_triton_kernels"] = FIELD_BEST_MS[op][tokens] / default_ms
+            res[op + "_best"]["vs_triton_kernels"] = FIELD_BEST_MS[op][tokens] / best_ms
+    res["w2_slots_ms"] = time_graph(lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, gather=False,
+                                                       apply_row_weight=True, combine="slots", n_out=h))
+    layer = MXFP4MoE(w, backend="triton")
+    op_stats("layer", time_graph(lambda: layer(x)), fl13 + fl2, wb13 + wb2, ab13 + ab2)
+    res["layer"]["eager_ms"] = time_eager(lambda: layer(x))
+    # torch._grouped_mm on bf16 weights, rows already gathered and sorted (favours the baseline)
+    local = int(meta.expert_offsets[-1])
+    x_sorted = x[meta.sorted_token[:local].long()]
+    act_sorted = act[:local].contiguous()
+    offs = meta.expert_offsets[1:].to(torch.int32)
+    try:
+        g13 = time_graph(lambda: torch._grouped_mm(x_sorted, w13_bf16.transpose(1, 2), offs=offs))
+        g2 = time_graph(lambda: torch._grouped_mm(act_sorted, w2_bf16.transpose(1, 2), offs=offs))
+        res["grouped_mm_bf16"] = {"w13_ms": g13, "w2_ms": g2,
+                                  "speedup_w13": g13 / res["w13"]["ms"], "speedup_w2": g2 / res["w2"]["ms"]}
+    except Exception as exc:
+        res["grouped_mm_bf16"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    if with_reference:
+        ref = MXFP4MoE(w, backend="torch")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        ref(x)
+        start.record()
+        for _ in range(3):
+            ref(x)
+        end.record()
+        torch.cuda.synchronize()
+        res["torch_reference_eager_ms"] = start.elapsed_time(end) / 3
+    return res
+
+
+def markdown(results: list[dict], header: dict) -> str:
+    lines = [f"# MXFP4 MoE benchmark", "",
+             f"device: {header['device']}; torch {header['torch']}; triton {header['triton']}; "
+             f"commit {header['commit']}", f"command: `{header['command']}`", "",
+             f"measured ceilings: device copy {header['ceilings']['copy_GBps']:.0f} GB/s, bf16 matmul "
+             f"{header['ceilings']['bf16_matmul_TFLOPs']:.0f} TFLOP/s", "",
+             "Times in ms (CUDA-graph replay, L2 flushed, median). `tk x` = triton_kernels time / ours "
+             "(>1: we are faster). `gmm x` = torch._grouped_mm bf16 time / ours. roof = roofline floor / time.", "",
+             "| E | T | bm | hit | w13+swiglu | roof | tk x | gmm x | best w13 | w2+combine | roof | tk x | gmm x "
+             "| best w2 | w2 slots | layer | layer eager | layer TFLOP/s | weight GB/s | torch ref |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        g = r.get("grouped_mm_bf16", {})
+        lines.append(
+            f"| {r['experts']} | {r['tokens']} | {r['block_m']} | {r['experts_hit']} | {r['w13']['ms']:.3f} | "
+            f"{r['w13']['roofline_frac']:.2f} | {r['w13'].get('vs_triton_kernels', float('nan')):.2f} | "
+            f"{g.get('speedup_w13', float('nan')):.2f} | {r['w13_best']['ms']:.3f} | {r['w2']['ms']:.3f} | "
+            f"{r['w2']['roofline_frac']:.2f} | {r['w2'].get('vs_triton_kernels', float('nan')):.2f} | "
+            f"{g.get('speedup_w2', float('nan')):.2f} | {r['w2_best']['ms']:.3f} | {r['w2_slots_ms']:.3f} | "
+            f"{r['layer']['ms']:.3f} | {r['layer']['eager_ms']:.3f} | {r['layer']['TFLOPs']:.0f} | "
+            f"{r['layer']['weight_GBps']:.0f} | {r.get('torch_reference_eager_ms', float('nan')):.2f} |")
+    lines += ["", "Best configs found (block_m, block_n, block_k, swap_ab, warps, stages):", ""]
+    for r in results:
+        lines.append(f"- E={r['experts']} T={r['tokens']}: w13 {tuple(r['w13_best']['config'].values())} "
+                     f"{r['w13_best']['ms']:.3f} ms; w2 {tuple(r['w2_best']['config'].values())} {r['w2_best']['ms']:.3f} ms")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", flush=True)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, op in zip(axes, ("w13", "w2")):
+        for e in sorted({r["experts"] for r in results}, reverse=True):
+            rs = [r for r in results if r["experts"] == e]
+            ts = [r["tokens"] for r in rs]
+            ax.plot(ts, [r[op]["ms"] for r in rs], "o-", label=f"ours E={e}")
+            if all("w13_ms" in r.get("grouped_mm_bf16", {}) for r in rs):
+                ax.plot(ts, [r["grouped_mm_bf16"][op + "_ms"] for r in rs], "x--", label=f"_grouped_mm bf16 E={e}")
+        ft = sorted(FIELD_BEST_MS[op])
+        ax.plot(ft, [FIELD_BEST_MS[op][t] for t in ft], "k:", label="triton_kernels (brief)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("ms")
+        ax.set_title(op + (" + SwiGLU" if op == "w13" else " + combine"))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("benchmarks"))
+    p.add_argument("--experts", type=int, nargs="+", default=[128, 32])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_moe needs a CUDA GPU", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "python": platform.python_version(), "commit": git_commit(),
+              "command": "python benchmarks/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    print(json.dumps(header), flush=True)
+    header["ceilings"] = ceilings()
+    print(json.dumps(header["ceilings"]), flush=True)
+    results = []
+    for e in args.experts:
+        t0 = time.time()
+        w, _ = random_expert_weights(e, 2880, 2880, top_k=4, seed=e, device="cuda", dense=False)
+        w13_bf16 = dequantize(w.w13_blocks, w.w13_scales, torch.bfloat16)
+        w2_bf16 = dequantize(w.w2_blocks, w.w2_scales, torch.bfloat16)
+        print(f"E={e}: weights ready in {time.time() - t0:.1f}s", flush=True)
+        for t in args.tokens:
+            r = bench_point(w, w13_bf16, w2_bf16, t, header["ceilings"], with_reference=t <= 8)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            (args.out / "out_moe.json").write_text(json.dumps({"header": header, "results": results}, indent=1))
+        del w, w13_bf16, w2_bf16
+        torch.cuda.empty_cache()
+    md = markdown(results, header)
+    (args.out / "results_moe.md").write_text(md)
+    plot(results, args.out / "moe.png")
+    print(md, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

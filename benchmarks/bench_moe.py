@@ -90,14 +90,18 @@ def candidates(block_m: int, n: int, k: int) -> list[MatmulConfig]:
     d = default_config(block_m, n, k)
     alts = []
     if block_m <= 32:
-        alts = [MatmulConfig(block_m, 64, 64, True, 4, 4), MatmulConfig(block_m, 128, 128, True, 4, 3),
-                MatmulConfig(block_m, 64, 128, True, 4, 4), MatmulConfig(block_m, 128, 64, True, 4, 6)]
+        alts = [MatmulConfig(block_m, 64, 64, True, 4, 4), MatmulConfig(block_m, 64, 128, True, 4, 4),
+                MatmulConfig(block_m, 64, 256, True, 4, 3), MatmulConfig(block_m, 64, 128, True, 4, 6),
+                MatmulConfig(block_m, 128, 256, True, 4, 3), MatmulConfig(block_m, 32, 128, True, 4, 4),
+                MatmulConfig(block_m, 64, 256, True, 8, 3)]
     elif block_m == 64:
         alts = [MatmulConfig(64, 128, 64, True, 4, 3), MatmulConfig(64, 64, 64, False, 4, 4),
-                MatmulConfig(64, 128, 128, False, 4, 3)]
+                MatmulConfig(64, 128, 128, False, 4, 3), MatmulConfig(64, 64, 128, True, 4, 4),
+                MatmulConfig(64, 128, 64, False, 4, 4)]
     else:
-        alts = [MatmulConfig(128, 128, 128, False, 8, 3), MatmulConfig(128, 256, 64, False, 8, 3),
-                MatmulConfig(128, 128, 64, False, 4, 4)]
+        alts = [MatmulConfig(128, 128, 64, False, 4, 4), MatmulConfig(128, 128, 64, True, 8, 3),
+                MatmulConfig(128, 128, 64, True, 4, 3), MatmulConfig(128, 256, 64, False, 8, 3),
+                MatmulConfig(128, 128, 128, True, 8, 3), MatmulConfig(128, 128, 64, False, 8, 4)]
     out = [d]
     for c in alts:
         if c not in out:

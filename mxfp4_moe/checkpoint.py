@@ -350,8 +350,14 @@ class TensorRef:
         return math.prod(self.slice_shape(*index)) * torch.empty((), dtype=self.dtype).element_size()
 
     def read(self, *index: slice | int) -> torch.Tensor:
-        """The selected part of the tensor, as a new CPU tensor of `dtype`; unselected trailing dims
-        are read whole. Only the selected bytes are read from the file."""
+        """The selected part of the tensor: a contiguous CPU tensor of `dtype`, shape
+        `slice_shape(*index)`; unselected trailing dims are read whole. Only the selected bytes are
+        read from the file.
+
+        safetensors hands back a view into its private (copy-on-write) memory map of the file;
+        a partial selection is copied out here, so the result is dense and holds only its own
+        bytes. A contiguous selection may stay backed by the map: writing to it never changes the file.
+        """
         norm = self._normalize(index)
         out_shape = self.slice_shape(*index)
         if math.prod(out_shape) == 0:
@@ -359,10 +365,13 @@ class TensorRef:
         handle = self._handles.get(self.file)
         try:
             if not norm:
-                return handle.get_tensor(self.name)
-            return handle.get_slice(self.name)[tuple(norm)]
+                out = handle.get_tensor(self.name)
+            else:
+                out = handle.get_slice(self.name)[tuple(norm)]
         except Exception as err:   # safetensors' own error type; keep file and tensor in the message
             raise CheckpointError(f"{self.file}: cannot read tensor {self.name}: {err}") from None
+        assert tuple(out.shape) == out_shape and out.dtype == self.dtype, (self.name, out.shape, out.dtype)
+        return out.contiguous()
 
     def read_all(self) -> torch.Tensor:
         return self.read()

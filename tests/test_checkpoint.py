@@ -205,6 +205,7 @@ def test_slice_read_equals_slice_of_full_read(hf_sharded, field, index):
         full = ref.read_all()
         part = ref.read(*index)
         assert torch.equal(part, full[index])
+        assert part.is_contiguous()             # a dense copy, not a strided view of the file map
         assert ref.slice_shape(*index) == tuple(full[index].shape)
         assert ref.slice_nbytes(*index) == full[index].numel() * full.element_size()
 

@@ -165,24 +165,59 @@ def _check_fused_shapes(tensors, plan: ShardPlan) -> None:
                              f"expected ({e}, {out}) or ({e}, {out}, 1)")
 
 
-def _allocate(plan: ShardPlan, device, *, w13_channel: bool, w2_channel: bool) -> dict[str, torch.Tensor | None]:
-    """The padded destinations, filled with the documented padding values."""
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Uninitialized storage for a destination (tests replace this to poison it, so an element
+    the loader forgot to write fails their comparisons)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _fill_outside(t: torch.Tensor, covered: tuple[int, ...], value) -> None:
+    """Fill every element of `t` outside the top-left box `[0, covered[d])` of each dim d.
+
+    The outside is the union over d of {index: index[j] < covered[j] for j < d, index[d] >=
+    covered[d]}: disjoint slabs, so each padded element is written once and no copied one is.
+    `covered` may be shorter than t.ndim (later dims are then inside the box).
+    """
+    for d, c in enumerate(covered):
+        if c < t.shape[d]:
+            t[tuple(slice(0, covered[j]) for j in range(d)) + (slice(c, None),)].fill_(value)
+
+
+def _allocate(plan: ShardPlan, device, *, w13_channel: bool, w2_channel: bool, w13_bias: bool = True,
+              w2_bias: bool = True, router_bias: bool = True) -> dict[str, torch.Tensor | None]:
+    """The padded destinations, uninitialized where the checkpoint's slices will be copied and
+    filled with the documented padding values everywhere else.
+
+    The copied region of each tensor is its top-left box: this rank's experts, 2 * plan.inter
+    w13 rows (plan.inter w2 elements) and plan.hidden columns (rows) - exactly what the reads
+    cover. A tensor the checkpoint lacks (w13_bias, w2_bias, router_bias = False; w2's bias on
+    TP ranks other than 0) is padding whole. Filling only the padding, rather than zeroing
+    everything and then copying over most of it, saves a pass over the rank's memory.
+    """
     e, hp, ip, ne = plan.num_local_experts, plan.hidden_pad, plan.inter_pad, plan.num_experts
+    h, n = plan.hidden, plan.inter
     u8, f32 = torch.uint8, torch.float32
-    return {
-        "w13_blocks": torch.zeros((e, 2 * ip, hp // 2), dtype=u8, device=device),
-        "w13_scales": torch.full((e, 2 * ip, hp // BLOCK_SIZE), PAD_SCALE_E8M0, dtype=u8, device=device),
-        "w13_bias": torch.zeros((e, 2 * ip), dtype=f32, device=device),
-        "w2_blocks": torch.zeros((e, hp, ip // 2), dtype=u8, device=device),
-        "w2_scales": torch.full((e, hp, ip // BLOCK_SIZE), PAD_SCALE_E8M0, dtype=u8, device=device),
-        "w2_bias": torch.zeros((e, hp), dtype=f32, device=device),
-        "w13_channel_scale": (torch.full((e, 2 * ip), PAD_CHANNEL_SCALE, dtype=f32, device=device)
-                              if w13_channel else None),
-        "w2_channel_scale": (torch.full((e, hp), PAD_CHANNEL_SCALE, dtype=f32, device=device)
-                             if w2_channel else None),
-        "router_weight": torch.zeros((ne, hp), dtype=f32, device=device),
-        "router_bias": torch.zeros((ne,), dtype=f32, device=device),
+    nothing = (0,)
+    specs = {   # role: (shape, dtype, fill, covered box)
+        "w13_blocks": ((e, 2 * ip, hp // 2), u8, 0, (e, 2 * n, h // 2)),
+        "w13_scales": ((e, 2 * ip, hp // BLOCK_SIZE), u8, PAD_SCALE_E8M0, (e, 2 * n, h // BLOCK_SIZE)),
+        "w13_bias": ((e, 2 * ip), f32, 0.0, (e, 2 * n) if w13_bias else nothing),
+        "w2_blocks": ((e, hp, ip // 2), u8, 0, (e, h, n // 2)),
+        "w2_scales": ((e, hp, ip // BLOCK_SIZE), u8, PAD_SCALE_E8M0, (e, h, n // BLOCK_SIZE)),
+        "w2_bias": ((e, hp), f32, 0.0, (e, h) if w2_bias and plan.includes_w2_bias else nothing),
+        "w13_channel_scale": ((e, 2 * ip), f32, PAD_CHANNEL_SCALE, (e, 2 * n)),
+        "w2_channel_scale": ((e, hp), f32, PAD_CHANNEL_SCALE, (e, h)),
+        "router_weight": ((ne, hp), f32, 0.0, (ne, h)),
+        "router_bias": ((ne,), f32, 0.0, (ne,) if router_bias else nothing),
     }
+    dest: dict[str, torch.Tensor | None] = {}
+    for role, (shape, dtype, fill, covered) in specs.items():
+        if (role == "w13_channel_scale" and not w13_channel) or (role == "w2_channel_scale" and not w2_channel):
+            dest[role] = None
+            continue
+        dest[role] = _empty(shape, dtype, device)
+        _fill_outside(dest[role], covered, fill)
+    return dest
 
 
 def _load_fused(tensors, plan: ShardPlan, dest: dict, copier: _Copier) -> None:
@@ -202,7 +237,6 @@ def _load_fused(tensors, plan: ShardPlan, dest: dict, copier: _Copier) -> None:
 def _load_unfused(tensors: UnfusedLayerTensors, plan: ShardPlan, dest: dict, copier: _Copier) -> None:
     """Per-expert gate/up/down tensors (see `mxfp4_moe.unfused`), interleaved into the kernel's
     fused w13 on the way: gate row j goes to w13 row 2j, up row j to row 2j + 1."""
-    tensors.check_sizes(num_experts=plan.num_experts, hidden=plan.hidden, inter=plan.inter_total)
     a, b = plan.inter_start, plan.inter_stop
     rows = slice(a, b)                                       # this rank's gate (or up) rows
     blocks = plan.w2_blocks_range                            # its blocks of down's input dim
@@ -273,12 +307,17 @@ def load_layer(checkpoint, layer: int, plan: ShardPlan, device: torch.device | s
     tensors = checkpoint.layer(layer)
     unfused = isinstance(tensors, UnfusedLayerTensors)
     if unfused:
+        tensors.check_sizes(num_experts=plan.num_experts, hidden=plan.hidden, inter=plan.inter_total)
         w13_channel, w2_channel = tensors.has_channel_scales()
+        w13_bias, w2_bias = tensors.has_biases()
+        router_bias = tensors.router_bias is not None
     else:
         _check_fused_shapes(tensors, plan)
         w13_channel = getattr(tensors, "w13_channel_scale", None) is not None
         w2_channel = getattr(tensors, "w2_channel_scale", None) is not None
-    dest = _allocate(plan, device, w13_channel=w13_channel, w2_channel=w2_channel)
+        w13_bias = w2_bias = router_bias = True
+    dest = _allocate(plan, device, w13_channel=w13_channel, w2_channel=w2_channel, w13_bias=w13_bias,
+                     w2_bias=w2_bias, router_bias=router_bias)
     copier = _Copier(plan, max_read_bytes)
     if unfused:
         _load_unfused(tensors, plan, dest, copier)

@@ -79,6 +79,11 @@ class UnfusedLayerTensors:
         first = self.experts[0]
         return first.gate.channel_scale is not None, first.down.channel_scale is not None
 
+    def has_biases(self) -> tuple[bool, bool]:
+        """(gate and up have biases, down has one)."""
+        first = self.experts[0]
+        return first.gate.bias is not None, first.down.bias is not None
+
     def check_sizes(self, *, num_experts: int, hidden: int, inter: int) -> None:
         """Check every tensor's shape against E, H, I; raise CheckpointError naming the tensor."""
         if len(self.experts) != num_experts:
@@ -90,6 +95,7 @@ class UnfusedLayerTensors:
             raise CheckpointError(f"{self.router_bias.file}: tensor {self.router_bias.name}: expected shape "
                                   f"{[num_experts]}, found {list(self.router_bias.shape)}")
         w13_channel, w2_channel = self.has_channel_scales()
+        w13_bias, w2_bias = self.has_biases()
         for ex in self.experts:
             for proj, out, inp in ((ex.gate, inter, hidden), (ex.up, inter, hidden), (ex.down, hidden, inter)):
                 expected = {"weight": ((out, inp // 2), (torch.uint8,)),
@@ -110,6 +116,10 @@ class UnfusedLayerTensors:
             if has != ((w13_channel, w13_channel), w2_channel):
                 raise CheckpointError(f"unfused layer {self.index}: channel scales must be present on every "
                                       f"expert's gate and up (and down) or on none; {ex.gate.weight.name} differs")
+            has = ((ex.gate.bias is not None, ex.up.bias is not None), ex.down.bias is not None)
+            if has != ((w13_bias, w13_bias), w2_bias):
+                raise CheckpointError(f"unfused layer {self.index}: biases must be present on every expert's "
+                                      f"gate and up (and down) or on none; {ex.gate.weight.name} differs")
 
 
 class UnfusedCheckpoint:

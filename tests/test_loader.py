@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mxfp4_moe import loader
 from mxfp4_moe.checkpoint import CheckpointError, MoEConfig, layer_tensor_names, open_checkpoint
 from mxfp4_moe.loader import PAD_CHANNEL_SCALE, load_layer, narrow_to_source
 from mxfp4_moe.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, E8M0_NAN, PAD_SCALE_E8M0
@@ -29,6 +30,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def poisoned_destinations():
+    # The loader allocates its destinations uninitialized and writes only what it copies plus
+    # the padding. Poison them (0xAB bytes, NaN floats) so an element it forgot to write fails.
+    real_empty = loader._empty
+
+    def poisoned(shape, dtype, device):
+        t = real_empty(shape, dtype, device)
+        return t.fill_(0xAB) if dtype == torch.uint8 else t.fill_(float("nan"))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loader, "_empty", poisoned)
+        yield
 
 
 FIELDS = ("w13_blocks", "w13_scales", "w13_bias", "w2_blocks", "w2_scales", "w2_bias",
@@ -401,4 +417,27 @@ def test_unfused_bad_shape_and_missing_tensor(tmp_path):
     del tensors[name]
     save_file(tensors, str(folder / "model.safetensors"))
     with pytest.raises(CheckpointError, match=rf"tensor {name} is missing"):
+        open_unfused_checkpoint(folder)
+
+
+def test_unfused_without_biases_gives_zero_biases(tmp_path):
+    # Generic MoE checkpoints often have no expert biases: the loader must write zeros, not
+    # leave the (poisoned) destination as it was.
+    t = random_layer(3, 64, 128, seed=10)
+    del t["w13_bias"], t["w2_bias"]
+    ck = open_unfused_checkpoint(write_unfused_checkpoint(tmp_path / "u", [t], top_k=1))
+    for plan in ShardPlan.all_ranks(num_experts=3, hidden=64, inter=128, tp_size=2, align="marlin"):
+        w = load_layer(ck, 0, plan)
+        assert torch.equal(w.w13_bias, torch.zeros(3, 2 * plan.inter_pad))
+        assert torch.equal(w.w2_bias, torch.zeros(3, plan.hidden_pad))
+
+
+def test_unfused_bias_on_gate_but_not_up_is_an_error(tmp_path):
+    t = random_layer(2, 64, 64, seed=11)
+    folder = write_unfused_checkpoint(tmp_path / "u", [t], top_k=1)
+    from safetensors.torch import load_file
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.layers.0.mlp.experts.1.up_proj.bias"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"biases must be present on every expert's gate and up"):
         open_unfused_checkpoint(folder)

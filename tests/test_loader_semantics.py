@@ -11,6 +11,7 @@ rounding, around 1e-15.
 import pytest
 import torch
 
+from mxfp4_moe import loader
 from mxfp4_moe.checkpoint import open_checkpoint
 from mxfp4_moe.loader import load_layer
 from mxfp4_moe.mxfp4 import dequantize
@@ -30,6 +31,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def poisoned_destinations():
+    # The loader allocates its destinations uninitialized and writes only what it copies plus
+    # the padding. Poison them (0xAB bytes, NaN floats) so an element it forgot to write fails.
+    real_empty = loader._empty
+
+    def poisoned(shape, dtype, device):
+        t = real_empty(shape, dtype, device)
+        return t.fill_(0xAB) if dtype == torch.uint8 else t.fill_(float("nan"))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loader, "_empty", poisoned)
+        yield
 
 
 @pytest.fixture(scope="module")

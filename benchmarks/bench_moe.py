@@ -85,9 +85,9 @@ def ceilings() -> dict:
     return {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": mm_tflops}
 
 
-def candidates(block_m: int, n: int, k: int) -> list[MatmulConfig]:
+def candidates(block_m: int, n: int, k: int, swiglu: bool) -> list[MatmulConfig]:
     """The default first, then a few alternatives (the best is reported beside the default)."""
-    d = default_config(block_m, n, k)
+    d = default_config(block_m, n, k, swiglu=swiglu)
     alts = []
     if block_m <= 32:
         alts = [MatmulConfig(block_m, 64, 64, True, 4, 4), MatmulConfig(block_m, 64, 128, True, 4, 4),
@@ -138,7 +138,7 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
     best = {}
     for op, n, k in (("w13", 2 * ip, hp), ("w2", hp, ip)):
         timings = []
-        for cfg in candidates(block_m, n, k):
+        for cfg in candidates(block_m, n, k, op == "w13"):
             if op == "w13":
                 fn = lambda cfg=cfg: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu,
                                                 config=cfg)
@@ -149,7 +149,7 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
                 timings.append((time_graph(fn), cfg))
             except Exception as exc:  # a config that does not fit (shared memory) is skipped
                 print(f"  config {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-        is_default = bool(timings) and timings[0][1] == default_config(block_m, n, k)
+        is_default = bool(timings) and timings[0][1] == default_config(block_m, n, k, swiglu=op == "w13")
         default_ms = timings[0][0] if is_default else float("nan")
         best_ms, best_cfg = min(timings, key=lambda t: t[0])
         best[op] = best_cfg

@@ -46,19 +46,21 @@ def pick_block_m(num_rows: int, num_local_experts: int) -> int:
     return block_m
 
 
-def default_config(block_m: int, n: int, k: int) -> MatmulConfig:
-    """Block sizes for an [n, k] weight at `block_m` rows per tile.
+def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False) -> MatmulConfig:
+    """Block sizes for an [n, k] weight at `block_m` rows per tile (swiglu: the w13 launch).
 
     Few rows per expert: swap A and B (y.T = W @ x.T) so weight rows fill the MMA's wide side.
+    The choices are the fastest of a sweep on an H200 (benchmarks/results_moe.md).
     Under the interpreter, small blocks (it runs per program in numpy).
     """
     if interpreting():
         return MatmulConfig(block_m, block_n=32, block_k=64, swap_ab=block_m <= 32, num_warps=4, num_stages=1)
-    block_k = 128 if k % 128 == 0 else 64
     if block_m <= 32:
-        return MatmulConfig(block_m, block_n=128, block_k=block_k, swap_ab=True, num_warps=4, num_stages=4)
+        return MatmulConfig(block_m, block_n=64, block_k=64, swap_ab=True, num_warps=4, num_stages=4)
     if block_m == 64:
-        return MatmulConfig(block_m, block_n=128, block_k=block_k, swap_ab=False, num_warps=4, num_stages=3)
+        return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=4, num_stages=3)
+    # (w2 at block_m 128 measured 17% faster swapped with 4 warps, but that variant spills 688
+    # bytes of registers; the spill-free one is kept as the default.)
     return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=8, num_stages=3)
 
 
@@ -133,7 +135,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     n_out = n_full if n_out is None else n_out
     if not 0 < n_out <= n_full:
         raise ValueError(f"moe_matmul: n_out must be in 1..{n_full}, got {n_out}")
-    config = config or default_config(meta.block_m, n, k)
+    config = config or default_config(meta.block_m, n, k, swiglu=swiglu is not None)
     if config.block_m != meta.block_m:
         raise ValueError(f"moe_matmul: config.block_m {config.block_m} != routing metadata block_m {meta.block_m}")
 

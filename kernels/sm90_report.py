@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, n, k, block_m, swiglu, atomic in VARIANTS:
         if names and name not in names:
             continue
-        config = default_config(block_m, n, k)
+        config = default_config(block_m, n, k, swiglu=swiglu)
         compiled = compile_variant(config, k=k, swiglu=swiglu, atomic=atomic)
         print(json.dumps({"variant": name, "config": config.__dict__, **resource_report(compiled)}), flush=True)
     return 0

@@ -14,7 +14,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -319,16 +319,19 @@ _STREAMS = {"gate": 1, "up": 2, "down": 3, "w13_row_gain": 4, "w2_row_gain": 5, 
             "router": 7, "channel": 8, "dense": 9}
 
 
+_U64 = (1 << 64) - 1
+
+
 def _generator(seed: int, *keys: int) -> torch.Generator:
     """A torch generator seeded from (seed, *keys) by a splitmix64-style mix, so each expert's
     weights can be regenerated alone, whatever the layout, sharding or order of generation."""
-    state = seed & 0xFFFFFFFFFFFFFFFF
+    state = seed & _U64
     for key in keys:
-        state = (state ^ (key + 0x9E3779B97F4A7C15 + (state << 6) + (state >> 2))) & 0xFFFFFFFFFFFFFFFF
-        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        state = (state ^ (key + 0x9E3779B97F4A7C15 + (state << 6) + (state >> 2))) & _U64
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _U64
         state ^= state >> 31
-    return torch.Generator().manual_seed(state & 0x7FFFFFFFFFFFFFFF)
+    return torch.Generator().manual_seed(state >> 1)   # manual_seed takes a non-negative int64
 
 
 def _row_gain(rows: int, g: torch.Generator) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mxfp4_moe.checkpoint import MoEConfig, layer_tensor_names, open_checkpoint
-from mxfp4_moe.mxfp4 import dequantize, e8m0_to_float, quantize
+from mxfp4_moe.mxfp4 import E8M0_NAN, dequantize, e8m0_to_float, quantize
 from mxfp4_moe.synthetic import (LayerWeights, make_synthetic_checkpoint, synthetic_expert_weights,
                                  synthetic_layer, write_checkpoint)
 
@@ -189,7 +189,7 @@ def test_round_trip_from_quantized_blocks_including_nan_scale(tmp_path):
     """Pre-quantized bytes are written as given, a NaN scale byte included (the reader then reports it)."""
     config = MoEConfig(num_layers=1, num_experts=E, experts_per_token=2, hidden_size=H, intermediate_size=I)
     lw = synthetic_layer(config, 0, seed=2)
-    lw.w2_scales[1, 2, 0] = 0xFF
+    lw.w2_scales[1, 2, 0] = E8M0_NAN
     path = write_checkpoint(tmp_path / "m", config, [lw])
     with open_checkpoint(path) as ckpt:
         layer = ckpt.layer(0)

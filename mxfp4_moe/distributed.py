@@ -330,13 +330,17 @@ class DistributedMXFP4MoE(torch.nn.Module):
         return self.local(x)
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
-        """Sum `partial` [T, H] over the layout's ranks in place and return it."""
+        """Sum `partial` [T, H] over the layout's ranks and return the sum (in place when
+        `partial` is contiguous; a strided view, such as the [:, :H] columns of a padded
+        [T, H_pad] buffer, is copied first: torch's gloo reduces a view's storage, not its
+        elements, and gives wrong values without an error)."""
+        partial = partial.contiguous()
         for group in self.groups.combine_groups():
             dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
         return partial
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduce(self.partial(x).contiguous())
+        return self.reduce(self.partial(x))
 
 
 # ---- small collectives for the CLI and the benchmark --------------------------------------------

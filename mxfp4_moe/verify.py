@@ -575,7 +575,10 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
         assert plan == plans[rank], (plan, plans[rank])
         y = moe(x_compute)                                  # combined output, the same on every rank
         topk_weights, topk_ids = route(x, moe.weights.router_weight, moe.weights.router_bias, cfg.experts_per_token)
-        ref_sum = reference_moe(x_compute.double(), moe.weights, topk_weights, topk_ids, torch.float64)
+        # Collectives need contiguous tensors: with H padded, the MoE's outputs are column views
+        # of [T, H_pad] buffers, and torch 2.13's gloo reduces/broadcasts their storage without a
+        # word (wrong values), so every tensor sent is made contiguous first.
+        ref_sum = reference_moe(x_compute.double(), moe.weights, topk_weights, topk_ids, torch.float64).contiguous()
         dist.all_reduce(ref_sum)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -585,9 +588,9 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
         progress.step(f"layer {layer}: single-process output")
         if rank0:
             full = load_layer(ckpt, layer, full_plan, device=device)
-            ref_full = reference_moe(x_compute.double(), full, topk_weights, topk_ids, torch.float64)
+            ref_full = reference_moe(x_compute.double(), full, topk_weights, topk_ids, torch.float64).contiguous()
             module = MXFP4MoE(full, backend=args.backend, compute_dtype=dtype)
-            single = module(x_compute)
+            single = module(x_compute).contiguous()
             err = _rel_err(single, ref_full)
             tol = kernel_tolerance(dtype, device, module.backend)
             max_abs = (single.double() - ref_full).abs().max().item() if single.numel() else 0.0

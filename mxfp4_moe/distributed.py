@@ -130,10 +130,12 @@ def _spawn_entry(local_rank: int, fn: Callable, world_size: int, port: int, args
 def spawn_local(fn: Callable, world_size: int, args: tuple = (), *, port: int | None = None) -> None:
     """Run `fn(*args)` in `world_size` fresh processes on this host, with the environment torchrun
     would give them (MASTER_ADDR 127.0.0.1, a free port, WORLD_SIZE, RANK = LOCAL_RANK). `fn` must
-    be importable by name (a module-level function). Gloo is kept on the loopback interface
-    (GLOO_SOCKET_IFNAME=lo unless set). Raises when any process fails."""
+    be importable by name (a module-level function). One host only, so gloo and NCCL's bootstrap
+    stay on the loopback interface (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME = lo unless set).
+    Raises when any process fails."""
     import torch.multiprocessing as mp
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     mp.start_processes(_spawn_entry, args=(fn, world_size, port or free_port(), args), nprocs=world_size,
                        join=True, start_method="spawn")
 

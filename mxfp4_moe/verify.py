@@ -7,6 +7,12 @@ ranks' outputs add up to the unsharded output), optionally transformers' GptOssM
 and on a GPU the MoE layer's throughput. With no checkpoint it builds and verifies a small
 synthetic one. Exit status: 0 all checks passed, 1 a check failed, 2 unreadable input or bad
 arguments.
+
+Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) every process is one rank (global rank =
+ep_rank * tp + tp_rank, device cuda:LOCAL_RANK on a GPU machine, NCCL; gloo on CPU): it loads only
+its own shard, the ranks' outputs are combined by an all-reduce, rank 0 compares the result with
+the single-process output and alone prints the report (with per-rank rows); every rank exits
+with the same status.
 """
 
 from __future__ import annotations
@@ -143,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                "Exit status: 0 all checks passed, 1 a check failed, 2 unreadable checkpoint or bad arguments.")
     p.add_argument("checkpoint", nargs="?", help="checkpoint folder (Hugging Face layout, original/ layout, "
                                                  "or a model folder holding original/)")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (all ranks simulated in one process)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel size (all ranks simulated in one process; under torchrun one process "
+                        "per rank, WORLD_SIZE = tp x ep, default tp = WORLD_SIZE)")
     p.add_argument("--ep", type=int, default=None, help="expert-parallel size")
     p.add_argument("--rank", type=int, default=None,
                    help="check only this global rank (ep_rank * tp + tp_rank) instead of all")

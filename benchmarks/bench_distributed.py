@@ -1,0 +1,287 @@
+"""Distributed MoE layer (`DistributedMXFP4MoE`): correctness against the single-GPU layer and the
+time of the distributed forward (shard compute + all-reduce) at TP and EP over N processes.
+
+Default: gpt-oss-20b-like layer (E 32, H = I = 2880, top-4; one layer of a seeded synthetic
+checkpoint written here), TP N and EP N on N = 2 GPUs with NCCL, Triton backend, bf16.
+
+    python benchmarks/bench_distributed.py                      # 2 GPUs; spawns its own ranks
+    torchrun --nproc-per-node 2 benchmarks/bench_distributed.py # the same under torchrun
+    python benchmarks/bench_distributed.py --device cpu --tiny  # CPU, gloo, tiny shapes (a check)
+
+Timing: per rank, CUDA events around each forward after warm-up, median of --iters; the layer's
+time is the slowest rank's median (every rank waits in the all-reduce). Beside it: the rank's
+shard compute alone and the all-reduce alone on a [T, H] tensor, and the single-GPU layer on
+rank 0. Prints a markdown table; writes JSON to --out (default $OUT if set). NVLink multicast
+stays off (NCCL_NVLS_ENABLE=0 is forced). Exit status 1 when an output is out of tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Before torch / NCCL start: never enable NVLink multicast on the lent machines.
+if os.environ.get("NCCL_NVLS_ENABLE") != "0":
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+
+import torch
+import torch.distributed as dist
+
+from mxfp4_moe import distributed as D
+from mxfp4_moe.checkpoint import open_checkpoint
+from mxfp4_moe.loader import load_layer
+from mxfp4_moe.moe import MXFP4MoE
+from mxfp4_moe.sharding import ShardPlan
+
+FULL = dict(num_layers=1, num_experts=32, hidden=2880, intermediate=2880, top_k=4, seed=0)
+# Tiny: I = 9 blocks, so TP 2 gives 5 + 4 blocks (160, 128 -> 192 with the Triton alignment).
+TINY = dict(num_layers=1, num_experts=8, hidden=288, intermediate=288, top_k=4, seed=0)
+FULL_TOKENS = (1, 32, 256, 1024, 4096)
+TINY_TOKENS = (1, 16, 64)
+# Relative Frobenius error of the distributed output against the single-device one: bf16 (the
+# ranks' partials are rounded to bf16 before the sum) as verify's bf16 kernel bound; float32 as
+# verify's float32 bound.
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    p.add_argument("--nproc", type=int, default=2, help="processes (ranks) to spawn when not under torchrun")
+    p.add_argument("--tiny", action="store_true", help=f"tiny layer {TINY} instead of gpt-oss-20b-like {FULL}")
+    p.add_argument("--tokens", default=None, help="comma-separated token counts (default: "
+                   f"{','.join(map(str, FULL_TOKENS))}; tiny: {','.join(map(str, TINY_TOKENS))})")
+    p.add_argument("--layouts", default="tp,ep", help="comma-separated: tp (TP = nproc), ep (EP = nproc), "
+                   "or TPxEP such as 2x2")
+    p.add_argument("--checkpoint", default=None, help="use this checkpoint folder instead of writing a synthetic one")
+    p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--align", default="triton", help="ShardPlan alignment preset (default triton)")
+    p.add_argument("--iters", type=int, default=None, help="timed forwards per case (default 50 GPU, 5 CPU)")
+    p.add_argument("--out", default=None, help="folder for bench_distributed.json (default: $OUT if set)")
+    return p.parse_args(argv)
+
+
+def layouts(spec: str, world: int) -> list[tuple[str, int, int]]:
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        if item == "tp":
+            out.append((f"TP {world}", world, 1))
+        elif item == "ep":
+            out.append((f"EP {world}", 1, world))
+        else:
+            tp, ep = (int(v) for v in item.lower().split("x"))
+            out.append((f"TP {tp} x EP {ep}", tp, ep))
+    for name, tp, ep in out:
+        if tp * ep != world:
+            raise SystemExit(f"layout {name} needs {tp * ep} ranks, the world has {world}")
+    return out
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+def median_ms(fn, device: torch.device, iters: int, warmup: int = 3) -> float:
+    """Median wall time of fn() in ms: CUDA events on a GPU, perf_counter on a CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(iters):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double(), ref.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+# ---- one rank -------------------------------------------------------------------------------
+
+def rank_main(args: argparse.Namespace, ckpt_path: str | None) -> int:
+    env = D.torchrun_env()
+    device = D.rank_device(env.local_rank, args.device)
+    # Generous timeout: under torchrun rank 0 may first write a gpt-oss-size checkpoint.
+    pg = D.init_process_group(device, timeout_s=1800)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    obj_device = device if device.type == "cuda" else None
+    tmp = None
+    if ckpt_path is None:
+        if rank == 0:
+            tmp = tempfile.TemporaryDirectory(prefix="bench_distributed_")
+            ckpt_path = write_checkpoint(args, Path(tmp.name))
+        ckpt_path = D.broadcast_object(ckpt_path, device=obj_device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokens_list = [int(t) for t in (args.tokens.split(",") if args.tokens else
+                                    (TINY_TOKENS if args.tiny else FULL_TOKENS))]
+    iters = args.iters or (50 if device.type == "cuda" else 5)
+    tol = TOLERANCE[dtype]
+    rows, failed, cfg = [], False, None
+    try:
+        with open_checkpoint(ckpt_path) as ckpt:
+            cfg = ckpt.config
+            single = None
+            if rank == 0:
+                plan = ShardPlan.create(num_experts=cfg.num_experts, hidden=cfg.hidden_size,
+                                        inter=cfg.intermediate_size, align=args.align)
+                single = MXFP4MoE(load_layer(ckpt, 0, plan, device=device), backend=args.backend, compute_dtype=dtype)
+            for name, tp, ep in layouts(args.layouts, world):
+                D.reset_peak_memory(device)
+                layer = D.DistributedMXFP4MoE.from_checkpoint(
+                    ckpt, 0, groups=D.MoEGroups.from_world(tp, ep), align=args.align, device=device,
+                    backend=args.backend, compute_dtype=dtype)
+                for tokens in tokens_list:
+                    g = torch.Generator(device="cpu").manual_seed(1000 + tokens)
+                    x = torch.randn(tokens, cfg.hidden_size, generator=g).to(device=device, dtype=dtype)
+                    y = layer(x)
+                    # The all-reduce alone, in place on one [T, H] buffer (its values grow with each
+                    # repeat; the time does not depend on them).
+                    buf = layer.partial(x).contiguous()
+                    t_dist = median_ms(lambda: layer(x), device, iters)
+                    t_compute = median_ms(lambda: layer.partial(x), device, iters)
+                    t_reduce = median_ms(lambda: layer.reduce(buf), device, iters)
+                    peak, peak_kind = D.peak_memory(device)
+                    mine = {"rank": rank, "ms": t_dist, "compute_ms": t_compute, "allreduce_ms": t_reduce,
+                            "peak_mem_bytes": peak, "peak_mem_kind": peak_kind,
+                            "bytes_read": layer.load_stats.bytes_read, "load_s": layer.load_stats.load_s}
+                    if rank == 0:
+                        ref = single(x)
+                        mine["single_ms"] = median_ms(lambda: single(x), device, iters)
+                        mine["rel_err"] = rel_err(y, ref)
+                    # Every rank's output must be rank 0's (one all-reduce hands all the same sum).
+                    y0 = y.clone().contiguous()
+                    dist.broadcast(y0, 0)
+                    mine["max_diff_vs_rank0"] = (y.float() - y0.float()).abs().max().item() if y.numel() else 0.0
+                    infos = D.gather_objects(mine, device)
+                    if rank == 0:
+                        err = infos[0]["rel_err"]
+                        ok = err <= tol and all(i["max_diff_vs_rank0"] == 0 for i in infos)
+                        failed |= not ok
+                        rows.append({"layout": name, "tp": tp, "ep": ep, "tokens": tokens,
+                                     "single_ms": infos[0]["single_ms"],
+                                     "dist_ms": max(i["ms"] for i in infos),
+                                     "compute_ms": max(i["compute_ms"] for i in infos),
+                                     "allreduce_ms": max(i["allreduce_ms"] for i in infos),
+                                     "rel_err": err, "tolerance": tol, "passed": ok, "ranks": infos})
+                del layer
+    finally:
+        code = D.broadcast_object(1 if failed else 0, device=obj_device)
+        if rank == 0 and cfg is not None:
+            report(args, rows, device, pg, world, dtype, ckpt_path, cfg)
+        dist.barrier()                                   # rank 0's checkpoint folder outlives every read
+        dist.destroy_process_group()
+        if tmp is not None:
+            tmp.cleanup()
+    return code
+
+
+def report(args, rows, device, pg, world, dtype, ckpt_path, cfg) -> None:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        device_name = f"{world} x {props.name}"
+    else:
+        device_name = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads per rank), {world} ranks"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    header = {"device": device_name, "process_group": pg, "torch": torch.__version__, "triton": triton_version,
+              "commit": git_commit(), "dtype": str(dtype).removeprefix("torch."), "backend": args.backend,
+              "align": args.align, "checkpoint": ckpt_path,
+              "layer": {"num_experts": cfg.num_experts, "hidden": cfg.hidden_size,
+                        "intermediate": cfg.intermediate_size, "top_k": cfg.experts_per_token},
+              "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")}
+    print(f"# bench_distributed: {device_name}, {pg}, torch {torch.__version__}, triton {triton_version}, "
+          f"commit {header['commit']}")
+    print(f"layer: E {cfg.num_experts}, H {cfg.hidden_size}, I {cfg.intermediate_size}, top-{cfg.experts_per_token}; "
+          f"{header['dtype']}, backend {args.backend}, align {args.align}; median ms, slowest rank\n")
+    print("| layout | tokens | single | distributed | shard compute | all-reduce | speedup | rel err vs single | ok |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['layout']} | {r['tokens']} | {r['single_ms']:.3f} | {r['dist_ms']:.3f} | {r['compute_ms']:.3f} | "
+              f"{r['allreduce_ms']:.3f} | {r['single_ms'] / r['dist_ms']:.2f}x | {r['rel_err']:.2e} | "
+              f"{'yes' if r['passed'] else 'NO'} |")
+    print()
+    seen = set()
+    for r in rows:
+        if r["layout"] in seen:
+            continue
+        seen.add(r["layout"])
+        for i in r["ranks"]:
+            print(f"{r['layout']} rank {i['rank']}: read {i['bytes_read'] / 1e6:.1f} MB in {i['load_s']:.2f} s, "
+                  f"peak {i['peak_mem_kind']} {i['peak_mem_bytes'] / 2**20:.0f} MiB")
+    out = args.out or os.environ.get("OUT")
+    if out:
+        path = Path(out) / "bench_distributed.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"header": header, "rows": rows}, indent=2, default=str) + "\n")
+        print(f"\nwrote {path}")
+
+
+def _spawned(args: argparse.Namespace, ckpt_path: str) -> None:
+    code = rank_main(args, ckpt_path)
+    if code:
+        raise SystemExit(code)
+
+
+def write_checkpoint(args: argparse.Namespace, folder: Path) -> str:
+    from mxfp4_moe.synthetic import make_synthetic_checkpoint
+    spec = TINY if args.tiny else FULL
+    t0 = time.perf_counter()
+    path = str(make_synthetic_checkpoint(folder / "ckpt", **spec))
+    print(f"wrote synthetic checkpoint {spec} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if D.torchrun_env() is not None:
+        return rank_main(args, args.checkpoint)          # rank 0 writes the checkpoint when none is given
+    if args.device == "cuda" and torch.cuda.device_count() < args.nproc:
+        raise SystemExit(f"--nproc {args.nproc} needs {args.nproc} GPUs, found {torch.cuda.device_count()}")
+    with tempfile.TemporaryDirectory(prefix="bench_distributed_") as tmp:
+        ckpt_path = args.checkpoint or write_checkpoint(args, Path(tmp))
+        try:
+            D.spawn_local(_spawned, args.nproc, (args, ckpt_path))
+        except Exception as exc:                         # a rank failed: its traceback is above
+            print(f"bench_distributed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -31,7 +31,7 @@ from .weights import ExpertWeights
 PAD_CHANNEL_SCALE = 1.0
 """Per-output-channel weight scale written into padding (see the module docstring)."""
 
-DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_READ_BYTES = 16 * 1024 * 1024
 """Largest single read: a run of experts is read in chunks of at most this many bytes (at least
 one expert), so the loader's temporary stays bounded whatever the layer's size."""
 
@@ -104,8 +104,10 @@ class _Copier:
     def read(self, ref: TensorSource, index: Sequence[slice], *, scales: bool = False) -> torch.Tensor:
         src = ref.read(*index)
         self.bytes_read += src.numel() * src.element_size()
-        if scales:
-            self.nan_scale_bytes += int((src == E8M0_NAN).sum())
+        # 0xFF is both the NaN byte and the largest uint8: a max() (fast, vectorized) rules it out,
+        # and only a slice that holds one pays for counting.
+        if scales and src.numel() and int(src.max()) == E8M0_NAN:
+            self.nan_scale_bytes += int(torch.count_nonzero(src == E8M0_NAN))
         return src
 
     def copy(self, ref: TensorSource, src: torch.Tensor, dest: torch.Tensor, param: str,
@@ -120,6 +122,11 @@ class _Copier:
         Follows `plan.read_ranges()[role]`, one contiguous run of experts at a time, in chunks
         of whole experts of at most max_read_bytes. flatten_blocks: the source is
         [n, rows, K/32, 16] and becomes [n, rows, K/2]; squeeze_last: [n, rows, 1] -> [n, rows].
+
+        Where one expert's selection is a contiguous byte range of the file but several experts'
+        are not (w13 rows under TP), experts are read one at a time: a contiguous read comes
+        back as a view of the reader's memory map, so its bytes are copied once, straight into
+        the destination, instead of into a temporary first.
         """
         runs = self.plan.expert_runs()
         indexes = self.plan.read_ranges()[role]
@@ -131,7 +138,10 @@ class _Copier:
                 per_expert *= n
             if per_expert == 0:
                 continue                                   # an empty TP share: nothing to read
-            step = max(1, self.max_read_bytes // per_expert)
+            partial = [d for d in range(1, len(sizes)) if sizes[d] != ref.shape[d]]
+            one_expert_contiguous = len(partial) == 1 and all(
+                sizes[d] == ref.shape[d] for d in range(partial[0] + 1, len(sizes)))
+            step = 1 if one_expert_contiguous else max(1, self.max_read_bytes // per_expert)
             for c_start in range(g_start, g_stop, step):
                 c_stop = min(g_stop, c_start + step)
                 src = self.read(ref, (slice(c_start, c_stop), *index[1:]), scales=role.endswith("_scales"))

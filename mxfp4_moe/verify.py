@@ -511,9 +511,9 @@ def _torchrun_layout(args, world_size: int) -> None:
     elif ep is None and world_size % tp == 0:
         ep = world_size // tp
     if tp is None or ep is None or tp * ep != world_size:
-        raise UsageError(f"WORLD_SIZE {world_size} (processes started by torchrun) must equal tp x ep; got "
-                         f"--tp {args.tp} --ep {args.ep}; launch torchrun --nproc-per-node <tp x ep> or change "
-                         "--tp/--ep")
+        given = " ".join(f"--{n} {v}" for n, v in (("tp", args.tp), ("ep", args.ep)) if v is not None)
+        raise UsageError(f"WORLD_SIZE {world_size} (processes started by torchrun) must equal tp x ep; {given} "
+                         "does not fit it; launch torchrun --nproc-per-node <tp x ep> or change --tp/--ep")
     args.tp, args.ep = tp, ep
 
 
@@ -765,9 +765,10 @@ def _main_torchrun(args, out, launch) -> int:
                     from .synthetic import make_synthetic_checkpoint
                     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mxfp4_moe_verify_")))
                     path = str(make_synthetic_checkpoint(folder / "checkpoint", **BUILTIN_CHECKPOINT))
-                    # Rank 0's folder must outlive the other ranks' reads.
-                    stack.callback(dist.barrier)
                 path = D.broadcast_object(path, device=device if device.type == "cuda" else None)
+                # Rank 0's folder must outlive the other ranks' reads: every rank waits here on
+                # the way out, before rank 0 removes it.
+                stack.callback(dist.barrier)
             else:
                 path = args.checkpoint
             try:

@@ -91,17 +91,24 @@ def _moe_matmul_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The scale rows (K // 32 bytes, 2-byte aligned for gpt-oss) are too narrow for the async
+    # copies that pipeline the other operands, so they are prefetched by hand one step ahead:
+    # the load for step k + 1 is in flight while step k dequantizes and multiplies.
+    mask_ks = mask_n[:, None] & (offs_ks < K // _BLOCK_SIZE)[None, :]
+    next_scales = tl.load(s_ptrs, mask=mask_ks, other=0)
     for k0 in range(0, K, BLOCK_K):
+        scale_bytes = next_scales
+        s_ptrs += (BLOCK_K // _BLOCK_SIZE) * stride_sk
+        next_ks = offs_ks + (k0 + BLOCK_K) // _BLOCK_SIZE
+        mask_ks = mask_n[:, None] & (next_ks < K // _BLOCK_SIZE)[None, :]
+        next_scales = tl.load(s_ptrs, mask=mask_ks, other=0)
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
             packed = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
-            scale_bytes = tl.load(s_ptrs, mask=mask_n[:, None], other=0)
         else:
             x = tl.load(x_ptrs, mask=mask_m[:, None] & (k0 + offs_k < K_X)[None, :], other=0.0)
             mask_kb = (k0 // 2 + offs_kb) < K // 2
             packed = tl.load(w_ptrs, mask=mask_n[:, None] & mask_kb[None, :], other=0)
-            mask_ks = (k0 // _BLOCK_SIZE + offs_ks) < K // _BLOCK_SIZE
-            scale_bytes = tl.load(s_ptrs, mask=mask_n[:, None] & mask_ks[None, :], other=0)
         w = _dequant_mxfp4(packed, scale_bytes, BLOCK_N, BLOCK_K, COMPUTE_DTYPE)
         x = x.to(COMPUTE_DTYPE)
         if SWAP_AB:
@@ -116,7 +123,6 @@ def _moe_matmul_kernel(
                 acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += (BLOCK_K // 2) * stride_wk
-        s_ptrs += (BLOCK_K // _BLOCK_SIZE) * stride_sk
     if SWAP_AB:
         acc = tl.trans(acc)                                                # [BLOCK_M, BLOCK_N]
 

@@ -40,9 +40,22 @@ def _bin_dir() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
+_UNIT_STRIDES = ("stride_xk", "stride_wk", "stride_sk", "stride_bn", "stride_yn")
+
+
+def _int_args(config: MatmulConfig, *, k: int, n: int, atomic: bool) -> dict:
+    """Integer arguments of a launch on contiguous tensors: x [rows, k], blocks [E, n, k // 2],
+    scales [E, n, k // 32], bias [E, n], y [rows, n_out] (n_out = n, or n // 2 with SwiGLU)."""
+    n_out = n if atomic else n // 2
+    return {"stride_xm": k, "stride_we": n * k // 2, "stride_wn": k // 2, "stride_se": n * k // 32,
+            "stride_sn": k // 32, "stride_be": n, "stride_cse": n * k // 2, "stride_csn": k // 2,
+            "stride_ym": n_out, "N": n, "K_X": k, "N_OUT": n_out}
+
+
+def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool, n: int = 2880,
                     compute: str = "bfloat16", x_dtype: str = "bfloat16"):
-    """Compile `_moe_matmul_kernel` for sm_90; returns triton's CompiledKernel."""
+    """Compile `_moe_matmul_kernel` for sm_90 as a launch on contiguous tensors of an [n, k]
+    weight would specialize it; returns triton's CompiledKernel."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("sm90_report needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
     import triton.language as tl
@@ -50,17 +63,18 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
     xt, ct = _TL_NAMES[x_dtype], getattr(tl, compute)
     y_type = "*fp32" if atomic else f"*{_TL_NAMES[compute]}"
     signature = {
-        "x_ptr": f"*{xt}", "stride_xm": "i32", "stride_xk": "i32",
-        "w_ptr": "*u8", "stride_we": "i32", "stride_wn": "i32", "stride_wk": "i32",
-        "s_ptr": "*u8", "stride_se": "i32", "stride_sn": "i32", "stride_sk": "i32",
-        "bias_ptr": "*fp32", "stride_be": "i32", "stride_bn": "i32",
+        "x_ptr": f"*{xt}", "stride_xm": "i32",
+        "w_ptr": "*u8", "stride_we": "i32", "stride_wn": "i32",
+        "s_ptr": "*u8", "stride_se": "i32", "stride_sn": "i32",
+        "bias_ptr": "*fp32", "stride_be": "i32",
         "cs_ptr": "*fp32", "stride_cse": "i32", "stride_csn": "i32",
-        "y_ptr": y_type, "stride_ym": "i32", "stride_yn": "i32",
+        "y_ptr": y_type, "stride_ym": "i32",
         "gather_ptr": "*i32", "scatter_ptr": "*i32", "row_weight_ptr": "*fp32",
         "expert_offsets_ptr": "*i32", "tile_expert_ptr": "*i32", "tile_row_start_ptr": "*i32",
         "N": "i32", "K_X": "i32", "N_OUT": "i32", "alpha": "fp32", "limit": "fp32",
     }
     constexprs = {
+        **{name: 1 for name in _UNIT_STRIDES},
         "K": k, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
         "GATHER": not atomic, "SCATTER": atomic, "ATOMIC": atomic, "HAS_BIAS": True,
         "HAS_CHANNEL_SCALE": False, "SWIGLU": swiglu, "ROW_WEIGHT": atomic, "SWAP_AB": config.swap_ab,
@@ -68,7 +82,14 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
     }
     for name in constexprs:
         signature[name] = "constexpr"
-    src = ASTSource(fn=_moe_matmul_kernel, signature=signature, constexprs=constexprs)
+    # What the launcher's runtime specialization sees for contiguous gpt-oss tensors: unit
+    # strides become constants (above), pointers and ints divisible by 16 get divisibility 16.
+    names = list(_moe_matmul_kernel.arg_names)
+    signature = {name: signature[name] for name in names}
+    divisible = {name for name, ty in signature.items() if ty.startswith("*")}
+    divisible |= {name for name, value in _int_args(config, k=k, n=n, atomic=atomic).items() if value % 16 == 0}
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    src = ASTSource(fn=_moe_matmul_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
@@ -100,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if names and name not in names:
             continue
         config = default_config(block_m, n, k, swiglu=swiglu)
-        compiled = compile_variant(config, k=k, swiglu=swiglu, atomic=atomic)
+        compiled = compile_variant(config, k=k, n=n, swiglu=swiglu, atomic=atomic)
         print(json.dumps({"variant": name, "config": config.__dict__, **resource_report(compiled)}), flush=True)
     return 0
 

@@ -6,6 +6,7 @@ offsets, the tile schedule and the inverse permutation, computed on the device.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,36 @@ def max_tiles(num_rows: int, num_local_experts: int, block_m: int) -> int:
     return -(-num_rows // block_m) + num_local_experts
 
 
+def _use_tile_kernel(device: torch.device) -> bool:
+    """The one-launch Triton tile schedule on CUDA (and under Triton's interpreter, so that the
+    CPU tests run it); the torch version elsewhere."""
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def tile_schedule_torch(offsets: torch.Tensor, num_tiles: int, block_m: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch twin of `kernels.tile_schedule.tile_schedule`: offsets [E + 1] int32 ->
+    (counts [E], tile_expert [num_tiles], tile_row_start [num_tiles]), int32.
+
+    Expert e owns ceil(c_e / block_m) consecutive tiles. Tile i belongs to the first expert whose
+    cumulative tile count exceeds i; past the last real tile it gets -1 (row start 0)."""
+    num_experts = offsets.shape[0] - 1
+    counts = offsets[1:] - offsets[:-1]
+    tiles_per_expert = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles_per_expert, 0)                                 # [E_local]
+    tile_idx = torch.arange(num_tiles, dtype=tile_end.dtype, device=offsets.device)
+    tile_expert = torch.searchsorted(tile_end, tile_idx, right=True)             # in 0..E_local
+    real = tile_expert < num_experts
+    safe_expert = tile_expert.clamp(max=num_experts - 1)
+    first_tile = tile_end[safe_expert] - tiles_per_expert[safe_expert]
+    row_start = offsets[safe_expert] + (tile_idx - first_tile) * block_m
+    tile_expert = torch.where(real, tile_expert, torch.full_like(tile_expert, -1)).to(torch.int32)
+    row_start = torch.where(real, row_start, torch.zeros_like(row_start)).to(torch.int32)
+    return counts.to(torch.int32), tile_expert, row_start
+
+
 def routing_metadata(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_local_experts: int,
                      block_m: int, topk_weights: torch.Tensor | None = None) -> RoutingMetadata:
     """Sort the routed pairs by local expert and lay out the tile schedule, all on topk_ids' device.
@@ -118,27 +149,17 @@ def routing_metadata(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, nu
     # Non-local pairs get key E_local, so a stable sort puts them after every local expert.
     key = torch.where(local < 0, torch.full_like(local, num_local_experts), local)
     sorted_key, order = torch.sort(key, stable=True)
-    counts = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=device)
-    counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
-    counts = counts[:num_local_experts]
-    offsets = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=device)
-    offsets[1:] = torch.cumsum(counts, 0)
+    # offsets[e] = first sorted row whose key is >= e; offsets[E_local] = local rows.
+    expert_ids = torch.arange(num_local_experts + 1, dtype=sorted_key.dtype, device=device)
+    offsets = torch.searchsorted(sorted_key, expert_ids, out_int32=True)
     inverse = torch.empty(rows, dtype=torch.int32, device=device)
     inverse[order] = torch.arange(rows, dtype=torch.int32, device=device)
-
-    # Tile schedule: expert e owns ceil(c_e / block_m) consecutive tiles. Tile i belongs to the
-    # first expert whose cumulative tile count exceeds i; past the last real tile it gets -1.
     n_tiles = max_tiles(rows, num_local_experts, block_m)
-    tiles_per_expert = (counts + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles_per_expert, 0)                                 # [E_local]
-    tile_idx = torch.arange(n_tiles, dtype=tile_end.dtype, device=device)
-    tile_expert = torch.searchsorted(tile_end, tile_idx, right=True)             # in 0..E_local
-    real = tile_expert < num_local_experts
-    safe_expert = tile_expert.clamp(max=num_local_experts - 1)
-    first_tile = tile_end[safe_expert] - tiles_per_expert[safe_expert]
-    row_start = offsets[safe_expert] + (tile_idx - first_tile) * block_m
-    tile_expert = torch.where(real, tile_expert, torch.full_like(tile_expert, -1)).to(torch.int32)
-    row_start = torch.where(real, row_start, torch.zeros_like(row_start)).to(torch.int32)
+    if _use_tile_kernel(device):
+        from mxfp4_moe.kernels.tile_schedule import tile_schedule
+        counts, tile_expert, row_start = tile_schedule(offsets, n_tiles, block_m)
+    else:
+        counts, tile_expert, row_start = tile_schedule_torch(offsets, n_tiles, block_m)
 
     sorted_weight = None
     if topk_weights is not None:

@@ -93,3 +93,26 @@ def test_bad_inputs_raise():
         routing_metadata(torch.zeros(2, 2, dtype=torch.int64), None, 4, 24)
     with pytest.raises(ValueError, match="topk_ids must be"):
         routing_metadata(torch.zeros(4, dtype=torch.int64), None, 4, 16)
+
+
+@pytest.mark.parametrize("num_experts,block_m,max_count", [
+    (1, 16, 40),          # one expert, several tiles
+    (8, 16, 3),           # mostly one partial tile each, some empty
+    (130, 32, 70),        # more experts than one 128-wide block of tiles; E not a power of two
+])
+def test_tile_schedule_kernel_matches_torch(num_experts, block_m, max_count):
+    # The Triton tile schedule (run here by the interpreter) against the torch version, on
+    # random counts with empty experts; idle tiles past the last real one included.
+    from mxfp4_moe.kernels.tile_schedule import tile_schedule
+    from mxfp4_moe.routing import tile_schedule_torch
+    gen = torch.Generator().manual_seed(num_experts)
+    counts = torch.randint(0, max_count + 1, (num_experts,), generator=gen)
+    counts[::3] = 0
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32)
+    offsets[1:] = torch.cumsum(counts, 0)
+    n_tiles = max_tiles(int(counts.sum()), num_experts, block_m)
+    got = tile_schedule(offsets, n_tiles, block_m)
+    want = tile_schedule_torch(offsets, n_tiles, block_m)
+    for name, g, w in zip(("counts", "tile_expert", "tile_row_start"), got, want):
+        assert g.dtype == torch.int32 and torch.equal(g, w), name
+    assert torch.equal(got[0], counts.to(torch.int32))

@@ -36,7 +36,7 @@ FIELD_BEST_MS = {
     "w13": {1: 0.035, 8: 0.115, 32: 0.257, 128: 0.407, 512: 0.480, 2048: 0.954, 8192: 2.40},
     "w2": {1: 0.041, 8: 0.092, 32: 0.168, 128: 0.247, 512: 0.284, 2048: 0.604, 8192: 1.65},
 }
-REP_MS = 60
+REP_MS = 40
 
 
 def git_commit() -> str:
@@ -91,22 +91,24 @@ def candidates(block_m: int, n: int, k: int, swiglu: bool) -> list[MatmulConfig]
     alts = []
     if block_m <= 32:
         alts = [MatmulConfig(block_m, 64, 64, True, 4, 4), MatmulConfig(block_m, 64, 128, True, 4, 4),
-                MatmulConfig(block_m, 64, 256, True, 4, 3), MatmulConfig(block_m, 64, 128, True, 4, 6),
-                MatmulConfig(block_m, 128, 256, True, 4, 3), MatmulConfig(block_m, 32, 128, True, 4, 4),
-                MatmulConfig(block_m, 64, 256, True, 8, 3)]
+                MatmulConfig(block_m, 64, 256, True, 4, 3), MatmulConfig(block_m, 128, 128, True, 4, 3),
+                MatmulConfig(block_m, 32, 128, True, 4, 4)]
     elif block_m == 64:
-        alts = [MatmulConfig(64, 128, 64, True, 4, 3), MatmulConfig(64, 64, 64, False, 4, 4),
-                MatmulConfig(64, 128, 128, False, 4, 3), MatmulConfig(64, 64, 128, True, 4, 4),
-                MatmulConfig(64, 128, 64, False, 4, 4)]
+        alts = [MatmulConfig(64, 128, 64, False, 4, 3), MatmulConfig(64, 128, 64, True, 4, 3),
+                MatmulConfig(64, 64, 128, True, 4, 4), MatmulConfig(64, 128, 128, False, 4, 3)]
     else:
-        alts = [MatmulConfig(128, 128, 64, False, 4, 4), MatmulConfig(128, 128, 64, True, 8, 3),
-                MatmulConfig(128, 128, 64, True, 4, 3), MatmulConfig(128, 256, 64, False, 8, 3),
-                MatmulConfig(128, 128, 128, True, 8, 3), MatmulConfig(128, 128, 64, False, 8, 4)]
+        alts = [MatmulConfig(128, 128, 64, False, 8, 3), MatmulConfig(128, 128, 64, True, 4, 3),
+                MatmulConfig(128, 128, 64, False, 4, 4), MatmulConfig(128, 256, 64, False, 8, 3)]
     out = [d]
     for c in alts:
         if c not in out:
             out.append(c)
     return out
+
+
+def block_m_candidates(block_m: int) -> list[int]:
+    """The picked block_m first, then its neighbours in 16..128."""
+    return [block_m] + [b for b in (block_m // 2, block_m * 2) if 16 <= b <= 128]
 
 
 def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: bool) -> dict:
@@ -135,20 +137,26 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
     ab2 = rows * ip * 2 + tokens * h * 4
 
     act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu)
+    metas = {bm: meta if bm == block_m else routing_metadata(topk_ids, w.expert_map, w.num_local_experts, bm, topk_w)
+             for bm in block_m_candidates(block_m)}
+    res["tiles"] = {bm: int((m.tile_expert >= 0).sum()) for bm, m in metas.items()}
     best = {}
     for op, n, k in (("w13", 2 * ip, hp), ("w2", hp, ip)):
         timings = []
-        for cfg in candidates(block_m, n, k, op == "w13"):
-            if op == "w13":
-                fn = lambda cfg=cfg: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu,
-                                                config=cfg)
-            else:
-                fn = lambda cfg=cfg: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, gather=False,
-                                                apply_row_weight=True, combine="atomic", n_out=h, config=cfg)
-            try:
-                timings.append((time_graph(fn), cfg))
-            except Exception as exc:  # a config that does not fit (shared memory) is skipped
-                print(f"  config {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        for bm, meta_bm in metas.items():
+            for cfg in candidates(bm, n, k, op == "w13"):
+                if op == "w13":
+                    fn = lambda cfg=cfg, m=meta_bm: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, m,
+                                                               swiglu=swiglu, config=cfg)
+                else:
+                    fn = lambda cfg=cfg, m=meta_bm: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, m,
+                                                               gather=False, apply_row_weight=True, combine="atomic",
+                                                               n_out=h, config=cfg)
+                try:
+                    timings.append((time_graph(fn), cfg))
+                except Exception as exc:  # a config that does not fit (shared memory) is skipped
+                    print(f"  config {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        res[op + "_sweep"] = [[ms, list(cfg.__dict__.values())] for ms, cfg in timings]
         is_default = bool(timings) and timings[0][1] == default_config(block_m, n, k, swiglu=op == "w13")
         default_ms = timings[0][0] if is_default else float("nan")
         best_ms, best_cfg = min(timings, key=lambda t: t[0])
@@ -162,7 +170,10 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
             res[op + "_best"]["vs_triton_kernels"] = FIELD_BEST_MS[op][tokens] / best_ms
     res["w2_slots_ms"] = time_graph(lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, gather=False,
                                                        apply_row_weight=True, combine="slots", n_out=h))
+    res["routing_metadata_ms"] = time_graph(lambda: routing_metadata(topk_ids, w.expert_map, w.num_local_experts,
+                                                                     block_m, topk_w))
     layer = MXFP4MoE(w, backend="triton")
+    res["layer_combine"] = layer.combine_for(tokens)
     op_stats("layer", time_graph(lambda: layer(x)), fl13 + fl2, wb13 + wb2, ab13 + ab2)
     res["layer"]["eager_ms"] = time_eager(lambda: layer(x))
     # torch._grouped_mm on bf16 weights, rows already gathered and sorted (favours the baseline)
@@ -214,7 +225,9 @@ def markdown(results: list[dict], header: dict) -> str:
     lines += ["", "Best configs found (block_m, block_n, block_k, swap_ab, warps, stages):", ""]
     for r in results:
         lines.append(f"- E={r['experts']} T={r['tokens']}: w13 {tuple(r['w13_best']['config'].values())} "
-                     f"{r['w13_best']['ms']:.3f} ms; w2 {tuple(r['w2_best']['config'].values())} {r['w2_best']['ms']:.3f} ms")
+                     f"{r['w13_best']['ms']:.3f} ms; w2 {tuple(r['w2_best']['config'].values())} {r['w2_best']['ms']:.3f} ms; "
+                     f"tiles per block_m {r.get('tiles')}; routing metadata {r.get('routing_metadata_ms', float('nan')):.3f} ms; "
+                     f"layer combine {r.get('layer_combine')}")
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,10 @@ from .routing import route, routing_metadata
 from .weights import ExpertWeights
 
 Backend = Literal["auto", "triton", "torch"]
-Combine = Literal["atomic", "slots"]
+Combine = Literal["auto", "atomic", "slots"]
+# From T * k routed rows on, the per-slot combine measured faster than fp32 atomics (H200:
+# E=128 T=8192 2.19 vs 2.91 ms, E=32 T=2048 0.56 vs 0.72 ms; even at E=128 T=2048).
+SLOTS_FROM_ROWS = 8192
 
 
 def _interpreting() -> bool:
@@ -45,14 +48,15 @@ class MXFP4MoE(torch.nn.Module):
     compute_dtype: the kernels' operand dtype; default bfloat16 on CUDA, float32 in the
       interpreter (whose bf16 is broken). Ignored by the torch backend.
     combine: how the triton backend sums a token's k expert outputs: "atomic" (fp32 atomic adds
-      fused into the w2 epilogue) or "slots" (per-slot rows, then a sum: deterministic).
+      fused into the w2 epilogue), "slots" (per-slot rows, then a sum: deterministic) or "auto"
+      (the default: atomic below SLOTS_FROM_ROWS routed rows T * k, slots from there on).
 
     forward(x [T, H] or [T, H_pad]) -> [T, H] in x's dtype. Under TP it is this rank's partial sum
     (w2 bias only on rank 0); under EP, pairs routed to other ranks' experts contribute nothing.
     """
 
     def __init__(self, weights: ExpertWeights, backend: Backend = "auto",
-                 compute_dtype: torch.dtype | None = None, combine: Combine = "atomic"):
+                 compute_dtype: torch.dtype | None = None, combine: Combine = "auto"):
         super().__init__()
         weights.validate()
         self.weights = weights
@@ -60,8 +64,8 @@ class MXFP4MoE(torch.nn.Module):
         if compute_dtype is None:
             compute_dtype = torch.bfloat16 if weights.device.type == "cuda" else torch.float32
         self.compute_dtype = compute_dtype
-        if combine not in ("atomic", "slots"):
-            raise ValueError(f"MXFP4MoE: combine must be 'atomic' or 'slots', got {combine!r}")
+        if combine not in ("auto", "atomic", "slots"):
+            raise ValueError(f"MXFP4MoE: combine must be 'auto', 'atomic' or 'slots', got {combine!r}")
         self.combine = combine
 
     @classmethod
@@ -89,6 +93,12 @@ class MXFP4MoE(torch.nn.Module):
         topk_weights, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
         return self.experts(x, topk_weights, topk_ids)
 
+    def combine_for(self, tokens: int) -> str:
+        """The combine the triton backend uses for `tokens` tokens ("auto" resolved)."""
+        if self.combine != "auto":
+            return self.combine
+        return "slots" if tokens * self.weights.top_k >= SLOTS_FROM_ROWS else "atomic"
+
     def experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """The expert part on already-routed tokens: x [T, H(_pad)], topk_* [T, k] -> [T, H] x.dtype."""
         w = self.weights
@@ -105,7 +115,7 @@ class MXFP4MoE(torch.nn.Module):
                                  swiglu=(w.swiglu_alpha, w.swiglu_limit), compute_dtype=self.compute_dtype)
         y = kernels.moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta,
                                channel_scale=w.w2_channel_scale, gather=False, apply_row_weight=True,
-                               combine=self.combine, n_out=w.hidden, compute_dtype=self.compute_dtype)
+                               combine=self.combine_for(tokens), n_out=w.hidden, compute_dtype=self.compute_dtype)
         return y.to(x.dtype)
 
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 E, H, I = 128, 2880, 2880
+NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
 CASES = [  # (tp_size, tp_rank, align)
     (1, 0, "none"),            # no padding: 2880 is a multiple of 32 (and of 64: "triton" is the same)
     (1, 0, "marlin"),          # H 2880 -> 3072
@@ -282,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['load_s']:.3f} [{r['load_spread'][0]:.3f}-{r['load_spread'][1]:.3f}] | {r['ratio']:.2f}x | "
             f"{r['load_anon'] / mib:.0f} | {r['raw_anon'] / mib:.0f} | {(r['load_anon'] - r['held']) / mib:.0f} | "
             f"{r['load_maxrss'] / mib:.0f} |")
-    args.out.write_text("\n".join(lines) + "\n")
+    # Hand-written notes below the marker survive a re-run.
+    notes = ""
+    if args.out.is_file() and NOTES_MARKER in args.out.read_text():
+        notes = args.out.read_text().split(NOTES_MARKER, 1)[1]
+    args.out.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + notes)
     print(f"wrote {args.out}")
     return 0
 

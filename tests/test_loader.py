@@ -202,6 +202,13 @@ def check_all_ranks(checkpoint, full, plans, **load_kwargs):
                 assert got.dtype == expected[name].dtype, name
                 assert torch.equal(got, expected[name]), f"{name} differs on {plan.describe()}"
             assert w.bytes_read == expected_bytes(full, plan, w.inter), plan.describe()
+            layer = checkpoint.layer(0)
+            if not hasattr(layer, "experts"):   # fused layout: the plan's roles are LayerTensors fields
+                # ... and equal to what the plan's read ranges select, as the reader sizes them.
+                planned = sum(getattr(layer, role).slice_nbytes(*index)
+                              for role, indexes in plan.read_ranges().items() if getattr(layer, role) is not None
+                              for index in indexes)
+                assert w.bytes_read == planned, plan.describe()
             assert w.extras["nan_scale_bytes"] == 0
             offset += w.inter
         assert offset == two_i // 2                                 # the shares add up to I

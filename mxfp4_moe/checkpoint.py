@@ -349,14 +349,15 @@ class TensorRef:
         """Bytes that `read(*index)` reads."""
         return math.prod(self.slice_shape(*index)) * torch.empty((), dtype=self.dtype).element_size()
 
-    def read(self, *index: slice | int) -> torch.Tensor:
-        """The selected part of the tensor: a contiguous CPU tensor of `dtype`, shape
-        `slice_shape(*index)`; unselected trailing dims are read whole. Only the selected bytes are
-        read from the file.
+    def read(self, *index: slice | int, contiguous: bool = True) -> torch.Tensor:
+        """The selected part of the tensor: a CPU tensor of `dtype`, shape `slice_shape(*index)`;
+        unselected trailing dims are read whole. Only the selected bytes are read from the file.
 
-        safetensors hands back a view into its private (copy-on-write) memory map of the file;
-        a partial selection is copied out here, so the result is dense and holds only its own
-        bytes. A contiguous selection may stay backed by the map: writing to it never changes the file.
+        safetensors hands back a view into its private (copy-on-write) memory map of the file.
+        contiguous=True (default): a partial selection is copied out, so the result is dense and
+        holds only its own bytes. contiguous=False: the view itself, possibly strided, valid while
+        the checkpoint is open; for a caller that copies it into place anyway (the loader), which
+        saves a second copy. Either way, writing to the result never changes the file.
         """
         norm = self._normalize(index)
         out_shape = self.slice_shape(*index)
@@ -371,7 +372,7 @@ class TensorRef:
         except Exception as err:   # safetensors' own error type; keep file and tensor in the message
             raise CheckpointError(f"{self.file}: cannot read tensor {self.name}: {err}") from None
         assert tuple(out.shape) == out_shape and out.dtype == self.dtype, (self.name, out.shape, out.dtype)
-        return out.contiguous()
+        return out.contiguous() if contiguous else out
 
     def read_all(self) -> torch.Tensor:
         return self.read()

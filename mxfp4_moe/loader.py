@@ -42,7 +42,7 @@ class TensorSource(Protocol):
     shape: tuple[int, ...]
     dtype: torch.dtype
 
-    def read(self, *index: slice) -> torch.Tensor: ...
+    def read(self, *index: slice, contiguous: bool = True) -> torch.Tensor: ...
 
 
 # ---- narrowing ------------------------------------------------------------------------------
@@ -102,7 +102,9 @@ class _Copier:
         self.nan_scale_bytes = 0
 
     def read(self, ref: TensorSource, index: Sequence[slice], *, scales: bool = False) -> torch.Tensor:
-        src = ref.read(*index)
+        # The loader copies every slice into its destination: take the reader's view as it is
+        # (possibly strided, e.g. w2's TP share of each row) rather than a dense copy first.
+        src = ref.read(*index, contiguous=False)
         self.bytes_read += src.numel() * src.element_size()
         # 0xFF is both the NaN byte and the largest uint8: a max() (fast, vectorized) rules it out,
         # and only a slice that holds one pays for counting.

@@ -38,17 +38,20 @@ class MatmulConfig:
 
 
 def pick_block_m(num_rows: int, num_local_experts: int) -> int:
-    """Rows per tile: a power of two in 16..128 that holds most experts' rows in one tile.
+    """Rows per tile: a power of two in 16..128.
 
-    The counts are on the device (reading them would synchronise), so the pick models them:
-    roughly Poisson around the mean m = rows / experts, so m + 2 * sqrt(m) covers ~97% of the
-    experts. A tile per expert matters: every extra tile reads and dequantizes that expert's
-    weights again (at T = 512, E = 128 a 16-row tile from the mean alone gave ~1.6 tiles per expert).
+    The smallest one at or above the mean rows per local expert m, one step larger when that
+    leaves many experts needing a second tile (m + 2 * sqrt(m) above it: the counts are roughly
+    Poisson, and reading them would synchronise) while the tile is still a small swapped one
+    (<= 32 rows): every extra tile reads and dequantizes its expert's weights again.
+    Measured on an H200 (E=128, benchmarks/results_moe.md): T=512 (m=16) 32 rows beat 16 by
+    1.27x (w13 and w2); T=2048 (m=64) 128 rows lost to 64 (w2 1.21 vs 0.84 ms).
     """
     mean = num_rows / max(1, num_local_experts)
-    want = mean + 2.0 * mean ** 0.5
     block_m = 16
-    while block_m < 128 and block_m < want:
+    while block_m < 128 and block_m < mean:
+        block_m *= 2
+    if block_m <= 16 and mean + 2.0 * mean ** 0.5 > block_m:
         block_m *= 2
     return block_m
 
@@ -62,12 +65,17 @@ def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False) -> Mat
     """
     if interpreting():
         return MatmulConfig(block_m, block_n=32, block_k=64, swap_ab=block_m <= 32, num_warps=4, num_stages=1)
+    if block_m <= 16 and not swiglu:
+        # w2 at 16-row tiles: half the K steps, 3-6% faster than block_k 64 at T = 1..128.
+        return MatmulConfig(block_m, block_n=64, block_k=128, swap_ab=True, num_warps=4, num_stages=4)
     if block_m <= 32:
         return MatmulConfig(block_m, block_n=64, block_k=64, swap_ab=True, num_warps=4, num_stages=4)
     if block_m == 64:
         return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=4, num_stages=3)
-    # (w2 at block_m 128 measured 17% faster swapped with 4 warps, but that variant spills 688
-    # bytes of registers; the spill-free one is kept as the default.)
+    if not swiglu:
+        # w2 at 128-row tiles: 4 warps, 4 stages measured 1.42x faster than 8 warps, 3 stages
+        # (T=8192: 2.07 vs 2.92 ms), at 254 registers and no spills.
+        return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=4, num_stages=4)
     return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=8, num_stages=3)
 
 

@@ -1,7 +1,7 @@
 """Dequantize throughput of the pure-torch format core, in GB/s of packed blocks read.
 
 Default: one gpt-oss-20b layer's gate_up blocks ([32, 5760, 90, 16] uint8, 265 MB) to bf16.
-    python benchmarks/bench_dequantize.py [--experts 32] [--repeat 3] [--device cpu]
+    python benchmarks/bench_dequantize.py [--experts 32] [--repeat 3] [--threads 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     g = torch.Generator().manual_seed(0)
     n_blocks = args.hidden // 32

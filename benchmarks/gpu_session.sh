@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One call on the lent 2-GPU machine: GPU tests, verify on GPU (one process and under torchrun),
+# and the distributed benchmark. Logs and JSON go to $OUT (or ./gpu_out).
+#   bash benchmarks/gpu_session.sh
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
+# The package is not installed on the device machine: make kernels/ importable as mxfp4_moe.kernels.
+ln -sfn ../kernels mxfp4_moe/kernels
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+commit="${MXFP4_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+echo "commit $commit"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+step() { echo; echo "=== $1"; shift; "$@"; echo "=== rc=$?"; }
+
+step "gpu tests" python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+step "verify built-in (GPU)" python3 -m mxfp4_moe.verify --json "$OUT/verify_builtin.json" > "$OUT/verify_builtin.txt" 2>&1; tail -3 "$OUT/verify_builtin.txt"
+CK=/tmp/ckpt20b
+step "write gpt-oss-20b-like layer" python3 -c "
+from mxfp4_moe.synthetic import make_synthetic_checkpoint
+make_synthetic_checkpoint('$CK', num_layers=1, num_experts=32, hidden=2880, intermediate=2880, top_k=4, seed=0)"
+step "verify 20b-like tp4 triton-align" python3 -m mxfp4_moe.verify $CK --tp 4 --align triton --tokens 512 --bench-tokens 512 --json "$OUT/verify_20b_tp4.json" > "$OUT/verify_20b_tp4.txt" 2>&1; cat "$OUT/verify_20b_tp4.txt" | tail -14
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  step "torchrun verify tp2" torchrun --nproc-per-node 2 -m mxfp4_moe.verify $CK --tp 2 --align triton --tokens 256 --json "$OUT/torchrun_tp2.json" > "$OUT/torchrun_tp2.txt" 2>&1; tail -12 "$OUT/torchrun_tp2.txt"
+  step "torchrun verify ep2" torchrun --nproc-per-node 2 -m mxfp4_moe.verify $CK --ep 2 --tokens 256 --json "$OUT/torchrun_ep2.json" > "$OUT/torchrun_ep2.txt" 2>&1; tail -6 "$OUT/torchrun_ep2.txt"
+  step "bench distributed" python3 benchmarks/bench_distributed.py --checkpoint $CK --out "$OUT" 2>&1 | tee "$OUT/bench_distributed.log" | tail -20
+fi
+rm -f mxfp4_moe/kernels

@@ -342,6 +342,18 @@ def measure_throughput(layer_module, tokens: int, hidden: int, device: torch.dev
 
 # ---- the run ------------------------------------------------------------------------------
 
+def make_plans(args, cfg):
+    """Every rank's ShardPlan (ordered ep-major, as global ranks are) and the unsharded plan with
+    the same padding. A layout the checkpoint cannot take is a usage error (exit 2)."""
+    from .sharding import ShardPlan
+    plan_args = dict(num_experts=cfg.num_experts, hidden=cfg.hidden_size, inter=cfg.intermediate_size,
+                     placement=args.placement, align=args.align, hidden_pad=args.hidden_pad)
+    try:
+        return ShardPlan.all_ranks(tp_size=args.tp, ep_size=args.ep, **plan_args), ShardPlan.create(**plan_args)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _rank_label(plan) -> str:
     return f"tp{plan.tp_rank}/ep{plan.ep_rank}"
 
@@ -355,13 +367,7 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
 
     cfg = ckpt.config
     layers = parse_layers(args.layers, cfg.num_layers)
-    plan_args = dict(num_experts=cfg.num_experts, hidden=cfg.hidden_size, inter=cfg.intermediate_size,
-                     placement=args.placement, align=args.align, hidden_pad=args.hidden_pad)
-    try:
-        plans = ShardPlan.all_ranks(tp_size=args.tp, ep_size=args.ep, **plan_args)
-        full_plan = ShardPlan.create(**plan_args)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
+    plans, full_plan = make_plans(args, cfg)
     if args.rank is not None:
         if not 0 <= args.rank < len(plans):
             raise UsageError(f"--rank {args.rank} out of range for tp {args.tp} x ep {args.ep} = {len(plans)} ranks")
@@ -542,13 +548,7 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
     rank0 = rank == 0
     cfg = ckpt.config
     layers = parse_layers(args.layers, cfg.num_layers)
-    plan_args = dict(num_experts=cfg.num_experts, hidden=cfg.hidden_size, inter=cfg.intermediate_size,
-                     placement=args.placement, align=args.align, hidden_pad=args.hidden_pad)
-    try:
-        plans = ShardPlan.all_ranks(tp_size=args.tp, ep_size=args.ep, **plan_args)
-        full_plan = ShardPlan.create(**plan_args)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
+    plans, full_plan = make_plans(args, cfg)
     results: list[CheckResult] = []
     progress = Progress(len(layers) * 4 + 2, progress_enabled and rank0)
     if rank0:

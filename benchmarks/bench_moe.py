@@ -111,7 +111,7 @@ def block_m_candidates(block_m: int) -> list[int]:
     return [block_m] + [b for b in (block_m // 2, block_m * 2) if 16 <= b <= 128]
 
 
-def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: bool) -> dict:
+def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: bool, sweep: bool = True) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, w.hidden, generator=gen, device="cuda").to(torch.bfloat16)
     topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
@@ -138,13 +138,13 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
 
     act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu)
     metas = {bm: meta if bm == block_m else routing_metadata(topk_ids, w.expert_map, w.num_local_experts, bm, topk_w)
-             for bm in block_m_candidates(block_m)}
+             for bm in (block_m_candidates(block_m) if sweep else [block_m])}
     res["tiles"] = {bm: int((m.tile_expert >= 0).sum()) for bm, m in metas.items()}
     best = {}
     for op, n, k in (("w13", 2 * ip, hp), ("w2", hp, ip)):
         timings = []
         for bm, meta_bm in metas.items():
-            for cfg in candidates(bm, n, k, op == "w13"):
+            for cfg in candidates(bm, n, k, op == "w13")[:None if sweep else 1]:
                 if op == "w13":
                     fn = lambda cfg=cfg, m=meta_bm: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, m,
                                                                swiglu=swiglu, config=cfg)
@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks"))
     p.add_argument("--experts", type=int, nargs="+", default=[128, 32])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
+    p.add_argument("--no-sweep", action="store_true",
+                   help="time the default block configs only (the config sweep takes most of the run)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_moe needs a CUDA GPU", file=sys.stderr)
@@ -283,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         w2_bf16 = dequantize(w.w2_blocks, w.w2_scales, torch.bfloat16)
         print(f"E={e}: weights ready in {time.time() - t0:.1f}s", flush=True)
         for t in args.tokens:
-            r = bench_point(w, w13_bf16, w2_bf16, t, header["ceilings"], with_reference=t <= 8)
+            r = bench_point(w, w13_bf16, w2_bf16, t, header["ceilings"], with_reference=t <= 8,
+                            sweep=not args.no_sweep)
             results.append(r)
             print(json.dumps(r), flush=True)
             (args.out / "out_moe.json").write_text(json.dumps({"header": header, "results": results}, indent=1))

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One call on the lent 2-GPU machine: GPU tests, verify on GPU (one process and under torchrun),
-# and the distributed benchmark. Logs and JSON go to $OUT (or ./gpu_out).
-#   bash benchmarks/gpu_session.sh
+# One call on the lent GPU machine: GPU tests, verify on GPU (one process; under torchrun and the
+# distributed benchmark when there are 2 GPUs), and with BENCH_MOE=1 the MoE kernel benchmark
+# (default configs only). Logs and JSON go to $OUT (or ./gpu_out).
+#   bash benchmarks/gpu_session.sh                 # nvidia-h100-x2: tests, verify, torchrun, distributed
+#   BENCH_MOE=1 bash benchmarks/gpu_session.sh     # one GPU: tests, verify, bench_moe --no-sweep
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
@@ -14,7 +16,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 step() { echo; echo "=== $1"; shift; "$@"; echo "=== rc=$?"; }
 
 step "gpu tests" python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
-step "verify built-in (GPU)" python3 -m mxfp4_moe.verify --json "$OUT/verify_builtin.json" > "$OUT/verify_builtin.txt" 2>&1; tail -3 "$OUT/verify_builtin.txt"
+step "verify built-in (GPU)" python3 -m mxfp4_moe.verify > "$OUT/verify_builtin.txt" 2>&1; tail -3 "$OUT/verify_builtin.txt"
 CK=/tmp/ckpt20b
 step "write gpt-oss-20b-like layer" python3 -c "
 from mxfp4_moe.synthetic import make_synthetic_checkpoint
@@ -24,5 +26,8 @@ if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   step "torchrun verify tp2" torchrun --nproc-per-node 2 -m mxfp4_moe.verify $CK --tp 2 --align triton --tokens 256 --json "$OUT/torchrun_tp2.json" > "$OUT/torchrun_tp2.txt" 2>&1; tail -12 "$OUT/torchrun_tp2.txt"
   step "torchrun verify ep2" torchrun --nproc-per-node 2 -m mxfp4_moe.verify $CK --ep 2 --tokens 256 --json "$OUT/torchrun_ep2.json" > "$OUT/torchrun_ep2.txt" 2>&1; tail -6 "$OUT/torchrun_ep2.txt"
   step "bench distributed" python3 benchmarks/bench_distributed.py --checkpoint $CK --out "$OUT" 2>&1 | tee "$OUT/bench_distributed.log" | tail -20
+fi
+if [ "${BENCH_MOE:-0}" = 1 ]; then
+  step "bench_moe (default configs)" env MXFP4_COMMIT="$commit" python3 benchmarks/bench_moe.py --no-sweep --out "$OUT/moe" 2>&1 | grep -v '^{' | tail -40
 fi
 rm -f mxfp4_moe/kernels

@@ -120,6 +120,25 @@ def median_ms(fn, device: torch.device, iters: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def capture_graph(fn, device: torch.device):
+    """fn captured in a CUDA graph (after a warm-up on a side stream), or None when capture fails.
+    NCCL collectives inside fn are captured too; every rank must call this in the same order."""
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize(device)
+        return graph
+    except Exception as exc:                              # reported as NaN in the table
+        print(f"graph capture failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        return None
+
+
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     got, ref = got.double(), ref.double()
     if not torch.isfinite(got).all():
@@ -171,13 +190,26 @@ def rank_main(args: argparse.Namespace, ckpt_path: str | None) -> int:
                     t_dist = median_ms(lambda: layer(x), device, iters)
                     t_compute = median_ms(lambda: layer.partial(x), device, iters)
                     t_reduce = median_ms(lambda: layer.reduce(buf), device, iters)
+                    # The same forward replayed from a CUDA graph (launch overhead removed): every rank
+                    # captures, and replays only if every rank's capture worked (a lone replay of a
+                    # captured all-reduce would wait for its peers forever).
+                    t_graph = float("nan")
+                    if device.type == "cuda":
+                        graph = capture_graph(lambda: layer(x), device)
+                        if D.all_ok(graph is not None, device):
+                            t_graph = median_ms(graph.replay, device, iters)
+                        del graph
                     peak, peak_kind = D.peak_memory(device)
-                    mine = {"rank": rank, "ms": t_dist, "compute_ms": t_compute, "allreduce_ms": t_reduce,
+                    mine = {"rank": rank, "ms": t_dist, "graph_ms": t_graph, "compute_ms": t_compute,
+                            "allreduce_ms": t_reduce,
                             "peak_mem_bytes": peak, "peak_mem_kind": peak_kind,
                             "bytes_read": layer.load_stats.bytes_read, "load_s": layer.load_stats.load_s}
                     if rank == 0:
                         ref = single(x)
                         mine["single_ms"] = median_ms(lambda: single(x), device, iters)
+                        single_graph = capture_graph(lambda: single(x), device) if device.type == "cuda" else None
+                        mine["single_graph_ms"] = (median_ms(single_graph.replay, device, iters)
+                                                   if single_graph is not None else float("nan"))
                         mine["rel_err"] = rel_err(y, ref)
                     # Every rank's output must be rank 0's (one all-reduce hands all the same sum).
                     y0 = y.clone().contiguous()
@@ -191,6 +223,8 @@ def rank_main(args: argparse.Namespace, ckpt_path: str | None) -> int:
                         rows.append({"layout": name, "tp": tp, "ep": ep, "tokens": tokens,
                                      "single_ms": infos[0]["single_ms"],
                                      "dist_ms": max(i["ms"] for i in infos),
+                                     "single_graph_ms": infos[0]["single_graph_ms"],
+                                     "dist_graph_ms": max(i["graph_ms"] for i in infos),
                                      "compute_ms": max(i["compute_ms"] for i in infos),
                                      "allreduce_ms": max(i["allreduce_ms"] for i in infos),
                                      "rel_err": err, "tolerance": tol, "passed": ok, "ranks": infos})
@@ -226,13 +260,16 @@ def report(args, rows, device, pg, world, dtype, ckpt_path, cfg) -> None:
     print(f"# bench_distributed: {device_name}, {pg}, torch {torch.__version__}, triton {triton_version}, "
           f"commit {header['commit']}")
     print(f"layer: E {cfg.num_experts}, H {cfg.hidden_size}, I {cfg.intermediate_size}, top-{cfg.experts_per_token}; "
-          f"{header['dtype']}, backend {args.backend}, align {args.align}; median ms, slowest rank\n")
-    print("| layout | tokens | single | distributed | shard compute | all-reduce | speedup | rel err vs single | ok |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+          f"{header['dtype']}, backend {args.backend}, align {args.align}; median ms, slowest rank; eager "
+          "(CUDA events around each call, launch overhead included) and CUDA-graph replay\n")
+    print("| layout | tokens | single | distributed | speedup | single (graph) | distributed (graph) | speedup (graph) "
+          "| shard compute | all-reduce | rel err vs single | ok |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['layout']} | {r['tokens']} | {r['single_ms']:.3f} | {r['dist_ms']:.3f} | {r['compute_ms']:.3f} | "
-              f"{r['allreduce_ms']:.3f} | {r['single_ms'] / r['dist_ms']:.2f}x | {r['rel_err']:.2e} | "
-              f"{'yes' if r['passed'] else 'NO'} |")
+        print(f"| {r['layout']} | {r['tokens']} | {r['single_ms']:.3f} | {r['dist_ms']:.3f} | "
+              f"{r['single_ms'] / r['dist_ms']:.2f}x | {r['single_graph_ms']:.3f} | {r['dist_graph_ms']:.3f} | "
+              f"{r['single_graph_ms'] / r['dist_graph_ms']:.2f}x | {r['compute_ms']:.3f} | "
+              f"{r['allreduce_ms']:.3f} | {r['rel_err']:.2e} | {'yes' if r['passed'] else 'NO'} |")
     print()
     seen = set()
     for r in rows:

@@ -468,7 +468,7 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
 
 def render(env: dict, header: dict, results: list[CheckResult]) -> str:
     lines = [f"mxfp4_moe {env['mxfp4_moe']} | torch {env['torch']} | triton {env['triton']} | {env['device']}",
-             f"checkpoint: {header['path']} ({header['layout']} layout{', built-in synthetic' if header['builtin'] else ''}); "
+             f"checkpoint: {'built-in synthetic' if header['builtin'] else header['path']} ({header['layout']} layout); "
              f"{header['config']['num_layers']} layers, {header['config']['num_experts']} experts, "
              f"H {header['config']['hidden_size']}, I {header['config']['intermediate_size']}, "
              f"top-{header['config']['experts_per_token']}",

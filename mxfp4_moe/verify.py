@@ -487,6 +487,15 @@ def render(env: dict, header: dict, results: list[CheckResult]) -> str:
     return "\n".join(lines)
 
 
+def report_header(args, path, builtin: bool, ckpt, dtype: torch.dtype) -> dict:
+    """The report's "checkpoint" section: what was verified and under which layout."""
+    return {"path": str(path) if not builtin else "(built-in synthetic)", "builtin": builtin,
+            "layout": ckpt.layout, "config": asdict(ckpt.config), "tp": args.tp, "ep": args.ep,
+            "rank": args.rank, "placement": args.placement, "align": args.align,
+            "hidden_pad": args.hidden_pad, "backend": args.backend,
+            "dtype": str(dtype).removeprefix("torch."), "tokens": args.tokens}
+
+
 def summary_line(results: list[CheckResult]) -> str:
     failed = sum(not r.passed for r in results)
     skipped = sum(r.skipped for r in results)
@@ -782,14 +791,10 @@ def _main_torchrun(args, out, launch) -> int:
                 return bad_input(f"cannot read the checkpoint: {error}" if error else "another rank could not "
                                  "read the checkpoint")
             env = environment(device)
-            header = {"path": str(path) if not builtin else "(built-in synthetic)", "builtin": builtin,
-                      "layout": ckpt.layout, "config": asdict(ckpt.config), "tp": args.tp, "ep": args.ep,
-                      "rank": None, "placement": args.placement, "align": args.align,
-                      "hidden_pad": args.hidden_pad, "backend": args.backend,
-                      "dtype": str(dtype).removeprefix("torch."), "tokens": args.tokens,
-                      "distributed": {"launcher": "torchrun", "world_size": launch.world_size,
-                                      "process_group": pg_backend, "combine": "all-reduce",
-                                      "rank_order": "ep_rank * tp + tp_rank"}}
+            header = report_header(args, path, builtin, ckpt, dtype)
+            header["distributed"] = {"launcher": "torchrun", "world_size": launch.world_size,
+                                     "process_group": pg_backend, "combine": "all-reduce",
+                                     "rank_order": "ep_rank * tp + tp_rank"}
             try:
                 results = run_distributed_checks(args, ckpt, device, dtype, groups,
                                                  progress_enabled=not args.quiet)
@@ -882,11 +887,7 @@ def _main(args, out) -> int:
         try:
             ckpt = stack.enter_context(open_checkpoint(path))
             env = environment(device)
-            header = {"path": str(path) if not builtin else "(built-in synthetic)", "builtin": builtin,
-                      "layout": ckpt.layout, "config": asdict(ckpt.config), "tp": args.tp, "ep": args.ep,
-                      "rank": args.rank, "placement": args.placement, "align": args.align,
-                      "hidden_pad": args.hidden_pad, "backend": args.backend,
-                      "dtype": str(dtype).removeprefix("torch."), "tokens": args.tokens}
+            header = report_header(args, path, builtin, ckpt, dtype)
             results = run_checks(args, ckpt, device, dtype, progress_enabled=not args.quiet)
         except CheckpointError as exc:
             print(f"error: cannot read the checkpoint: {exc}", file=sys.stderr)

@@ -1,0 +1,188 @@
+"""The checks `python -m mxfp4_moe.verify` runs, one function each: the format of a layer, one
+rank's shard against the checkpoint, the ranks' coverage of the layer, the transformers oracle and
+the throughput; with the tolerances they are judged by and the report row they fill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .mxfp4 import BLOCK_SIZE, E8M0_BIAS, E8M0_NAN, PAD_SCALE_E8M0
+
+# Relative Frobenius error allowed between the MoE layer and the float64 reference, by compute
+# dtype. bf16 operands round to 8 bits (2**-9 relative), fp16 to 11; float32 on a GPU may use
+# tf32 matrix units (10-bit mantissa), so it gets the fp16 bound there.
+KERNEL_TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
+KERNEL_TOLERANCE_GPU_FLOAT32 = 5e-3
+# The ranks' float64 reference outputs must add up to the unsharded one to rounding.
+SHARD_SUM_TOLERANCE = 1e-9
+ORACLE_TOLERANCE = 1e-5
+ORACLE_MAX_EXPERTS_X_SIZE = 64 * 1024 * 1024   # transformers holds float32 experts: keep it small
+
+
+# ---- results --------------------------------------------------------------------------------
+
+@dataclass
+class CheckResult:
+    """One row of the report."""
+    check: str                     # format | sharding | kernels | consistency | oracle | throughput
+    layer: int | None
+    rank: int | None
+    passed: bool
+    summary: str
+    figures: dict = field(default_factory=dict)
+    skipped: bool = False
+
+    @property
+    def status(self) -> str:
+        return "skip" if self.skipped else ("PASS" if self.passed else "FAIL")
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref||_F / ||ref||_F in float64; NaN anywhere gives inf, so it never passes."""
+    got, ref = got.double(), ref.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    denom = ref.norm().item()
+    return (got - ref).norm().item() / denom if denom else (got - ref).norm().item()
+
+
+# ---- the checks -----------------------------------------------------------------------------
+
+def check_format(ckpt, layer: int) -> CheckResult:
+    """NaN scale bytes and a summary of the scale exponents of w13 and w2 (dtypes and shapes were
+    checked against the config when the checkpoint was opened)."""
+    tensors = ckpt.layer(layer)
+    report = ckpt.find_nan_scales(layer)
+    figures = {"nan_scale_bytes": report.count}
+    for proj in ("w13", "w2"):
+        scales = getattr(tensors, f"{proj}_scales").read_all()
+        exps = scales[scales != E8M0_NAN].to(torch.int32) - E8M0_BIAS
+        if exps.numel():
+            figures[f"{proj}_scale_exp"] = {"min": int(exps.min()), "median": int(exps.median()),
+                                            "max": int(exps.max())}
+    exp_text = ", ".join(f"{p} exp {figures[k]['min']}..{figures[k]['max']}"
+                         for p, k in (("w13", "w13_scale_exp"), ("w2", "w2_scale_exp")) if k in figures)
+    if report.count:
+        return CheckResult("format", layer, None, False, report.describe(), figures)
+    return CheckResult("format", layer, None, True, f"dtypes and shapes match the config; no NaN scales; {exp_text}",
+                       figures)
+
+
+def _compare_region(problems: list[str], what: str, dest: torch.Tensor, src: torch.Tensor, fill: float) -> None:
+    """dest's top-left must equal src exactly and everything else must equal `fill`."""
+    region = tuple(slice(0, n) for n in src.shape)
+    if dest.dim() != src.dim() or any(d < s for d, s in zip(dest.shape, src.shape)):
+        problems.append(f"{what}: shard {tuple(dest.shape)} cannot hold checkpoint slice {tuple(src.shape)}")
+        return
+    if not torch.equal(dest[region], src.to(dest.dtype)):
+        diff = (dest[region] != src.to(dest.dtype)).nonzero()
+        problems.append(f"{what}: {diff.shape[0]} elements differ from the checkpoint, first at {tuple(diff[0].tolist())}")
+    mask = torch.ones(dest.shape, dtype=torch.bool)
+    mask[region] = False
+    pad = dest[mask]
+    if pad.numel() and not (pad == fill).all():
+        problems.append(f"{what}: padding holds {int((pad != fill).sum())} values other than {fill}")
+
+
+def check_shard(tensors, plan, weights) -> list[str]:
+    """Compare one rank's loaded weights with the checkpoint, reading the rank's slices afresh.
+
+    Independent of the loader's copy logic: it only uses the plan's ranges (which global experts,
+    which intermediate blocks) and the documented padding fill. Returns the problems found.
+    """
+    from .loader import PAD_CHANNEL_SCALE
+    problems: list[str] = []
+    w = weights.to("cpu")
+    rows, w2_blocks = plan.w13_rows, plan.w2_blocks_range
+    for local, g in enumerate(plan.local_experts):
+        e = slice(g, g + 1)
+        tag = f"expert {g} (local {local})"
+        src = tensors.w13_blocks.read(e, rows)[0]
+        _compare_region(problems, f"w13_blocks {tag}", w.w13_blocks[local], src.reshape(src.shape[0], -1), 0)
+        _compare_region(problems, f"w13_scales {tag}", w.w13_scales[local], tensors.w13_scales.read(e, rows)[0],
+                        PAD_SCALE_E8M0)
+        _compare_region(problems, f"w13_bias {tag}", w.w13_bias[local], tensors.w13_bias.read(e, rows)[0].float(), 0)
+        src = tensors.w2_blocks.read(e, slice(None), w2_blocks)[0]
+        _compare_region(problems, f"w2_blocks {tag}", w.w2_blocks[local], src.reshape(src.shape[0], -1), 0)
+        _compare_region(problems, f"w2_scales {tag}", w.w2_scales[local],
+                        tensors.w2_scales.read(e, slice(None), w2_blocks)[0], PAD_SCALE_E8M0)
+        bias = tensors.w2_bias.read(e)[0].float()
+        _compare_region(problems, f"w2_bias {tag}", w.w2_bias[local],
+                        bias if plan.includes_w2_bias else torch.zeros_like(bias), 0)
+        for proj, sel in (("w13", (e, rows)), ("w2", (e,))):
+            ref = getattr(tensors, f"{proj}_channel_scale")
+            got = getattr(w, f"{proj}_channel_scale")
+            if (ref is None) != (got is None):
+                problems.append(f"{proj}_channel_scale {tag}: present in {'checkpoint' if ref is not None else 'shard'} only")
+            elif ref is not None:
+                src = ref.read(*sel)[0].float()
+                _compare_region(problems, f"{proj}_channel_scale {tag}", got[local], src.reshape(src.shape[0]),
+                                PAD_CHANNEL_SCALE)
+    _compare_region(problems, "router_weight", w.router_weight, tensors.router_weight.read_all().float(), 0)
+    _compare_region(problems, "router_bias", w.router_bias, tensors.router_bias.read_all().float(), 0)
+    if w.w2_bias_included != plan.includes_w2_bias:
+        problems.append(f"w2_bias_included is {w.w2_bias_included} on {plan.describe()}")
+    return problems
+
+
+def check_coverage(plans, num_experts: int, inter: int) -> list[str]:
+    """Every (expert, intermediate block) pair must be held by exactly one rank."""
+    blocks = inter // BLOCK_SIZE
+    count = torch.zeros(num_experts, blocks, dtype=torch.int32)
+    for plan in plans:
+        for g in plan.local_experts:
+            count[g, plan.block_start:plan.block_stop] += 1
+    problems = []
+    if (count == 0).any():
+        g, b = (count == 0).nonzero()[0].tolist()
+        problems.append(f"{int((count == 0).sum())} (expert, block) pairs held by no rank, first expert {g} block {b}")
+    if (count > 1).any():
+        g, b = (count > 1).nonzero()[0].tolist()
+        problems.append(f"{int((count > 1).sum())} (expert, block) pairs held twice, first expert {g} block {b}")
+    return problems
+
+
+def kernel_tolerance(dtype: torch.dtype, device: torch.device, backend: str) -> float:
+    if dtype == torch.float32 and device.type == "cuda" and backend == "triton":
+        return KERNEL_TOLERANCE_GPU_FLOAT32
+    return KERNEL_TOLERANCE[dtype]
+
+
+def check_oracle(layer_module, weights, x: torch.Tensor, config) -> CheckResult:
+    """Our MoE block against transformers' GptOssMLP holding the same dequantized weights."""
+    from .oracle import transformers_moe_forward
+    ref = transformers_moe_forward(x, weights, config)
+    got = layer_module(x.to(layer_module.compute_dtype)).float()
+    err = rel_err(got.cpu(), ref.cpu())
+    tol = max(ORACLE_TOLERANCE, kernel_tolerance(layer_module.compute_dtype, x.device, layer_module.backend))
+    return CheckResult("oracle", None, None, err <= tol,
+                       f"transformers GptOssMLP vs ours: rel err {err:.2e} (<= {tol:.0e})",
+                       {"rel_err": err, "tolerance": tol})
+
+
+def measure_throughput(layer_module, tokens: int, hidden: int, device: torch.device, seed: int) -> CheckResult:
+    """Median GPU time of the MoE layer's forward at `tokens` tokens (CUDA graph replay)."""
+    import triton.testing
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    x = torch.randn(tokens, hidden, generator=g).to(device=device, dtype=layer_module.compute_dtype)
+    layer_module(x)
+    torch.cuda.synchronize()
+    try:
+        ms = triton.testing.do_bench_cudagraph(lambda: layer_module(x), rep=200)
+        method = "CUDA graph replay"
+    except Exception:                      # a path that cannot be captured: eager timing instead
+        ms = triton.testing.do_bench(lambda: layer_module(x), warmup=25, rep=200, return_mode="median")
+        method = "eager"
+    w = layer_module.weights
+    flops = 2 * tokens * w.top_k * (2 * w.inter_pad * w.hidden_pad + w.hidden_pad * w.inter_pad)
+    figures = {"tokens": tokens, "ms": ms, "tokens_per_s": tokens / ms * 1e3, "tflops": flops / ms / 1e9,
+               "method": method}
+    return CheckResult("throughput", None, None, True,
+                       f"{tokens} tokens: {ms:.3f} ms ({method}), {tokens / ms * 1e3:,.0f} tokens/s, "
+                       f"{flops / ms / 1e9:.1f} TFLOP/s", figures)
+
+
+# ---- the run ------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch
 
 from . import __version__
 from .checks import (ORACLE_MAX_EXPERTS_X_SIZE, SHARD_SUM_TOLERANCE, CheckResult, check_coverage, check_format,
-                     check_oracle, check_shard, kernel_tolerance, measure_throughput, rel_err)
+                     check_kernels, check_oracle, check_shard, kernel_tolerance, measure_throughput, rel_err)
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 REPORT_SCHEMA = "mxfp4_moe.verify/1"
@@ -225,15 +225,8 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
 
         progress.step(f"layer {layer}: kernels")
         module = MXFP4MoE(full, backend=backend, compute_dtype=dtype)
-        got = module(x_compute)
-        err = rel_err(got, ref_full)
+        results.append(check_kernels(module(x_compute), ref_full, module.backend, layer))
         tol = kernel_tolerance(dtype, device, module.backend)
-        max_abs = (got.double() - ref_full).abs().max().item() if got.numel() else 0.0
-        results.append(CheckResult("kernels", layer, None, err <= tol,
-                                   f"MoE layer ({module.backend}, {str(dtype).removeprefix('torch.')}) vs float64 "
-                                   f"reference: rel err {err:.2e} (<= {tol:.0e}), max abs {max_abs:.2e}",
-                                   {"rel_err": err, "max_abs_err": max_abs, "tolerance": tol,
-                                    "backend": module.backend, "dtype": str(dtype), "tokens": args.tokens}))
         if args.oracle and oracle_layer is None:
             oracle_layer = (module, full, x_compute)
 

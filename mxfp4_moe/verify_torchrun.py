@@ -14,8 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .checks import CheckResult, ORACLE_MAX_EXPERTS_X_SIZE, SHARD_SUM_TOLERANCE, check_coverage, check_format, check_oracle, check_shard, kernel_tolerance, rel_err
-from .verify import BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, Progress, UsageError, _rank_label, _resolve_compute, _write_json, environment, make_plans, parse_align, parse_layers, render, report_header, summary_line
+from .checks import (CheckResult, ORACLE_MAX_EXPERTS_X_SIZE, SHARD_SUM_TOLERANCE, check_coverage,
+                     check_format, check_kernels, check_oracle, check_shard, kernel_tolerance,
+                     rel_err)
+from .verify import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK,
+                     Progress, UsageError, _rank_label, _resolve_compute, _write_json, environment,
+                     make_plans, parse_align, parse_layers, render, report_header, summary_line)
 
 
 # ---- one process per rank (torchrun) ------------------------------------------------------------
@@ -124,14 +128,7 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
             ref_full = reference_moe(x_compute.double(), full, topk_weights, topk_ids, torch.float64).contiguous()
             module = MXFP4MoE(full, backend=args.backend, compute_dtype=dtype)
             single = module(x_compute).contiguous()
-            err = rel_err(single, ref_full)
-            tol = kernel_tolerance(dtype, device, module.backend)
-            max_abs = (single.double() - ref_full).abs().max().item() if single.numel() else 0.0
-            results.append(CheckResult("kernels", layer, None, err <= tol,
-                                       f"MoE layer ({module.backend}, {str(dtype).removeprefix('torch.')}) vs float64 "
-                                       f"reference: rel err {err:.2e} (<= {tol:.0e}), max abs {max_abs:.2e}",
-                                       {"rel_err": err, "max_abs_err": max_abs, "tolerance": tol,
-                                        "backend": module.backend, "dtype": str(dtype), "tokens": args.tokens}))
+            results.append(check_kernels(single, ref_full, module.backend, layer))
         else:
             ref_full, single = torch.empty_like(ref_sum), torch.empty_like(y)
         dist.broadcast(ref_full, 0)

@@ -29,3 +29,29 @@ def nan_like():
     def make(t: torch.Tensor) -> torch.Tensor:
         return torch.full_like(t, float("nan"))
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module of many small tensor ops: on a shared 2-core machine
+    the thread pool turns each 3 MB torch.zeros into ~15 ms of barrier waiting (1 thread: 0.1 ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def poisoned_loader_destinations():
+    """The loader allocates its destinations uninitialized and writes only what it copies plus the
+    padding. Poison them (0xAB bytes, NaN floats) so an element it forgot to write fails."""
+    from mxfp4_moe import loader
+    real_empty = loader._empty
+
+    def poisoned(shape, dtype, device):
+        t = real_empty(shape, dtype, device)
+        return t.fill_(0xAB) if dtype == torch.uint8 else t.fill_(float("nan"))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loader, "_empty", poisoned)
+        yield

@@ -8,13 +8,11 @@ overlapped or misplaced a slice, the concatenation would not give back the check
 """
 
 import json
-import math
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from mxfp4_moe import loader
 from mxfp4_moe.checkpoint import CheckpointError, MoEConfig, layer_tensor_names, open_checkpoint
 from mxfp4_moe.loader import PAD_CHANNEL_SCALE, load_layer, narrow_to_source
 from mxfp4_moe.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, E8M0_NAN, PAD_SCALE_E8M0
@@ -22,29 +20,9 @@ from mxfp4_moe.sharding import ALIGN_PRESETS, ShardPlan
 from mxfp4_moe.synthetic import LayerWeights, hf_config_dict, write_checkpoint
 from mxfp4_moe.unfused import open_unfused_checkpoint, unfuse_checkpoint, write_unfused_checkpoint
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tests make thousands of small tensors; on a shared 2-core machine torch's intra-op
-    # thread pool turns each 3 MB torch.zeros into ~15 ms of barrier waiting (1 thread: 0.1 ms).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def poisoned_destinations():
-    # The loader allocates its destinations uninitialized and writes only what it copies plus
-    # the padding. Poison them (0xAB bytes, NaN floats) so an element it forgot to write fails.
-    real_empty = loader._empty
-
-    def poisoned(shape, dtype, device):
-        t = real_empty(shape, dtype, device)
-        return t.fill_(0xAB) if dtype == torch.uint8 else t.fill_(float("nan"))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loader, "_empty", poisoned)
-        yield
+# Fixtures from conftest.py: one torch thread, and loader destinations poisoned so an element
+# the loader forgot to write fails.
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "poisoned_loader_destinations")
 
 
 FIELDS = ("w13_blocks", "w13_scales", "w13_bias", "w2_blocks", "w2_scales", "w2_bias",

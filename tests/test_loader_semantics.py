@@ -11,7 +11,6 @@ rounding, around 1e-15.
 import pytest
 import torch
 
-from mxfp4_moe import loader
 from mxfp4_moe.checkpoint import open_checkpoint
 from mxfp4_moe.loader import load_layer
 from mxfp4_moe.mxfp4 import dequantize
@@ -24,28 +23,9 @@ E, H, I, TOP_K, TOKENS = 6, 320, 736, 2, 24       # I = 23 blocks: uneven at eve
 RTOL = 1e-9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Many small matmuls: on a shared 2-core machine torch's thread pool mostly waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def poisoned_destinations():
-    # The loader allocates its destinations uninitialized and writes only what it copies plus
-    # the padding. Poison them (0xAB bytes, NaN floats) so an element it forgot to write fails.
-    real_empty = loader._empty
-
-    def poisoned(shape, dtype, device):
-        t = real_empty(shape, dtype, device)
-        return t.fill_(0xAB) if dtype == torch.uint8 else t.fill_(float("nan"))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loader, "_empty", poisoned)
-        yield
+# Fixtures from conftest.py: one torch thread, and loader destinations poisoned so an element
+# the loader forgot to write fails.
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "poisoned_loader_destinations")
 
 
 @pytest.fixture(scope="module")

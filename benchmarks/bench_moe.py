@@ -9,6 +9,11 @@ small T, the torch reference layer. Routing comes from random router logits.
 
     python benchmarks/bench_moe.py --out DIR [--experts 128 32] [--tokens 1 8 ...]
 Writes DIR/out_moe.json, DIR/results_moe.md and DIR/moe.png.
+
+    python benchmarks/bench_moe.py --ab --out DIR [--experts ...] [--tokens ...]
+Times w13 + SwiGLU and w2 + combine with each dequantization path ("bytes": one code at a time,
+"ptx": inline PTX on uint32 words) at the default configs, plus a few other configs with "ptx";
+writes DIR/ab_dequant.json and DIR/ab_dequant.md.
 """
 
 from __future__ import annotations
@@ -201,6 +206,63 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
     return res
 
 
+def ab_alternatives(block_m: int, swiglu: bool) -> list[MatmulConfig]:
+    """Configs besides the default worth timing once the decode is cheap (larger K steps)."""
+    if block_m <= 32:
+        return [MatmulConfig(block_m, 64, 128, True, 4, 4), MatmulConfig(block_m, 128, 64, True, 4, 4)]
+    if block_m == 64:
+        return [MatmulConfig(64, 128, 128, False, 4, 3)]
+    return [MatmulConfig(128, 128, 64, False, 4, 3) if swiglu else MatmulConfig(128, 128, 64, False, 8, 3),
+            MatmulConfig(128, 128, 128, False, 8, 3)]
+
+
+def ab_point(w, tokens: int) -> list[dict]:
+    """w13 and w2 times per dequantization path at one token count (see the module doc)."""
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    x = torch.randn(tokens, w.hidden, generator=gen, device="cuda").to(torch.bfloat16)
+    topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
+    block_m = pick_block_m(tokens * w.top_k, w.num_local_experts)
+    meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, block_m, topk_w)
+    swiglu = (w.swiglu_alpha, w.swiglu_limit)
+    act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu)
+    rows = []
+    for op, n, k in (("w13", 2 * w.inter_pad, w.hidden_pad), ("w2", w.hidden_pad, w.inter_pad)):
+        default = default_config(block_m, n, k, swiglu=op == "w13")
+        runs = [("bytes", default), ("ptx", default)] + [("ptx", c) for c in ab_alternatives(block_m, op == "w13")
+                                                          if c != default]
+        for dequant, cfg in runs:
+            if op == "w13":
+                fn = lambda cfg=cfg, d=dequant: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta,
+                                                           swiglu=swiglu, config=cfg, dequant=d)
+            else:
+                fn = lambda cfg=cfg, d=dequant: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta,
+                                                           gather=False, apply_row_weight=True, combine="atomic",
+                                                           n_out=w.hidden, config=cfg, dequant=d)
+            try:
+                ms = time_graph(fn)
+            except Exception as exc:  # a config that does not fit (shared memory) is skipped
+                print(f"  {op} {dequant} {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            rows.append({"experts": w.num_local_experts, "tokens": tokens, "op": op, "dequant": dequant,
+                         "default": cfg == default, "config": list(cfg.__dict__.values()), "ms": ms})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def ab_markdown(rows: list[dict], header: dict) -> str:
+    lines = ["# Dequantization A/B", "", f"device: {header['device']}; torch {header['torch']}; triton "
+             f"{header['triton']}; commit {header['commit']}", f"command: `{header['command']}`", "",
+             "Times in ms (CUDA-graph replay, L2 flushed, median); `x` = bytes time / this time.", "",
+             "| E | T | op | dequant | config (bm, bn, bk, swap, warps, stages) | default | ms | x |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = {(r["experts"], r["tokens"], r["op"]): r["ms"] for r in rows if r["dequant"] == "bytes"}
+    for r in rows:
+        ref = base.get((r["experts"], r["tokens"], r["op"]), float("nan"))
+        lines.append(f"| {r['experts']} | {r['tokens']} | {r['op']} | {r['dequant']} | {tuple(r['config'])} | "
+                     f"{'yes' if r['default'] else ''} | {r['ms']:.3f} | {ref / r['ms']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: list[dict], header: dict) -> str:
     lines = [f"# MXFP4 MoE benchmark", "",
              f"device: {header['device']}; torch {header['torch']}; triton {header['triton']}; "
@@ -266,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
     p.add_argument("--no-sweep", action="store_true",
                    help="time the default block configs only (the config sweep takes most of the run)")
+    p.add_argument("--ab", action="store_true", help="time the dequantization paths against each other")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_moe needs a CUDA GPU", file=sys.stderr)
@@ -275,6 +338,19 @@ def main(argv: list[str] | None = None) -> int:
               "python": platform.python_version(), "commit": git_commit(),
               "command": "python benchmarks/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(json.dumps(header), flush=True)
+    if args.ab:
+        rows = []
+        for e in args.experts:
+            w, _ = random_expert_weights(e, 2880, 2880, top_k=4, seed=e, device="cuda", dense=False)
+            for t in args.tokens:
+                rows += ab_point(w, t)
+                (args.out / "ab_dequant.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+            del w
+            torch.cuda.empty_cache()
+        md = ab_markdown(rows, header)
+        (args.out / "ab_dequant.md").write_text(md)
+        print(md, flush=True)
+        return 0
     header["ceilings"] = ceilings()
     print(json.dumps(header["ceilings"]), flush=True)
     results = []

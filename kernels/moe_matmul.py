@@ -18,6 +18,8 @@ from mxfp4_moe.routing import RoutingMetadata
 from ._moe_matmul import _moe_matmul_kernel
 
 Combine = Literal["none", "atomic", "slots"]
+Dequant = Literal["auto", "bytes", "words", "ptx"]
+DEQUANT_MODES = ("bytes", "words", "ptx")
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -79,6 +81,22 @@ def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False) -> Mat
     return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=8, num_stages=3)
 
 
+def words_aligned(blocks: torch.Tensor) -> bool:
+    """True when `blocks` [E, N, K // 2] uint8 can be read as uint32 words (dequant "words"/"ptx"):
+    unit stride along K, row and expert strides and the data pointer multiples of 4 bytes."""
+    word = 4
+    return (blocks.stride(2) == 1 and blocks.stride(1) % word == 0 and blocks.stride(0) % word == 0
+            and blocks.data_ptr() % word == 0)
+
+
+def pick_dequant(compute_dtype: torch.dtype, blocks: torch.Tensor) -> str:
+    """The dequantization the kernel uses by default: "ptx" for bf16 on the GPU when the weights
+    can be read as words (~4x fewer instructions per element than "bytes"), else "bytes"."""
+    if compute_dtype == torch.bfloat16 and not interpreting() and words_aligned(blocks):
+        return "ptx"
+    return "bytes"
+
+
 def _check_weight(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
         raise ValueError(f"moe_matmul: {name} expected {tuple(shape)} {dtype}, found {tuple(t.shape)} {t.dtype}")
@@ -91,7 +109,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                swiglu: tuple[float, float] | None = None, apply_row_weight: bool = False,
                combine: Combine = "none", n_out: int | None = None,
                compute_dtype: torch.dtype = torch.bfloat16, config: MatmulConfig | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, dequant: Dequant = "auto") -> torch.Tensor:
     """Grouped MXFP4 matmul over the expert-sorted rows of `meta`.
 
     For sorted row r of local expert e: h[r] = x[src(r)] @ dequant(W[e]).T (* channel_scale[e])
@@ -113,6 +131,9 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     compute_dtype: bfloat16 (GPU), float16 or float32 (the interpreter's bf16 is unusable).
     config: block sizes (default: `default_config`); its block_m must be meta.block_m.
     out: for combine="none", an [R, n_out] compute_dtype tensor to write into (returned).
+    dequant: how the kernel decodes the weights, all exact: "bytes" (one code at a time, any
+       dtype), "words" (uint32 words in plain Triton), "ptx" (uint32 words through inline PTX; bf16,
+       GPU only); "words"/"ptx" need `words_aligned(blocks)`. "auto": `pick_dequant`.
     Scale bytes above 240 (weights beyond 2**113) are outside the kernel's decode range.
     """
     if compute_dtype not in COMPUTE_DTYPES:
@@ -151,6 +172,16 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     if not 0 < n_out <= n_full:
         raise ValueError(f"moe_matmul: n_out must be in 1..{n_full}, got {n_out}")
     config = config or default_config(meta.block_m, n, k, swiglu=swiglu is not None)
+    if dequant == "auto":
+        dequant = pick_dequant(compute_dtype, blocks)
+    elif dequant not in DEQUANT_MODES:
+        raise ValueError(f"moe_matmul: dequant must be 'auto' or one of {DEQUANT_MODES}, got {dequant!r}")
+    if dequant != "bytes" and not words_aligned(blocks):
+        raise ValueError(f"moe_matmul: dequant={dequant!r} reads blocks as 4-byte words: needs stride 1 along K "
+                         f"and 4-byte aligned rows, found strides {tuple(blocks.stride())}")
+    if dequant == "ptx" and (compute_dtype != torch.bfloat16 or interpreting()):
+        raise ValueError(f"moe_matmul: dequant='ptx' needs compute_dtype bfloat16 on a GPU (got {compute_dtype}"
+                         f"{', under the interpreter' if interpreting() else ''})")
     if config.block_m != meta.block_m:
         raise ValueError(f"moe_matmul: config.block_m {config.block_m} != routing metadata block_m {meta.block_m}")
 
@@ -192,7 +223,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
         HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
         SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, SWAP_AB=config.swap_ab,
         EVEN_K=(k % config.block_k == 0 and x.shape[1] == k),
-        COMPUTE_DTYPE=_tl_dtype(compute_dtype),
+        COMPUTE_DTYPE=_tl_dtype(compute_dtype), DEQUANT=dequant,
         num_warps=config.num_warps, num_stages=config.num_stages)
     if combine == "slots":
         return y.view(tokens, meta.top_k, n_out).sum(1, dtype=torch.float32)

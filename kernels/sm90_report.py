@@ -2,7 +2,8 @@
 needed, and report its resource use: registers, spills, shared memory and whether the dots
 became wgmma (HGMMA in the SASS). Used by a CPU test and before spending GPU time.
 
-    python -m mxfp4_moe.kernels.sm90_report      # prints one JSON line per variant
+    python -m mxfp4_moe.kernels.sm90_report                      # one JSON line per variant
+    python -m mxfp4_moe.kernels.sm90_report --dequant=bytes      # the one-code-at-a-time path
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def _int_args(config: MatmulConfig, *, k: int, n: int, atomic: bool) -> dict:
 
 
 def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool, n: int = 2880,
-                    compute: str = "bfloat16", x_dtype: str = "bfloat16"):
+                    compute: str = "bfloat16", x_dtype: str = "bfloat16", dequant: str | None = None):
     """Compile `_moe_matmul_kernel` for sm_90 as a launch on contiguous tensors of an [n, k]
-    weight would specialize it; returns triton's CompiledKernel."""
+    weight would specialize it; returns triton's CompiledKernel. dequant: the kernel's DEQUANT
+    (default: what the launcher picks on a GPU, "ptx" for bf16, else "bytes")."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("sm90_report needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
     import triton.language as tl
@@ -79,6 +81,7 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
         "GATHER": not atomic, "SCATTER": atomic, "ATOMIC": atomic, "HAS_BIAS": True,
         "HAS_CHANNEL_SCALE": False, "SWIGLU": swiglu, "ROW_WEIGHT": atomic, "SWAP_AB": config.swap_ab,
         "EVEN_K": k % config.block_k == 0, "COMPUTE_DTYPE": ct,
+        "DEQUANT": dequant or ("ptx" if compute == "bfloat16" else "bytes"),
     }
     for name in constexprs:
         signature[name] = "constexpr"
@@ -94,8 +97,24 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
-def resource_report(compiled) -> dict:
-    """Registers, spills, shared memory and SASS instruction counts of a compiled kernel."""
+def main_loop(sass: str) -> list[str]:
+    """SASS lines of the K loop: the longest backward branch's body that holds an HGMMA."""
+    lines = [line for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+    addr = [int(re.search(r"/\*([0-9a-f]{4})\*/", line).group(1), 16) for line in lines]
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        branch = re.search(r"\bBRA\s+(0x[0-9a-f]+)", line)
+        if branch and int(branch.group(1), 16) < addr[i]:
+            body = [lines[j] for j in range(i + 1) if addr[j] >= int(branch.group(1), 16)]
+            if any("HGMMA" in b for b in body) and len(body) > len(best):
+                best = body
+    return best
+
+
+def resource_report(compiled, config: MatmulConfig | None = None) -> dict:
+    """Registers, spills, shared memory and SASS instruction counts of a compiled kernel; with
+    its config, also the K loop's instructions per thread and per weight element (all threads'
+    loop instructions over the BLOCK_N x BLOCK_K weights one iteration dequantizes)."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -104,6 +123,12 @@ def resource_report(compiled) -> dict:
         usage = subprocess.run([tool, "-res-usage", str(cubin)], capture_output=True, text=True,
                                check=True).stdout
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    loop = main_loop(sass)
+    per_loop = {}
+    if config is not None:
+        threads = 32 * config.num_warps
+        per_loop = {"loop_instructions": len(loop),
+                    "instructions_per_element": round(len(loop) * threads / (config.block_n * config.block_k), 2)}
     return {
         "registers": int(fields.get("REG", -1)),
         "stack_bytes": int(fields.get("STACK", -1)),
@@ -112,17 +137,23 @@ def resource_report(compiled) -> dict:
         "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
         "hmma": len(re.findall(r"\bHMMA\b", sass)),
         "local_mem_ops": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        **per_loop,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = set(argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    dequant = None
+    if args and args[0].startswith("--dequant="):
+        dequant = args.pop(0).split("=", 1)[1]
+    names = set(args)
     for name, n, k, block_m, swiglu, atomic in VARIANTS:
         if names and name not in names:
             continue
         config = default_config(block_m, n, k, swiglu=swiglu)
-        compiled = compile_variant(config, k=k, n=n, swiglu=swiglu, atomic=atomic)
-        print(json.dumps({"variant": name, "config": config.__dict__, **resource_report(compiled)}), flush=True)
+        compiled = compile_variant(config, k=k, n=n, swiglu=swiglu, atomic=atomic, dequant=dequant)
+        print(json.dumps({"variant": name, "config": config.__dict__, "dequant": dequant or "ptx",
+                          **resource_report(compiled, config)}), flush=True)
     return 0
 
 

@@ -3,18 +3,91 @@ the dequantized weights, the whole layer against transformers' GptOssMLP, and CU
 Run on a CUDA machine with `pytest -m gpu tests/test_gpu.py`; skipped elsewhere.
 
 Tolerance: relative Frobenius error < 5e-3 (bf16 operands and bf16 intermediate; triton_kernels
-measures 1.7e-3 for w13 and 2.4e-3 for w2 on the same kind of data).
+measures 1.7e-3 for w13 and 2.4e-3 for w2 on the same kind of data). The dequantization paths are
+checked exactly: the inline-PTX decode bit for bit on every code x scale byte, and the kernel
+with it bit for bit against the kernel with the one-code-at-a-time decode.
 """
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from mxfp4_moe import mxfp4
 from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+from mxfp4_moe.kernels import pick_block_m
+from mxfp4_moe.kernels._moe_matmul import _dequant_mxfp4_words
 from mxfp4_moe.routing import route, routing_metadata
 
 pytestmark = pytest.mark.gpu
 TOL_BF16 = 5e-3
 TOKENS = (1, 8, 64, 512, 4096)
+
+
+@triton.jit
+def _dequant_tile_kernel(w_ptr, s_ptr, y_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         USE_PTX: tl.constexpr):
+    # One [BLOCK_N, BLOCK_K] tile: words [BLOCK_N, BLOCK_K // 8] uint32, scales [BLOCK_N,
+    # BLOCK_K // 32] uint8 -> y [BLOCK_N, BLOCK_K] bf16, through the kernel's word decode.
+    offs_n = tl.arange(0, BLOCK_N)
+    words = tl.load(w_ptr + offs_n[:, None] * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)[None, :])
+    words = words.to(tl.uint32, bitcast=True)
+    scales = tl.load(s_ptr + offs_n[:, None] * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)[None, :])
+    w = _dequant_mxfp4_words(words, scales, BLOCK_N, BLOCK_K, tl.bfloat16, USE_PTX)
+    tl.store(y_ptr + offs_n[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :], w)
+
+
+def _every_code_and_scale(n_rows=256, k=64, seed=0):
+    """[n_rows, k] codes, each row all 16 codes k/16 times in its own order; scale bytes: row n
+    has n (0..240, the decode range), rows past 240 random in 100..140, the last row 0xFF (NaN)."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.stack([torch.arange(k).remainder(16)[torch.randperm(k, generator=gen)] for _ in range(n_rows)])
+    scales = torch.randint(100, 141, (n_rows, k // mxfp4.BLOCK_SIZE), generator=gen)
+    scales[:241] = torch.arange(241)[:, None]
+    scales[-1] = mxfp4.E8M0_NAN
+    return mxfp4.pack_e2m1(codes.to(torch.uint8)), scales.to(torch.uint8)
+
+
+@pytest.mark.parametrize("use_ptx", [True, False], ids=["ptx", "words"])
+def test_decode_every_code_and_scale_bit_exact(use_ptx):
+    blocks, scales = _every_code_and_scale()
+    expected = mxfp4.dequantize(blocks, scales, torch.bfloat16)               # [256, 64]
+    y = torch.full(expected.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+    words = blocks.cuda().view(torch.int32)
+    _dequant_tile_kernel[(1,)](words, scales.cuda(), y, BLOCK_N=256, BLOCK_K=64, USE_PTX=use_ptx)
+    y = y.cpu()
+    finite = scales.repeat_interleave(mxfp4.BLOCK_SIZE, dim=1) != mxfp4.E8M0_NAN
+    bad = (y.view(torch.int16) != expected.view(torch.int16)) & finite
+    assert not bad.any(), f"{int(bad.sum())} mismatches, first at (row, k) {bad.nonzero()[0].tolist()}"
+    assert bool(torch.isnan(y[~finite]).all())
+
+
+def test_kernel_ptx_decode_equals_bytes_decode_bitwise():
+    # Same kernel, same configs, the weights decoded by inline PTX or one code at a time: the MMA
+    # sees the same bf16 operands, so outputs agree bit for bit. Identity x (y = dequant(W).T,
+    # every code x scale byte) and random x through w13 + SwiGLU and w2 + atomic combine.
+    from mxfp4_moe.kernels import moe_matmul
+    blocks, scales = _every_code_and_scale(k=128)
+    blocks, scales = blocks[None].cuda(), scales[None].cuda()
+    meta = routing_metadata(torch.zeros(128, 1, dtype=torch.int64, device="cuda"), None, 1, 128)
+    eye = torch.eye(128, device="cuda").to(torch.bfloat16)
+    outs = [moe_matmul(eye, blocks, scales, None, meta, dequant=d) for d in ("ptx", "bytes")]
+    assert torch.equal(outs[0][:, :-1].view(torch.int16), outs[1][:, :-1].view(torch.int16))
+    assert bool(torch.isnan(outs[0][:, -1]).all() and torch.isnan(outs[1][:, -1]).all())    # NaN scale row
+    expected = mxfp4.dequantize(blocks[0], scales[0], torch.bfloat16).T[:, :-1]
+    print("identity x: ptx == bytes bitwise; == dequantize:",
+          torch.equal(outs[0][:, :-1].view(torch.int16), expected.view(torch.int16)))
+    w, _ = random_expert_weights(32, 2880, 2880, top_k=4, seed=9, device="cuda", dense=False)
+    x = torch.randn(300, 2880, device="cuda").to(torch.bfloat16)
+    topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
+    meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, pick_block_m(1200, 32), topk_w)
+    swiglu = (w.swiglu_alpha, w.swiglu_limit)
+    acts = [moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu, dequant=d)
+            for d in ("ptx", "bytes")]
+    assert torch.equal(acts[0].view(torch.int16), acts[1].view(torch.int16))
+    kw2 = dict(gather=False, apply_row_weight=True, combine="slots", n_out=w.hidden)
+    ys = [moe_matmul(acts[0], w.w2_blocks, w.w2_scales, w.w2_bias, meta, dequant=d, **kw2) for d in ("ptx", "bytes")]
+    assert torch.equal(ys[0], ys[1])
 
 
 def rel_err(out, ref):

@@ -3,7 +3,9 @@
 
 Tolerances (relative Frobenius error, ||out - ref|| / ||ref||): float32 compute 1e-5 (same
 operands, float32 sums in another order); float16 compute 2e-3 (x and the SwiGLU output rounded
-to fp16, ~2**-11 each). Decoding of codes and scales is checked exactly.
+to fp16, ~2**-11 each). Decoding of codes and scales is checked exactly, for each dequantization
+path the interpreter runs ("bytes", "words") and, through a small interpreter of the PTX subset it
+uses, for the inline-PTX path's program text (its run on the GPU: tests/test_gpu.py).
 """
 
 import json
@@ -11,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,21 +113,135 @@ def test_expert_parallel_rows_dropped():
     assert torch.equal(y[all_remote], torch.zeros_like(y[all_remote]))
 
 
-def test_decode_every_code_and_scale_exactly():
-    # One expert, K = 32 inputs x N = 256 rows; row n holds all 16 codes twice and scale byte
-    # n (0..240: the kernel's decode range) or 0xFF (NaN). x = identity, so y = dequant(W).T exactly.
+@pytest.mark.parametrize("dequant", ["bytes", "words"])
+def test_decode_every_code_and_scale_exactly(dequant):
+    # One expert, K = 32 inputs x N = 256 rows; row n holds all 16 codes twice (each row in its own
+    # order, so a code lands in every position of a word) and scale byte n (0..240: the kernel's
+    # decode range) or 0xFF (NaN). x = identity, so y = dequant(W).T exactly.
     n_rows = 256
-    codes = torch.arange(32, dtype=torch.uint8).remainder(16).repeat(n_rows, 1)
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.stack([torch.arange(32, dtype=torch.uint8).remainder(16)[torch.randperm(32, generator=gen)]
+                         for _ in range(n_rows)])
     scales = torch.arange(n_rows, dtype=torch.int32).clamp(max=240).to(torch.uint8)
     scales[-1] = mxfp4.E8M0_NAN
     blocks = mxfp4.pack_e2m1(codes).reshape(1, n_rows, 16)
     scales = scales.reshape(1, n_rows, 1)
     meta = routing_metadata(torch.zeros(32, 1, dtype=torch.int64), None, 1, 32)
     y = moe_matmul(torch.eye(32), blocks, scales, None, meta, compute_dtype=torch.float32,
-                   config=None)
+                   config=None, dequant=dequant)
     expected = mxfp4.dequantize(blocks[0], scales[0], torch.float32).T          # [32, 256]
     assert torch.equal(y[:, :-1], expected[:, :-1])
     assert bool(torch.isnan(y[:, -1]).all())
+
+
+def test_words_path_end_to_end_padded_fp16():
+    # The uint32-word decode ("words", the interpreter's twin of the GPU's "ptx") through w13 +
+    # SwiGLU and w2 + combine, padded H and I, against the torch twin.
+    E, H, I, H_pad, I_pad, T, k, dtype = 4, 96, 64, 128, 96, 33, 4, torch.float16
+    weights, _ = random_expert_weights(E, H, I, hidden_pad=H_pad, inter_pad=I_pad, top_k=k, seed=17)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(17)).to(dtype)
+    topk_w, topk_ids = _routing(T, E, k, seed=17)
+    meta = routing_metadata(topk_ids, weights.expert_map, E, pick_block_m(T * k, E), topk_w)
+    local = int(meta.expert_offsets[-1])
+    swiglu = (weights.swiglu_alpha, weights.swiglu_limit)
+    args13 = (weights.w13_blocks, weights.w13_scales, weights.w13_bias, meta)
+    act = moe_matmul(x, *args13, swiglu=swiglu, compute_dtype=dtype, dequant="words")
+    act_ref = reference_moe_matmul(x, *args13, swiglu=swiglu, compute_dtype=dtype)
+    assert rel_err(act[:local], act_ref[:local]) < TOL[dtype]
+    args2 = (weights.w2_blocks, weights.w2_scales, weights.w2_bias, meta)
+    kw2 = dict(gather=False, apply_row_weight=True, combine="atomic", n_out=H, compute_dtype=dtype)
+    y = moe_matmul(act, *args2, dequant="words", **kw2)
+    assert rel_err(y, reference_moe_matmul(act_ref, *args2, **kw2)) < TOL[dtype]
+
+
+# ---- the inline-PTX decode's program, run on the CPU ---------------------------------------------
+
+def _prmt(a, b, sel):
+    """PTX prmt.b32 default mode: byte i of the result is byte (sel nibble i & 7) of {b, a}, or
+    that byte's bit 7 replicated when the nibble's bit 3 is set."""
+    src = (b.astype(np.uint64) << np.uint64(32)) | a.astype(np.uint64)
+    out = np.zeros(a.shape, np.uint32)
+    for i in range(4):
+        nib = (sel >> np.uint32(4 * i)) & np.uint32(0xF)
+        shift = (np.uint64(8) * (nib & np.uint32(7)).astype(np.uint64))
+        byte = ((src >> shift) & np.uint64(0xFF)).astype(np.uint32)
+        replicated = np.where(byte >> np.uint32(7) == 1, np.uint32(0xFF), np.uint32(0))
+        out |= np.where(nib & np.uint32(8) != 0, replicated, byte) << np.uint32(8 * i)
+    return out
+
+
+def _lop3(a, b, c, lut):
+    """PTX lop3.b32: bit i of the result is bit (a_i b_i c_i as a 3-bit number) of lut."""
+    out = np.zeros(a.shape, np.uint32)
+    for index in range(8):
+        if (lut >> index) & 1:
+            out |= ((a if index & 4 else ~a) & (b if index & 2 else ~b) & (c if index & 1 else ~c))
+    return out
+
+
+def _mul_bf16x2(a, b):
+    """PTX mul.rn.bf16x2 (subnormals kept): each 16-bit half multiplied, rounded to nearest even."""
+    def half(x, shift):
+        bits = ((x >> np.uint32(shift)) & np.uint32(0xFFFF)).astype(np.uint16).view(np.int16)
+        return torch.from_numpy(bits.copy()).view(torch.bfloat16).double()
+    out = np.zeros(a.shape, np.uint32)
+    for shift in (0, 16):
+        prod = (half(a, shift) * half(b, shift)).to(torch.bfloat16).view(torch.int16).numpy()
+        out |= prod.view(np.uint16).astype(np.uint32) << np.uint32(shift)
+    return out
+
+
+def run_ptx(program: str, operands: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run straight-line PTX made of mov/shl/shr/and/lop3/prmt .b32 and mul.rn.bf16x2 on uint32
+    arrays; operands {i: array} are the asm's $i. Returns every register after the run."""
+    shape = next(iter(operands.values())).shape
+    regs = {f"${i}": v.astype(np.uint32) for i, v in operands.items()}
+
+    def value(token):
+        return regs[token] if token in regs else np.full(shape, int(token, 0), np.uint32)
+    for line in program.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        dst, *src = [t.strip() for t in rest.split(",")]
+        v = [value(t) for t in src]
+        regs[dst] = {
+            "mov.b32": lambda: v[0],
+            "shl.b32": lambda: v[0] << v[1],
+            "shr.b32": lambda: v[0] >> v[1],
+            "and.b32": lambda: v[0] & v[1],
+            "lop3.b32": lambda: _lop3(v[0], v[1], v[2], int(src[3], 0)),
+            "prmt.b32": lambda: _prmt(v[0], v[1], v[2]),
+            "mul.rn.bf16x2": lambda: _mul_bf16x2(v[0], v[1]),
+        }[op]().astype(np.uint32)
+    return regs
+
+
+def test_ptx_program_decodes_every_code_and_scale_bit_exactly():
+    # The inline-PTX program as the kernel calls it: x_a = word, x_b = word >> 4, both halves of
+    # $6 the bf16 scale 2 ** (b - 127); outputs $0..$3 = codes (0,1), (2,3), (4,5), (6,7).
+    # Words: every code in every nibble (random words plus 0x76543210 / 0xFEDCBA98) x scale bytes
+    # 0..240 (the decode range) and 0xFF; bf16 bit patterns compared (so -0.0 too).
+    from mxfp4_moe.kernels._moe_matmul import _E2M1_BF16_PTX
+    program = getattr(_E2M1_BF16_PTX, "value", _E2M1_BF16_PTX)
+    rng = np.random.default_rng(0)
+    scale_bytes = np.repeat(np.append(np.arange(241), mxfp4.E8M0_NAN).astype(np.uint32), 16)
+    words = rng.integers(0, 1 << 32, size=scale_bytes.shape, dtype=np.uint64).astype(np.uint32)
+    words[::16], words[1::16] = 0x76543210, 0xFEDCBA98
+    exp_bits = np.where(scale_bytes == 0, 1 << 6, scale_bytes << 7)               # bf16 2 ** (b - 127)
+    exp_bits = np.where(scale_bytes == mxfp4.E8M0_NAN, 0x7FC0, exp_bits).astype(np.uint32)
+    regs = run_ptx(program, {4: words, 5: words >> np.uint32(4), 6: exp_bits | (exp_bits << np.uint32(16))})
+    out = np.stack([regs[f"${t}"] for t in range(4)], axis=1)                     # [n, 4] bf16 pairs
+    got = torch.from_numpy(np.stack([out & 0xFFFF, out >> 16], axis=2).reshape(-1, 8).astype(np.uint16)
+                           .view(np.int16).copy()).view(torch.bfloat16)
+    codes = np.stack([(words >> np.uint32(4 * i)) & 0xF for i in range(8)], axis=1)
+    values = mxfp4.e2m1_lut(dtype=torch.float64)[torch.from_numpy(codes.astype(np.int64))]
+    scale = torch.pow(2.0, torch.from_numpy(scale_bytes.astype(np.float64)) - mxfp4.E8M0_BIAS)
+    expected = (values * scale[:, None]).to(torch.bfloat16)
+    finite = torch.from_numpy(scale_bytes != mxfp4.E8M0_NAN)
+    assert torch.equal(got[finite].view(torch.int16), expected[finite].view(torch.int16))
+    assert bool(torch.isnan(got[~finite]).all())
 
 
 def test_bad_arguments_raise():
@@ -136,11 +253,21 @@ def test_bad_arguments_raise():
         moe_matmul(torch.randn(3, 64), weights.w2_blocks, weights.w2_scales, None, meta, compute_dtype=torch.int8)
     with pytest.raises(ValueError, match="more than the weights' K"):
         moe_matmul(torch.randn(3, 96), weights.w2_blocks, weights.w2_scales, None, meta)
+    with pytest.raises(ValueError, match="dequant"):
+        moe_matmul(torch.randn(3, 64), weights.w2_blocks, weights.w2_scales, None, meta, dequant="nibbles")
+    with pytest.raises(ValueError, match="ptx"):      # inline PTX: bf16 on a GPU only
+        moe_matmul(torch.randn(3, 64), weights.w2_blocks, weights.w2_scales, None, meta,
+                   compute_dtype=torch.float32, dequant="ptx")
+    odd_rows = torch.zeros(4, 64, 34, dtype=torch.uint8)[:, :, :32]      # row stride 34 bytes
+    with pytest.raises(ValueError, match="4-byte words"):
+        moe_matmul(torch.randn(3, 64), odd_rows, weights.w2_scales, None, meta,
+                   compute_dtype=torch.float32, dequant="words")
 
 
 def test_compiles_for_sm90_without_spills():
     # Ahead-of-time compile for the H100 (no GPU needed), every default config: HGMMA present,
-    # no local memory.
+    # no local memory; the K loop at most 8 SASS instructions per weight element (the inline-PTX
+    # decode: 5.3-7.1; one code at a time it was 10.5-12.3, the loop then bound by issue slots).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "mxfp4_moe.kernels.sm90_report"],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -151,3 +278,4 @@ def test_compiles_for_sm90_without_spills():
         assert rep["hgmma"] > 0, rep
         assert rep["local_bytes"] == 0 and rep["local_mem_ops"] == 0 and rep["stack_bytes"] == 0, rep
         assert rep["registers"] <= 255, rep
+        assert rep["dequant"] == "ptx" and rep["instructions_per_element"] <= 8.0, rep

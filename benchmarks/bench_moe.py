@@ -340,7 +340,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("benchmarks"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out"),
+                   help="folder for results_moe.md, out_moe.json and moe.png (default benchmarks/out, git-ignored)")
     p.add_argument("--experts", type=int, nargs="+", default=[128, 32])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
     p.add_argument("--no-sweep", action="store_true",

@@ -392,6 +392,11 @@ def _main(args, out) -> int:
             print(f"error: cannot read the checkpoint: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
 
+    return report(args, out, env, header, results)
+
+
+def report(args, out, env: dict, header: dict, results: list[CheckResult]) -> int:
+    """Print the table (unless --quiet) and the summary line, write --json; return the exit status."""
     exit_code = EXIT_CHECK_FAILED if any(not r.passed for r in results) else EXIT_OK
     if not args.quiet:
         print(render(env, header, results), file=out)

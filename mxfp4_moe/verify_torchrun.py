@@ -17,9 +17,9 @@ import torch
 from .checks import (CheckResult, SHARD_SUM_TOLERANCE, check_coverage,
                      check_format, check_kernels, check_oracle, check_shard, kernel_tolerance,
                      rel_err)
-from .verify import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK,
-                     Progress, UsageError, _rank_label, _resolve_compute, _write_json, environment,
-                     make_plans, parse_align, parse_layers, render, report_header, summary_line)
+from .verify import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, Progress, UsageError, _rank_label,
+                     _resolve_compute, environment, make_plans, parse_align, parse_layers, report,
+                     report_header)
 
 
 # ---- one process per rank (torchrun) ------------------------------------------------------------
@@ -307,15 +307,7 @@ def main_torchrun(args, out, launch) -> int:
                 return bad_input(str(exc))
             except CheckpointError as exc:
                 return bad_input(f"cannot read the checkpoint: {exc}")
-            exit_code = None
-            if rank0:
-                exit_code = EXIT_CHECK_FAILED if any(not r.passed for r in results) else EXIT_OK
-                if not args.quiet:
-                    print(render(env, header, results), file=out)
-                    print(file=out)
-                print(summary_line(results), file=out)
-                if args.json_path:
-                    _write_json(args.json_path, env, header, results, exit_code)
+            exit_code = report(args, out, env, header, results) if rank0 else None
             return D.broadcast_object(exit_code, device=device if device.type == "cuda" else None)
     finally:
         if not rank0:

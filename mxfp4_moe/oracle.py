@@ -20,9 +20,9 @@ def _require_transformers():
     return GptOssConfig, GptOssMLP
 
 
-def build_transformers_moe(weights: ExpertWeights) -> torch.nn.Module:
-    """A float32 CPU `GptOssMLP` holding `weights` dequantized (unsharded weights only: one rank
-    holding every expert and the whole intermediate size). transformers stores experts
+def build_transformers_moe(weights: ExpertWeights, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A float32 `GptOssMLP` on `device` holding `weights` dequantized (unsharded weights only: one
+    rank holding every expert and the whole intermediate size). transformers stores experts
     transposed: gate_up_proj [E, H, 2I], down_proj [E, I, H]."""
     if weights.num_local_experts != weights.num_experts or weights.tp_size != 1:
         raise ValueError("build_transformers_moe needs unsharded weights (tp 1, every expert local); "
@@ -35,8 +35,9 @@ def build_transformers_moe(weights: ExpertWeights) -> torch.nn.Module:
                           vocab_size=32)
     config.swiglu_alpha = weights.swiglu_alpha
     config._experts_implementation = "eager"      # transformers' own per-expert loop, no hub kernels
-    mlp = GptOssMLP(config).float()
-    w = weights.to("cpu")
+    with torch.device(device):
+        mlp = GptOssMLP(config).float()
+    w = weights.to(device)
     with torch.no_grad():
         w13 = dequantize(w.w13_blocks, w.w13_scales, torch.float32)[:, :2 * inter, :hidden]
         w2 = dequantize(w.w2_blocks, w.w2_scales, torch.float32)[:, :hidden, :inter]

@@ -138,23 +138,11 @@ def test_grouped_matmuls_bf16_vs_float32(gpt_oss_weights, tokens):
 
 @pytest.mark.parametrize("tokens", [64, 512])
 def test_layer_vs_transformers_gpt_oss_mlp(tokens):
-    transformers = pytest.importorskip("transformers")
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+    pytest.importorskip("transformers")
+    from mxfp4_moe.oracle import build_transformers_moe
     E, H, I, k = 32, 2880, 2880, 4
-    weights, dense = random_expert_weights(E, H, I, top_k=k, seed=tokens, device="cuda")
-    config = transformers.GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
-                                       num_experts_per_tok=k, num_hidden_layers=1, num_attention_heads=2,
-                                       num_key_value_heads=1, head_dim=64, vocab_size=16)
-    with torch.device("cuda"):
-        mlp = GptOssMLP(config).float()
-    with torch.no_grad():
-        mlp.router.weight.copy_(weights.router_weight[:, :H])
-        mlp.router.bias.copy_(weights.router_bias)
-        mlp.experts.gate_up_proj.copy_(dense["w13"].transpose(1, 2))           # [E, H, 2I]
-        mlp.experts.gate_up_proj_bias.copy_(weights.w13_bias[:, :2 * I])
-        mlp.experts.down_proj.copy_(dense["w2"].transpose(1, 2))               # [E, I, H]
-        mlp.experts.down_proj_bias.copy_(weights.w2_bias[:, :H])
-    del dense
+    weights, _ = random_expert_weights(E, H, I, top_k=k, seed=tokens, device="cuda", dense=False)
+    mlp = build_transformers_moe(weights, device="cuda")
     x = torch.randn(tokens, H, generator=torch.Generator(device="cuda").manual_seed(3), device="cuda")
     x = x.to(torch.bfloat16)
     with torch.no_grad():

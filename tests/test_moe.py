@@ -40,21 +40,11 @@ def test_triton_backend_matches_torch_backend(E, H, I, H_pad, I_pad, T, local, d
 
 
 def test_torch_backend_matches_transformers_gpt_oss_mlp():
-    transformers = pytest.importorskip("transformers")
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+    pytest.importorskip("transformers")
+    from mxfp4_moe.oracle import build_transformers_moe
     E, H, I, k, T = 8, 64, 96, 4, 13
-    weights, dense = random_expert_weights(E, H, I, hidden_pad=128, inter_pad=128, top_k=k, seed=7)
-    config = transformers.GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
-                                       num_experts_per_tok=k, num_hidden_layers=1, num_attention_heads=2,
-                                       num_key_value_heads=1, head_dim=32, vocab_size=16)
-    mlp = GptOssMLP(config).float()
-    with torch.no_grad():
-        mlp.router.weight.copy_(weights.router_weight[:, :H])
-        mlp.router.bias.copy_(weights.router_bias)
-        mlp.experts.gate_up_proj.copy_(dense["w13"].transpose(1, 2))           # [E, H, 2I]
-        mlp.experts.gate_up_proj_bias.copy_(weights.w13_bias[:, :2 * I])
-        mlp.experts.down_proj.copy_(dense["w2"].transpose(1, 2))               # [E, I, H]
-        mlp.experts.down_proj_bias.copy_(weights.w2_bias[:, :H])
+    weights, _ = random_expert_weights(E, H, I, hidden_pad=128, inter_pad=128, top_k=k, seed=7)
+    mlp = build_transformers_moe(weights)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = mlp(x.unsqueeze(0))[0][0]

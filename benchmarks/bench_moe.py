@@ -94,23 +94,22 @@ SWEEP_AGREEMENT = 1e-2   # relative Frobenius difference a swept config may have
 
 
 def candidates(block_m: int, n: int, k: int, swiglu: bool) -> list[MatmulConfig]:
-    """The default first, then a few alternatives (the best is reported beside the default)."""
+    """The default first, then alternatives (the best is reported beside the default). Swapped
+    operands at every tile size: since the kernel retires each K step's wgmma they are right
+    at 64- to 256-row tiles too (they raced before, triton#9433)."""
     d = default_config(block_m, n, k, swiglu=swiglu)
-    alts = []
+    C = MatmulConfig
     if block_m <= 32:
-        alts = [MatmulConfig(block_m, 64, 64, True, 4, 4), MatmulConfig(block_m, 64, 128, True, 4, 4),
-                MatmulConfig(block_m, 64, 256, True, 4, 3), MatmulConfig(block_m, 128, 128, True, 4, 3),
-                MatmulConfig(block_m, 32, 128, True, 4, 4), MatmulConfig(block_m, 128, 64, True, 4, 4),
-                MatmulConfig(block_m, 64, 128, True, 8, 3)]
+        alts = [C(block_m, 64, 64, True, 4, 4), C(block_m, 64, 128, True, 4, 4), C(block_m, 128, 64, True, 4, 4),
+                C(block_m, 128, 128, True, 4, 3), C(block_m, 256, 64, True, 8, 3)]
     elif block_m == 64:
-        alts = [MatmulConfig(64, 128, 64, False, 4, 3), MatmulConfig(64, 128, 64, True, 4, 3),
-                MatmulConfig(64, 64, 128, True, 4, 4), MatmulConfig(64, 128, 128, False, 4, 3),
-                MatmulConfig(64, 64, 64, True, 4, 4), MatmulConfig(64, 128, 128, True, 4, 3),
-                MatmulConfig(64, 128, 64, False, 8, 3)]
+        alts = [C(64, 128, 64, False, 4, 3), C(64, 128, 64, True, 4, 3), C(64, 128, 64, True, 8, 3),
+                C(64, 256, 64, True, 8, 3), C(64, 128, 128, True, 8, 3), C(64, 64, 64, True, 4, 4)]
+    elif block_m == 128:
+        alts = [C(128, 128, 64, False, 8, 3), C(128, 128, 64, False, 4, 4), C(128, 128, 64, True, 8, 3),
+                C(128, 256, 64, True, 8, 3), C(128, 128, 64, True, 4, 3), C(128, 128, 128, True, 8, 3)]
     else:
-        alts = [MatmulConfig(128, 128, 64, False, 8, 3), MatmulConfig(128, 128, 64, True, 4, 3),
-                MatmulConfig(128, 128, 64, False, 4, 4), MatmulConfig(128, 256, 64, False, 8, 3),
-                MatmulConfig(128, 128, 128, False, 8, 3), MatmulConfig(128, 128, 64, True, 8, 3)]
+        alts = [C(block_m, 128, 64, True, 8, 3), C(block_m, 128, 64, False, 8, 3)]
     out = [d]
     for c in alts:
         if c not in out:
@@ -119,8 +118,8 @@ def candidates(block_m: int, n: int, k: int, swiglu: bool) -> list[MatmulConfig]
 
 
 def block_m_candidates(block_m: int) -> list[int]:
-    """The picked block_m first, then its neighbours in 16..128."""
-    return [block_m] + [b for b in (block_m // 2, block_m * 2) if 16 <= b <= 128]
+    """The picked block_m first, then its neighbours in 16..256."""
+    return [block_m] + [b for b in (block_m // 2, block_m * 2) if 16 <= b <= 256]
 
 
 def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: bool, sweep: bool = True) -> dict:
@@ -179,7 +178,19 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
                 except Exception as exc:  # a config that does not fit (shared memory) is skipped
                     print(f"  config {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         res[op + "_sweep"] = [[ms, list(cfg.__dict__.values())] for ms, cfg in timings]
-        is_default = bool(timings) and timings[0][1] == default_config(block_m, n, k, swiglu=op == "w13")
+        default_cfg = default_config(block_m, n, k, swiglu=op == "w13")
+        if default_cfg.swap_ab:
+            # What retiring each K step's wgmma costs: the default config pipelined as Triton 3.6
+            # would (racy, triton#9433; timed only, its output is not used).
+            unsafe_kw = {"config": default_cfg, "unsafe_pipelined_rs_mma": True}
+            if op == "w13":
+                unsafe = lambda: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, metas[block_m],
+                                            swiglu=swiglu, **unsafe_kw)
+            else:
+                unsafe = lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, metas[block_m], gather=False,
+                                            apply_row_weight=True, combine="atomic", n_out=h, **unsafe_kw)
+            res[op + "_unsafe_pipelined_ms"] = time_graph(unsafe)
+        is_default = bool(timings) and timings[0][1] == default_cfg
         default_ms = timings[0][0] if is_default else float("nan")
         best_ms, best_cfg = min(timings, key=lambda t: t[0])
         best[op] = best_cfg

@@ -183,7 +183,8 @@ def _moe_matmul_kernel(
         GATHER: tl.constexpr, SCATTER: tl.constexpr, ATOMIC: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_CHANNEL_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
         ROW_WEIGHT: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr,
-        COMPUTE_DTYPE: tl.constexpr, DEQUANT: tl.constexpr):
+        COMPUTE_DTYPE: tl.constexpr, DEQUANT: tl.constexpr,
+        RETIRE_MMA_EACH_STEP: tl.constexpr):
     """One program: one tile of up to BLOCK_M sorted rows of one expert x BLOCK_N weight rows.
 
     Row r of the tile reads x[gather[r]] (or x[r]) [K_X valid columns, zero beyond], multiplies
@@ -191,6 +192,12 @@ def _moe_matmul_kernel(
     weight, and writes y[scatter[r]] (or y[r]) columns < N_OUT, by store or fp32 atomic add.
     DEQUANT "words" / "ptx" read W as uint32 words: stride_wk must be 1 and stride_we, stride_wn
     and w_ptr multiples of 4 bytes (the launcher checks).
+    RETIRE_MMA_EACH_STEP (SWAP_AB on the GPU): wait for each K step's matrix instruction before
+    the next step. With SWAP_AB the dequantized weights are the wgmma's register operand, and
+    Triton 3.6 keeps up to 3 of those instructions in flight across the loop's back edge while
+    ptxas 12.8 lets the next step's decode overwrite the registers they still read (triton
+    issue #9433: a race, wrong results at 64/128-row tiles; fixed upstream only by a newer
+    Triton together with ptxas >= 13.3). `sm90_report.rs_wgmma_hazards` checks the SASS.
     """
     pid_n = tl.program_id(0)
     tile = tl.program_id(1)
@@ -257,6 +264,10 @@ def _moe_matmul_kernel(
                 acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
             else:
                 acc = tl.dot(w, tl.trans(x), acc)
+            if RETIRE_MMA_EACH_STEP:
+                # An empty asm that reads and writes acc: the matrix instruction of this step must
+                # finish here, before the next step's decode can reuse the registers it reads.
+                acc = tl.inline_asm_elementwise("", "=r,0", [acc], dtype=tl.float32, is_pure=False, pack=1)
         else:
             if COMPUTE_DTYPE == tl.float32:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")

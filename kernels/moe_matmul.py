@@ -89,25 +89,12 @@ def words_aligned(blocks: torch.Tensor) -> bool:
             and blocks.data_ptr() % word == 0)
 
 
-def ptx_decode_validated(config: MatmulConfig) -> bool:
-    """Whether the inline-PTX decode is known to compute the right thing with this block config.
-
-    On an H100 (Triton 3.6, commit 3333594) it gave wrong results with swapped operands at 64-
-    and 128-row tiles: (128, 128, 64, swap, 8 warps) 3.7 relative error on w13 where the "bytes"
-    and "words" paths were right to 4e-5, and the config sweep flagged (64, 128, 64, swap, 4
-    warps) too. Until the cause is found those tiles decode with "bytes". The default configs
-    (swapped only up to 32-row tiles) are checked on the GPU by tests/test_gpu.py.
-    """
-    return not (config.swap_ab and config.block_m > 32)
-
-
 def pick_dequant(compute_dtype: torch.dtype, blocks: torch.Tensor, config: MatmulConfig) -> str:
     """The dequantization the kernel uses by default: "ptx" for bf16 on the GPU when the weights
-    can be read as words and the config is one the PTX decode is validated for (the K loop then
-    runs 5.3-7.1 SASS instructions per weight element, 10.5-12.3 with "bytes"; 1.17-1.63x faster
-    on an H100), else "bytes"."""
-    if (compute_dtype == torch.bfloat16 and not interpreting() and words_aligned(blocks)
-            and ptx_decode_validated(config)):
+    can be read as words (the K loop then runs 5.3-7.1 SASS instructions per weight element,
+    10.5-12.3 with "bytes"; 1.17-1.63x faster on an H100), else "bytes". `config` is accepted
+    for callers that pick per config; every config takes the same decode today."""
+    if compute_dtype == torch.bfloat16 and not interpreting() and words_aligned(blocks):
         return "ptx"
     return "bytes"
 
@@ -124,7 +111,8 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                swiglu: tuple[float, float] | None = None, apply_row_weight: bool = False,
                combine: Combine = "none", n_out: int | None = None,
                compute_dtype: torch.dtype = torch.bfloat16, config: MatmulConfig | None = None,
-               out: torch.Tensor | None = None, dequant: Dequant = "auto") -> torch.Tensor:
+               out: torch.Tensor | None = None, dequant: Dequant = "auto",
+               unsafe_pipelined_rs_mma: bool = False) -> torch.Tensor:
     """Grouped MXFP4 matmul over the expert-sorted rows of `meta`.
 
     For sorted row r of local expert e: h[r] = x[src(r)] @ dequant(W[e]).T (* channel_scale[e])
@@ -149,6 +137,9 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     dequant: how the kernel decodes the weights, all exact: "bytes" (one code at a time, any
        dtype), "words" (uint32 words in plain Triton), "ptx" (uint32 words through inline PTX; bf16,
        GPU only); "words"/"ptx" need `words_aligned(blocks)`. "auto": `pick_dequant`.
+    unsafe_pipelined_rs_mma: for benchmarks only. With swapped operands, let the matrix
+       instructions run across K steps the way Triton 3.6 pipelines them, which races with the
+       next step's decode (triton issue #9433, see `_moe_matmul_kernel`); measures the fix's cost.
     Scale bytes above 240 (weights beyond 2**113) are outside the kernel's decode range.
     """
     if compute_dtype not in COMPUTE_DTYPES:
@@ -197,9 +188,6 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     if dequant == "ptx" and (compute_dtype != torch.bfloat16 or interpreting()):
         raise ValueError(f"moe_matmul: dequant='ptx' needs compute_dtype bfloat16 on a GPU (got {compute_dtype}"
                          f"{', under the interpreter' if interpreting() else ''})")
-    if dequant == "ptx" and not ptx_decode_validated(config):
-        raise ValueError(f"moe_matmul: dequant='ptx' gives wrong results with {config} on sm_90 (swapped "
-                         "operands at tiles of more than 32 rows); use dequant='bytes' or 'words' with it")
     if config.block_m != meta.block_m:
         raise ValueError(f"moe_matmul: config.block_m {config.block_m} != routing metadata block_m {meta.block_m}")
 
@@ -242,6 +230,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
         SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, SWAP_AB=config.swap_ab,
         EVEN_K=(k % config.block_k == 0 and x.shape[1] == k),
         COMPUTE_DTYPE=_tl_dtype(compute_dtype), DEQUANT=dequant,
+        RETIRE_MMA_EACH_STEP=config.swap_ab and not interpreting() and not unsafe_pipelined_rs_mma,
         num_warps=config.num_warps, num_stages=config.num_stages)
     if combine == "slots":
         return y.view(tokens, meta.top_k, n_out).sum(1, dtype=torch.float32)

@@ -29,6 +29,8 @@ VARIANTS = (
     # name, N, K, block_m, swiglu, atomic
     ("w13_bm16", 5760, 2880, 16, True, False),
     ("w2_bm16", 2880, 2880, 16, False, True),
+    ("w13_bm32", 5760, 2880, 32, True, False),
+    ("w2_bm32", 2880, 2880, 32, False, True),
     ("w13_bm64", 5760, 2880, 64, True, False),
     ("w2_bm64", 2880, 2880, 64, False, True),
     ("w13_bm128", 5760, 2880, 128, True, False),
@@ -54,10 +56,13 @@ def _int_args(config: MatmulConfig, *, k: int, n: int, atomic: bool) -> dict:
 
 
 def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool, n: int = 2880,
-                    compute: str = "bfloat16", x_dtype: str = "bfloat16", dequant: str | None = None):
+                    compute: str = "bfloat16", x_dtype: str = "bfloat16", dequant: str | None = None,
+                    retire_mma_each_step: bool | None = None):
     """Compile `_moe_matmul_kernel` for sm_90 as a launch on contiguous tensors of an [n, k]
     weight would specialize it; returns triton's CompiledKernel. dequant: the kernel's DEQUANT
-    (default: what the launcher picks on a GPU, "ptx" for bf16, else "bytes")."""
+    (default: what the launcher picks on a GPU, "ptx" for bf16, else "bytes").
+    retire_mma_each_step: the kernel's RETIRE_MMA_EACH_STEP (default: as the launcher sets it on
+    a GPU, i.e. config.swap_ab)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("sm90_report needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
     import triton.language as tl
@@ -82,6 +87,7 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
         "HAS_CHANNEL_SCALE": False, "SWIGLU": swiglu, "ROW_WEIGHT": atomic, "SWAP_AB": config.swap_ab,
         "EVEN_K": k % config.block_k == 0, "COMPUTE_DTYPE": ct,
         "DEQUANT": dequant or ("ptx" if compute == "bfloat16" else "bytes"),
+        "RETIRE_MMA_EACH_STEP": config.swap_ab if retire_mma_each_step is None else retire_mma_each_step,
     }
     for name in constexprs:
         signature[name] = "constexpr"
@@ -111,6 +117,55 @@ def main_loop(sass: str) -> list[str]:
     return best
 
 
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4}\*/\s*(?P<text>[^;]*);")
+_HGMMA_A_REGISTER = re.compile(r"\bHGMMA\.\S+ R\d+, R(\d+),")
+_WGMMA_WAIT = re.compile(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)")
+# Instructions whose first register is a source, not a destination.
+_NO_DESTINATION = ("ST", "RED", "ATOM", "HGMMA", "WARPGROUP", "BAR", "BRA", "DEPBAR", "LDGDEPBAR",
+                   "LDGSTS", "ISETP", "FSETP", "HSETP", "UISETP", "PLOP3", "NOP", "EXIT", "RET")
+
+
+def _registers_written(instruction: str) -> set[int]:
+    """General registers an instruction writes (its first operand), e.g. LDS.128 R8 -> R8..R11."""
+    m = re.match(r"(?:@!?U?P\w+\s+)?(?P<op>[A-Z0-9_.]+)\s+R(?P<reg>\d+)\b", instruction)
+    if not m or m.group("op").startswith(_NO_DESTINATION):
+        return set()
+    width = 4 if ".128" in m.group("op") else 2 if (".64" in m.group("op") or ".WIDE" in m.group("op")) else 1
+    return set(range(int(m.group("reg")), int(m.group("reg")) + width))
+
+
+def rs_wgmma_hazards(loop: list[str]) -> dict:
+    """Registers the K loop overwrites while a wgmma that reads them may still run.
+
+    A wgmma with its A operand in registers (HGMMA R_d, R_a, gdesc...) reads R_a..R_a+3
+    asynchronously, until a WARPGROUP.DEPBAR (wgmma.wait_group) retires it. When the loop's last
+    wait leaves p groups pending at the back edge, those groups' A registers must not be written
+    at the top of the next iteration before its first wait; this counts the writes that do.
+    Returns {"rs_groups", "pending_at_back_edge", "in_flight_overwrites"}.
+    """
+    body = [m.group("text").strip() for line in loop if (m := _SASS_INSTRUCTION.match(line))]
+    groups: list[set[int]] = []          # A registers of each WARPGROUP.ARRIVE ... HGMMA group
+    open_group: set[int] | None = None
+    pending = 0
+    for ins in body:
+        if ins.startswith("WARPGROUP.ARRIVE"):
+            open_group = set()
+            groups.append(open_group)
+        elif (m := _HGMMA_A_REGISTER.search(ins)) and open_group is not None:
+            open_group |= set(range(int(m.group(1)), int(m.group(1)) + 4))
+        elif m := _WGMMA_WAIT.search(ins):
+            pending = int(m.group(1), 16)
+    rs_groups = [g for g in groups if g]
+    in_flight = set().union(*groups[len(groups) - pending:]) if pending else set()
+    overwrites = 0
+    for ins in body:
+        if _WGMMA_WAIT.search(ins) or ins.startswith("WARPGROUP.ARRIVE"):
+            break
+        overwrites += bool(_registers_written(ins) & in_flight)
+    return {"rs_groups": len(rs_groups), "pending_at_back_edge": pending if rs_groups else 0,
+            "in_flight_overwrites": overwrites}
+
+
 def resource_report(compiled, config: MatmulConfig | None = None) -> dict:
     """Registers, spills, shared memory and SASS instruction counts of a compiled kernel; with
     its config, also the K loop's instructions per thread and per weight element (all threads'
@@ -137,6 +192,7 @@ def resource_report(compiled, config: MatmulConfig | None = None) -> dict:
         "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
         "hmma": len(re.findall(r"\bHMMA\b", sass)),
         "local_mem_ops": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        **rs_wgmma_hazards(loop),
         **per_loop,
     }
 

@@ -176,9 +176,12 @@ def test_layer_cuda_graph_replay_matches_eager():
 
 @pytest.mark.parametrize("config", [(128, 128, 64, True, 8, 3), (64, 128, 64, True, 4, 3)],
                          ids=["bm128-swap-8warps", "bm64-swap-4warps"])
-def test_configs_the_ptx_decode_got_wrong_now_decode_right(config):
-    # Regression: on an H100 the inline-PTX decode gave 3.7 relative error with (128, 128, 64,
-    # swap, 8 warps); such configs now decode with "bytes" under dequant="auto".
+@pytest.mark.parametrize("dequant", ["ptx", "words"])
+def test_swapped_configs_that_raced_are_right(config, dequant):
+    # Regression: on an H100 (128, 128, 64, swap, 8 warps) gave 3.7 relative error. The cause was
+    # a race: Triton 3.6 kept swapped-operand wgmmas in flight across K steps while the next
+    # step's decode reused their registers (triton#9433); the kernel now retires each step's
+    # wgmma (RETIRE_MMA_EACH_STEP), and these configs must be right with every decode.
     from mxfp4_moe.kernels import MatmulConfig, moe_matmul
     from mxfp4_moe.reference import reference_moe_matmul
     cfg = MatmulConfig(*config)
@@ -188,7 +191,8 @@ def test_configs_the_ptx_decode_got_wrong_now_decode_right(config):
     topk_w, topk_ids = route(x, w.router_weight, w.router_bias, k)
     meta = routing_metadata(topk_ids, w.expert_map, E, cfg.block_m, topk_w)
     swiglu = (w.swiglu_alpha, w.swiglu_limit)
-    got = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu, config=cfg).float()
+    got = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu, config=cfg,
+                     dequant=dequant).float()
     ref = reference_moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu).float()
     rows = int(meta.expert_offsets[-1])
     assert ((got[:rows] - ref[:rows]).norm() / ref[:rows].norm()).item() < 5e-3

@@ -94,22 +94,26 @@ SWEEP_AGREEMENT = 1e-2   # relative Frobenius difference a swept config may have
 
 
 def candidates(block_m: int, n: int, k: int, swiglu: bool) -> list[MatmulConfig]:
-    """The default first, then alternatives (the best is reported beside the default). Swapped
-    operands at every tile size: since the kernel retires each K step's wgmma they are right
-    at 64- to 256-row tiles too (they raced before, triton#9433)."""
+    """The default first, then alternatives (the best is reported beside the default): the
+    Triton kernel (swapped operands are right at every tile size since it retires each K step's
+    wgmma, triton#9433) and, from 64-row tiles up, the Gluon "sm90" kernel."""
     d = default_config(block_m, n, k, swiglu=swiglu)
     C = MatmulConfig
     if block_m <= 32:
         alts = [C(block_m, 64, 64, True, 4, 4), C(block_m, 64, 128, True, 4, 4), C(block_m, 128, 64, True, 4, 4),
                 C(block_m, 128, 128, True, 4, 3), C(block_m, 256, 64, True, 8, 3)]
     elif block_m == 64:
-        alts = [C(64, 128, 64, False, 4, 3), C(64, 128, 64, True, 4, 3), C(64, 128, 64, True, 8, 3),
-                C(64, 256, 64, True, 8, 3), C(64, 128, 128, True, 8, 3), C(64, 64, 64, True, 4, 4)]
+        alts = [C(64, 128, 64, False, 4, 3), C(64, 128, 64, True, 4, 3), C(64, 64, 64, True, 4, 4),
+                C(64, 128, 64, False, 4, 3, "sm90"), C(64, 256, 64, False, 4, 3, "sm90"),
+                C(64, 128, 64, False, 4, 4, "sm90"), C(64, 128, 128, False, 4, 3, "sm90")]
     elif block_m == 128:
-        alts = [C(128, 128, 64, False, 8, 3), C(128, 128, 64, False, 4, 4), C(128, 128, 64, True, 8, 3),
-                C(128, 256, 64, True, 8, 3), C(128, 128, 64, True, 4, 3), C(128, 128, 128, True, 8, 3)]
+        alts = [C(128, 128, 64, False, 8, 3), C(128, 128, 64, False, 4, 4), C(128, 128, 64, True, 4, 3),
+                C(128, 128, 64, False, 8, 3, "sm90"), C(128, 128, 64, False, 4, 3, "sm90"),
+                C(128, 256, 64, False, 8, 3, "sm90"), C(128, 128, 64, False, 8, 4, "sm90"),
+                C(128, 256, 64, False, 8, 4, "sm90")]
     else:
-        alts = [C(block_m, 128, 64, True, 8, 3), C(block_m, 128, 64, False, 8, 3)]
+        alts = [C(block_m, 128, 64, True, 8, 3), C(block_m, 128, 64, False, 8, 3, "sm90"),
+                C(block_m, 256, 64, False, 8, 3, "sm90")]
     out = [d]
     for c in alts:
         if c not in out:

@@ -28,15 +28,25 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+Kernel = Literal["triton", "sm90"]
+
+
 @dataclass(frozen=True)
 class MatmulConfig:
-    """Block sizes and schedule of one launch. block_m must equal the routing metadata's."""
+    """Block sizes and schedule of one launch. block_m must equal the routing metadata's.
+
+    kernel: "triton" (`_moe_matmul.py`: any GPU and the interpreter) or "sm90" (the Gluon
+    kernel of `_moe_matmul_sm90.py`: Hopper, bf16, swap_ab False, block_m a multiple of
+    16 * num_warps; it overlaps each K step's weight decode with the previous step's wgmma).
+    For "sm90", num_stages is the number of x tiles in flight (>= 2).
+    """
     block_m: int
     block_n: int
     block_k: int
     swap_ab: bool
     num_warps: int = 4
     num_stages: int = 3
+    kernel: Kernel = "triton"
 
 
 def pick_block_m(num_rows: int, num_local_experts: int) -> int:
@@ -191,6 +201,13 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     if config.block_m != meta.block_m:
         raise ValueError(f"moe_matmul: config.block_m {config.block_m} != routing metadata block_m {meta.block_m}")
 
+    if config.kernel == "sm90":
+        problem = _sm90_unsupported(x, blocks, config, compute_dtype, dequant)
+        if problem:
+            raise ValueError(f"moe_matmul: kernel 'sm90' cannot run this call: {problem}")
+    elif config.kernel != "triton":
+        raise ValueError(f"moe_matmul: config.kernel must be 'triton' or 'sm90', got {config.kernel!r}")
+
     tokens, rows = meta.num_tokens, meta.num_rows
     if out is not None:
         if combine != "none":
@@ -212,6 +229,65 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     bias_t = bias if bias is not None else dummy
     cs_t = channel_scale if channel_scale is not None else dummy
     grid = (triton.cdiv(n, config.block_n), meta.max_tiles)
+    if config.kernel == "sm90":
+        from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
+        for name, t in (("bias", bias_t), ("channel_scale", cs_t), ("output", y)):
+            if t.stride(-1) != 1:
+                raise ValueError(f"moe_matmul: kernel 'sm90' needs unit stride along the last dim of {name}")
+        _moe_matmul_sm90_kernel[grid](
+            x, x.stride(0),
+            blocks, blocks.stride(0), blocks.stride(1),
+            scales_e8m0, scales_e8m0.stride(0), scales_e8m0.stride(1),
+            bias_t, bias_t.stride(0),
+            cs_t, cs_t.stride(0),
+            y, y.stride(0),
+            meta.sorted_token, scatter if scatter is not None else meta.sorted_token,
+            meta.sorted_weight if apply_row_weight else meta.expert_offsets,
+            meta.expert_offsets, meta.tile_expert, meta.tile_row_start,
+            n, x.shape[1], n_out,
+            float(alpha), float(limit),
+            K=k, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            STAGES=config.num_stages,
+            GATHER=gather, SCATTER=scatter is not None, ATOMIC=combine == "atomic",
+            HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
+            SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, num_warps=config.num_warps)
+    else:
+        _launch_triton_kernel(grid, x, blocks, scales_e8m0, bias_t, cs_t, y, meta, scatter, apply_row_weight,
+                              n, n_out, k, alpha, limit, gather, combine, bias, channel_scale, swiglu,
+                              config, compute_dtype, dequant, unsafe_pipelined_rs_mma)
+    if combine == "slots":
+        return y.view(tokens, meta.top_k, n_out).sum(1, dtype=torch.float32)
+    return y
+
+
+def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor, config: MatmulConfig, compute_dtype: torch.dtype,
+                      dequant: str) -> str:
+    """Why the "sm90" kernel cannot run this call ("" when it can)."""
+    if interpreting() or x.device.type != "cuda":
+        return "it needs a CUDA GPU (Gluon kernels do not run under the interpreter)"
+    if torch.cuda.get_device_capability(x.device)[0] != 9:
+        return f"it needs a Hopper GPU (sm_90), found {torch.cuda.get_device_name(x.device)}"
+    if compute_dtype != torch.bfloat16:
+        return f"compute_dtype must be bfloat16, got {compute_dtype}"
+    if config.swap_ab:
+        return "swap_ab must be False"
+    if config.block_m % (16 * config.num_warps) or config.block_k % 32 or config.num_stages < 2:
+        return (f"block_m must be a multiple of 16 * num_warps, block_k of 32 and num_stages >= 2 "
+                f"(got {config})")
+    if not words_aligned(blocks):
+        return f"blocks must be readable as 4-byte words (strides {tuple(blocks.stride())})"
+    if dequant != "ptx":
+        return f"it always decodes with inline PTX (dequant 'ptx'), got dequant={dequant!r}"
+    if x.dtype != torch.bfloat16 or x.stride(1) != 1 or x.stride(0) % 8 or x.shape[1] % 8 or x.data_ptr() % 16:
+        return ("x must be bf16 with unit stride along K, rows and width multiples of 8 elements and a "
+                f"16-byte aligned pointer (copied 16 bytes at a time); got {x.dtype} {tuple(x.shape)} "
+                f"strides {tuple(x.stride())}")
+    return ""
+
+
+def _launch_triton_kernel(grid, x, blocks, scales_e8m0, bias_t, cs_t, y, meta, scatter, apply_row_weight,
+                          n, n_out, k, alpha, limit, gather, combine, bias, channel_scale, swiglu,
+                          config, compute_dtype, dequant, unsafe_pipelined_rs_mma) -> None:
     _moe_matmul_kernel[grid](
         x, x.stride(0), x.stride(1),
         blocks, blocks.stride(0), blocks.stride(1), blocks.stride(2),
@@ -232,9 +308,6 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
         COMPUTE_DTYPE=_tl_dtype(compute_dtype), DEQUANT=dequant,
         RETIRE_MMA_EACH_STEP=config.swap_ab and not interpreting() and not unsafe_pipelined_rs_mma,
         num_warps=config.num_warps, num_stages=config.num_stages)
-    if combine == "slots":
-        return y.view(tokens, meta.top_k, n_out).sum(1, dtype=torch.float32)
-    return y
 
 
 def _tl_dtype(dtype: torch.dtype):

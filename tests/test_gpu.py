@@ -136,6 +136,64 @@ def test_grouped_matmuls_bf16_vs_float32(gpt_oss_weights, tokens):
     assert err13 < TOL_BF16 and err2 < TOL_BF16
 
 
+SM90_CONFIGS = [(64, 128, 64, False, 4, 3, "sm90"), (128, 128, 64, False, 8, 3, "sm90"),
+                (128, 128, 64, False, 4, 3, "sm90"), (128, 256, 64, False, 8, 4, "sm90")]
+
+
+@pytest.mark.parametrize("config", SM90_CONFIGS, ids=lambda c: "bm{}-bn{}-w{}-s{}".format(c[0], c[1], c[4], c[5]))
+@pytest.mark.parametrize("tokens", [1, 77, 600, 4096])
+def test_sm90_kernel_vs_float32(gpt_oss_weights, config, tokens):
+    # The Gluon kernel (decode overlapped with the previous step's wgmma) on the gpt-oss shapes,
+    # tails in rows (T * 4 not a multiple of the tile) and in experts with no rows; outputs
+    # NaN-poisoned; w2 both by atomic combine and into sorted rows with per-channel scales.
+    from mxfp4_moe.kernels import MatmulConfig, moe_matmul
+    from mxfp4_moe.reference import reference_moe_matmul
+    cfg = MatmulConfig(*config)
+    w = gpt_oss_weights
+    gen = torch.Generator(device="cuda").manual_seed(tokens + 1)
+    x = torch.randn(tokens, w.hidden, generator=gen, device="cuda").to(torch.bfloat16)
+    topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
+    meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, cfg.block_m, topk_w)
+    local = int(meta.expert_offsets[-1])
+    args13 = (w.w13_blocks, w.w13_scales, w.w13_bias, meta)
+    swiglu = (w.swiglu_alpha, w.swiglu_limit)
+    act = torch.full((tokens * w.top_k, w.inter_pad), float("nan"), dtype=torch.bfloat16, device="cuda")
+    moe_matmul(x, *args13, swiglu=swiglu, out=act, config=cfg)
+    act_ref = reference_moe_matmul(x, *args13, swiglu=swiglu, compute_dtype=torch.float32)
+    err13 = rel_err(act[:local], act_ref[:local])
+    args2 = (w.w2_blocks, w.w2_scales, w.w2_bias, meta)
+    kw2 = dict(gather=False, apply_row_weight=True, n_out=w.hidden)
+    y = moe_matmul(act, *args2, combine="atomic", config=cfg, **kw2)
+    y_ref = reference_moe_matmul(act, *args2, combine="atomic", compute_dtype=torch.float32, **kw2)
+    err2 = rel_err(y, y_ref)
+    cs = torch.rand(w.num_local_experts, w.hidden_pad, generator=gen, device="cuda") + 0.5
+    rows = torch.full((tokens * w.top_k, w.hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
+    moe_matmul(act, *args2, channel_scale=cs, out=rows, config=cfg, gather=False, n_out=w.hidden)
+    rows_ref = reference_moe_matmul(act, *args2, channel_scale=cs, compute_dtype=torch.float32, gather=False,
+                                    n_out=w.hidden)
+    err_rows = rel_err(rows[:local], rows_ref[:local])
+    print(f"sm90 {config} E={w.num_local_experts} I_pad={w.inter_pad} T={tokens}: w13 {err13:.2e} "
+          f"w2 atomic {err2:.2e} w2 rows+channel scale {err_rows:.2e}")
+    assert err13 < TOL_BF16 and err2 < TOL_BF16 and err_rows < TOL_BF16
+
+
+def test_sm90_kernel_padded_hidden():
+    # Hidden 2880 padded to 3072: x has fewer columns than the weights' K (masked to zero).
+    from mxfp4_moe.kernels import MatmulConfig, moe_matmul
+    from mxfp4_moe.reference import reference_moe_matmul
+    w, _ = random_expert_weights(8, 2880, 2880, hidden_pad=3072, inter_pad=2944, top_k=4, seed=3, device="cuda",
+                                 dense=False)
+    cfg = MatmulConfig(128, 128, 64, False, 8, 3, "sm90")
+    x = torch.randn(700, 2880, generator=torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
+    topk_w, topk_ids = route(x, w.router_weight, w.router_bias, 4)
+    meta = routing_metadata(topk_ids, w.expert_map, 8, cfg.block_m, topk_w)
+    swiglu = (w.swiglu_alpha, w.swiglu_limit)
+    args13 = (w.w13_blocks, w.w13_scales, w.w13_bias, meta)
+    act = moe_matmul(x, *args13, swiglu=swiglu, config=cfg)
+    ref = reference_moe_matmul(x, *args13, swiglu=swiglu, compute_dtype=torch.float32)
+    assert rel_err(act, ref) < TOL_BF16
+
+
 @pytest.mark.parametrize("tokens", [64, 512])
 def test_layer_vs_transformers_gpt_oss_mlp(tokens):
     pytest.importorskip("transformers")

@@ -1,0 +1,191 @@
+"""Gluon kernel for Hopper (sm_90): the grouped MXFP4 matmul of `_moe_matmul.py` (same
+arguments, same fused gather / bias / scale / SwiGLU / routing weight / scatter), written so that
+the weight decode of one K step runs while the tensor cores multiply the step before.
+
+Why a second kernel: in `_moe_matmul.py` Triton 3.6 must finish each step's wgmma before the
+next step's decode (the decoded tile lives in registers or in one shared buffer), so the CUDA
+cores and the tensor cores take turns. Here everything is explicit:
+
+    step k:  load the packed words of step k + 1 (registers, in flight during this step)
+             decode step k's words -> bf16 -> w_smem[k % 2]          (CUDA cores)
+             wait for x tile k (cp.async), barrier
+             wgmma(x_smem[k % S], w_smem[k % 2]^T) asynchronously   (tensor cores)
+             wait until only that wgmma is in flight (retires step k - 1)
+             cp.async the x rows of step k + S - 1 into the stage step k - 1 used
+
+so step k + 1's decode overlaps step k's wgmma. Both operands come from shared memory (no
+register operand, hence none of the register race of triton#9433). Rows per tile (BLOCK_M) must
+be a multiple of 64 (one wgmma is 64 rows per warpgroup); bf16 only, GPU only (Gluon has no
+interpreter). Launched by `moe_matmul.py` when `MatmulConfig.kernel == "sm90"`.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from ._moe_matmul import (_BF16_MANTISSA_BITS, _BF16_NAN_BITS, _BF16_POW2_MIN_BITS, _BLOCK_SIZE, _CODES_PER_WORD,
+                          _E2M1_BF16_PTX, _E8M0_NAN, _NIBBLE_BITS)
+
+_WORDS_PER_BLOCK: gl.constexpr = gl.constexpr(32 // 8)      # uint32 words per 32-code block
+
+
+@gluon.jit
+def _decode_tile(words, scale_bytes):
+    """words [BN, G, 4] uint32 (G = BLOCK_K // 32 blocks of 4 words, code k % 8 in nibble k % 8),
+    scale_bytes [BN, G, 1] uint8 E8M0 -> [BN, G * 32] bf16, exact (the inline-PTX decode of
+    `_moe_matmul._dequant_mxfp4_words`)."""
+    BN: gl.constexpr = words.shape[0]
+    G: gl.constexpr = words.shape[1]
+    b = scale_bytes.to(gl.int16)
+    bits = gl.where(b == 0, _BF16_POW2_MIN_BITS, b << _BF16_MANTISSA_BITS)
+    bits = gl.where(b == _E8M0_NAN, _BF16_NAN_BITS, bits)
+    scale = bits.to(gl.int16).to(gl.bfloat16, bitcast=True)
+    scale = gl.join(scale, scale).broadcast_to(BN, G, _WORDS_PER_BLOCK, 2)      # [BN, G, 4, 2]
+    pair = gl.join(words, words >> _NIBBLE_BITS)                       # [BN, G, 4, 2]
+    p0, p1, p2, p3 = gl.inline_asm_elementwise(
+        _E2M1_BF16_PTX, "=r,=r,=r,=r,r,r,r", [pair, scale],
+        dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=2)
+    # parts[t][n, g, j, p] = code 2 t + p of word 4 g + j, i.e. k = 32 g + 8 j + 2 t + p
+    w = gl.join(gl.join(p0, p2), gl.join(p1, p3))                      # [BN, G, 4, p, t_hi, t_lo]
+    w = gl.permute(w, (0, 1, 2, 4, 5, 3))
+    return w.reshape(BN, G * _BLOCK_SIZE)
+
+
+@gluon.jit
+def _moe_matmul_sm90_kernel(
+        x_ptr, stride_xm,
+        w_ptr, stride_we, stride_wn,
+        s_ptr, stride_se, stride_sn,
+        bias_ptr, stride_be,
+        cs_ptr, stride_cse,
+        y_ptr, stride_ym,
+        gather_ptr, scatter_ptr, row_weight_ptr,
+        expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
+        N, K_X, N_OUT,
+        alpha, limit,
+        K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+        STAGES: gl.constexpr,
+        GATHER: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
+        HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
+        ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
+    """One program: BLOCK_M sorted rows of one expert x BLOCK_N weight rows (as
+    `_moe_matmul_kernel` with SWAP_AB off). Unit strides along K (x, blocks, scales), along N
+    (bias, channel scale) and along the output columns; the launcher checks."""
+    G: gl.constexpr = BLOCK_K // _BLOCK_SIZE
+    NUM_K: gl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    # Layouts. Weights: each thread loads one 32-code block (4 words, 16 bytes) of a row and
+    # its scale byte. x: 8 bf16 (16 bytes) per thread and cp.async.
+    w_layout: gl.constexpr = gl.BlockedLayout([1, 1, _WORDS_PER_BLOCK], [32 // G, G, 1], [num_warps, 1, 1], [2, 1, 0])
+    x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_N, 16])
+    epi_layout: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [num_warps, 1], [1, 0])
+    tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+    pid_n = gl.program_id(0)
+    tile = gl.program_id(1)
+    expert = gl.load(tile_expert_ptr + tile)
+    if expert < 0:
+        return  # past the last real tile
+    row_start = gl.load(tile_row_start_ptr + tile)
+    row_end = gl.load(expert_offsets_ptr + expert + 1)
+    expert64 = expert.to(gl.int64)
+
+    # x rows of this tile (gathered) and the column offsets of one K step.
+    offs_xm = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
+    mask_xm = offs_xm < row_end
+    if GATHER:
+        x_rows = gl.load(gather_ptr + offs_xm, mask=mask_xm, other=0)
+    else:
+        x_rows = offs_xm
+    offs_xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
+    x_ptrs = x_ptr + x_rows.to(gl.int64)[:, None] * stride_xm + offs_xk[None, :]
+
+    # Weight words [BLOCK_N, G, 4] and scale bytes [BLOCK_N, G, 1] of one K step.
+    offs_wn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
+    mask_wn = offs_wn < N
+    offs_g = gl.arange(0, G, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_layout)))
+    offs_j = gl.arange(0, _WORDS_PER_BLOCK, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
+    w_rows = (w_ptr + expert64 * stride_we + offs_wn.to(gl.int64) * stride_wn).to(gl.pointer_type(gl.uint32))
+    w_ptrs = (w_rows[:, None, None] + (offs_g * _WORDS_PER_BLOCK)[None, :, None] + offs_j[None, None, :])
+    s_ptrs = (s_ptr + expert64 * stride_se + offs_wn.to(gl.int64) * stride_sn)[:, None, None] + offs_g[None, :, None]
+    w_row_mask = mask_wn[:, None, None]
+
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], tile_smem)
+    w_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, BLOCK_K], tile_smem)
+
+    # Prologue: x tiles of the first STAGES - 1 steps in flight, step 0's weights in registers.
+    for st in gl.static_range(STAGES - 1):
+        if st < NUM_K:
+            x_mask = mask_xm[:, None] & ((st * BLOCK_K + offs_xk) < K_X)[None, :]
+            async_copy.async_copy_global_to_shared(x_smem.index(st), x_ptrs + st * BLOCK_K, mask=x_mask)
+        async_copy.commit_group()
+    k_mask = (offs_g < K // _BLOCK_SIZE)[None, :, None]
+    words = gl.load(w_ptrs, mask=w_row_mask & k_mask, other=0)
+    scale_bytes = gl.load(s_ptrs, mask=w_row_mask & k_mask, other=0)
+
+    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+    for ki in range(NUM_K):
+        # Next step's weights: plain loads, in flight while this step decodes and multiplies.
+        next_g = (ki + 1) * G + offs_g
+        next_mask = w_row_mask & (next_g < K // _BLOCK_SIZE)[None, :, None]
+        next_words = gl.load(w_ptrs + (ki + 1) * (BLOCK_K // _CODES_PER_WORD), mask=next_mask, other=0)
+        next_scales = gl.load(s_ptrs + (ki + 1) * G, mask=next_mask, other=0)
+
+        # w_smem[ki % 2] was read by the wgmma of step ki - 2, retired in step ki - 1.
+        w = _decode_tile(words, scale_bytes)
+        w_smem.index(ki % 2).store(w)
+        fence_async_shared()
+        async_copy.wait_group(STAGES - 2)          # this thread's x copies of step ki landed
+        gl.thread_barrier()                        # ... and every thread's, and the w tile
+        acc = warpgroup_mma(x_smem.index(ki % STAGES), w_smem.index(ki % 2).permute((1, 0)), acc,
+                            is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))   # step ki - 1 retired
+
+        # x rows of step ki + STAGES - 1 into the stage step ki - 1 read.
+        kn = ki + STAGES - 1
+        if kn < NUM_K:
+            x_mask = mask_xm[:, None] & ((kn * BLOCK_K + offs_xk) < K_X)[None, :]
+            async_copy.async_copy_global_to_shared(x_smem.index(kn % STAGES), x_ptrs + kn * BLOCK_K, mask=x_mask)
+        async_copy.commit_group()
+        words = next_words
+        scale_bytes = next_scales
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    async_copy.wait_group(0)
+
+    # Epilogue in a plain blocked layout (two adjacent columns per thread: a gate/up pair).
+    acc = gl.convert_layout(acc, epi_layout)
+    offs_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, epi_layout))
+    mask_m = offs_m < row_end
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, epi_layout))
+    mask_n = offs_n < N
+    if HAS_CHANNEL_SCALE:
+        cs = gl.load(cs_ptr + expert64 * stride_cse + offs_n, mask=mask_n, other=0.0)
+        acc = acc * cs[None, :]
+    if HAS_BIAS:
+        bias = gl.load(bias_ptr + expert64 * stride_be + offs_n, mask=mask_n, other=0.0)
+        acc = acc + bias[None, :]
+    if SWIGLU:
+        gate, up = gl.split(acc.reshape(BLOCK_M, BLOCK_N // 2, 2))
+        gate = gl.minimum(gate, limit)
+        up = gl.minimum(gl.maximum(up, -limit), limit)
+        out = gate / (1.0 + gl.exp(-alpha * gate)) * (up + 1.0)
+        out = gl.convert_layout(out, epi_layout)
+        offs_out = pid_n * (BLOCK_N // 2) + gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, epi_layout))
+    else:
+        out = acc
+        offs_out = offs_n
+    if ROW_WEIGHT:
+        rw = gl.load(row_weight_ptr + offs_m, mask=mask_m, other=0.0)
+        out = out * rw[:, None]
+    if SCATTER:
+        y_rows = gl.load(scatter_ptr + offs_m, mask=mask_m, other=0)
+    else:
+        y_rows = offs_m
+    y_ptrs = y_ptr + y_rows.to(gl.int64)[:, None] * stride_ym + offs_out[None, :]
+    mask_y = mask_m[:, None] & (offs_out < N_OUT)[None, :]
+    if ATOMIC:
+        gl.atomic_add(y_ptrs, out, mask=mask_y, sem="relaxed")
+    else:
+        gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_y)

@@ -53,6 +53,18 @@ def _decode_tile(words, scale_bytes):
 
 
 @gluon.jit
+def _copy_step(x_stage, x_ptrs, mask_xm, offs_xk, K_X, words_stage, w_ptrs, w_row_mask, offs_g, step, K: gl.constexpr,
+               BLOCK_K: gl.constexpr):
+    """cp.async of one K step: the tile's x rows (columns >= K_X read as zero) and the weight
+    words (32-code blocks >= K // 32 as zero codes)."""
+    G: gl.constexpr = BLOCK_K // _BLOCK_SIZE
+    x_mask = mask_xm[:, None] & ((step * BLOCK_K + offs_xk) < K_X)[None, :]
+    async_copy.async_copy_global_to_shared(x_stage, x_ptrs + step * BLOCK_K, mask=x_mask)
+    w_mask = w_row_mask & (step * G + offs_g < K // _BLOCK_SIZE)[None, :, None]
+    async_copy.async_copy_global_to_shared(words_stage, w_ptrs + step * (BLOCK_K // _CODES_PER_WORD), mask=w_mask)
+
+
+@gluon.jit
 def _moe_matmul_sm90_kernel(
         x_ptr, stride_xm,
         w_ptr, stride_we, stride_wn,
@@ -82,6 +94,7 @@ def _moe_matmul_sm90_kernel(
                                                          instr_shape=[16, BLOCK_N, 16])
     epi_layout: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [num_warps, 1], [1, 0])
     tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    words_smem_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0])
 
     pid_n = gl.program_id(0)
     tile = gl.program_id(1)
@@ -113,44 +126,41 @@ def _moe_matmul_sm90_kernel(
     w_row_mask = mask_wn[:, None, None]
 
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], tile_smem)
+    words_smem = gl.allocate_shared_memory(gl.uint32, [STAGES, BLOCK_N, G, _WORDS_PER_BLOCK], words_smem_layout)
     w_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, BLOCK_K], tile_smem)
 
-    # Prologue: x tiles of the first STAGES - 1 steps in flight, step 0's weights in registers.
+    # Prologue: x rows and weight words of the first STAGES - 1 steps in flight (one commit
+    # group per step); scale bytes of steps 0 and 1 in registers.
     for st in gl.static_range(STAGES - 1):
         if st < NUM_K:
-            x_mask = mask_xm[:, None] & ((st * BLOCK_K + offs_xk) < K_X)[None, :]
-            async_copy.async_copy_global_to_shared(x_smem.index(st), x_ptrs + st * BLOCK_K, mask=x_mask)
+            _copy_step(x_smem.index(st), x_ptrs, mask_xm, offs_xk, K_X, words_smem.index(st), w_ptrs, w_row_mask,
+                       offs_g, st, K, BLOCK_K)
         async_copy.commit_group()
-    k_mask = (offs_g < K // _BLOCK_SIZE)[None, :, None]
-    words = gl.load(w_ptrs, mask=w_row_mask & k_mask, other=0)
-    scale_bytes = gl.load(s_ptrs, mask=w_row_mask & k_mask, other=0)
+    scales = gl.load(s_ptrs, mask=w_row_mask & (offs_g < K // _BLOCK_SIZE)[None, :, None], other=0)
+    next_scales = gl.load(s_ptrs + G, mask=w_row_mask & (G + offs_g < K // _BLOCK_SIZE)[None, :, None], other=0)
 
     acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
     for ki in range(NUM_K):
-        # Next step's weights: plain loads, in flight while this step decodes and multiplies.
-        next_g = (ki + 1) * G + offs_g
-        next_mask = w_row_mask & (next_g < K // _BLOCK_SIZE)[None, :, None]
-        next_words = gl.load(w_ptrs + (ki + 1) * (BLOCK_K // _CODES_PER_WORD), mask=next_mask, other=0)
-        next_scales = gl.load(s_ptrs + (ki + 1) * G, mask=next_mask, other=0)
-
-        # w_smem[ki % 2] was read by the wgmma of step ki - 2, retired in step ki - 1.
-        w = _decode_tile(words, scale_bytes)
-        w_smem.index(ki % 2).store(w)
+        # Scale bytes are too narrow for cp.async: plain loads two steps ahead.
+        later_scales = gl.load(s_ptrs + (ki + 2) * G,
+                               mask=w_row_mask & ((ki + 2) * G + offs_g < K // _BLOCK_SIZE)[None, :, None], other=0)
+        async_copy.wait_group(STAGES - 2)          # this thread's copies of step ki have landed
+        words = words_smem.index(ki % STAGES).load(w_layout)   # the 16 bytes this thread copied
+        # w_smem[ki % 2] was last read by step ki - 2's wgmma, retired (every warpgroup) in step ki - 1.
+        w_smem.index(ki % 2).store(_decode_tile(words, scales))
         fence_async_shared()
-        async_copy.wait_group(STAGES - 2)          # this thread's x copies of step ki landed
-        gl.thread_barrier()                        # ... and every thread's, and the w tile
+        gl.thread_barrier()                        # every thread's x rows and w tile are in place
         acc = warpgroup_mma(x_smem.index(ki % STAGES), w_smem.index(ki % 2).permute((1, 0)), acc,
                             is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))   # step ki - 1 retired
-
-        # x rows of step ki + STAGES - 1 into the stage step ki - 1 read.
-        kn = ki + STAGES - 1
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))   # this warpgroup's step ki - 1 done
+        gl.thread_barrier()                        # ... and every warpgroup's: its buffers are free
+        kn = ki + STAGES - 1                       # into the stage step ki - 1 used
         if kn < NUM_K:
-            x_mask = mask_xm[:, None] & ((kn * BLOCK_K + offs_xk) < K_X)[None, :]
-            async_copy.async_copy_global_to_shared(x_smem.index(kn % STAGES), x_ptrs + kn * BLOCK_K, mask=x_mask)
+            _copy_step(x_smem.index(kn % STAGES), x_ptrs, mask_xm, offs_xk, K_X, words_smem.index(kn % STAGES),
+                       w_ptrs, w_row_mask, offs_g, kn, K, BLOCK_K)
         async_copy.commit_group()
-        words = next_words
-        scale_bytes = next_scales
+        scales = next_scales
+        next_scales = later_scales
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 

@@ -90,6 +90,11 @@ def ceilings() -> dict:
     return {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": mm_tflops}
 
 
+def on_hopper() -> bool:
+    """What `moe_matmul` checks before it picks the Gluon "sm90" kernel for bf16."""
+    return torch.cuda.get_device_capability()[0] == 9
+
+
 SWEEP_AGREEMENT = 1e-2   # relative Frobenius difference a swept config may have from the default
 
 
@@ -97,7 +102,7 @@ def candidates(block_m: int, n: int, k: int, swiglu: bool) -> list[MatmulConfig]
     """The default first, then alternatives (the best is reported beside the default): the
     Triton kernel (swapped operands are right at every tile size since it retires each K step's
     wgmma, triton#9433) and, from 64-row tiles up, the Gluon "sm90" kernel."""
-    d = default_config(block_m, n, k, swiglu=swiglu)
+    d = default_config(block_m, n, k, swiglu=swiglu, sm90=on_hopper())
     C = MatmulConfig
     if block_m <= 32:
         alts = [C(block_m, 64, 64, True, 4, 4), C(block_m, 64, 128, True, 4, 4), C(block_m, 128, 64, True, 4, 4),
@@ -182,7 +187,17 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
                 except Exception as exc:  # a config that does not fit (shared memory) is skipped
                     print(f"  config {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         res[op + "_sweep"] = [[ms, list(cfg.__dict__.values())] for ms, cfg in timings]
-        default_cfg = default_config(block_m, n, k, swiglu=op == "w13")
+        default_cfg = default_config(block_m, n, k, swiglu=op == "w13", sm90=on_hopper())
+        if default_cfg.kernel == "sm90":
+            # The Triton kernel's default beside it: what the Gluon kernel gains.
+            triton_cfg = default_config(block_m, n, k, swiglu=op == "w13")
+            if op == "w13":
+                base = lambda: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, metas[block_m],
+                                          swiglu=swiglu, config=triton_cfg)
+            else:
+                base = lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, metas[block_m], gather=False,
+                                          apply_row_weight=True, combine="atomic", n_out=h, config=triton_cfg)
+            res[op + "_triton_kernel_ms"] = time_graph(base)
         if default_cfg.swap_ab:
             # What retiring each K step's wgmma costs: the default config pipelined as Triton 3.6
             # would (racy, triton#9433; timed only, its output is not used).
@@ -259,7 +274,7 @@ def ab_point(w, tokens: int) -> list[dict]:
     act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu)
     rows = []
     for op, n, k in (("w13", 2 * w.inter_pad, w.hidden_pad), ("w2", w.hidden_pad, w.inter_pad)):
-        default = default_config(block_m, n, k, swiglu=op == "w13")
+        default = default_config(block_m, n, k, swiglu=op == "w13")     # the Triton kernel's decodes
         runs = [("bytes", default), ("ptx", default)] + [("ptx", c) for c in ab_alternatives(block_m, op == "w13")
                                                           if c != default]
         for dequant, cfg in runs:

@@ -68,22 +68,32 @@ def pick_block_m(num_rows: int, num_local_experts: int) -> int:
     return block_m
 
 
-def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False) -> MatmulConfig:
+def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: bool = False) -> MatmulConfig:
     """Block sizes for an [n, k] weight at `block_m` rows per tile (swiglu: the w13 launch).
 
     Few rows per expert: swap A and B (y.T = W @ x.T) so weight rows fill the MMA's wide side.
-    The choices are the fastest of a sweep on an H200 (benchmarks/results_moe.md).
-    Under the interpreter, small blocks (it runs per program in numpy).
+    sm90 (a Hopper GPU and bf16): from 64-row tiles up, the Gluon kernel, whose weight decode
+    overlaps the previous K step's wgmma. The choices are the fastest of the sweeps in
+    benchmarks/RESULTS.md (H200 and H100). Under the interpreter, small blocks (it runs per
+    program in numpy).
     """
     if interpreting():
         return MatmulConfig(block_m, block_n=32, block_k=64, swap_ab=block_m <= 32, num_warps=4, num_stages=1)
     if block_m <= 16 and not swiglu:
         # w2 at 16-row tiles: half the K steps, 3-6% faster than block_k 64 at T = 1..128.
         return MatmulConfig(block_m, block_n=64, block_k=128, swap_ab=True, num_warps=4, num_stages=4)
-    if block_m <= 32:
+    if block_m <= 16:
         return MatmulConfig(block_m, block_n=64, block_k=64, swap_ab=True, num_warps=4, num_stages=4)
+    if block_m <= 32:
+        # 128 weight rows (two wgmma row blocks) beat 64 by 2-5% at E = 128, T = 512 (H200).
+        return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=True, num_warps=4, num_stages=4)
     if block_m == 64:
-        return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=4, num_stages=3)
+        return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=4, num_stages=3,
+                            kernel="sm90" if sm90 else "triton")
+    if sm90:
+        # Two warpgroups (64 rows each) share each weight tile; 4 x tiles in flight.
+        return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=8, num_stages=4,
+                            kernel="sm90")
     if not swiglu:
         # w2 at 128-row tiles: 4 warps, 4 stages measured 1.42x faster than 8 warps, 3 stages
         # (T=8192: 2.07 vs 2.92 ms), at 254 registers and no spills.
@@ -187,7 +197,12 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     n_out = n_full if n_out is None else n_out
     if not 0 < n_out <= n_full:
         raise ValueError(f"moe_matmul: n_out must be in 1..{n_full}, got {n_out}")
-    config = config or default_config(meta.block_m, n, k, swiglu=swiglu is not None)
+    if config is None:
+        config = default_config(meta.block_m, n, k, swiglu=swiglu is not None,
+                                sm90=compute_dtype == torch.bfloat16 and _on_hopper(device))
+        if config.kernel == "sm90" and _sm90_unsupported(x, blocks, config, compute_dtype,
+                                                         "ptx" if dequant == "auto" else dequant):
+            config = default_config(meta.block_m, n, k, swiglu=swiglu is not None)
     if dequant == "auto":
         dequant = pick_dequant(compute_dtype, blocks, config)
     elif dequant not in DEQUANT_MODES:
@@ -260,13 +275,16 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     return y
 
 
+def _on_hopper(device: torch.device) -> bool:
+    return (device.type == "cuda" and not interpreting()
+            and torch.cuda.get_device_capability(device)[0] == 9)
+
+
 def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor, config: MatmulConfig, compute_dtype: torch.dtype,
                       dequant: str) -> str:
     """Why the "sm90" kernel cannot run this call ("" when it can)."""
-    if interpreting() or x.device.type != "cuda":
-        return "it needs a CUDA GPU (Gluon kernels do not run under the interpreter)"
-    if torch.cuda.get_device_capability(x.device)[0] != 9:
-        return f"it needs a Hopper GPU (sm_90), found {torch.cuda.get_device_name(x.device)}"
+    if not _on_hopper(x.device):
+        return "it needs a Hopper GPU (sm_90), and Gluon kernels do not run under the interpreter"
     if compute_dtype != torch.bfloat16:
         return f"compute_dtype must be bfloat16, got {compute_dtype}"
     if config.swap_ab:

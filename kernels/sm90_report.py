@@ -2,8 +2,8 @@
 needed, and report its resource use: registers, spills, shared memory and whether the dots
 became wgmma (HGMMA in the SASS). Used by a CPU test and before spending GPU time.
 
-    python -m mxfp4_moe.kernels.sm90_report                      # one JSON line per variant
-    python -m mxfp4_moe.kernels.sm90_report --dequant=bytes      # the one-code-at-a-time path
+    python -m mxfp4_moe.kernels.sm90_report                      # one JSON line per default config
+    python -m mxfp4_moe.kernels.sm90_report --dequant=bytes      # the Triton kernel's one-code-at-a-time path
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
     a GPU, i.e. config.swap_ab)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("sm90_report needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
+    if config.kernel == "sm90":
+        return _compile_gluon_variant(config, k=k, n=n, swiglu=swiglu, atomic=atomic)
     import triton.language as tl
     from ._moe_matmul import _moe_matmul_kernel
     xt, ct = _TL_NAMES[x_dtype], getattr(tl, compute)
@@ -101,6 +103,48 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
     src = ASTSource(fn=_moe_matmul_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+def _compile_gluon_variant(config: MatmulConfig, *, k: int, n: int, swiglu: bool, atomic: bool):
+    """`compile_variant` for config.kernel == "sm90": the Gluon kernel of `_moe_matmul_sm90.py`."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel as kernel
+    signature = {
+        "x_ptr": "*bf16", "stride_xm": "i32", "w_ptr": "*u8", "stride_we": "i32", "stride_wn": "i32",
+        "s_ptr": "*u8", "stride_se": "i32", "stride_sn": "i32", "bias_ptr": "*fp32", "stride_be": "i32",
+        "cs_ptr": "*fp32", "stride_cse": "i32", "y_ptr": "*fp32" if atomic else "*bf16", "stride_ym": "i32",
+        "gather_ptr": "*i32", "scatter_ptr": "*i32", "row_weight_ptr": "*fp32",
+        "expert_offsets_ptr": "*i32", "tile_expert_ptr": "*i32", "tile_row_start_ptr": "*i32",
+        "N": "i32", "K_X": "i32", "N_OUT": "i32", "alpha": "fp32", "limit": "fp32",
+    }
+    constexprs = {
+        "K": k, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+        "STAGES": config.num_stages, "GATHER": not atomic, "SCATTER": atomic, "ATOMIC": atomic,
+        "HAS_BIAS": True, "HAS_CHANNEL_SCALE": False, "SWIGLU": swiglu, "ROW_WEIGHT": atomic,
+        "num_warps": config.num_warps,
+    }
+    for name in constexprs:
+        signature[name] = "constexpr"
+    names = list(kernel.arg_names)
+    signature = {name: signature[name] for name in names}
+    divisible = {name for name, ty in signature.items() if ty.startswith("*")}
+    divisible |= {name for name, value in _int_args(config, k=k, n=n, atomic=atomic).items()
+                  if value % 16 == 0 and name in signature}
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+
+
+def default_configs() -> list[tuple[str, MatmulConfig, int, int, bool, bool]]:
+    """(name, config, n, k, swiglu, atomic) of every default config of the gpt-oss shapes: the
+    Triton kernel's, and on a Hopper GPU with bf16 the Gluon kernel's where it differs."""
+    out = []
+    for name, n, k, block_m, swiglu, atomic in VARIANTS:
+        out.append((name, default_config(block_m, n, k, swiglu=swiglu), n, k, swiglu, atomic))
+        hopper = default_config(block_m, n, k, swiglu=swiglu, sm90=True)
+        if hopper.kernel == "sm90":
+            out.append((name + "_sm90", hopper, n, k, swiglu, atomic))
+    return out
 
 
 def main_loop(sass: str) -> list[str]:
@@ -203,12 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0].startswith("--dequant="):
         dequant = args.pop(0).split("=", 1)[1]
     names = set(args)
-    for name, n, k, block_m, swiglu, atomic in VARIANTS:
+    for name, config, n, k, swiglu, atomic in default_configs():
         if names and name not in names:
             continue
-        config = default_config(block_m, n, k, swiglu=swiglu)
         compiled = compile_variant(config, k=k, n=n, swiglu=swiglu, atomic=atomic, dequant=dequant)
-        print(json.dumps({"variant": name, "config": config.__dict__, "dequant": dequant or "ptx",
+        print(json.dumps({"variant": name, "config": config.__dict__,
+                          "dequant": "ptx" if config.kernel == "sm90" else dequant or "ptx",
                           **resource_report(compiled, config)}), flush=True)
     return 0
 

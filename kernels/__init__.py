@@ -1,5 +1,6 @@
-"""Triton kernels for MXFP4 MoE (installed as `mxfp4_moe.kernels`). Private kernels live in
-`_name.py` files; the launchers here validate, allocate, pick the grid and launch.
+"""Triton and Gluon kernels for MXFP4 MoE (installed as `mxfp4_moe.kernels`). Private kernels live
+in `_name.py` files (`_moe_matmul.py`: Triton, any GPU and the interpreter; `_moe_matmul_sm90.py`:
+Gluon, Hopper); the launchers here validate, allocate, pick the kernel and grid, and launch.
 Importing this package needs triton, not a GPU.
 """
 

@@ -2,21 +2,23 @@
 arguments, same fused gather / bias / scale / SwiGLU / routing weight / scatter), written so that
 the weight decode of one K step runs while the tensor cores multiply the step before.
 
-Why a second kernel: in `_moe_matmul.py` Triton 3.6 must finish each step's wgmma before the
-next step's decode (the decoded tile lives in registers or in one shared buffer), so the CUDA
-cores and the tensor cores take turns. Here everything is explicit:
+Why a second kernel: in `_moe_matmul.py` Triton 3.6 finishes each step's wgmma before the next
+step's decode (the decoded tile lives in registers or in one shared buffer), so the CUDA cores
+and the tensor cores take turns. Here the pipeline is written out (S = num_stages):
 
-    step k:  load the packed words of step k + 1 (registers, in flight during this step)
-             decode step k's words -> bf16 -> w_smem[k % 2]          (CUDA cores)
-             wait for x tile k (cp.async), barrier
-             wgmma(x_smem[k % S], w_smem[k % 2]^T) asynchronously   (tensor cores)
-             wait until only that wgmma is in flight (retires step k - 1)
-             cp.async the x rows of step k + S - 1 into the stage step k - 1 used
+    step k:  wait for step k's cp.async group (x rows and packed weight words), barrier
+             read this thread's words, decode -> bf16 -> w_smem[k % 2]        (CUDA cores)
+             proxy fence, barrier
+             wgmma(x_smem[k % S], w_smem[k % 2]^T), asynchronously             (tensor cores)
+             wait until only that wgmma is in flight (step k - 1 retired), barrier
+             cp.async x rows and words of step k + S - 1 into the stage step k - 1 used
+    (scale bytes, too narrow for cp.async, are plain loads two steps ahead)
 
 so step k + 1's decode overlaps step k's wgmma. Both operands come from shared memory (no
-register operand, hence none of the register race of triton#9433). Rows per tile (BLOCK_M) must
-be a multiple of 64 (one wgmma is 64 rows per warpgroup); bf16 only, GPU only (Gluon has no
-interpreter). Launched by `moe_matmul.py` when `MatmulConfig.kernel == "sm90"`.
+register operand, hence none of the register race of triton#9433). BLOCK_M must be a multiple
+of 16 * num_warps (each warpgroup multiplies 64-row blocks); bf16 only, GPU only (Gluon has no
+interpreter). Launched by `moe_matmul.py` when `MatmulConfig.kernel == "sm90"`; what bounds it
+is measured in benchmarks/RESULTS.md section 3.
 """
 
 from triton.experimental import gluon

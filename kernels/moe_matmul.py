@@ -197,12 +197,13 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     n_out = n_full if n_out is None else n_out
     if not 0 < n_out <= n_full:
         raise ValueError(f"moe_matmul: n_out must be in 1..{n_full}, got {n_out}")
+    sm90_other = {"scales_e8m0": scales_e8m0, "bias": bias, "channel_scale": channel_scale, "out": out}
     if config is None:
         config = default_config(meta.block_m, n, k, swiglu=swiglu is not None,
                                 sm90=compute_dtype == torch.bfloat16 and _on_hopper(device))
         if config.kernel == "sm90" and _sm90_unsupported(x, blocks, config, compute_dtype,
-                                                         "ptx" if dequant == "auto" else dequant):
-            config = default_config(meta.block_m, n, k, swiglu=swiglu is not None)
+                                                         "ptx" if dequant == "auto" else dequant, sm90_other):
+            config = default_config(meta.block_m, n, k, swiglu=swiglu is not None)   # the Triton kernel
     if dequant == "auto":
         dequant = pick_dequant(compute_dtype, blocks, config)
     elif dequant not in DEQUANT_MODES:
@@ -217,7 +218,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
         raise ValueError(f"moe_matmul: config.block_m {config.block_m} != routing metadata block_m {meta.block_m}")
 
     if config.kernel == "sm90":
-        problem = _sm90_unsupported(x, blocks, config, compute_dtype, dequant)
+        problem = _sm90_unsupported(x, blocks, config, compute_dtype, dequant, sm90_other)
         if problem:
             raise ValueError(f"moe_matmul: kernel 'sm90' cannot run this call: {problem}")
     elif config.kernel != "triton":
@@ -246,9 +247,6 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     grid = (triton.cdiv(n, config.block_n), meta.max_tiles)
     if config.kernel == "sm90":
         from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
-        for name, t in (("bias", bias_t), ("channel_scale", cs_t), ("output", y)):
-            if t.stride(-1) != 1:
-                raise ValueError(f"moe_matmul: kernel 'sm90' needs unit stride along the last dim of {name}")
         _moe_matmul_sm90_kernel[grid](
             x, x.stride(0),
             blocks, blocks.stride(0), blocks.stride(1),
@@ -281,8 +279,9 @@ def _on_hopper(device: torch.device) -> bool:
 
 
 def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor, config: MatmulConfig, compute_dtype: torch.dtype,
-                      dequant: str) -> str:
-    """Why the "sm90" kernel cannot run this call ("" when it can)."""
+                      dequant: str, other: dict[str, torch.Tensor | None]) -> str:
+    """Why the "sm90" kernel cannot run this call ("" when it can). other: the remaining tensor
+    arguments by name (None when absent), which it reads with unit stride along the last dim."""
     if not _on_hopper(x.device):
         return "it needs a Hopper GPU (sm_90), and Gluon kernels do not run under the interpreter"
     if compute_dtype != torch.bfloat16:
@@ -300,6 +299,9 @@ def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor, config: MatmulConfi
         return ("x must be bf16 with unit stride along K, rows and width multiples of 8 elements and a "
                 f"16-byte aligned pointer (copied 16 bytes at a time); got {x.dtype} {tuple(x.shape)} "
                 f"strides {tuple(x.stride())}")
+    for name, t in other.items():
+        if t is not None and t.stride(-1) != 1:
+            return f"{name} needs unit stride along its last dim, found strides {tuple(t.stride())}"
     return ""
 
 

@@ -10,6 +10,7 @@ uses, for the inline-PTX path's program text (its run on the GPU: tests/test_gpu
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -321,3 +322,35 @@ def test_ptx_decode_is_the_bf16_default_for_every_config(monkeypatch):
         assert launcher.pick_dequant(torch.bfloat16, blocks, config) == "ptx"
         assert launcher.pick_dequant(torch.float16, blocks, config) == "bytes"
     assert launcher.pick_dequant(torch.bfloat16, blocks[:, :, 1:], MatmulConfig(16, 64, 64, True, 4, 4)) == "bytes"
+
+
+def test_sm90_kernel_selection(monkeypatch):
+    # The Gluon kernel is a Hopper + bf16 default from 64-row tiles; anything it cannot take
+    # gets a reason (an explicit kernel="sm90" config raises with it, the default falls back).
+    import importlib
+    launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
+    C = launcher.MatmulConfig
+    monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    monkeypatch.setattr(launcher, "_on_hopper", lambda device: True)
+    for block_m, kernel in ((16, "triton"), (32, "triton"), (64, "sm90"), (128, "sm90")):
+        for swiglu in (True, False):
+            assert launcher.default_config(block_m, 5760, 2880, swiglu=swiglu, sm90=True).kernel == kernel
+            assert launcher.default_config(block_m, 5760, 2880, swiglu=swiglu).kernel == "triton"
+    good = C(128, 128, 64, False, 8, 4, "sm90")
+    x = torch.zeros(10, 64, dtype=torch.bfloat16)
+    blocks = torch.zeros(2, 128, 32, dtype=torch.uint8)
+    other = {"scales_e8m0": torch.zeros(2, 128, 2, dtype=torch.uint8), "bias": torch.zeros(2, 128), "out": None}
+    assert launcher._sm90_unsupported(x, blocks, good, torch.bfloat16, "ptx", other) == ""
+    bad_calls = [
+        ((x, blocks, good, torch.float16, "ptx", other), "bfloat16"),
+        ((x, blocks, good, torch.bfloat16, "bytes", other), "inline PTX"),
+        ((x, blocks, C(128, 128, 64, True, 8, 4, "sm90"), torch.bfloat16, "ptx", other), "swap_ab"),
+        ((x, blocks, C(64, 128, 64, False, 8, 4, "sm90"), torch.bfloat16, "ptx", other), "16 \\* num_warps"),
+        ((x[:, :60], blocks, good, torch.bfloat16, "ptx", other), "multiples of 8"),
+        ((x, blocks, good, torch.bfloat16, "ptx", {**other, "bias": torch.zeros(128, 2).t()}), "bias"),
+        ((x, torch.zeros(2, 128, 34, dtype=torch.uint8)[:, :, :32], good, torch.bfloat16, "ptx", other), "4-byte words"),
+    ]
+    for args, reason in bad_calls:
+        message = launcher._sm90_unsupported(*args)
+        assert message and re.search(reason, message), (reason, message)
+

@@ -98,11 +98,11 @@ def on_hopper() -> bool:
 SWEEP_AGREEMENT = 1e-2   # relative Frobenius difference a swept config may have from the default
 
 
-def candidates(block_m: int, n: int, k: int, swiglu: bool) -> list[MatmulConfig]:
+def candidates(block_m: int, n: int, k: int, swiglu: bool, mean_rows: float) -> list[MatmulConfig]:
     """The default first, then alternatives (the best is reported beside the default): the
     Triton kernel (swapped operands are right at every tile size since it retires each K step's
     wgmma, triton#9433) and, from 64-row tiles up, the Gluon "sm90" kernel."""
-    d = default_config(block_m, n, k, swiglu=swiglu, sm90=on_hopper())
+    d = default_config(block_m, n, k, swiglu=swiglu, sm90=on_hopper(), mean_rows=mean_rows)
     C = MatmulConfig
     if block_m <= 32:
         alts = [C(block_m, 64, 64, True, 4, 4), C(block_m, 64, 128, True, 4, 4), C(block_m, 128, 64, True, 4, 4),
@@ -136,6 +136,7 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
     x = torch.randn(tokens, w.hidden, generator=gen, device="cuda").to(torch.bfloat16)
     topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
     rows = tokens * w.top_k
+    mean_rows = rows / w.num_local_experts
     block_m = pick_block_m(rows, w.num_local_experts)
     meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, block_m, topk_w)
     hit = int((meta.expert_counts > 0).sum())
@@ -165,7 +166,7 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
     for op, n, k in (("w13", 2 * ip, hp), ("w2", hp, ip)):
         timings = []
         for bm, meta_bm in metas.items():
-            for cfg in candidates(bm, n, k, op == "w13")[:None if sweep else 1]:
+            for cfg in candidates(bm, n, k, op == "w13", mean_rows)[:None if sweep else 1]:
                 if op == "w13":
                     fn = lambda cfg=cfg, m=meta_bm: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, m,
                                                                swiglu=swiglu, config=cfg)
@@ -187,7 +188,7 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
                 except Exception as exc:  # a config that does not fit (shared memory) is skipped
                     print(f"  config {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         res[op + "_sweep"] = [[ms, list(cfg.__dict__.values())] for ms, cfg in timings]
-        default_cfg = default_config(block_m, n, k, swiglu=op == "w13", sm90=on_hopper())
+        default_cfg = default_config(block_m, n, k, swiglu=op == "w13", sm90=on_hopper(), mean_rows=mean_rows)
         if default_cfg.kernel == "sm90":
             # The Triton kernel's default beside it: what the Gluon kernel gains.
             triton_cfg = default_config(block_m, n, k, swiglu=op == "w13")

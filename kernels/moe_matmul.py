@@ -68,8 +68,10 @@ def pick_block_m(num_rows: int, num_local_experts: int) -> int:
     return block_m
 
 
-def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: bool = False) -> MatmulConfig:
-    """Block sizes for an [n, k] weight at `block_m` rows per tile (swiglu: the w13 launch).
+def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: bool = False,
+                   mean_rows: float | None = None) -> MatmulConfig:
+    """Block sizes for an [n, k] weight at `block_m` rows per tile (swiglu: the w13 launch;
+    mean_rows: routed rows per local expert, when known).
 
     Few rows per expert: swap A and B (y.T = W @ x.T) so weight rows fill the MMA's wide side.
     sm90 (a Hopper GPU and bf16): from 64-row tiles up, the Gluon kernel, whose weight decode
@@ -79,8 +81,10 @@ def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: 
     """
     if interpreting():
         return MatmulConfig(block_m, block_n=32, block_k=64, swap_ab=block_m <= 32, num_warps=4, num_stages=1)
-    if block_m <= 16 and not swiglu:
-        # w2 at 16-row tiles: half the K steps, 3-6% faster than block_k 64 at T = 1..128.
+    if block_m <= 16 and not swiglu and mean_rows is not None and mean_rows < 1:
+        # w2 with fewer rows than experts (T = 1, 8 at E = 128): half the K steps per program,
+        # 5-14% faster than block_k 64; from one row per expert on, block_k 64 is 2-12% faster
+        # (H100 sweep, benchmarks/data/out_moe_sweep_small_h100_22f90e8.json).
         return MatmulConfig(block_m, block_n=64, block_k=128, swap_ab=True, num_warps=4, num_stages=4)
     if block_m <= 16:
         return MatmulConfig(block_m, block_n=64, block_k=64, swap_ab=True, num_warps=4, num_stages=4)
@@ -199,7 +203,8 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
         raise ValueError(f"moe_matmul: n_out must be in 1..{n_full}, got {n_out}")
     sm90_other = {"scales_e8m0": scales_e8m0, "bias": bias, "channel_scale": channel_scale, "out": out}
     if config is None:
-        config = default_config(meta.block_m, n, k, swiglu=swiglu is not None,
+        mean_rows = meta.num_rows / max(1, meta.num_local_experts)
+        config = default_config(meta.block_m, n, k, swiglu=swiglu is not None, mean_rows=mean_rows,
                                 sm90=compute_dtype == torch.bfloat16 and _on_hopper(device))
         if config.kernel == "sm90" and _sm90_unsupported(x, blocks, config, compute_dtype,
                                                          "ptx" if dequant == "auto" else dequant, sm90_other):

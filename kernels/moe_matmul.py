@@ -83,7 +83,7 @@ def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: 
         return MatmulConfig(block_m, block_n=32, block_k=64, swap_ab=block_m <= 32, num_warps=4, num_stages=1)
     if block_m <= 16 and not swiglu and mean_rows is not None and mean_rows < 1:
         # w2 with fewer rows than experts (T = 1, 8 at E = 128): half the K steps per program,
-        # 5-14% faster than block_k 64; from one row per expert on, block_k 64 is 2-12% faster
+        # 5-17% faster than block_k 64; from one row per expert on, block_k 64 is 2-12% faster
         # (H100 sweep, benchmarks/data/out_moe_sweep_small_h100_22f90e8.json).
         return MatmulConfig(block_m, block_n=64, block_k=128, swap_ab=True, num_warps=4, num_stages=4)
     if block_m <= 16:

@@ -156,7 +156,9 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                         over the k slots (deterministic)
     n_out: output columns kept (<= N, or N // 2 with swiglu); default all of them.
     compute_dtype: bfloat16 (GPU), float16 or float32 (the interpreter's bf16 is unusable).
-    config: block sizes (default: `default_config`); its block_m must be meta.block_m.
+    config: block sizes and kernel (default: `default_config`; for bf16 on a Hopper GPU it takes the
+       Gluon "sm90" kernel from 64-row tiles, and the Triton kernel where that one cannot run
+       this call); its block_m must be meta.block_m.
     out: for combine="none", an [R, n_out] compute_dtype tensor to write into (returned).
     dequant: how the kernel decodes the weights, all exact: "bytes" (one code at a time, any
        dtype), "words" (uint32 words in plain Triton), "ptx" (uint32 words through inline PTX; bf16,
@@ -270,9 +272,26 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
             HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
             SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, num_warps=config.num_warps)
     else:
-        _launch_triton_kernel(grid, x, blocks, scales_e8m0, bias_t, cs_t, y, meta, scatter, apply_row_weight,
-                              n, n_out, k, alpha, limit, gather, combine, bias, channel_scale, swiglu,
-                              config, compute_dtype, dequant, unsafe_pipelined_rs_mma)
+        _moe_matmul_kernel[grid](
+            x, x.stride(0), x.stride(1),
+            blocks, blocks.stride(0), blocks.stride(1), blocks.stride(2),
+            scales_e8m0, scales_e8m0.stride(0), scales_e8m0.stride(1), scales_e8m0.stride(2),
+            bias_t, bias_t.stride(0), bias_t.stride(1),
+            cs_t, cs_t.stride(0), cs_t.stride(1),
+            y, y.stride(0), y.stride(1),
+            meta.sorted_token, scatter if scatter is not None else meta.sorted_token,
+            meta.sorted_weight if apply_row_weight else meta.expert_offsets,
+            meta.expert_offsets, meta.tile_expert, meta.tile_row_start,
+            n, x.shape[1], n_out,
+            float(alpha), float(limit),
+            K=k, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            GATHER=gather, SCATTER=scatter is not None, ATOMIC=combine == "atomic",
+            HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
+            SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, SWAP_AB=config.swap_ab,
+            EVEN_K=(k % config.block_k == 0 and x.shape[1] == k),
+            COMPUTE_DTYPE=_tl_dtype(compute_dtype), DEQUANT=dequant,
+            RETIRE_MMA_EACH_STEP=config.swap_ab and not interpreting() and not unsafe_pipelined_rs_mma,
+            num_warps=config.num_warps, num_stages=config.num_stages)
     if combine == "slots":
         return y.view(tokens, meta.top_k, n_out).sum(1, dtype=torch.float32)
     return y
@@ -308,31 +327,6 @@ def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor, config: MatmulConfi
         if t is not None and t.stride(-1) != 1:
             return f"{name} needs unit stride along its last dim, found strides {tuple(t.stride())}"
     return ""
-
-
-def _launch_triton_kernel(grid, x, blocks, scales_e8m0, bias_t, cs_t, y, meta, scatter, apply_row_weight,
-                          n, n_out, k, alpha, limit, gather, combine, bias, channel_scale, swiglu,
-                          config, compute_dtype, dequant, unsafe_pipelined_rs_mma) -> None:
-    _moe_matmul_kernel[grid](
-        x, x.stride(0), x.stride(1),
-        blocks, blocks.stride(0), blocks.stride(1), blocks.stride(2),
-        scales_e8m0, scales_e8m0.stride(0), scales_e8m0.stride(1), scales_e8m0.stride(2),
-        bias_t, bias_t.stride(0), bias_t.stride(1),
-        cs_t, cs_t.stride(0), cs_t.stride(1),
-        y, y.stride(0), y.stride(1),
-        meta.sorted_token, scatter if scatter is not None else meta.sorted_token,
-        meta.sorted_weight if apply_row_weight else meta.expert_offsets,
-        meta.expert_offsets, meta.tile_expert, meta.tile_row_start,
-        n, x.shape[1], n_out,
-        float(alpha), float(limit),
-        K=k, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GATHER=gather, SCATTER=scatter is not None, ATOMIC=combine == "atomic",
-        HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
-        SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, SWAP_AB=config.swap_ab,
-        EVEN_K=(k % config.block_k == 0 and x.shape[1] == k),
-        COMPUTE_DTYPE=_tl_dtype(compute_dtype), DEQUANT=dequant,
-        RETIRE_MMA_EACH_STEP=config.swap_ab and not interpreting() and not unsafe_pipelined_rs_mma,
-        num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _tl_dtype(dtype: torch.dtype):

@@ -32,6 +32,7 @@ import triton
 from triton.testing import do_bench
 
 from mxfp4_moe.kernels import MatmulConfig, default_config, moe_matmul, pick_block_m
+from mxfp4_moe.kernels.moe_matmul import on_hopper
 from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
 from mxfp4_moe.mxfp4 import BLOCK_SIZE, dequantize
 from mxfp4_moe.routing import route, routing_metadata
@@ -90,11 +91,6 @@ def ceilings() -> dict:
     return {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": mm_tflops}
 
 
-def on_hopper() -> bool:
-    """What `moe_matmul` checks before it picks the Gluon "sm90" kernel for bf16."""
-    return torch.cuda.get_device_capability()[0] == 9
-
-
 SWEEP_AGREEMENT = 1e-2   # relative Frobenius difference a swept config may have from the default
 
 
@@ -102,7 +98,7 @@ def candidates(block_m: int, n: int, k: int, swiglu: bool, mean_rows: float) -> 
     """The default first, then alternatives (the best is reported beside the default): the
     Triton kernel (swapped operands are right at every tile size since it retires each K step's
     wgmma, triton#9433) and, from 64-row tiles up, the Gluon "sm90" kernel."""
-    d = default_config(block_m, n, k, swiglu=swiglu, sm90=on_hopper(), mean_rows=mean_rows)
+    d = default_config(block_m, n, k, swiglu=swiglu, sm90=on_hopper(torch.device("cuda")), mean_rows=mean_rows)
     C = MatmulConfig
     if block_m <= 32:
         alts = [C(block_m, 64, 64, True, 4, 4), C(block_m, 64, 128, True, 4, 4), C(block_m, 128, 64, True, 4, 4),
@@ -163,17 +159,20 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
     res["tiles"] = {bm: int((m.tile_expert >= 0).sum()) for bm, m in metas.items()}
     best = {}
     reference_out = {"w13": None, "w2": None}       # the first (default) config's output per op
+
+    def launch(op: str, m, **kw):
+        """One grouped matmul of the layer as the benchmark times it: w13 + SwiGLU from the
+        tokens, or w2 + routing weight + atomic combine from w13's output."""
+        if op == "w13":
+            return lambda: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, m, swiglu=swiglu, **kw)
+        return lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, m, gather=False, apply_row_weight=True,
+                                  combine="atomic", n_out=h, **kw)
+
     for op, n, k in (("w13", 2 * ip, hp), ("w2", hp, ip)):
         timings = []
         for bm, meta_bm in metas.items():
             for cfg in candidates(bm, n, k, op == "w13", mean_rows)[:None if sweep else 1]:
-                if op == "w13":
-                    fn = lambda cfg=cfg, m=meta_bm: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, m,
-                                                               swiglu=swiglu, config=cfg)
-                else:
-                    fn = lambda cfg=cfg, m=meta_bm: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, m,
-                                                               gather=False, apply_row_weight=True, combine="atomic",
-                                                               n_out=h, config=cfg)
+                fn = launch(op, meta_bm, config=cfg)
                 try:
                     # A config must compute what the default computes (another summation order:
                     # bf16-rounding differences only) before its time counts.
@@ -188,28 +187,17 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
                 except Exception as exc:  # a config that does not fit (shared memory) is skipped
                     print(f"  config {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         res[op + "_sweep"] = [[ms, list(cfg.__dict__.values())] for ms, cfg in timings]
-        default_cfg = default_config(block_m, n, k, swiglu=op == "w13", sm90=on_hopper(), mean_rows=mean_rows)
+        default_cfg = default_config(block_m, n, k, swiglu=op == "w13", sm90=on_hopper(torch.device("cuda")),
+                                     mean_rows=mean_rows)
         if default_cfg.kernel == "sm90":
             # The Triton kernel's default beside it: what the Gluon kernel gains.
-            triton_cfg = default_config(block_m, n, k, swiglu=op == "w13")
-            if op == "w13":
-                base = lambda: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, metas[block_m],
-                                          swiglu=swiglu, config=triton_cfg)
-            else:
-                base = lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, metas[block_m], gather=False,
-                                          apply_row_weight=True, combine="atomic", n_out=h, config=triton_cfg)
-            res[op + "_triton_kernel_ms"] = time_graph(base)
+            triton_cfg = default_config(block_m, n, k, swiglu=op == "w13", mean_rows=mean_rows)
+            res[op + "_triton_kernel_ms"] = time_graph(launch(op, metas[block_m], config=triton_cfg))
         if default_cfg.swap_ab:
             # What retiring each K step's wgmma costs: the default config pipelined as Triton 3.6
             # would (racy, triton#9433; timed only, its output is not used).
-            unsafe_kw = {"config": default_cfg, "unsafe_pipelined_rs_mma": True}
-            if op == "w13":
-                unsafe = lambda: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, metas[block_m],
-                                            swiglu=swiglu, **unsafe_kw)
-            else:
-                unsafe = lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, metas[block_m], gather=False,
-                                            apply_row_weight=True, combine="atomic", n_out=h, **unsafe_kw)
-            res[op + "_unsafe_pipelined_ms"] = time_graph(unsafe)
+            res[op + "_unsafe_pipelined_ms"] = time_graph(launch(op, metas[block_m], config=default_cfg,
+                                                                 unsafe_pipelined_rs_mma=True))
         is_default = bool(timings) and timings[0][1] == default_cfg
         default_ms = timings[0][0] if is_default else float("nan")
         best_ms, best_cfg = min(timings, key=lambda t: t[0])

@@ -113,11 +113,10 @@ def words_aligned(blocks: torch.Tensor) -> bool:
             and blocks.data_ptr() % word == 0)
 
 
-def pick_dequant(compute_dtype: torch.dtype, blocks: torch.Tensor, config: MatmulConfig) -> str:
+def pick_dequant(compute_dtype: torch.dtype, blocks: torch.Tensor) -> str:
     """The dequantization the kernel uses by default: "ptx" for bf16 on the GPU when the weights
     can be read as words (the K loop then runs 5.3-7.1 SASS instructions per weight element,
-    10.5-12.3 with "bytes"; 1.17-1.63x faster on an H100), else "bytes". `config` is accepted
-    for callers that pick per config; every config takes the same decode today."""
+    10.5-12.3 with "bytes"; 1.17-1.63x faster on an H100), else "bytes"."""
     if compute_dtype == torch.bfloat16 and not interpreting() and words_aligned(blocks):
         return "ptx"
     return "bytes"
@@ -204,15 +203,21 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     if not 0 < n_out <= n_full:
         raise ValueError(f"moe_matmul: n_out must be in 1..{n_full}, got {n_out}")
     sm90_other = {"scales_e8m0": scales_e8m0, "bias": bias, "channel_scale": channel_scale, "out": out}
+    sm90_dequant = "ptx" if dequant == "auto" else dequant     # what "auto" resolves to where sm90 can run
     if config is None:
         mean_rows = meta.num_rows / max(1, meta.num_local_experts)
         config = default_config(meta.block_m, n, k, swiglu=swiglu is not None, mean_rows=mean_rows,
-                                sm90=compute_dtype == torch.bfloat16 and _on_hopper(device))
-        if config.kernel == "sm90" and _sm90_unsupported(x, blocks, config, compute_dtype,
-                                                         "ptx" if dequant == "auto" else dequant, sm90_other):
+                                sm90=compute_dtype == torch.bfloat16 and on_hopper(device))
+        if config.kernel == "sm90" and _sm90_unsupported(x, blocks, config, compute_dtype, sm90_dequant, sm90_other):
             config = default_config(meta.block_m, n, k, swiglu=swiglu is not None)   # the Triton kernel
+    elif config.kernel == "sm90":
+        problem = _sm90_unsupported(x, blocks, config, compute_dtype, sm90_dequant, sm90_other)
+        if problem:
+            raise ValueError(f"moe_matmul: kernel 'sm90' cannot run this call: {problem}")
+    elif config.kernel != "triton":
+        raise ValueError(f"moe_matmul: config.kernel must be 'triton' or 'sm90', got {config.kernel!r}")
     if dequant == "auto":
-        dequant = pick_dequant(compute_dtype, blocks, config)
+        dequant = pick_dequant(compute_dtype, blocks)
     elif dequant not in DEQUANT_MODES:
         raise ValueError(f"moe_matmul: dequant must be 'auto' or one of {DEQUANT_MODES}, got {dequant!r}")
     if dequant != "bytes" and not words_aligned(blocks):
@@ -223,13 +228,6 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                          f"{', under the interpreter' if interpreting() else ''})")
     if config.block_m != meta.block_m:
         raise ValueError(f"moe_matmul: config.block_m {config.block_m} != routing metadata block_m {meta.block_m}")
-
-    if config.kernel == "sm90":
-        problem = _sm90_unsupported(x, blocks, config, compute_dtype, dequant, sm90_other)
-        if problem:
-            raise ValueError(f"moe_matmul: kernel 'sm90' cannot run this call: {problem}")
-    elif config.kernel != "triton":
-        raise ValueError(f"moe_matmul: config.kernel must be 'triton' or 'sm90', got {config.kernel!r}")
 
     tokens, rows = meta.num_tokens, meta.num_rows
     if out is not None:
@@ -252,25 +250,25 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     bias_t = bias if bias is not None else dummy
     cs_t = channel_scale if channel_scale is not None else dummy
     grid = (triton.cdiv(n, config.block_n), meta.max_tiles)
+    # Arguments both kernels take: the routing, the sizes, the SwiGLU constants, the fused steps.
+    routing = (meta.sorted_token, scatter if scatter is not None else meta.sorted_token,
+               meta.sorted_weight if apply_row_weight else meta.expert_offsets,
+               meta.expert_offsets, meta.tile_expert, meta.tile_row_start,
+               n, x.shape[1], n_out, float(alpha), float(limit))
+    fused = dict(K=k, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                 GATHER=gather, SCATTER=scatter is not None, ATOMIC=combine == "atomic",
+                 HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
+                 SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, num_warps=config.num_warps)
     if config.kernel == "sm90":
         from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
-        _moe_matmul_sm90_kernel[grid](
+        _moe_matmul_sm90_kernel[grid](           # unit strides along the last dims (checked above)
             x, x.stride(0),
             blocks, blocks.stride(0), blocks.stride(1),
             scales_e8m0, scales_e8m0.stride(0), scales_e8m0.stride(1),
             bias_t, bias_t.stride(0),
             cs_t, cs_t.stride(0),
             y, y.stride(0),
-            meta.sorted_token, scatter if scatter is not None else meta.sorted_token,
-            meta.sorted_weight if apply_row_weight else meta.expert_offsets,
-            meta.expert_offsets, meta.tile_expert, meta.tile_row_start,
-            n, x.shape[1], n_out,
-            float(alpha), float(limit),
-            K=k, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            STAGES=config.num_stages,
-            GATHER=gather, SCATTER=scatter is not None, ATOMIC=combine == "atomic",
-            HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
-            SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, num_warps=config.num_warps)
+            *routing, STAGES=config.num_stages, **fused)
     else:
         _moe_matmul_kernel[grid](
             x, x.stride(0), x.stride(1),
@@ -279,25 +277,17 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
             bias_t, bias_t.stride(0), bias_t.stride(1),
             cs_t, cs_t.stride(0), cs_t.stride(1),
             y, y.stride(0), y.stride(1),
-            meta.sorted_token, scatter if scatter is not None else meta.sorted_token,
-            meta.sorted_weight if apply_row_weight else meta.expert_offsets,
-            meta.expert_offsets, meta.tile_expert, meta.tile_row_start,
-            n, x.shape[1], n_out,
-            float(alpha), float(limit),
-            K=k, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            GATHER=gather, SCATTER=scatter is not None, ATOMIC=combine == "atomic",
-            HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
-            SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, SWAP_AB=config.swap_ab,
-            EVEN_K=(k % config.block_k == 0 and x.shape[1] == k),
+            *routing, SWAP_AB=config.swap_ab, EVEN_K=(k % config.block_k == 0 and x.shape[1] == k),
             COMPUTE_DTYPE=_tl_dtype(compute_dtype), DEQUANT=dequant,
             RETIRE_MMA_EACH_STEP=config.swap_ab and not interpreting() and not unsafe_pipelined_rs_mma,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+            num_stages=config.num_stages, **fused)
     if combine == "slots":
         return y.view(tokens, meta.top_k, n_out).sum(1, dtype=torch.float32)
     return y
 
 
-def _on_hopper(device: torch.device) -> bool:
+def on_hopper(device: torch.device) -> bool:
+    """Whether `device` is a Hopper GPU (sm_90) outside the interpreter: where the Gluon kernel runs."""
     return (device.type == "cuda" and not interpreting()
             and torch.cuda.get_device_capability(device)[0] == 9)
 
@@ -306,7 +296,7 @@ def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor, config: MatmulConfi
                       dequant: str, other: dict[str, torch.Tensor | None]) -> str:
     """Why the "sm90" kernel cannot run this call ("" when it can). other: the remaining tensor
     arguments by name (None when absent), which it reads with unit stride along the last dim."""
-    if not _on_hopper(x.device):
+    if not on_hopper(x.device):
         return "it needs a Hopper GPU (sm_90), and Gluon kernels do not run under the interpreter"
     if compute_dtype != torch.bfloat16:
         return f"compute_dtype must be bfloat16, got {compute_dtype}"

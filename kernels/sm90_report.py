@@ -55,24 +55,10 @@ def _int_args(config: MatmulConfig, *, k: int, n: int, atomic: bool) -> dict:
             "stride_ym": n_out, "N": n, "K_X": k, "N_OUT": n_out}
 
 
-def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool, n: int = 2880,
-                    compute: str = "bfloat16", x_dtype: str = "bfloat16", dequant: str | None = None,
-                    retire_mma_each_step: bool | None = None):
-    """Compile `_moe_matmul_kernel` for sm_90 as a launch on contiguous tensors of an [n, k]
-    weight would specialize it; returns triton's CompiledKernel. dequant: the kernel's DEQUANT
-    (default: what the launcher picks on a GPU, "ptx" for bf16, else "bytes").
-    retire_mma_each_step: the kernel's RETIRE_MMA_EACH_STEP (default: as the launcher sets it on
-    a GPU, i.e. config.swap_ab)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("sm90_report needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
-    if config.kernel == "sm90":
-        return _compile_gluon_variant(config, k=k, n=n, swiglu=swiglu, atomic=atomic)
-    import triton.language as tl
-    from ._moe_matmul import _moe_matmul_kernel
-    xt, ct = _TL_NAMES[x_dtype], getattr(tl, compute)
-    y_type = "*fp32" if atomic else f"*{_TL_NAMES[compute]}"
-    signature = {
-        "x_ptr": f"*{xt}", "stride_xm": "i32",
+def _signature(x_type: str, y_type: str) -> dict:
+    """Runtime argument types of both kernels (each takes the names it has)."""
+    return {
+        "x_ptr": x_type, "stride_xm": "i32",
         "w_ptr": "*u8", "stride_we": "i32", "stride_wn": "i32",
         "s_ptr": "*u8", "stride_se": "i32", "stride_sn": "i32",
         "bias_ptr": "*fp32", "stride_be": "i32",
@@ -82,57 +68,57 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
         "expert_offsets_ptr": "*i32", "tile_expert_ptr": "*i32", "tile_row_start_ptr": "*i32",
         "N": "i32", "K_X": "i32", "N_OUT": "i32", "alpha": "fp32", "limit": "fp32",
     }
+
+
+def _compile(kernel, source_type, signature: dict, constexprs: dict, config: MatmulConfig, *, k: int, n: int,
+             swiglu: bool, atomic: bool, options: dict):
+    """Compile `kernel` for sm_90 with the fused steps of a gpt-oss launch (bias always; gather
+    for w13, scatter + atomic + routing weight for w2; SwiGLU if asked) and what the launcher's runtime
+    specialization sees for contiguous tensors: pointers and ints divisible by 16 get
+    divisibility 16 (unit strides are constexprs or absent)."""
     constexprs = {
-        **{name: 1 for name in _UNIT_STRIDES},
         "K": k, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
         "GATHER": not atomic, "SCATTER": atomic, "ATOMIC": atomic, "HAS_BIAS": True,
-        "HAS_CHANNEL_SCALE": False, "SWIGLU": swiglu, "ROW_WEIGHT": atomic, "SWAP_AB": config.swap_ab,
-        "EVEN_K": k % config.block_k == 0, "COMPUTE_DTYPE": ct,
-        "DEQUANT": dequant or ("ptx" if compute == "bfloat16" else "bytes"),
-        "RETIRE_MMA_EACH_STEP": config.swap_ab if retire_mma_each_step is None else retire_mma_each_step,
+        "HAS_CHANNEL_SCALE": False, "SWIGLU": swiglu, "ROW_WEIGHT": atomic, **constexprs,
     }
-    for name in constexprs:
-        signature[name] = "constexpr"
-    # What the launcher's runtime specialization sees for contiguous gpt-oss tensors: unit
-    # strides become constants (above), pointers and ints divisible by 16 get divisibility 16.
-    names = list(_moe_matmul_kernel.arg_names)
-    signature = {name: signature[name] for name in names}
-    divisible = {name for name, ty in signature.items() if ty.startswith("*")}
-    divisible |= {name for name, value in _int_args(config, k=k, n=n, atomic=atomic).items() if value % 16 == 0}
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
-    src = ASTSource(fn=_moe_matmul_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-
-
-def _compile_gluon_variant(config: MatmulConfig, *, k: int, n: int, swiglu: bool, atomic: bool):
-    """`compile_variant` for config.kernel == "sm90": the Gluon kernel of `_moe_matmul_sm90.py`."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel as kernel
-    signature = {
-        "x_ptr": "*bf16", "stride_xm": "i32", "w_ptr": "*u8", "stride_we": "i32", "stride_wn": "i32",
-        "s_ptr": "*u8", "stride_se": "i32", "stride_sn": "i32", "bias_ptr": "*fp32", "stride_be": "i32",
-        "cs_ptr": "*fp32", "stride_cse": "i32", "y_ptr": "*fp32" if atomic else "*bf16", "stride_ym": "i32",
-        "gather_ptr": "*i32", "scatter_ptr": "*i32", "row_weight_ptr": "*fp32",
-        "expert_offsets_ptr": "*i32", "tile_expert_ptr": "*i32", "tile_row_start_ptr": "*i32",
-        "N": "i32", "K_X": "i32", "N_OUT": "i32", "alpha": "fp32", "limit": "fp32",
-    }
-    constexprs = {
-        "K": k, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-        "STAGES": config.num_stages, "GATHER": not atomic, "SCATTER": atomic, "ATOMIC": atomic,
-        "HAS_BIAS": True, "HAS_CHANNEL_SCALE": False, "SWIGLU": swiglu, "ROW_WEIGHT": atomic,
-        "num_warps": config.num_warps,
-    }
-    for name in constexprs:
-        signature[name] = "constexpr"
     names = list(kernel.arg_names)
-    signature = {name: signature[name] for name in names}
+    signature = {name: "constexpr" if name in constexprs else signature[name] for name in names}
     divisible = {name for name, ty in signature.items() if ty.startswith("*")}
     divisible |= {name for name, value in _int_args(config, k=k, n=n, atomic=atomic).items()
                   if value % 16 == 0 and name in signature}
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
-    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+    src = source_type(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool, n: int = 2880,
+                    compute: str = "bfloat16", x_dtype: str = "bfloat16", dequant: str | None = None,
+                    retire_mma_each_step: bool | None = None):
+    """Compile the kernel `config` names for sm_90 as a launch on contiguous tensors of an [n, k]
+    weight would specialize it; returns triton's CompiledKernel. For the Triton kernel: dequant, its DEQUANT
+    (default: what the launcher picks on a GPU, "ptx" for bf16, else "bytes");
+    retire_mma_each_step, its RETIRE_MMA_EACH_STEP (default: as the launcher sets it on a GPU,
+    i.e. config.swap_ab). The Gluon kernel ("sm90") is bf16 only."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("sm90_report needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
+    if config.kernel == "sm90":
+        from triton.experimental.gluon._runtime import GluonASTSource
+        from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
+        return _compile(_moe_matmul_sm90_kernel, GluonASTSource, _signature("*bf16", "*fp32" if atomic else "*bf16"),
+                        {"STAGES": config.num_stages, "num_warps": config.num_warps}, config, k=k, n=n,
+                        swiglu=swiglu, atomic=atomic, options={"num_warps": config.num_warps})
+    import triton.language as tl
+    from ._moe_matmul import _moe_matmul_kernel
+    constexprs = {
+        **{name: 1 for name in _UNIT_STRIDES},
+        "SWAP_AB": config.swap_ab, "EVEN_K": k % config.block_k == 0, "COMPUTE_DTYPE": getattr(tl, compute),
+        "DEQUANT": dequant or ("ptx" if compute == "bfloat16" else "bytes"),
+        "RETIRE_MMA_EACH_STEP": config.swap_ab if retire_mma_each_step is None else retire_mma_each_step,
+    }
+    y_type = "*fp32" if atomic else f"*{_TL_NAMES[compute]}"
+    return _compile(_moe_matmul_kernel, ASTSource, _signature(f"*{_TL_NAMES[x_dtype]}", y_type), constexprs,
+                    config, k=k, n=n, swiglu=swiglu, atomic=atomic,
+                    options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
 def default_configs() -> list[tuple[str, MatmulConfig, int, int, bool, bool]]:

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import torch.distributed as dist
 
 from mxfp4_moe import distributed as D
 from mxfp4_moe.checkpoint import open_checkpoint
+from mxfp4_moe.checks import median_ms, rel_err
 from mxfp4_moe.loader import load_layer
 from mxfp4_moe.moe import MXFP4MoE
 from mxfp4_moe.sharding import ShardPlan
@@ -101,28 +101,6 @@ def layouts(spec: str, world: int) -> list[tuple[str, int, int]]:
 
 # ---- timing ---------------------------------------------------------------------------------
 
-def median_ms(fn, device: torch.device, iters: int, warmup: int = 3) -> float:
-    """Median wall time of fn() in ms: CUDA events on a GPU, perf_counter on a CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(iters):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def capture_graph(fn, device: torch.device):
     """fn captured in a CUDA graph (after a warm-up on a side stream), or None when capture fails.
     NCCL collectives inside fn are captured too; every rank must call this in the same order."""
@@ -140,13 +118,6 @@ def capture_graph(fn, device: torch.device):
     except Exception as exc:                              # reported as NaN in the table
         print(f"graph capture failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         return None
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.double(), ref.double()
-    if not torch.isfinite(got).all():
-        return float("inf")
-    return ((got - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 # ---- one rank -------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ the throughput; with the tolerances they are judged by and the report row they f
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +49,28 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
         return float("inf")
     denom = ref.norm().item()
     return (got - ref).norm().item() / denom if denom else (got - ref).norm().item()
+
+
+def median_ms(fn, device: torch.device, iters: int, warmup: int = 3) -> float:
+    """Median wall time of fn() in ms, eager: CUDA events on a GPU, perf_counter on a CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(iters):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 # ---- the checks -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 
 from .checks import (CheckResult, SHARD_SUM_TOLERANCE, check_coverage,
                      check_format, check_kernels, check_oracle, check_shard, kernel_tolerance,
-                     rel_err)
+                     median_ms, rel_err)
 from .verify import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, Progress, UsageError, _rank_label,
                      _resolve_compute, environment, make_plans, parse_align, parse_layers, report,
                      report_header)
@@ -207,28 +207,14 @@ def _rank_rows(layer: int, infos: list[dict], plans, tol: float) -> list[CheckRe
 
 
 def _time_distributed(moe, single_module, tokens: int, hidden: int, device: torch.device, seed: int) -> dict:
-    """Median CUDA-event time of the distributed forward (shard + all-reduce) on this rank, and on
-    rank 0 of the single-GPU forward for comparison."""
+    """Median time (CUDA events) of the distributed forward (shard + all-reduce) on this rank, and
+    on rank 0 of the single-GPU forward for comparison."""
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
     x = torch.randn(tokens, hidden, generator=g).to(device=device, dtype=moe.compute_dtype)
 
-    def median_ms(fn) -> float:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize(device)
-        times = []
-        for _ in range(DIST_TIMING_ITERS):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        return sorted(times)[len(times) // 2]
-
-    out = {"ms": median_ms(lambda: moe(x))}
+    out = {"ms": median_ms(lambda: moe(x), device, DIST_TIMING_ITERS)}
     if single_module is not None:
-        out["single_ms"] = median_ms(lambda: single_module(x))
+        out["single_ms"] = median_ms(lambda: single_module(x), device, DIST_TIMING_ITERS)
     return out
 
 

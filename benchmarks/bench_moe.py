@@ -94,19 +94,25 @@ def ceilings() -> dict:
 SWEEP_AGREEMENT = 1e-2   # relative Frobenius difference a swept config may have from the default
 
 
-def candidates(block_m: int, n: int, k: int, swiglu: bool, mean_rows: float) -> list[MatmulConfig]:
-    """The default first, then alternatives (the best is reported beside the default): the
+def candidates(block_m: int, n: int, k: int, swiglu: bool, mean_rows: float,
+               kernel: str = "all") -> list[MatmulConfig]:
+    """The default first, then alternatives (the best is reported beside the default) of the
     Triton kernel (swapped operands are right at every tile size since it retires each K step's
-    wgmma, triton#9433) and, from 64-row tiles up, the Gluon "sm90" kernel."""
+    wgmma, triton#9433) and the Gluon "sm90" kernel (swapped at small tiles); `kernel` keeps
+    the alternatives of one kernel only ("all": both)."""
     d = default_config(block_m, n, k, swiglu=swiglu, sm90=on_hopper(torch.device("cuda")), mean_rows=mean_rows)
     C = MatmulConfig
     if block_m <= 32:
         alts = [C(block_m, 64, 64, True, 4, 4), C(block_m, 64, 128, True, 4, 4), C(block_m, 128, 64, True, 4, 4),
-                C(block_m, 128, 128, True, 4, 3), C(block_m, 256, 64, True, 8, 3)]
+                C(block_m, 128, 128, True, 4, 3), C(block_m, 256, 64, True, 8, 3),
+                C(block_m, 64, 128, True, 4, 6, "sm90"), C(block_m, 64, 128, True, 4, 4, "sm90"),
+                C(block_m, 64, 64, True, 4, 8, "sm90"), C(block_m, 64, 256, True, 4, 4, "sm90"),
+                C(block_m, 64, 256, True, 4, 3, "sm90"), C(block_m, 128, 128, True, 8, 4, "sm90")]
     elif block_m == 64:
         alts = [C(64, 128, 64, False, 4, 3), C(64, 128, 64, True, 4, 3), C(64, 64, 64, True, 4, 4),
                 C(64, 128, 64, False, 4, 3, "sm90"), C(64, 256, 64, False, 4, 3, "sm90"),
-                C(64, 128, 64, False, 4, 4, "sm90"), C(64, 128, 128, False, 4, 3, "sm90")]
+                C(64, 128, 64, False, 4, 4, "sm90"), C(64, 128, 128, False, 4, 3, "sm90"),
+                C(64, 64, 128, True, 4, 4, "sm90"), C(64, 128, 128, True, 8, 4, "sm90")]
     elif block_m == 128:
         alts = [C(128, 128, 64, False, 8, 3), C(128, 128, 64, False, 4, 4), C(128, 128, 64, True, 4, 3),
                 C(128, 128, 64, False, 8, 3, "sm90"), C(128, 128, 64, False, 4, 3, "sm90"),
@@ -117,7 +123,7 @@ def candidates(block_m: int, n: int, k: int, swiglu: bool, mean_rows: float) -> 
                 C(block_m, 256, 64, False, 8, 3, "sm90")]
     out = [d]
     for c in alts:
-        if c not in out:
+        if c not in out and (kernel == "all" or c.kernel == kernel):
             out.append(c)
     return out
 
@@ -127,7 +133,8 @@ def block_m_candidates(block_m: int) -> list[int]:
     return [block_m] + [b for b in (block_m // 2, block_m * 2) if 16 <= b <= 256]
 
 
-def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: bool, sweep: bool = True) -> dict:
+def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: bool, sweep: bool = True,
+                sweep_kernel: str = "all") -> dict:
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, w.hidden, generator=gen, device="cuda").to(torch.bfloat16)
     topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
@@ -171,7 +178,7 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
     for op, n, k in (("w13", 2 * ip, hp), ("w2", hp, ip)):
         timings = []
         for bm, meta_bm in metas.items():
-            for cfg in candidates(bm, n, k, op == "w13", mean_rows)[:None if sweep else 1]:
+            for cfg in candidates(bm, n, k, op == "w13", mean_rows, sweep_kernel)[:None if sweep else 1]:
                 fn = launch(op, meta_bm, config=cfg)
                 try:
                     # A config must compute what the default computes (another summation order:
@@ -365,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
     p.add_argument("--no-sweep", action="store_true",
                    help="time the default block configs only (the config sweep takes most of the run)")
+    p.add_argument("--sweep-kernel", choices=("all", "triton", "sm90"), default="all",
+                   help="sweep the alternatives of one kernel only (the default config is always timed)")
     p.add_argument("--ab", action="store_true", help="time the dequantization paths against each other")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -399,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"E={e}: weights ready in {time.time() - t0:.1f}s", flush=True)
         for t in args.tokens:
             r = bench_point(w, w13_bf16, w2_bf16, t, header["ceilings"], with_reference=t <= 8,
-                            sweep=not args.no_sweep)
+                            sweep=not args.no_sweep, sweep_kernel=args.sweep_kernel)
             results.append(r)
             print(json.dumps(r), flush=True)
             (args.out / "out_moe.json").write_text(json.dumps({"header": header, "results": results}, indent=1))

@@ -6,25 +6,32 @@ Why a second kernel: in `_moe_matmul.py` Triton 3.6 finishes each step's wgmma b
 step's decode (the decoded tile lives in registers or in one shared buffer), so the CUDA cores
 and the tensor cores take turns. Here the pipeline is written out (S = num_stages):
 
-    step k:  wait for step k's cp.async group (x rows and packed weight words), barrier
+    step k:  wait for step k's weight words (TMA, mbarrier) and x rows (cp.async group)
              read this thread's words, decode -> bf16 -> w_smem[k % 2]        (CUDA cores)
              proxy fence, barrier
-             wgmma(x_smem[k % S], w_smem[k % 2]^T), asynchronously             (tensor cores)
+             wgmma of x_smem[k % S] and w_smem[k % 2], asynchronously          (tensor cores)
              wait until only that wgmma is in flight (step k - 1 retired), barrier
-             cp.async x rows and words of step k + S - 1 into the stage step k - 1 used
-    (scale bytes, too narrow for cp.async, are plain loads two steps ahead)
+             TMA words and cp.async x rows of step k + S - 1 into the stage step k - 1 used
+    (scale bytes, too narrow for either copy, are plain loads two steps ahead)
 
-so step k + 1's decode overlaps step k's wgmma. Both operands come from shared memory (no
-register operand, hence none of the register race of triton#9433). BLOCK_M must be a multiple
-of 16 * num_warps (each warpgroup multiplies 64-row blocks); bf16 only, GPU only (Gluon has no
-interpreter). Launched by `moe_matmul.py` when `MatmulConfig.kernel == "sm90"`; what bounds it
-is measured in benchmarks/RESULTS.md section 3.
+so step k + 1's decode overlaps step k's wgmma, and S - 1 steps of weight words are in flight.
+The weight words come by TMA: one thread issues a step's copy and an mbarrier counts its bytes,
+which keeps the issue work off the decoding threads and lets a small-T tile keep many bytes in
+flight. Both operands of the wgmma come from shared memory (no register operand, hence none of
+the register race of triton#9433).
+
+SWAP_AB (few rows per expert): the wgmma computes y.T = W @ x.T, so the tile's weight rows fill
+its 64-row side and the tokens its narrow side (8..256 wide); BLOCK_N must then be a multiple of
+16 * num_warps. Otherwise BLOCK_M must be. bf16 only, GPU only (Gluon has no interpreter).
+Launched by `moe_matmul.py` when `MatmulConfig.kernel == "sm90"`; measurements in
+benchmarks/RESULTS.md section 3.
 """
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
 
 from ._moe_matmul import (_BF16_MANTISSA_BITS, _BF16_NAN_BITS, _BF16_POW2_MIN_BITS, _BLOCK_SIZE, _CODES_PER_WORD,
                           _E2M1_BF16_PTX, _E8M0_NAN, _NIBBLE_BITS)
@@ -55,21 +62,21 @@ def _decode_tile(words, scale_bytes):
 
 
 @gluon.jit
-def _copy_step(x_stage, x_ptrs, mask_xm, offs_xk, K_X, words_stage, w_ptrs, w_row_mask, offs_g, step, K: gl.constexpr,
+def _copy_step(x_stage, x_ptrs, mask_xm, offs_xk, K_X, words_desc, words_row, words_stage, bar, step,
                BLOCK_K: gl.constexpr):
-    """cp.async of one K step: the tile's x rows (columns >= K_X read as zero) and the weight
-    words (32-code blocks >= K // 32 as zero codes)."""
-    G: gl.constexpr = BLOCK_K // _BLOCK_SIZE
+    """Start the copies of one K step: the weight words by TMA (completion counted on `bar`;
+    words past K arrive as zero codes) and the tile's x rows by cp.async (columns >= K_X read as
+    zero; the caller commits the group)."""
+    mbarrier.expect(bar, words_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(words_desc, [words_row, step * (BLOCK_K // _CODES_PER_WORD)], bar, words_stage)
     x_mask = mask_xm[:, None] & ((step * BLOCK_K + offs_xk) < K_X)[None, :]
     async_copy.async_copy_global_to_shared(x_stage, x_ptrs + step * BLOCK_K, mask=x_mask)
-    w_mask = w_row_mask & (step * G + offs_g < K // _BLOCK_SIZE)[None, :, None]
-    async_copy.async_copy_global_to_shared(words_stage, w_ptrs + step * (BLOCK_K // _CODES_PER_WORD), mask=w_mask)
 
 
 @gluon.jit
 def _moe_matmul_sm90_kernel(
         x_ptr, stride_xm,
-        w_ptr, stride_we, stride_wn,
+        words_desc, rows_per_expert,
         s_ptr, stride_se, stride_sn,
         bias_ptr, stride_be,
         cs_ptr, stride_cse,
@@ -79,24 +86,32 @@ def _moe_matmul_sm90_kernel(
         N, K_X, N_OUT,
         alpha, limit,
         K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-        STAGES: gl.constexpr,
+        STAGES: gl.constexpr, SWAP_AB: gl.constexpr,
         GATHER: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
         HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
         ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
     """One program: BLOCK_M sorted rows of one expert x BLOCK_N weight rows (as
-    `_moe_matmul_kernel` with SWAP_AB off). Unit strides along K (x, blocks, scales), along N
-    (bias, channel scale) and along the output columns; the launcher checks."""
+    `_moe_matmul_kernel`). words_desc: a TMA descriptor over the packed codes as int32 words
+    [E * rows_per_expert, K // 8] (expert e's row n at e * rows_per_expert + n), block
+    [BLOCK_N, BLOCK_K // 8]; rows past N of a tile's expert are read (the next expert's, or
+    zeros) and their outputs dropped. Unit strides along K (x, scales), along N (bias, channel
+    scale) and along the output columns; the launcher checks."""
     G: gl.constexpr = BLOCK_K // _BLOCK_SIZE
     NUM_K: gl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-    # Layouts. Weights: each thread loads one 32-code block (4 words, 16 bytes) of a row and
-    # its scale byte. x: 8 bf16 (16 bytes) per thread and cp.async.
+    # Layouts. Weights: each thread reads one 32-code block (4 words, 16 bytes) of a row from
+    # shared memory, and loads its scale byte. x: 8 bf16 (16 bytes) per thread and cp.async.
     w_layout: gl.constexpr = gl.BlockedLayout([1, 1, _WORDS_PER_BLOCK], [32 // G, G, 1], [num_warps, 1, 1], [2, 1, 0])
+    words_layout: gl.constexpr = gl.BlockedLayout([1, _WORDS_PER_BLOCK], [32 // G, G], [num_warps, 1], [1, 0])
     x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, BLOCK_N, 16])
+    if SWAP_AB:     # acc [BLOCK_N, BLOCK_M] = W @ x.T
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                             instr_shape=[16, BLOCK_M, 16])
+    else:           # acc [BLOCK_M, BLOCK_N] = x @ W.T
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                             instr_shape=[16, BLOCK_N, 16])
     epi_layout: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [num_warps, 1], [1, 0])
-    tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    words_smem_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0])
+    x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
+    w_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16)
 
     pid_n = gl.program_id(0)
     tile = gl.program_id(1)
@@ -117,56 +132,71 @@ def _moe_matmul_sm90_kernel(
     offs_xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
     x_ptrs = x_ptr + x_rows.to(gl.int64)[:, None] * stride_xm + offs_xk[None, :]
 
-    # Weight words [BLOCK_N, G, 4] and scale bytes [BLOCK_N, G, 1] of one K step.
+    # The tile's first row in the words descriptor; scale bytes [BLOCK_N, G, 1] of one K step.
+    words_row = expert * rows_per_expert + pid_n * BLOCK_N
     offs_wn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
     mask_wn = offs_wn < N
     offs_g = gl.arange(0, G, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_layout)))
-    offs_j = gl.arange(0, _WORDS_PER_BLOCK, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
-    w_rows = (w_ptr + expert64 * stride_we + offs_wn.to(gl.int64) * stride_wn).to(gl.pointer_type(gl.uint32))
-    w_ptrs = (w_rows[:, None, None] + (offs_g * _WORDS_PER_BLOCK)[None, :, None] + offs_j[None, None, :])
     s_ptrs = (s_ptr + expert64 * stride_se + offs_wn.to(gl.int64) * stride_sn)[:, None, None] + offs_g[None, :, None]
     w_row_mask = mask_wn[:, None, None]
 
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], tile_smem)
-    words_smem = gl.allocate_shared_memory(gl.uint32, [STAGES, BLOCK_N, G, _WORDS_PER_BLOCK], words_smem_layout)
-    w_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, BLOCK_K], tile_smem)
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_smem_layout)
+    words_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BLOCK_K // _CODES_PER_WORD],
+                                           words_desc.layout)
+    w_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, BLOCK_K], w_smem_layout)
+    words_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for st in gl.static_range(STAGES):
+        mbarrier.init(words_ready.index(st), count=1)
+    fence_async_shared()
 
-    # Prologue: x rows and weight words of the first STAGES - 1 steps in flight (one commit
-    # group per step); scale bytes of steps 0 and 1 in registers.
+    # Prologue: the first STAGES - 1 steps in flight (one cp.async commit group per step, empty
+    # past the last step); scale bytes of steps 0 and 1 in registers.
     for st in gl.static_range(STAGES - 1):
         if st < NUM_K:
-            _copy_step(x_smem.index(st), x_ptrs, mask_xm, offs_xk, K_X, words_smem.index(st), w_ptrs, w_row_mask,
-                       offs_g, st, K, BLOCK_K)
+            _copy_step(x_smem.index(st), x_ptrs, mask_xm, offs_xk, K_X, words_desc, words_row,
+                       words_smem.index(st), words_ready.index(st), st, BLOCK_K)
         async_copy.commit_group()
     scales = gl.load(s_ptrs, mask=w_row_mask & (offs_g < K // _BLOCK_SIZE)[None, :, None], other=0)
     next_scales = gl.load(s_ptrs + G, mask=w_row_mask & (G + offs_g < K // _BLOCK_SIZE)[None, :, None], other=0)
 
-    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+    if SWAP_AB:
+        acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
+    else:
+        acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
     for ki in range(NUM_K):
-        # Scale bytes are too narrow for cp.async: plain loads two steps ahead.
+        stage = ki % STAGES
+        # Scale bytes are too narrow for the copy engines: plain loads two steps ahead.
         later_scales = gl.load(s_ptrs + (ki + 2) * G,
                                mask=w_row_mask & ((ki + 2) * G + offs_g < K // _BLOCK_SIZE)[None, :, None], other=0)
-        async_copy.wait_group(STAGES - 2)          # this thread's copies of step ki have landed
-        words = words_smem.index(ki % STAGES).load(w_layout)   # the 16 bytes this thread copied
+        mbarrier.wait(words_ready.index(stage), (ki // STAGES) & 1)    # step ki's words have landed
+        async_copy.wait_group(STAGES - 2)          # this thread's x copies of step ki have landed
+        words = words_smem.index(stage).load(words_layout)
+        words = gl.convert_layout(words.reshape(BLOCK_N, G, _WORDS_PER_BLOCK), w_layout)
         # w_smem[ki % 2] was last read by step ki - 2's wgmma, retired (every warpgroup) in step ki - 1.
-        w_smem.index(ki % 2).store(_decode_tile(words, scales))
+        w_smem.index(ki % 2).store(_decode_tile(words.to(gl.uint32, bitcast=True), scales))
         fence_async_shared()
         gl.thread_barrier()                        # every thread's x rows and w tile are in place
-        acc = warpgroup_mma(x_smem.index(ki % STAGES), w_smem.index(ki % 2).permute((1, 0)), acc,
-                            is_async=True)
+        if SWAP_AB:
+            acc = warpgroup_mma(w_smem.index(ki % 2), x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+        else:
+            acc = warpgroup_mma(x_smem.index(stage), w_smem.index(ki % 2).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))   # this warpgroup's step ki - 1 done
         gl.thread_barrier()                        # ... and every warpgroup's: its buffers are free
         kn = ki + STAGES - 1                       # into the stage step ki - 1 used
         if kn < NUM_K:
-            _copy_step(x_smem.index(kn % STAGES), x_ptrs, mask_xm, offs_xk, K_X, words_smem.index(kn % STAGES),
-                       w_ptrs, w_row_mask, offs_g, kn, K, BLOCK_K)
+            _copy_step(x_smem.index(kn % STAGES), x_ptrs, mask_xm, offs_xk, K_X, words_desc, words_row,
+                       words_smem.index(kn % STAGES), words_ready.index(kn % STAGES), kn, BLOCK_K)
         async_copy.commit_group()
         scales = next_scales
         next_scales = later_scales
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
+    for st in gl.static_range(STAGES):
+        mbarrier.invalidate(words_ready.index(st))
 
     # Epilogue in a plain blocked layout (two adjacent columns per thread: a gate/up pair).
+    if SWAP_AB:
+        acc = gl.permute(acc, (1, 0))
     acc = gl.convert_layout(acc, epi_layout)
     offs_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, epi_layout))
     mask_m = offs_m < row_end

@@ -36,9 +36,10 @@ class MatmulConfig:
     """Block sizes and schedule of one launch. block_m must equal the routing metadata's.
 
     kernel: "triton" (`_moe_matmul.py`: any GPU and the interpreter) or "sm90" (the Gluon
-    kernel of `_moe_matmul_sm90.py`: Hopper, bf16, swap_ab False, block_m a multiple of
-    16 * num_warps; it overlaps each K step's weight decode with the previous step's wgmma).
-    For "sm90", num_stages is the number of x tiles in flight (>= 2).
+    kernel of `_moe_matmul_sm90.py`: Hopper, bf16; it overlaps each K step's weight decode with
+    the previous step's wgmma). For "sm90" the wgmma's row side (block_n with swap_ab, else
+    block_m) must be a multiple of 16 * num_warps, block_k in 32..256, and num_stages (>= 2) is
+    the depth of the copy ring: num_stages - 1 K steps of weight words and x rows in flight.
     """
     block_m: int
     block_n: int
@@ -261,14 +262,15 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                  SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, num_warps=config.num_warps)
     if config.kernel == "sm90":
         from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
+        words_desc, rows_per_expert = _words_descriptor(blocks, config)
         _moe_matmul_sm90_kernel[grid](           # unit strides along the last dims (checked above)
             x, x.stride(0),
-            blocks, blocks.stride(0), blocks.stride(1),
+            words_desc, rows_per_expert,
             scales_e8m0, scales_e8m0.stride(0), scales_e8m0.stride(1),
             bias_t, bias_t.stride(0),
             cs_t, cs_t.stride(0),
             y, y.stride(0),
-            *routing, STAGES=config.num_stages, **fused)
+            *routing, STAGES=config.num_stages, SWAP_AB=config.swap_ab, **fused)
     else:
         _moe_matmul_kernel[grid](
             x, x.stride(0), x.stride(1),
@@ -300,13 +302,15 @@ def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor, config: MatmulConfi
         return "it needs a Hopper GPU (sm_90), and Gluon kernels do not run under the interpreter"
     if compute_dtype != torch.bfloat16:
         return f"compute_dtype must be bfloat16, got {compute_dtype}"
-    if config.swap_ab:
-        return "swap_ab must be False"
-    if config.block_m % (16 * config.num_warps) or config.block_k % 32 or config.num_stages < 2:
-        return (f"block_m must be a multiple of 16 * num_warps, block_k of 32 and num_stages >= 2 "
-                f"(got {config})")
-    if not words_aligned(blocks):
-        return f"blocks must be readable as 4-byte words (strides {tuple(blocks.stride())})"
+    rows_side = ("block_n", config.block_n) if config.swap_ab else ("block_m", config.block_m)
+    if rows_side[1] % (16 * config.num_warps) or config.block_k % 32 or not 32 <= config.block_k <= 256:
+        return (f"{rows_side[0]} (the wgmma's row side{' with swap_ab' if config.swap_ab else ''}) must be a "
+                f"multiple of 16 * num_warps, and block_k a multiple of 32 in 32..256 (got {config})")
+    if config.num_stages < 2:
+        return f"num_stages must be >= 2 (got {config})"
+    problem = _words_tma_problem(blocks)
+    if problem:
+        return problem
     if dequant != "ptx":
         return f"it always decodes with inline PTX (dequant 'ptx'), got dequant={dequant!r}"
     if x.dtype != torch.bfloat16 or x.stride(1) != 1 or x.stride(0) % 8 or x.shape[1] % 8 or x.data_ptr() % 16:
@@ -317,6 +321,40 @@ def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor, config: MatmulConfi
         if t is not None and t.stride(-1) != 1:
             return f"{name} needs unit stride along its last dim, found strides {tuple(t.stride())}"
     return ""
+
+
+_TMA_ALIGN = 16     # bytes: TMA needs 16-byte aligned base and row strides
+
+
+def _words_tma_problem(blocks: torch.Tensor) -> str:
+    """Why the Gluon kernel cannot read `blocks` [E, N, K // 2] uint8 through its TMA descriptor
+    ("" when it can): the rows must lie in one 2-D array of int32 words (unit stride along K,
+    16-byte aligned pointer and row stride, expert stride a whole number of rows)."""
+    n_experts, _, _ = blocks.shape
+    s_expert, s_row, s_k = blocks.stride()
+    if (s_k != 1 or s_row % _TMA_ALIGN or blocks.data_ptr() % _TMA_ALIGN
+            or (n_experts > 1 and s_expert % s_row)):
+        return (f"blocks must be rows of a 2-D array for TMA: unit stride along K, 16-byte aligned pointer "
+                f"and row stride, expert stride a multiple of the row stride (strides {tuple(blocks.stride())}, "
+                f"pointer offset {blocks.data_ptr() % _TMA_ALIGN} mod 16)")
+    return ""
+
+
+def _words_descriptor(blocks: torch.Tensor, config: MatmulConfig):
+    """The Gluon kernel's TMA descriptor over `blocks` [E, N, K // 2] uint8 (checked by
+    `_words_tma_problem`), read as int32 words [E * rows_per_expert, K // 8] in blocks of
+    [block_n, block_k // 8]; returns (descriptor, rows_per_expert)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    n_experts, n, k_half = blocks.shape
+    s_expert, s_row, _ = blocks.stride()
+    rows_per_expert = s_expert // s_row if n_experts > 1 else n
+    rows = (n_experts - 1) * rows_per_expert + n
+    byte_rows = blocks.as_strided((rows, k_half), (s_row, 1), blocks.storage_offset())
+    words = byte_rows.view(torch.int32)
+    block = [config.block_n, config.block_k // 8]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.int32)
+    return TensorDescriptor(words, list(words.shape), list(words.stride()), block, layout), rows_per_expert
 
 
 def _tl_dtype(dtype: torch.dtype):

@@ -104,9 +104,15 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
     if config.kernel == "sm90":
         from triton.experimental.gluon._runtime import GluonASTSource
         from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
-        return _compile(_moe_matmul_sm90_kernel, GluonASTSource, _signature("*bf16", "*fp32" if atomic else "*bf16"),
-                        {"STAGES": config.num_stages, "num_warps": config.num_warps}, config, k=k, n=n,
-                        swiglu=swiglu, atomic=atomic, options={"num_warps": config.num_warps})
+        from triton.experimental.gluon import language as gl
+        block = [config.block_n, config.block_k // 8]
+        words_layout = gl.NVMMASharedLayout.get_default_for(block, gl.int32)    # as moe_matmul._words_descriptor
+        signature = {**_signature("*bf16", "*fp32" if atomic else "*bf16"),
+                     "words_desc": f"tensordesc<i32[{block[0]}, {block[1]}],{words_layout!r}>",
+                     "rows_per_expert": "i32"}
+        return _compile(_moe_matmul_sm90_kernel, GluonASTSource, signature,
+                        {"STAGES": config.num_stages, "SWAP_AB": config.swap_ab, "num_warps": config.num_warps},
+                        config, k=k, n=n, swiglu=swiglu, atomic=atomic, options={"num_warps": config.num_warps})
     import triton.language as tl
     from ._moe_matmul import _moe_matmul_kernel
     constexprs = {
@@ -134,7 +140,9 @@ def default_configs() -> list[tuple[str, MatmulConfig, int, int, bool, bool]]:
 
 
 def main_loop(sass: str) -> list[str]:
-    """SASS lines of the K loop: the longest backward branch's body that holds an HGMMA."""
+    """SASS lines of the K loop: the longest backward branch's body that holds an HGMMA and no
+    EXIT (an mbarrier wait's retry path, placed after the kernel's end, branches back into the
+    loop from beyond the epilogue)."""
     lines = [line for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)]
     addr = [int(re.search(r"/\*([0-9a-f]{4})\*/", line).group(1), 16) for line in lines]
     best: list[str] = []
@@ -142,7 +150,8 @@ def main_loop(sass: str) -> list[str]:
         branch = re.search(r"\bBRA\s+(0x[0-9a-f]+)", line)
         if branch and int(branch.group(1), 16) < addr[i]:
             body = [lines[j] for j in range(i + 1) if addr[j] >= int(branch.group(1), 16)]
-            if any("HGMMA" in b for b in body) and len(body) > len(best):
+            if (any("HGMMA" in b for b in body) and not any(re.search(r"\bEXIT\b", b) for b in body)
+                    and len(body) > len(best)):
                 best = body
     return best
 

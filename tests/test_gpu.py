@@ -137,10 +137,15 @@ def test_grouped_matmuls_bf16_vs_float32(gpt_oss_weights, tokens):
 
 
 SM90_CONFIGS = [(64, 128, 64, False, 4, 3, "sm90"), (128, 128, 64, False, 8, 3, "sm90"),
-                (128, 128, 64, False, 4, 3, "sm90"), (128, 256, 64, False, 8, 4, "sm90")]
+                (128, 128, 64, False, 4, 3, "sm90"), (128, 256, 64, False, 8, 4, "sm90"),
+                # swapped operands (weights on the wgmma's row side), the small-T shapes
+                (16, 64, 128, True, 4, 6, "sm90"), (16, 64, 256, True, 4, 4, "sm90"),
+                (32, 128, 128, True, 8, 4, "sm90"), (64, 64, 128, True, 4, 4, "sm90")]
 
 
-@pytest.mark.parametrize("config", SM90_CONFIGS, ids=lambda c: "bm{}-bn{}-w{}-s{}".format(c[0], c[1], c[4], c[5]))
+@pytest.mark.parametrize("config", SM90_CONFIGS,
+                         ids=lambda c: "bm{}-bn{}-bk{}-{}w{}-s{}".format(c[0], c[1], c[2], "swap-" if c[3] else "",
+                                                                         c[4], c[5]))
 @pytest.mark.parametrize("tokens", [1, 77, 600, 4096])
 def test_sm90_kernel_vs_float32(gpt_oss_weights, config, tokens):
     # The Gluon kernel (decode overlapped with the previous step's wgmma) on the gpt-oss shapes,
@@ -177,14 +182,16 @@ def test_sm90_kernel_vs_float32(gpt_oss_weights, config, tokens):
     assert err13 < TOL_BF16 and err2 < TOL_BF16 and err_rows < TOL_BF16
 
 
-def test_sm90_kernel_padded_hidden():
+@pytest.mark.parametrize("config", [(128, 128, 64, False, 8, 3, "sm90"), (16, 64, 256, True, 4, 4, "sm90")])
+def test_sm90_kernel_padded_hidden(config):
     # Hidden 2880 padded to 3072: x has fewer columns than the weights' K (masked to zero).
     from mxfp4_moe.kernels import MatmulConfig, moe_matmul
     from mxfp4_moe.reference import reference_moe_matmul
     w, _ = random_expert_weights(8, 2880, 2880, hidden_pad=3072, inter_pad=2944, top_k=4, seed=3, device="cuda",
                                  dense=False)
-    cfg = MatmulConfig(128, 128, 64, False, 8, 3, "sm90")
-    x = torch.randn(700, 2880, generator=torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
+    cfg = MatmulConfig(*config)
+    tokens = 700 if cfg.block_m >= 64 else 9          # several tiles per expert / a partial one
+    x = torch.randn(tokens, 2880, generator=torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
     topk_w, topk_ids = route(x, w.router_weight, w.router_bias, 4)
     meta = routing_metadata(topk_ids, w.expert_map, 8, cfg.block_m, topk_w)
     swiglu = (w.swiglu_alpha, w.swiglu_limit)

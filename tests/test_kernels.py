@@ -341,13 +341,40 @@ def test_sm90_kernel_selection(monkeypatch):
     bad_calls = [
         ((x, blocks, good, torch.float16, "ptx", other), "bfloat16"),
         ((x, blocks, good, torch.bfloat16, "bytes", other), "inline PTX"),
-        ((x, blocks, C(128, 128, 64, True, 8, 4, "sm90"), torch.bfloat16, "ptx", other), "swap_ab"),
-        ((x, blocks, C(64, 128, 64, False, 8, 4, "sm90"), torch.bfloat16, "ptx", other), "16 \\* num_warps"),
+        ((x, blocks, C(16, 64, 128, True, 8, 4, "sm90"), torch.bfloat16, "ptx", other),
+         "block_n .*swap_ab.* 16 \\* num_warps"),
+        ((x, blocks, C(64, 128, 64, False, 8, 4, "sm90"), torch.bfloat16, "ptx", other), "block_m .* 16 \\* num_warps"),
+        ((x, blocks, C(128, 128, 512, False, 8, 4, "sm90"), torch.bfloat16, "ptx", other), "32..256"),
+        ((x, blocks, C(128, 128, 64, False, 8, 1, "sm90"), torch.bfloat16, "ptx", other), "num_stages"),
         ((x[:, :60], blocks, good, torch.bfloat16, "ptx", other), "multiples of 8"),
         ((x, blocks, good, torch.bfloat16, "ptx", {**other, "bias": torch.zeros(128, 2).t()}), "bias"),
-        ((x, torch.zeros(2, 128, 34, dtype=torch.uint8)[:, :, :32], good, torch.bfloat16, "ptx", other), "4-byte words"),
+        # rows 34 bytes apart, and experts 4112 bytes apart with 32-byte rows: no 2-D array for TMA
+        ((x, torch.zeros(2, 128, 34, dtype=torch.uint8)[:, :, :32], good, torch.bfloat16, "ptx", other), "TMA"),
+        ((x, torch.zeros(2 * 4112, dtype=torch.uint8).as_strided((2, 128, 32), (4112, 32, 1)), good, torch.bfloat16,
+          "ptx", other), "expert stride"),
     ]
+    # Swapped operands (small T): the weight rows are the wgmma's row side.
+    assert launcher._sm90_unsupported(x, blocks, C(16, 64, 128, True, 4, 6, "sm90"), torch.bfloat16, "ptx", other) == ""
     for args, reason in bad_calls:
         message = launcher._sm90_unsupported(*args)
         assert message and re.search(reason, message), (reason, message)
 
+
+
+@pytest.mark.parametrize("expert_rows", [128, 136])
+def test_sm90_words_descriptor_addresses_every_row(expert_rows):
+    # The Gluon kernel reads expert e's weight row n at row e * rows_per_expert + n of one int32
+    # array; check that mapping on the loader's contiguous layout and on experts stored with
+    # padding rows (expert stride 136 rows, 128 used).
+    from mxfp4_moe.kernels.moe_matmul import MatmulConfig, _words_descriptor, _words_tma_problem
+    n_experts, n, k = 3, 128, 256
+    storage = torch.randint(0, 256, (n_experts, expert_rows, k // 2), dtype=torch.uint8)
+    blocks = storage[:, :n]
+    assert _words_tma_problem(blocks) == ""
+    desc, rows_per_expert = _words_descriptor(blocks, MatmulConfig(16, 64, 128, True, 4, 6, "sm90"))
+    assert rows_per_expert == expert_rows
+    assert desc.block_shape == [64, 16] and desc.base.dtype == torch.int32
+    assert desc.shape == [(n_experts - 1) * expert_rows + n, k // 8]
+    for e in range(n_experts):
+        rows = desc.base[e * rows_per_expert: e * rows_per_expert + n]
+        assert torch.equal(rows, blocks[e].contiguous().view(torch.int32)), e

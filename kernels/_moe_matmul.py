@@ -184,7 +184,7 @@ def _moe_matmul_kernel(
         HAS_BIAS: tl.constexpr, HAS_CHANNEL_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
         ROW_WEIGHT: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr,
         COMPUTE_DTYPE: tl.constexpr, DEQUANT: tl.constexpr,
-        RETIRE_MMA_EACH_STEP: tl.constexpr):
+        RETIRE_MMA_EACH_STEP: tl.constexpr, SPLIT_K: tl.constexpr = 1):
     """One program: one tile of up to BLOCK_M sorted rows of one expert x BLOCK_N weight rows.
 
     Row r of the tile reads x[gather[r]] (or x[r]) [K_X valid columns, zero beyond], multiplies
@@ -198,9 +198,17 @@ def _moe_matmul_kernel(
     ptxas 12.8 lets the next step's decode overwrite the registers they still read (triton
     issue #9433: a race, wrong results at 64/128-row tiles; fixed upstream only by a newer
     Triton together with ptxas >= 13.3). `sm90_report.rs_wgmma_hazards` checks the SASS.
+    SPLIT_K > 1 (few tiles: more programs, each with fewer K steps): program_id(2) picks one of
+    SPLIT_K runs of whole K steps; its partial product is added to y by fp32 atomics (ATOMIC
+    must be set, SWIGLU not: the launcher finishes SwiGLU after the sum), bias by split 0 only.
     """
     pid_n = tl.program_id(0)
     tile = tl.program_id(1)
+    split = tl.program_id(2)
+    NUM_STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    STEPS_PER_SPLIT: tl.constexpr = (NUM_STEPS + SPLIT_K - 1) // SPLIT_K
+    SHORT_LAST_SPLIT: tl.constexpr = SPLIT_K * STEPS_PER_SPLIT > NUM_STEPS   # steps past K: masked
+    k_begin = split * (STEPS_PER_SPLIT * BLOCK_K)
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:
         return  # past the last real tile
@@ -219,15 +227,17 @@ def _moe_matmul_kernel(
     offs_kw = tl.arange(0, BLOCK_K // _CODES_PER_WORD)
     offs_ks = tl.arange(0, BLOCK_K // _BLOCK_SIZE)
     expert64 = expert.to(tl.int64)
-    x_ptrs = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    x_ptrs = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm + (k_begin + offs_k)[None, :] * stride_xk
     if DEQUANT == "bytes":
-        w_ptrs = w_ptr + expert64 * stride_we + offs_n[:, None] * stride_wn + offs_kb[None, :] * stride_wk
+        w_ptrs = (w_ptr + expert64 * stride_we + offs_n[:, None] * stride_wn
+                  + (k_begin // 2 + offs_kb)[None, :] * stride_wk)
     else:
         # Byte offsets of the row starts (multiples of 16 for gpt-oss: the pointer keeps that
         # alignment, so the word loads stay 16 bytes wide), then whole words along K.
         w_rows = (w_ptr + expert64 * stride_we + offs_n * stride_wn).to(tl.pointer_type(tl.uint32))
-        w_ptrs = w_rows[:, None] + offs_kw[None, :]
-    s_ptrs = s_ptr + expert64 * stride_se + offs_n[:, None] * stride_sn + offs_ks[None, :] * stride_sk
+        w_ptrs = w_rows[:, None] + (k_begin // _CODES_PER_WORD + offs_kw)[None, :]
+    s_ptrs = (s_ptr + expert64 * stride_se + offs_n[:, None] * stride_sn
+              + (k_begin // _BLOCK_SIZE + offs_ks)[None, :] * stride_sk)
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -235,17 +245,22 @@ def _moe_matmul_kernel(
     # The scale rows (K // 32 bytes, 2-byte aligned for gpt-oss) are too narrow for the async
     # copies that pipeline the other operands, so they are prefetched by hand one step ahead:
     # the load for step k + 1 is in flight while step k dequantizes and multiplies.
-    mask_ks = mask_n[:, None] & (offs_ks < K // _BLOCK_SIZE)[None, :]
+    mask_ks = mask_n[:, None] & (k_begin // _BLOCK_SIZE + offs_ks < K // _BLOCK_SIZE)[None, :]
     next_scales = tl.load(s_ptrs, mask=mask_ks, other=0)
-    for k0 in range(0, K, BLOCK_K):
+    for step in range(STEPS_PER_SPLIT):
+        k0 = k_begin + step * BLOCK_K
         scale_bytes = next_scales
         s_ptrs += (BLOCK_K // _BLOCK_SIZE) * stride_sk
         next_ks = offs_ks + (k0 + BLOCK_K) // _BLOCK_SIZE
         mask_ks = mask_n[:, None] & (next_ks < K // _BLOCK_SIZE)[None, :]
         next_scales = tl.load(s_ptrs, mask=mask_ks, other=0)
         if EVEN_K:
-            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            packed = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
+            if SHORT_LAST_SPLIT:
+                x = tl.load(x_ptrs, mask=mask_m[:, None] & (k0 < K), other=0.0)
+                packed = tl.load(w_ptrs, mask=mask_n[:, None] & (k0 < K), other=0)
+            else:
+                x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+                packed = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
         elif DEQUANT == "bytes":
             x = tl.load(x_ptrs, mask=mask_m[:, None] & (k0 + offs_k < K_X)[None, :], other=0.0)
             mask_kb = (k0 // 2 + offs_kb) < K // 2
@@ -285,7 +300,7 @@ def _moe_matmul_kernel(
         cs = tl.load(cs_ptr + expert64 * stride_cse + offs_n * stride_csn, mask=mask_n, other=0.0)
         acc = acc * cs[None, :]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + expert64 * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
+        bias = tl.load(bias_ptr + expert64 * stride_be + offs_n * stride_bn, mask=mask_n & (split == 0), other=0.0)
         acc = acc + bias[None, :]
     if SWIGLU:
         # Columns are interleaved gate/up pairs: 2j gate, 2j + 1 up -> output column j.
@@ -310,3 +325,32 @@ def _moe_matmul_kernel(
         tl.atomic_add(y_ptrs, out, mask=mask_y, sem="relaxed")
     else:
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+@triton.jit
+def _split_k_finish_kernel(
+        acc_ptr, stride_am, y_ptr, stride_ym, row_weight_ptr, expert_offsets_ptr,
+        NUM_EXPERTS, N_OUT, alpha, limit,
+        SWIGLU: tl.constexpr, ROW_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """After a split-K launch into the fp32 sum acc [R, N] (bias included): SwiGLU on the
+    interleaved gate/up columns if asked (output column j from 2j, 2j + 1), the routing weight
+    if asked, and the store of columns < N_OUT into y [R, N_OUT] in y's dtype. Rows at or past
+    expert_offsets[NUM_EXPERTS] (pairs routed to other ranks) stay unwritten."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    local_rows = tl.load(expert_offsets_ptr + NUM_EXPERTS)
+    mask_r = offs_r < local_rows
+    mask = mask_r[:, None] & (offs_c < N_OUT)[None, :]
+    rows = acc_ptr + offs_r.to(tl.int64)[:, None] * stride_am
+    if SWIGLU:
+        gate = tl.load(rows + 2 * offs_c[None, :], mask=mask, other=0.0)
+        up = tl.load(rows + 2 * offs_c[None, :] + 1, mask=mask, other=0.0)
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        out = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
+    else:
+        out = tl.load(rows + offs_c[None, :], mask=mask, other=0.0)
+    if ROW_WEIGHT:
+        out = out * tl.load(row_weight_ptr + offs_r, mask=mask_r, other=0.0)[:, None]
+    y_ptrs = y_ptr + offs_r.to(tl.int64)[:, None] * stride_ym + offs_c[None, :]
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)

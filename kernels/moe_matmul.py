@@ -15,7 +15,7 @@ import triton
 from mxfp4_moe.mxfp4 import BLOCK_SIZE
 from mxfp4_moe.routing import RoutingMetadata
 
-from ._moe_matmul import _moe_matmul_kernel
+from ._moe_matmul import _moe_matmul_kernel, _split_k_finish_kernel
 
 Combine = Literal["none", "atomic", "slots"]
 Dequant = Literal["auto", "bytes", "words", "ptx"]
@@ -40,6 +40,10 @@ class MatmulConfig:
     the previous step's wgmma). For "sm90" the wgmma's row side (block_n with swap_ab, else
     block_m) must be a multiple of 16 * num_warps, block_k in 32..256, and num_stages (>= 2) is
     the depth of the copy ring: num_stages - 1 K steps of weight words and x rows in flight.
+    split_k (Triton kernel; combine "none" or "atomic"): split the K steps of each tile over
+    that many programs, for calls with too few tiles to fill the GPU (T = 1, 8); the partial
+    products meet in fp32 atomics (in the output for "atomic", else in a scratch sum that a
+    second small kernel finishes: SwiGLU, routing weight, cast).
     """
     block_m: int
     block_n: int
@@ -48,6 +52,7 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     kernel: Kernel = "triton"
+    split_k: int = 1
 
 
 def pick_block_m(num_rows: int, num_local_experts: int) -> int:
@@ -229,6 +234,11 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                          f"{', under the interpreter' if interpreting() else ''})")
     if config.block_m != meta.block_m:
         raise ValueError(f"moe_matmul: config.block_m {config.block_m} != routing metadata block_m {meta.block_m}")
+    if config.split_k < 1 or (config.split_k > 1 and (config.kernel != "triton" or combine == "slots"
+                                                      or (combine == "atomic" and swiglu is not None))):
+        raise ValueError(f"moe_matmul: split_k must be >= 1, and split_k > 1 needs the Triton kernel with combine "
+                         f"'none', or 'atomic' without swiglu (got split_k {config.split_k}, kernel "
+                         f"{config.kernel!r}, combine {combine!r}, swiglu {swiglu is not None})")
 
     tokens, rows = meta.num_tokens, meta.num_rows
     if out is not None:
@@ -250,7 +260,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     dummy = blocks  # any tensor: its pointer is never read when the matching flag is off
     bias_t = bias if bias is not None else dummy
     cs_t = channel_scale if channel_scale is not None else dummy
-    grid = (triton.cdiv(n, config.block_n), meta.max_tiles)
+    grid = (triton.cdiv(n, config.block_n), meta.max_tiles, config.split_k)
     # Arguments both kernels take: the routing, the sizes, the SwiGLU constants, the fused steps.
     routing = (meta.sorted_token, scatter if scatter is not None else meta.sorted_token,
                meta.sorted_weight if apply_row_weight else meta.expert_offsets,
@@ -271,21 +281,43 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
             cs_t, cs_t.stride(0),
             y, y.stride(0),
             *routing, STAGES=config.num_stages, SWAP_AB=config.swap_ab, **fused)
+    elif config.split_k > 1 and combine == "none":
+        # Partial products summed in fp32 scratch, then SwiGLU / routing weight / cast.
+        acc = torch.zeros((rows, n), dtype=torch.float32, device=device)
+        sum_routing = routing[:6] + (n, x.shape[1], n) + routing[9:]
+        sum_fused = {**fused, "SCATTER": False, "ATOMIC": True, "SWIGLU": False, "ROW_WEIGHT": False}
+        _launch_triton_kernel(grid, x, blocks, scales_e8m0, bias_t, cs_t, acc, sum_routing, sum_fused, config, k,
+                              compute_dtype, dequant, unsafe_pipelined_rs_mma)
+        finish_grid = (triton.cdiv(rows, _FINISH_BLOCK_R), triton.cdiv(n_out, _FINISH_BLOCK_C))
+        _split_k_finish_kernel[finish_grid](
+            acc, acc.stride(0), y, y.stride(0), routing[2], meta.expert_offsets, n_experts, n_out,
+            float(alpha), float(limit), SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight,
+            BLOCK_R=_FINISH_BLOCK_R, BLOCK_C=_FINISH_BLOCK_C)
     else:
-        _moe_matmul_kernel[grid](
-            x, x.stride(0), x.stride(1),
-            blocks, blocks.stride(0), blocks.stride(1), blocks.stride(2),
-            scales_e8m0, scales_e8m0.stride(0), scales_e8m0.stride(1), scales_e8m0.stride(2),
-            bias_t, bias_t.stride(0), bias_t.stride(1),
-            cs_t, cs_t.stride(0), cs_t.stride(1),
-            y, y.stride(0), y.stride(1),
-            *routing, SWAP_AB=config.swap_ab, EVEN_K=(k % config.block_k == 0 and x.shape[1] == k),
-            COMPUTE_DTYPE=_tl_dtype(compute_dtype), DEQUANT=dequant,
-            RETIRE_MMA_EACH_STEP=config.swap_ab and not interpreting() and not unsafe_pipelined_rs_mma,
-            num_stages=config.num_stages, **fused)
+        _launch_triton_kernel(grid, x, blocks, scales_e8m0, bias_t, cs_t, y, routing, fused, config, k,
+                              compute_dtype, dequant, unsafe_pipelined_rs_mma)
     if combine == "slots":
         return y.view(tokens, meta.top_k, n_out).sum(1, dtype=torch.float32)
     return y
+
+
+_FINISH_BLOCK_R, _FINISH_BLOCK_C = 16, 128
+
+
+def _launch_triton_kernel(grid, x, blocks, scales_e8m0, bias_t, cs_t, y, routing, fused, config, k, compute_dtype,
+                          dequant, unsafe_pipelined_rs_mma):
+    """`_moe_matmul_kernel` on checked arguments (see `moe_matmul`)."""
+    _moe_matmul_kernel[grid](
+        x, x.stride(0), x.stride(1),
+        blocks, blocks.stride(0), blocks.stride(1), blocks.stride(2),
+        scales_e8m0, scales_e8m0.stride(0), scales_e8m0.stride(1), scales_e8m0.stride(2),
+        bias_t, bias_t.stride(0), bias_t.stride(1),
+        cs_t, cs_t.stride(0), cs_t.stride(1),
+        y, y.stride(0), y.stride(1),
+        *routing, SWAP_AB=config.swap_ab, EVEN_K=(k % config.block_k == 0 and x.shape[1] == k),
+        COMPUTE_DTYPE=_tl_dtype(compute_dtype), DEQUANT=dequant,
+        RETIRE_MMA_EACH_STEP=config.swap_ab and not interpreting() and not unsafe_pipelined_rs_mma,
+        SPLIT_K=config.split_k, num_stages=config.num_stages, **fused)
 
 
 def on_hopper(device: torch.device) -> bool:

@@ -120,6 +120,7 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
         "SWAP_AB": config.swap_ab, "EVEN_K": k % config.block_k == 0, "COMPUTE_DTYPE": getattr(tl, compute),
         "DEQUANT": dequant or ("ptx" if compute == "bfloat16" else "bytes"),
         "RETIRE_MMA_EACH_STEP": config.swap_ab if retire_mma_each_step is None else retire_mma_each_step,
+        "SPLIT_K": config.split_k,
     }
     y_type = "*fp32" if atomic else f"*{_TL_NAMES[compute]}"
     return _compile(_moe_matmul_kernel, ASTSource, _signature(f"*{_TL_NAMES[x_dtype]}", y_type), constexprs,

@@ -100,6 +100,51 @@ def test_all_tokens_to_one_expert_with_channel_scales():
     assert rel_err(act, reference_moe_matmul(x, *args, **kw)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_k_matches_reference(split_k, dtype, nan_like):
+    # K split over programs: 4 K steps of 64 over 2 or 3 splits (the third has none), a padded
+    # hidden (x narrower than K), experts with no rows, and rows of another rank. w13: partial
+    # sums in fp32 scratch, then SwiGLU and the cast (rows of other ranks stay NaN); w2: partial
+    # products times the routing weight straight into the atomic combine.
+    from mxfp4_moe.kernels import MatmulConfig
+    E, H, I, H_pad, T, k = 6, 224, 256, 256, 9, 2
+    weights, _ = random_expert_weights(E, H, I, hidden_pad=H_pad, top_k=k, local_experts=[0, 1, 2, 4, 5],
+                                       seed=split_k, channel_scales=True)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(split_k)).to(dtype)
+    topk_w, topk_ids = _routing(T, E, k, seed=split_k)
+    meta = routing_metadata(topk_ids, weights.expert_map, 5, 16, topk_w)
+    local = int(meta.expert_offsets[-1])
+    assert 0 < local < T * k
+    cfg = MatmulConfig(16, 32, 64, True, 4, 1, split_k=split_k)
+    swiglu = (weights.swiglu_alpha, weights.swiglu_limit)
+    args13 = (weights.w13_blocks, weights.w13_scales, weights.w13_bias, meta)
+    kw13 = dict(swiglu=swiglu, channel_scale=weights.w13_channel_scale, apply_row_weight=True, compute_dtype=dtype)
+    act = moe_matmul(x, *args13, out=nan_like(torch.empty(T * k, I, dtype=dtype)), config=cfg, **kw13)
+    act_ref = reference_moe_matmul(x, *args13, **kw13)
+    assert rel_err(act[:local], act_ref[:local]) < TOL[dtype]
+    assert torch.isnan(act[local:]).all()
+    args2 = (weights.w2_blocks, weights.w2_scales, weights.w2_bias, meta)
+    kw2 = dict(gather=False, apply_row_weight=True, combine="atomic", n_out=H, compute_dtype=dtype)
+    y = moe_matmul(act_ref, *args2, config=cfg, **kw2)
+    assert rel_err(y, reference_moe_matmul(act_ref, *args2, **kw2)) < TOL[dtype]
+
+
+def test_split_k_bad_combinations_raise():
+    from mxfp4_moe.kernels import MatmulConfig
+    weights, _ = random_expert_weights(4, 64, 64, top_k=2, seed=1)
+    x = torch.randn(3, 64)
+    topk_w, topk_ids = _routing(3, 4, 2, seed=1)
+    meta = routing_metadata(topk_ids, None, 4, 16, topk_w)
+    args = (weights.w13_blocks, weights.w13_scales, weights.w13_bias, meta)
+    for kw in (dict(combine="slots"), dict(combine="atomic", swiglu=(1.702, 7.0))):
+        with pytest.raises(ValueError, match="split_k"):
+            moe_matmul(x, *args, compute_dtype=torch.float32, config=MatmulConfig(16, 32, 64, True, 4, 1, split_k=2),
+                       **kw)
+    with pytest.raises(ValueError, match="split_k"):
+        moe_matmul(x, *args, compute_dtype=torch.float32, config=MatmulConfig(16, 32, 64, True, 4, 1, split_k=0))
+
+
 def test_expert_parallel_rows_dropped():
     # This rank holds global experts 1 and 3 of 4: pairs routed to 0 and 2 must not appear.
     weights, _ = random_expert_weights(4, 64, 64, top_k=2, local_experts=[1, 3], seed=2)

@@ -31,6 +31,8 @@ _FP16_MAG_SHIFT: tl.constexpr = tl.constexpr(10 - 1)      # E2M1 bit 0 (m) -> fp
 _FP16_REBIAS: tl.constexpr = tl.constexpr(15 - 1)         # undo the 2 ** -14 above
 _FP32_MANTISSA_BITS: tl.constexpr = tl.constexpr(23)
 _CODES_PER_WORD: tl.constexpr = tl.constexpr(32 // mxfp4.NIBBLE_BITS)
+_BYTES_PER_BLOCK: tl.constexpr = tl.constexpr(mxfp4.BLOCK_SIZE // 2)     # 32 codes, 2 per byte
+_WORDS_PER_BLOCK: tl.constexpr = tl.constexpr(mxfp4.BLOCK_SIZE // (32 // mxfp4.NIBBLE_BITS))
 # E8M0 byte b -> bf16 2 ** (b - 127): the exponent field is b itself (bf16 and E8M0 share the
 # bias), except b = 0 (2 ** -127, the bf16 subnormal with only the top mantissa bit) and NaN.
 _BF16_MANTISSA_BITS: tl.constexpr = tl.constexpr(7)
@@ -138,7 +140,6 @@ def _dequant_mxfp4_words(words, scale_bytes, BLOCK_N: tl.constexpr, BLOCK_K: tl.
     pair; otherwise plain Triton, one code at a time.
     """
     pair = tl.join(words, words >> _NIBBLE_BITS)                         # [BN, BK/8, 2]
-    WORDS_PER_BLOCK: tl.constexpr = _BLOCK_SIZE // _CODES_PER_WORD
     if USE_PTX:
         b = scale_bytes.to(tl.int16)
         bits = tl.where(b == 0, _BF16_POW2_MIN_BITS, b << _BF16_MANTISSA_BITS)
@@ -148,7 +149,7 @@ def _dequant_mxfp4_words(words, scale_bytes, BLOCK_N: tl.constexpr, BLOCK_K: tl.
         exp_field = scale_bytes.to(tl.int32) + _FP16_REBIAS
         scale = (exp_field << _FP32_MANTISSA_BITS).to(tl.float32, bitcast=True)
         scale = tl.where(scale_bytes == _E8M0_NAN, float("nan"), scale)
-    scale = tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // _BLOCK_SIZE, WORDS_PER_BLOCK))
+    scale = tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // _BLOCK_SIZE, _WORDS_PER_BLOCK))
     scale = scale.reshape(BLOCK_N, BLOCK_K // _CODES_PER_WORD)
     scale = tl.join(scale, scale)                                       # [BN, BK/8, 2]
     if USE_PTX:
@@ -170,7 +171,7 @@ def _dequant_mxfp4_words(words, scale_bytes, BLOCK_N: tl.constexpr, BLOCK_K: tl.
 @triton.jit
 def _moe_matmul_kernel(
         x_ptr, stride_xm, stride_xk,
-        w_ptr, stride_we, stride_wn, stride_wk,
+        w_ptr, stride_we, stride_wn, stride_wk, stride_wkb,
         s_ptr, stride_se, stride_sn, stride_sk,
         bias_ptr, stride_be, stride_bn,
         cs_ptr, stride_cse, stride_csn,
@@ -184,7 +185,7 @@ def _moe_matmul_kernel(
         HAS_BIAS: tl.constexpr, HAS_CHANNEL_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
         ROW_WEIGHT: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr,
         COMPUTE_DTYPE: tl.constexpr, DEQUANT: tl.constexpr,
-        RETIRE_MMA_EACH_STEP: tl.constexpr, SPLIT_K: tl.constexpr = 1):
+        RETIRE_MMA_EACH_STEP: tl.constexpr, SPLIT_K: tl.constexpr = 1, K_BLOCKED: tl.constexpr = False):
     """One program: one tile of up to BLOCK_M sorted rows of one expert x BLOCK_N weight rows.
 
     Row r of the tile reads x[gather[r]] (or x[r]) [K_X valid columns, zero beyond], multiplies
@@ -198,6 +199,9 @@ def _moe_matmul_kernel(
     ptxas 12.8 lets the next step's decode overwrite the registers they still read (triton
     issue #9433: a race, wrong results at 64/128-row tiles; fixed upstream only by a newer
     Triton together with ptxas >= 13.3). `sm90_report.rs_wgmma_hazards` checks the SASS.
+    K_BLOCKED: the weight codes of consecutive 32-code blocks along K lie stride_wkb bytes apart
+    (the K-blocked layout of `moe_matmul.k_blocked`: a K step of a tile's rows is a few
+    contiguous runs); otherwise stride_wkb = 16 * stride_wk (the checkpoint's row-major layout).
     SPLIT_K > 1 (few tiles: more programs, each with fewer K steps): program_id(2) picks one of
     SPLIT_K runs of whole K steps; its partial product is added to y by fp32 atomics (ATOMIC
     must be set, SWIGLU not: the launcher finishes SwiGLU after the sum), bias by split 0 only.
@@ -229,13 +233,22 @@ def _moe_matmul_kernel(
     expert64 = expert.to(tl.int64)
     x_ptrs = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm + (k_begin + offs_k)[None, :] * stride_xk
     if DEQUANT == "bytes":
-        w_ptrs = (w_ptr + expert64 * stride_we + offs_n[:, None] * stride_wn
-                  + (k_begin // 2 + offs_kb)[None, :] * stride_wk)
+        kb = k_begin // 2 + offs_kb                                      # byte along the row
+        if K_BLOCKED:
+            kb = (kb // _BYTES_PER_BLOCK) * stride_wkb + (kb % _BYTES_PER_BLOCK) * stride_wk
+        else:
+            kb = kb * stride_wk
+        w_ptrs = w_ptr + expert64 * stride_we + offs_n[:, None] * stride_wn + kb[None, :]
     else:
         # Byte offsets of the row starts (multiples of 16 for gpt-oss: the pointer keeps that
         # alignment, so the word loads stay 16 bytes wide), then whole words along K.
         w_rows = (w_ptr + expert64 * stride_we + offs_n * stride_wn).to(tl.pointer_type(tl.uint32))
-        w_ptrs = w_rows[:, None] + (k_begin // _CODES_PER_WORD + offs_kw)[None, :]
+        if K_BLOCKED:
+            kw = ((k_begin // _BLOCK_SIZE + offs_kw // _WORDS_PER_BLOCK) * (stride_wkb // 4)
+                  + offs_kw % _WORDS_PER_BLOCK)
+        else:
+            kw = k_begin // _CODES_PER_WORD + offs_kw
+        w_ptrs = w_rows[:, None] + kw[None, :]
     s_ptrs = (s_ptr + expert64 * stride_se + offs_n[:, None] * stride_sn
               + (k_begin // _BLOCK_SIZE + offs_ks)[None, :] * stride_sk)
     if SWAP_AB:
@@ -290,7 +303,12 @@ def _moe_matmul_kernel(
                 acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K * stride_xk
         if DEQUANT == "bytes":
-            w_ptrs += (BLOCK_K // 2) * stride_wk
+            if K_BLOCKED:
+                w_ptrs += (BLOCK_K // _BLOCK_SIZE) * stride_wkb
+            else:
+                w_ptrs += (BLOCK_K // 2) * stride_wk
+        elif K_BLOCKED:
+            w_ptrs += (BLOCK_K // _BLOCK_SIZE) * (stride_wkb // 4)
         else:
             w_ptrs += BLOCK_K // _CODES_PER_WORD
     if SWAP_AB:

@@ -34,9 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from ._moe_matmul import (_BF16_MANTISSA_BITS, _BF16_NAN_BITS, _BF16_POW2_MIN_BITS, _BLOCK_SIZE, _CODES_PER_WORD,
-                          _E2M1_BF16_PTX, _E8M0_NAN, _NIBBLE_BITS)
-
-_WORDS_PER_BLOCK: gl.constexpr = gl.constexpr(32 // 8)      # uint32 words per 32-code block
+                          _E2M1_BF16_PTX, _E8M0_NAN, _NIBBLE_BITS, _WORDS_PER_BLOCK)
 
 
 @gluon.jit

@@ -21,6 +21,7 @@ Combine = Literal["none", "atomic", "slots"]
 Dequant = Literal["auto", "bytes", "words", "ptx"]
 DEQUANT_MODES = ("bytes", "words", "ptx")
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_BLOCK_BYTES = BLOCK_SIZE // 2   # the 16 bytes of one 32-code block
 
 
 def interpreting() -> bool:
@@ -111,12 +112,42 @@ def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: 
     return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=8, num_stages=3)
 
 
+def block_view(blocks: torch.Tensor) -> torch.Tensor:
+    """`blocks` as [E, N, K // 32, 16]: the 16 bytes of each 32-code block. A 3-D [E, N, K // 2]
+    tensor (the checkpoint's row-major layout) is viewed so; a 4-D one (e.g. from `k_blocked`) is
+    returned as it is."""
+    if blocks.dim() == 4:
+        return blocks
+    e, n, k_half = blocks.shape
+    s_e, s_n, s_k = blocks.stride()
+    return blocks.as_strided((e, n, k_half // _BLOCK_BYTES, _BLOCK_BYTES), (s_e, s_n, _BLOCK_BYTES * s_k, s_k),
+                             blocks.storage_offset())
+
+
+def k_blocked(blocks: torch.Tensor, scales_e8m0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K-blocked layout of one weight (a copy): codes stored [E, K // 32, N, 16] and scales
+    [E, K // 32, N], returned as views indexed like the checkpoint's ([E, N, K // 32, 16] and
+    [E, N, K // 32]). A K step of a tile's rows then reads one contiguous run of 16 bytes per row
+    per 32-code block instead of 16 bytes every row stride (which `moe_matmul` takes from the
+    strides; the Gluon kernel reads the row-major layout only)."""
+    view = block_view(blocks)
+    blocked = view.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    return blocked, scales_e8m0.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+
+
 def words_aligned(blocks: torch.Tensor) -> bool:
-    """True when `blocks` [E, N, K // 2] uint8 can be read as uint32 words (dequant "words"/"ptx"):
-    unit stride along K, row and expert strides and the data pointer multiples of 4 bytes."""
+    """True when `blocks` ([E, N, K // 2] or the 4-D `block_view`) uint8 can be read as uint32
+    words (dequant "words"/"ptx"): unit stride within a block, the other strides and the data
+    pointer multiples of 4 bytes."""
     word = 4
-    return (blocks.stride(2) == 1 and blocks.stride(1) % word == 0 and blocks.stride(0) % word == 0
-            and blocks.data_ptr() % word == 0)
+    view = block_view(blocks)
+    return (view.stride(3) == 1 and all(stride % word == 0 for stride in view.stride()[:3])
+            and view.data_ptr() % word == 0)
+
+
+def _is_k_blocked(view: torch.Tensor) -> bool:
+    """Whether a `block_view` has its 32-code blocks other than back to back along each row."""
+    return view.stride(2) != _BLOCK_BYTES * view.stride(3)
 
 
 def pick_dequant(compute_dtype: torch.dtype, blocks: torch.Tensor) -> str:
@@ -150,7 +181,9 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     x: [T, K_x] (gather=True: row src(r) = meta.sorted_token[r]) or [R, K_x] in sorted row order
        (gather=False); K_x <= K, columns past K_x count as zero (padded hidden). Any float dtype;
        converted to `compute_dtype` in the kernel.
-    blocks: [E_local, N, K // 2] uint8, low nibble = even k; scales_e8m0: [E_local, N, K // 32] uint8
+    blocks: [E_local, N, K // 2] uint8, low nibble = even k (any strides), or [E_local, N, K // 32, 16]
+       (the bytes of each 32-code block; any strides with unit stride within a block, e.g. the
+       K-blocked layout of `k_blocked`); scales_e8m0: [E_local, N, K // 32] uint8 (any strides)
     bias, channel_scale: [E_local, N] float32 or None
     swiglu: (alpha, limit) on interleaved gate/up columns (2j gate, 2j + 1 up), or None
     apply_row_weight: multiply row r by meta.sorted_weight[r]
@@ -179,16 +212,20 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
         raise ValueError(f"moe_matmul: combine must be 'none', 'atomic' or 'slots', got {combine!r}")
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"moe_matmul: x must be a 2-D float tensor, got {tuple(x.shape)} {x.dtype}")
-    if blocks.dim() != 3:
-        raise ValueError(f"moe_matmul: blocks must be [E_local, N, K // 2], got {tuple(blocks.shape)}")
+    if blocks.dim() not in (3, 4) or (blocks.dim() == 4 and blocks.shape[3] != _BLOCK_BYTES):
+        raise ValueError(f"moe_matmul: blocks must be [E_local, N, K // 2] or [E_local, N, K // 32, {_BLOCK_BYTES}], "
+                         f"got {tuple(blocks.shape)}")
+    if blocks.dim() == 4 and blocks.stride(3) != 1:
+        raise ValueError(f"moe_matmul: 4-D blocks need unit stride within a block, got strides {tuple(blocks.stride())}")
     device = x.device
-    n_experts, n, k_half = blocks.shape
+    n_experts, n = blocks.shape[:2]
+    k_half = blocks.shape[2] * (_BLOCK_BYTES if blocks.dim() == 4 else 1)
     k = 2 * k_half
     if n_experts != meta.num_local_experts:
         raise ValueError(f"moe_matmul: blocks hold {n_experts} experts, routing metadata {meta.num_local_experts}")
     if k % BLOCK_SIZE:
         raise ValueError(f"moe_matmul: K = {k} (from blocks' last dim {k_half}) must be a multiple of {BLOCK_SIZE}")
-    _check_weight("blocks", blocks, (n_experts, n, k_half), torch.uint8, device)
+    _check_weight("blocks", blocks, tuple(blocks.shape), torch.uint8, device)
     _check_weight("scales_e8m0", scales_e8m0, (n_experts, n, k // BLOCK_SIZE), torch.uint8, device)
     if bias is not None:
         _check_weight("bias", bias, (n_experts, n), torch.float32, device)
@@ -272,7 +309,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                  SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, num_warps=config.num_warps)
     if config.kernel == "sm90":
         from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
-        words_desc, rows_per_expert = _words_descriptor(blocks, config)
+        words_desc, rows_per_expert = _words_descriptor(blocks if blocks.dim() == 3 else blocks.flatten(2), config)
         _moe_matmul_sm90_kernel[grid](           # unit strides along the last dims (checked above)
             x, x.stride(0),
             words_desc, rows_per_expert,
@@ -307,9 +344,10 @@ _FINISH_BLOCK_R, _FINISH_BLOCK_C = 16, 128
 def _launch_triton_kernel(grid, x, blocks, scales_e8m0, bias_t, cs_t, y, routing, fused, config, k, compute_dtype,
                           dequant, unsafe_pipelined_rs_mma):
     """`_moe_matmul_kernel` on checked arguments (see `moe_matmul`)."""
+    view = block_view(blocks)
     _moe_matmul_kernel[grid](
         x, x.stride(0), x.stride(1),
-        blocks, blocks.stride(0), blocks.stride(1), blocks.stride(2),
+        view, view.stride(0), view.stride(1), view.stride(3), view.stride(2),
         scales_e8m0, scales_e8m0.stride(0), scales_e8m0.stride(1), scales_e8m0.stride(2),
         bias_t, bias_t.stride(0), bias_t.stride(1),
         cs_t, cs_t.stride(0), cs_t.stride(1),
@@ -317,7 +355,7 @@ def _launch_triton_kernel(grid, x, blocks, scales_e8m0, bias_t, cs_t, y, routing
         *routing, SWAP_AB=config.swap_ab, EVEN_K=(k % config.block_k == 0 and x.shape[1] == k),
         COMPUTE_DTYPE=_tl_dtype(compute_dtype), DEQUANT=dequant,
         RETIRE_MMA_EACH_STEP=config.swap_ab and not interpreting() and not unsafe_pipelined_rs_mma,
-        SPLIT_K=config.split_k, num_stages=config.num_stages, **fused)
+        SPLIT_K=config.split_k, K_BLOCKED=_is_k_blocked(view), num_stages=config.num_stages, **fused)
 
 
 def on_hopper(device: torch.device) -> bool:
@@ -340,7 +378,9 @@ def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor, config: MatmulConfi
                 f"multiple of 16 * num_warps, and block_k a multiple of 32 in 32..256 (got {config})")
     if config.num_stages < 2:
         return f"num_stages must be >= 2 (got {config})"
-    problem = _words_tma_problem(blocks)
+    if blocks.dim() == 4 and _is_k_blocked(blocks):
+        return "it reads weight rows by TMA: blocks must be row-major along K (not the K-blocked layout)"
+    problem = _words_tma_problem(blocks if blocks.dim() == 3 else blocks.flatten(2))
     if problem:
         return problem
     if dequant != "ptx":

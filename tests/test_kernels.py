@@ -145,6 +145,32 @@ def test_split_k_bad_combinations_raise():
         moe_matmul(x, *args, compute_dtype=torch.float32, config=MatmulConfig(16, 32, 64, True, 4, 1, split_k=0))
 
 
+@pytest.mark.parametrize("dequant", ["bytes", "words"])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_k_blocked_layout_matches_row_major(dequant, split_k):
+    # The same weights stored K-blocked ([E, K // 32, N, 16] codes, [E, K // 32, N] scales) give
+    # what the checkpoint's row-major layout gives, bit for bit (same products, same order), on
+    # a padded hidden size (x narrower than K) and a 5-step K split in two.
+    from mxfp4_moe.kernels import MatmulConfig, k_blocked
+    E, H, H_pad, I, T, k = 4, 288, 320, 96, 11, 2
+    weights, _ = random_expert_weights(E, H, I, hidden_pad=H_pad, top_k=k, seed=7)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(7))
+    topk_w, topk_ids = _routing(T, E, k, seed=7)
+    meta = routing_metadata(topk_ids, None, E, 16, topk_w)
+    blocks, scales = k_blocked(weights.w13_blocks, weights.w13_scales)
+    assert blocks.shape == (E, 2 * I, H_pad // 32, 16) and blocks.stride()[1:] == (16, 2 * I * 16, 1)
+    assert scales.shape == weights.w13_scales.shape and scales.stride()[1:] == (1, 2 * I)
+    assert torch.equal(blocks.reshape(E, 2 * I, -1), weights.w13_blocks) and torch.equal(scales, weights.w13_scales)
+    cfg = MatmulConfig(16, 32, 64, True, 4, 1, split_k=split_k)
+    kw = dict(swiglu=(1.702, 7.0), compute_dtype=torch.float32, config=cfg, dequant=dequant)
+    row_major = moe_matmul(x, weights.w13_blocks, weights.w13_scales, weights.w13_bias, meta, **kw)
+    blocked = moe_matmul(x, blocks, scales, weights.w13_bias, meta, **kw)
+    assert torch.equal(blocked, row_major)
+    ref = reference_moe_matmul(x, blocks, scales, weights.w13_bias, meta, swiglu=(1.702, 7.0),
+                               compute_dtype=torch.float32)
+    assert rel_err(blocked, ref) < TOL[torch.float32]
+
+
 def test_expert_parallel_rows_dropped():
     # This rank holds global experts 1 and 3 of 4: pairs routed to 0 and 2 must not appear.
     weights, _ = random_expert_weights(4, 64, 64, top_k=2, local_experts=[1, 3], seed=2)

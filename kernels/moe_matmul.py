@@ -135,6 +135,32 @@ def k_blocked(blocks: torch.Tensor, scales_e8m0: torch.Tensor) -> tuple[torch.Te
     return blocked, scales_e8m0.permute(0, 2, 1).contiguous().permute(0, 2, 1)
 
 
+_FRAGMENT_RUN_BYTES = 32      # 64 codes: one K step of the fragment kernel
+
+
+def _fragment_permutation() -> torch.Tensor:
+    """new_byte -> old_byte within a 32-byte run: lane q's 8 bytes (its codes of the wgmma
+    A fragment, k = 2 q + {0, 1} + 8 t0 + 16 t1 + 32 i) at 8 q + 4 i + t0 + 2 t1."""
+    perm = torch.empty(_FRAGMENT_RUN_BYTES, dtype=torch.long)
+    for q in range(4):
+        for i in range(2):
+            for t1 in range(2):
+                for t0 in range(2):
+                    perm[8 * q + 4 * i + t0 + 2 * t1] = q + 4 * t0 + 8 * t1 + 16 * i
+    return perm
+
+
+def fragment_order(blocks: torch.Tensor) -> torch.Tensor:
+    """A copy of `blocks` [E, N, K // 2] (K a multiple of 64) with the bytes of each 64-code run
+    of a row reordered so that each thread of the Gluon fragment kernel loads the codes of its
+    wgmma register fragment as 8 adjacent bytes (`_moe_matmul_sm90_fragment_kernel`)."""
+    e, n, k_half = blocks.shape
+    if k_half % _FRAGMENT_RUN_BYTES:
+        raise ValueError(f"fragment_order: K = {2 * k_half} must be a multiple of {2 * _FRAGMENT_RUN_BYTES}")
+    runs = blocks.reshape(e, n, k_half // _FRAGMENT_RUN_BYTES, _FRAGMENT_RUN_BYTES)
+    return runs[..., _fragment_permutation().to(blocks.device)].reshape(e, n, k_half).contiguous()
+
+
 def words_aligned(blocks: torch.Tensor) -> bool:
     """True when `blocks` ([E, N, K // 2] or the 4-D `block_view`) uint8 can be read as uint32
     words (dequant "words"/"ptx"): unit stride within a block, the other strides and the data

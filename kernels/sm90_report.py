@@ -82,6 +82,7 @@ def _compile(kernel, source_type, signature: dict, constexprs: dict, config: Mat
         "HAS_CHANNEL_SCALE": False, "SWIGLU": swiglu, "ROW_WEIGHT": atomic, **constexprs,
     }
     names = list(kernel.arg_names)
+    constexprs = {name: value for name, value in constexprs.items() if name in names}
     signature = {name: "constexpr" if name in constexprs else signature[name] for name in names}
     divisible = {name for name, ty in signature.items() if ty.startswith("*")}
     divisible |= {name for name, value in _int_args(config, k=k, n=n, atomic=atomic).items()

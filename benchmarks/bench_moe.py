@@ -107,11 +107,7 @@ def candidates(block_m: int, n: int, k: int, swiglu: bool, mean_rows: float,
                 C(block_m, 128, 128, True, 4, 3), C(block_m, 256, 64, True, 8, 3),
                 C(block_m, 64, 128, True, 4, 6, "sm90"), C(block_m, 64, 128, True, 4, 4, "sm90"),
                 C(block_m, 64, 64, True, 4, 8, "sm90"), C(block_m, 64, 256, True, 4, 4, "sm90"),
-                C(block_m, 64, 256, True, 4, 3, "sm90"), C(block_m, 128, 128, True, 8, 4, "sm90"),
-                # split-K: more programs when there are few tiles (T = 1, 8)
-                C(block_m, 64, 64, True, 4, 4, split_k=2), C(block_m, 64, 64, True, 4, 4, split_k=4),
-                C(block_m, 64, 64, True, 4, 4, split_k=8), C(block_m, 64, 128, True, 4, 4, split_k=2),
-                C(block_m, 64, 128, True, 4, 4, split_k=4), C(block_m, 128, 64, True, 4, 4, split_k=4)]
+                C(block_m, 64, 256, True, 4, 3, "sm90"), C(block_m, 128, 128, True, 8, 4, "sm90")]
     elif block_m == 64:
         alts = [C(64, 128, 64, False, 4, 3), C(64, 128, 64, True, 4, 3), C(64, 64, 64, True, 4, 4),
                 C(64, 128, 64, False, 4, 3, "sm90"), C(64, 256, 64, False, 4, 3, "sm90"),

@@ -4,6 +4,6 @@ Gluon, Hopper); the launchers here validate, allocate, pick the kernel and grid,
 Importing this package needs triton, not a GPU.
 """
 
-from .moe_matmul import MatmulConfig, default_config, interpreting, k_blocked, moe_matmul, pick_block_m
+from .moe_matmul import MatmulConfig, default_config, interpreting, moe_matmul, pick_block_m
 
-__all__ = ["MatmulConfig", "default_config", "interpreting", "k_blocked", "moe_matmul", "pick_block_m"]
+__all__ = ["MatmulConfig", "default_config", "interpreting", "moe_matmul", "pick_block_m"]

@@ -31,8 +31,6 @@ _FP16_MAG_SHIFT: tl.constexpr = tl.constexpr(10 - 1)      # E2M1 bit 0 (m) -> fp
 _FP16_REBIAS: tl.constexpr = tl.constexpr(15 - 1)         # undo the 2 ** -14 above
 _FP32_MANTISSA_BITS: tl.constexpr = tl.constexpr(23)
 _CODES_PER_WORD: tl.constexpr = tl.constexpr(32 // mxfp4.NIBBLE_BITS)
-_BYTES_PER_BLOCK: tl.constexpr = tl.constexpr(mxfp4.BLOCK_SIZE // 2)     # 32 codes, 2 per byte
-_WORDS_PER_BLOCK: tl.constexpr = tl.constexpr(mxfp4.BLOCK_SIZE // (32 // mxfp4.NIBBLE_BITS))
 # E8M0 byte b -> bf16 2 ** (b - 127): the exponent field is b itself (bf16 and E8M0 share the
 # bias), except b = 0 (2 ** -127, the bf16 subnormal with only the top mantissa bit) and NaN.
 _BF16_MANTISSA_BITS: tl.constexpr = tl.constexpr(7)
@@ -140,6 +138,7 @@ def _dequant_mxfp4_words(words, scale_bytes, BLOCK_N: tl.constexpr, BLOCK_K: tl.
     pair; otherwise plain Triton, one code at a time.
     """
     pair = tl.join(words, words >> _NIBBLE_BITS)                         # [BN, BK/8, 2]
+    WORDS_PER_BLOCK: tl.constexpr = _BLOCK_SIZE // _CODES_PER_WORD
     if USE_PTX:
         b = scale_bytes.to(tl.int16)
         bits = tl.where(b == 0, _BF16_POW2_MIN_BITS, b << _BF16_MANTISSA_BITS)
@@ -149,7 +148,7 @@ def _dequant_mxfp4_words(words, scale_bytes, BLOCK_N: tl.constexpr, BLOCK_K: tl.
         exp_field = scale_bytes.to(tl.int32) + _FP16_REBIAS
         scale = (exp_field << _FP32_MANTISSA_BITS).to(tl.float32, bitcast=True)
         scale = tl.where(scale_bytes == _E8M0_NAN, float("nan"), scale)
-    scale = tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // _BLOCK_SIZE, _WORDS_PER_BLOCK))
+    scale = tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // _BLOCK_SIZE, WORDS_PER_BLOCK))
     scale = scale.reshape(BLOCK_N, BLOCK_K // _CODES_PER_WORD)
     scale = tl.join(scale, scale)                                       # [BN, BK/8, 2]
     if USE_PTX:
@@ -171,7 +170,7 @@ def _dequant_mxfp4_words(words, scale_bytes, BLOCK_N: tl.constexpr, BLOCK_K: tl.
 @triton.jit
 def _moe_matmul_kernel(
         x_ptr, stride_xm, stride_xk,
-        w_ptr, stride_we, stride_wn, stride_wk, stride_wkb,
+        w_ptr, stride_we, stride_wn, stride_wk,
         s_ptr, stride_se, stride_sn, stride_sk,
         bias_ptr, stride_be, stride_bn,
         cs_ptr, stride_cse, stride_csn,
@@ -185,7 +184,7 @@ def _moe_matmul_kernel(
         HAS_BIAS: tl.constexpr, HAS_CHANNEL_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
         ROW_WEIGHT: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr,
         COMPUTE_DTYPE: tl.constexpr, DEQUANT: tl.constexpr,
-        RETIRE_MMA_EACH_STEP: tl.constexpr, SPLIT_K: tl.constexpr = 1, K_BLOCKED: tl.constexpr = False):
+        RETIRE_MMA_EACH_STEP: tl.constexpr):
     """One program: one tile of up to BLOCK_M sorted rows of one expert x BLOCK_N weight rows.
 
     Row r of the tile reads x[gather[r]] (or x[r]) [K_X valid columns, zero beyond], multiplies
@@ -199,20 +198,9 @@ def _moe_matmul_kernel(
     ptxas 12.8 lets the next step's decode overwrite the registers they still read (triton
     issue #9433: a race, wrong results at 64/128-row tiles; fixed upstream only by a newer
     Triton together with ptxas >= 13.3). `sm90_report.rs_wgmma_hazards` checks the SASS.
-    K_BLOCKED: the weight codes of consecutive 32-code blocks along K lie stride_wkb bytes apart
-    (the K-blocked layout of `moe_matmul.k_blocked`: a K step of a tile's rows is a few
-    contiguous runs); otherwise stride_wkb = 16 * stride_wk (the checkpoint's row-major layout).
-    SPLIT_K > 1 (few tiles: more programs, each with fewer K steps): program_id(2) picks one of
-    SPLIT_K runs of whole K steps; its partial product is added to y by fp32 atomics (ATOMIC
-    must be set, SWIGLU not: the launcher finishes SwiGLU after the sum), bias by split 0 only.
     """
     pid_n = tl.program_id(0)
     tile = tl.program_id(1)
-    split = tl.program_id(2)
-    NUM_STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-    STEPS_PER_SPLIT: tl.constexpr = (NUM_STEPS + SPLIT_K - 1) // SPLIT_K
-    SHORT_LAST_SPLIT: tl.constexpr = SPLIT_K * STEPS_PER_SPLIT > NUM_STEPS   # steps past K: masked
-    k_begin = split * (STEPS_PER_SPLIT * BLOCK_K)
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:
         return  # past the last real tile
@@ -231,49 +219,36 @@ def _moe_matmul_kernel(
     offs_kw = tl.arange(0, BLOCK_K // _CODES_PER_WORD)
     offs_ks = tl.arange(0, BLOCK_K // _BLOCK_SIZE)
     expert64 = expert.to(tl.int64)
-    x_ptrs = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm + (k_begin + offs_k)[None, :] * stride_xk
+    x_ptrs = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     if DEQUANT == "bytes":
-        kb = k_begin // 2 + offs_kb                                      # byte along the row
-        if K_BLOCKED:
-            kb = (kb // _BYTES_PER_BLOCK) * stride_wkb + (kb % _BYTES_PER_BLOCK) * stride_wk
-        else:
-            kb = kb * stride_wk
-        w_ptrs = w_ptr + expert64 * stride_we + offs_n[:, None] * stride_wn + kb[None, :]
+        w_ptrs = w_ptr + expert64 * stride_we + offs_n[:, None] * stride_wn + offs_kb[None, :] * stride_wk
     else:
         # Byte offsets of the row starts (multiples of 16 for gpt-oss: the pointer keeps that
         # alignment, so the word loads stay 16 bytes wide), then whole words along K.
         w_rows = (w_ptr + expert64 * stride_we + offs_n * stride_wn).to(tl.pointer_type(tl.uint32))
-        if K_BLOCKED:
-            kw = ((k_begin // _BLOCK_SIZE + offs_kw // _WORDS_PER_BLOCK) * (stride_wkb // 4)
-                  + offs_kw % _WORDS_PER_BLOCK)
-        else:
-            kw = k_begin // _CODES_PER_WORD + offs_kw
-        w_ptrs = w_rows[:, None] + kw[None, :]
-    s_ptrs = (s_ptr + expert64 * stride_se + offs_n[:, None] * stride_sn
-              + (k_begin // _BLOCK_SIZE + offs_ks)[None, :] * stride_sk)
+        w_ptrs = w_rows[:, None] + offs_kw[None, :]
+    s_ptrs = s_ptr + expert64 * stride_se + offs_n[:, None] * stride_sn + offs_ks[None, :] * stride_sk
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # The scale rows (K // 32 bytes, 2-byte aligned for gpt-oss) are too narrow for the async
-    # copies that pipeline the other operands, so they are prefetched by hand one step ahead:
-    # the load for step k + 1 is in flight while step k dequantizes and multiplies.
-    mask_ks = mask_n[:, None] & (k_begin // _BLOCK_SIZE + offs_ks < K // _BLOCK_SIZE)[None, :]
-    next_scales = tl.load(s_ptrs, mask=mask_ks, other=0)
-    for step in range(STEPS_PER_SPLIT):
-        k0 = k_begin + step * BLOCK_K
-        scale_bytes = next_scales
+    # copies that pipeline the other operands, so they are prefetched by hand two steps ahead:
+    # the loads for steps k + 1 and k + 2 are in flight while step k dequantizes and multiplies.
+    scales = tl.load(s_ptrs, mask=mask_n[:, None] & (offs_ks < K // _BLOCK_SIZE)[None, :], other=0)
+    next_scales = tl.load(s_ptrs + (BLOCK_K // _BLOCK_SIZE) * stride_sk,
+                          mask=mask_n[:, None] & (offs_ks + BLOCK_K // _BLOCK_SIZE < K // _BLOCK_SIZE)[None, :], other=0)
+    for k0 in range(0, K, BLOCK_K):
+        scale_bytes = scales
         s_ptrs += (BLOCK_K // _BLOCK_SIZE) * stride_sk
-        next_ks = offs_ks + (k0 + BLOCK_K) // _BLOCK_SIZE
-        mask_ks = mask_n[:, None] & (next_ks < K // _BLOCK_SIZE)[None, :]
-        next_scales = tl.load(s_ptrs, mask=mask_ks, other=0)
+        later_ks = offs_ks + (k0 + 2 * BLOCK_K) // _BLOCK_SIZE
+        later_scales = tl.load(s_ptrs + (BLOCK_K // _BLOCK_SIZE) * stride_sk,
+                               mask=mask_n[:, None] & (later_ks < K // _BLOCK_SIZE)[None, :], other=0)
+        scales = next_scales
+        next_scales = later_scales
         if EVEN_K:
-            if SHORT_LAST_SPLIT:
-                x = tl.load(x_ptrs, mask=mask_m[:, None] & (k0 < K), other=0.0)
-                packed = tl.load(w_ptrs, mask=mask_n[:, None] & (k0 < K), other=0)
-            else:
-                x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-                packed = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            packed = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
         elif DEQUANT == "bytes":
             x = tl.load(x_ptrs, mask=mask_m[:, None] & (k0 + offs_k < K_X)[None, :], other=0.0)
             mask_kb = (k0 // 2 + offs_kb) < K // 2
@@ -303,12 +278,7 @@ def _moe_matmul_kernel(
                 acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K * stride_xk
         if DEQUANT == "bytes":
-            if K_BLOCKED:
-                w_ptrs += (BLOCK_K // _BLOCK_SIZE) * stride_wkb
-            else:
-                w_ptrs += (BLOCK_K // 2) * stride_wk
-        elif K_BLOCKED:
-            w_ptrs += (BLOCK_K // _BLOCK_SIZE) * (stride_wkb // 4)
+            w_ptrs += (BLOCK_K // 2) * stride_wk
         else:
             w_ptrs += BLOCK_K // _CODES_PER_WORD
     if SWAP_AB:
@@ -318,7 +288,7 @@ def _moe_matmul_kernel(
         cs = tl.load(cs_ptr + expert64 * stride_cse + offs_n * stride_csn, mask=mask_n, other=0.0)
         acc = acc * cs[None, :]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + expert64 * stride_be + offs_n * stride_bn, mask=mask_n & (split == 0), other=0.0)
+        bias = tl.load(bias_ptr + expert64 * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
         acc = acc + bias[None, :]
     if SWIGLU:
         # Columns are interleaved gate/up pairs: 2j gate, 2j + 1 up -> output column j.
@@ -343,32 +313,3 @@ def _moe_matmul_kernel(
         tl.atomic_add(y_ptrs, out, mask=mask_y, sem="relaxed")
     else:
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_y)
-
-
-@triton.jit
-def _split_k_finish_kernel(
-        acc_ptr, stride_am, y_ptr, stride_ym, row_weight_ptr, expert_offsets_ptr,
-        NUM_EXPERTS, N_OUT, alpha, limit,
-        SWIGLU: tl.constexpr, ROW_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """After a split-K launch into the fp32 sum acc [R, N] (bias included): SwiGLU on the
-    interleaved gate/up columns if asked (output column j from 2j, 2j + 1), the routing weight
-    if asked, and the store of columns < N_OUT into y [R, N_OUT] in y's dtype. Rows at or past
-    expert_offsets[NUM_EXPERTS] (pairs routed to other ranks) stay unwritten."""
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    local_rows = tl.load(expert_offsets_ptr + NUM_EXPERTS)
-    mask_r = offs_r < local_rows
-    mask = mask_r[:, None] & (offs_c < N_OUT)[None, :]
-    rows = acc_ptr + offs_r.to(tl.int64)[:, None] * stride_am
-    if SWIGLU:
-        gate = tl.load(rows + 2 * offs_c[None, :], mask=mask, other=0.0)
-        up = tl.load(rows + 2 * offs_c[None, :] + 1, mask=mask, other=0.0)
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-        out = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
-    else:
-        out = tl.load(rows + offs_c[None, :], mask=mask, other=0.0)
-    if ROW_WEIGHT:
-        out = out * tl.load(row_weight_ptr + offs_r, mask=mask_r, other=0.0)[:, None]
-    y_ptrs = y_ptr + offs_r.to(tl.int64)[:, None] * stride_ym + offs_c[None, :]
-    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)

@@ -34,7 +34,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from ._moe_matmul import (_BF16_MANTISSA_BITS, _BF16_NAN_BITS, _BF16_POW2_MIN_BITS, _BLOCK_SIZE, _CODES_PER_WORD,
-                          _E2M1_BF16_PTX, _E8M0_NAN, _NIBBLE_BITS, _WORDS_PER_BLOCK)
+                          _E2M1_BF16_PTX, _E8M0_NAN, _NIBBLE_BITS)
+
+_WORDS_PER_BLOCK: gl.constexpr = gl.constexpr(32 // 8)      # uint32 words per 32-code block
 
 
 @gluon.jit
@@ -107,6 +109,7 @@ def _moe_matmul_sm90_kernel(
     else:           # acc [BLOCK_M, BLOCK_N] = x @ W.T
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, BLOCK_N, 16])
+    epi_layout: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [num_warps, 1], [1, 0])
     x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
     w_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16)
 
@@ -191,22 +194,9 @@ def _moe_matmul_sm90_kernel(
     for st in gl.static_range(STAGES):
         mbarrier.invalidate(words_ready.index(st))
 
+    # Epilogue in a plain blocked layout (two adjacent columns per thread: a gate/up pair).
     if SWAP_AB:
         acc = gl.permute(acc, (1, 0))
-    _epilogue(acc, pid_n, row_start, row_end, expert64, cs_ptr, stride_cse, bias_ptr, stride_be, row_weight_ptr,
-              scatter_ptr, y_ptr, stride_ym, N, N_OUT, alpha, limit, BLOCK_M, BLOCK_N, HAS_CHANNEL_SCALE, HAS_BIAS,
-              SWIGLU, ROW_WEIGHT, SCATTER, ATOMIC, num_warps)
-
-
-@gluon.jit
-def _epilogue(acc, pid_n, row_start, row_end, expert64, cs_ptr, stride_cse, bias_ptr, stride_be, row_weight_ptr,
-              scatter_ptr, y_ptr, stride_ym, N, N_OUT, alpha, limit, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              HAS_CHANNEL_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, SWIGLU: gl.constexpr,
-              ROW_WEIGHT: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr, num_warps: gl.constexpr):
-    """acc [BLOCK_M rows, BLOCK_N weight rows] fp32 -> channel scale, bias, SwiGLU, routing weight,
-    then the store or atomic add into y, in a plain blocked layout (two adjacent columns per
-    thread: a gate/up pair)."""
-    epi_layout: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [num_warps, 1], [1, 0])
     acc = gl.convert_layout(acc, epi_layout)
     offs_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, epi_layout))
     mask_m = offs_m < row_end
@@ -241,165 +231,3 @@ def _epilogue(acc, pid_n, row_start, row_end, expert64, cs_ptr, stride_cse, bias
         gl.atomic_add(y_ptrs, out, mask=mask_y, sem="relaxed")
     else:
         gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_y)
-
-
-# The register fragment of a bf16 wgmma's A operand (weight rows, K) as a linear layout of one
-# 64-code K step: thread (warp w, lane l) holds rows 16 w + l // 4 and that + 8, and in each row
-# the pairs of codes k = 2 (l % 4) + {0, 1} + 8 t0 + 16 t1 + 32 i (t0, t1, i in {0, 1}). With the
-# codes of each row's 64-code runs stored in `fragment_order` (benchmarks: `moe_matmul.
-# fragment_order`), the 8 bytes a thread needs of a row are adjacent: byte 8 q + 4 i + t0 + 2 t1
-# of a run holds codes k, k + 1 of lane q = l % 4. Word 2 q + i of the run = its 4 bytes t0, t1.
-_FRAGMENT_CODES: gl.constexpr = gl.constexpr(64)
-_FRAGMENT_WORDS: gl.constexpr = gl.constexpr(64 // 8)
-
-
-@gluon.constexpr_function
-def _fragment_words_layout(block_n, num_warps):
-    """Layout of one K step's words [block_n, 8] (word 2 q + i of each row) in which every
-    thread holds the two words (8 bytes) of its two fragment rows (block_n = 16 * num_warps)."""
-    warp_bases = [[16 << b, 0] for b in range(num_warps.bit_length() - 1)]
-    return gl.DistributedLinearLayout(reg_bases=[[0, 1], [8, 0]],
-                                      lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
-                                      warp_bases=warp_bases, block_bases=[], shape=[block_n, 8])
-
-
-@gluon.jit
-def _decode_fragment(words, scale_bytes, a_layout: gl.constexpr):
-    """words [BN, 8] uint32 in fragment order, scale_bytes [BN, 8] uint8 (the scale of word
-    2 q + i's 32-code block i) -> [BN, 64] bf16 in the wgmma A-operand layout, exact."""
-    BN: gl.constexpr = words.shape[0]
-    b = scale_bytes.to(gl.int16)
-    bits = gl.where(b == 0, _BF16_POW2_MIN_BITS, b << _BF16_MANTISSA_BITS)
-    bits = gl.where(b == _E8M0_NAN, _BF16_NAN_BITS, bits)
-    scale = bits.to(gl.int16).to(gl.bfloat16, bitcast=True)
-    pair = gl.join(words, words >> _NIBBLE_BITS)                      # [BN, 8, p]
-    p0, p1, p2, p3 = gl.inline_asm_elementwise(
-        _E2M1_BF16_PTX, "=r,=r,=r,=r,r,r,r", [pair, gl.join(scale, scale)],
-        dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=2)
-    # p_t[n, 2 q + i, p] = codes of byte t = t0 + 2 t1 of the word: k = 2 q + p + 8 t0 + 16 t1 + 32 i
-    w = gl.join(gl.join(p0, p1), gl.join(p2, p3))                     # [BN, 8, p, t0, t1]
-    w = w.reshape(BN, 4, 2, 2, 2, 2)                                  # [BN, q, i, p, t0, t1]
-    w = gl.permute(w, (0, 2, 5, 4, 1, 3))                             # [BN, i, t1, t0, q, p]
-    return gl.convert_layout(w.reshape(BN, _FRAGMENT_CODES), a_layout, assert_trivial=True)
-
-
-@gluon.jit
-def _moe_matmul_sm90_fragment_kernel(
-        x_ptr, stride_xm,
-        w_ptr, stride_we, stride_wn,
-        s_ptr, stride_se, stride_sn,
-        bias_ptr, stride_be,
-        cs_ptr, stride_cse,
-        y_ptr, stride_ym,
-        gather_ptr, scatter_ptr, row_weight_ptr,
-        expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
-        N, K_X, N_OUT,
-        alpha, limit,
-        K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, PREFETCH: gl.constexpr,
-        GATHER: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
-        HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
-        ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
-    """Few rows per expert: y.T = W @ x.T with the decoded weights as the wgmma's register
-    operand, straight from the registers the weight words were loaded into (no shared memory
-    on the weight path). Weights in `fragment_order` [E, N, K // 2]; K a multiple of 64,
-    BLOCK_N = 16 * num_warps; one K step = 64 codes.
-
-    step k:  words and scale bytes of step k + PREFETCH: plain loads into registers
-             wait for step k's x rows (cp.async ring of STAGES), barrier
-             decode step k's words in the A-operand layout                    (CUDA cores)
-             wgmma(A = those registers, B = x_smem[k % STAGES]), then wait for it (its
-             A registers must not be reused while it runs: triton#9433)
-             barrier; cp.async x rows of step k + STAGES - 1 into the stage step k - 1 used
-    """
-    NUM_K: gl.constexpr = K // _FRAGMENT_CODES
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, BLOCK_M, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
-    words_layout: gl.constexpr = _fragment_words_layout(BLOCK_N, num_warps)
-    x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-    x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, _FRAGMENT_CODES], gl.bfloat16)
-
-    pid_n = gl.program_id(0)
-    tile = gl.program_id(1)
-    expert = gl.load(tile_expert_ptr + tile)
-    if expert < 0:
-        return  # past the last real tile
-    row_start = gl.load(tile_row_start_ptr + tile)
-    row_end = gl.load(expert_offsets_ptr + expert + 1)
-    expert64 = expert.to(gl.int64)
-
-    offs_xm = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
-    mask_xm = offs_xm < row_end
-    if GATHER:
-        x_rows = gl.load(gather_ptr + offs_xm, mask=mask_xm, other=0)
-    else:
-        x_rows = offs_xm
-    offs_xk = gl.arange(0, _FRAGMENT_CODES, layout=gl.SliceLayout(0, x_layout))
-    x_ptrs = x_ptr + x_rows.to(gl.int64)[:, None] * stride_xm + offs_xk[None, :]
-
-    # Words [BLOCK_N, 8] of one step and the scale byte of each word's 32-code block.
-    offs_wn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, words_layout))
-    mask_w = (offs_wn < N)[:, None]
-    offs_word = gl.arange(0, _FRAGMENT_WORDS, layout=gl.SliceLayout(0, words_layout))
-    w_rows = (w_ptr + expert64 * stride_we + offs_wn.to(gl.int64) * stride_wn).to(gl.pointer_type(gl.uint32))
-    w_ptrs = w_rows[:, None] + offs_word[None, :]
-    s_ptrs = (s_ptr + expert64 * stride_se + offs_wn.to(gl.int64) * stride_sn)[:, None] + (offs_word % 2)[None, :]
-
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, _FRAGMENT_CODES], x_smem_layout)
-    for st in gl.static_range(STAGES - 1):
-        if st < NUM_K:
-            x_mask = mask_xm[:, None] & ((st * _FRAGMENT_CODES + offs_xk) < K_X)[None, :]
-            async_copy.async_copy_global_to_shared(x_smem.index(st), x_ptrs + st * _FRAGMENT_CODES, mask=x_mask)
-        async_copy.commit_group()
-
-    # Register prefetch: words and scales of steps 0 .. PREFETCH - 1 (PREFETCH in 1..3).
-    words0 = gl.load(w_ptrs, mask=mask_w, other=0)
-    scales0 = gl.load(s_ptrs, mask=mask_w, other=0)
-    if PREFETCH >= 2:
-        words1 = gl.load(w_ptrs + _FRAGMENT_WORDS, mask=mask_w & (1 < NUM_K), other=0)
-        scales1 = gl.load(s_ptrs + 2, mask=mask_w & (1 < NUM_K), other=0)
-    if PREFETCH >= 3:
-        words2 = gl.load(w_ptrs + 2 * _FRAGMENT_WORDS, mask=mask_w & (2 < NUM_K), other=0)
-        scales2 = gl.load(s_ptrs + 4, mask=mask_w & (2 < NUM_K), other=0)
-
-    acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
-    for ki in range(NUM_K):
-        stage = ki % STAGES
-        kp = ki + PREFETCH
-        later_words = gl.load(w_ptrs + kp * _FRAGMENT_WORDS, mask=mask_w & (kp < NUM_K), other=0)
-        later_scales = gl.load(s_ptrs + kp * 2, mask=mask_w & (kp < NUM_K), other=0)
-        async_copy.wait_group(STAGES - 2)          # this thread's x copies of step ki have landed
-        gl.thread_barrier()                        # ... and every thread's
-        a = _decode_fragment(words0, scales0, a_layout)
-        acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
-        # Retire step ki before the next decode: wait's deps keep the bf16 values alive but not
-        # the packed registers the wgmma reads, which ptxas may then reuse (triton#9433).
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        gl.thread_barrier()                        # every warpgroup's step ki: its x stage is free
-        kn = ki + STAGES - 1
-        if kn < NUM_K:
-            x_mask = mask_xm[:, None] & ((kn * _FRAGMENT_CODES + offs_xk) < K_X)[None, :]
-            async_copy.async_copy_global_to_shared(x_smem.index(kn % STAGES), x_ptrs + kn * _FRAGMENT_CODES,
-                                                   mask=x_mask)
-        async_copy.commit_group()
-        if PREFETCH == 1:
-            words0 = later_words
-            scales0 = later_scales
-        elif PREFETCH == 2:
-            words0 = words1
-            scales0 = scales1
-            words1 = later_words
-            scales1 = later_scales
-        else:
-            words0 = words1
-            scales0 = scales1
-            words1 = words2
-            scales1 = scales2
-            words2 = later_words
-            scales2 = later_scales
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    async_copy.wait_group(0)
-    _epilogue(gl.permute(acc, (1, 0)), pid_n, row_start, row_end, expert64, cs_ptr, stride_cse, bias_ptr, stride_be,
-              row_weight_ptr, scatter_ptr, y_ptr, stride_ym, N, N_OUT, alpha, limit, BLOCK_M, BLOCK_N,
-              HAS_CHANNEL_SCALE, HAS_BIAS, SWIGLU, ROW_WEIGHT, SCATTER, ATOMIC, num_warps)

@@ -15,13 +15,12 @@ import triton
 from mxfp4_moe.mxfp4 import BLOCK_SIZE
 from mxfp4_moe.routing import RoutingMetadata
 
-from ._moe_matmul import _moe_matmul_kernel, _split_k_finish_kernel
+from ._moe_matmul import _moe_matmul_kernel
 
 Combine = Literal["none", "atomic", "slots"]
 Dequant = Literal["auto", "bytes", "words", "ptx"]
 DEQUANT_MODES = ("bytes", "words", "ptx")
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_BLOCK_BYTES = BLOCK_SIZE // 2   # the 16 bytes of one 32-code block
 
 
 def interpreting() -> bool:
@@ -41,10 +40,6 @@ class MatmulConfig:
     the previous step's wgmma). For "sm90" the wgmma's row side (block_n with swap_ab, else
     block_m) must be a multiple of 16 * num_warps, block_k in 32..256, and num_stages (>= 2) is
     the depth of the copy ring: num_stages - 1 K steps of weight words and x rows in flight.
-    split_k (Triton kernel; combine "none" or "atomic"): split the K steps of each tile over
-    that many programs, for calls with too few tiles to fill the GPU (T = 1, 8); the partial
-    products meet in fp32 atomics (in the output for "atomic", else in a scratch sum that a
-    second small kernel finishes: SwiGLU, routing weight, cast).
     """
     block_m: int
     block_n: int
@@ -53,7 +48,6 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     kernel: Kernel = "triton"
-    split_k: int = 1
 
 
 def pick_block_m(num_rows: int, num_local_experts: int) -> int:
@@ -112,68 +106,12 @@ def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: 
     return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=8, num_stages=3)
 
 
-def block_view(blocks: torch.Tensor) -> torch.Tensor:
-    """`blocks` as [E, N, K // 32, 16]: the 16 bytes of each 32-code block. A 3-D [E, N, K // 2]
-    tensor (the checkpoint's row-major layout) is viewed so; a 4-D one (e.g. from `k_blocked`) is
-    returned as it is."""
-    if blocks.dim() == 4:
-        return blocks
-    e, n, k_half = blocks.shape
-    s_e, s_n, s_k = blocks.stride()
-    return blocks.as_strided((e, n, k_half // _BLOCK_BYTES, _BLOCK_BYTES), (s_e, s_n, _BLOCK_BYTES * s_k, s_k),
-                             blocks.storage_offset())
-
-
-def k_blocked(blocks: torch.Tensor, scales_e8m0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K-blocked layout of one weight (a copy): codes stored [E, K // 32, N, 16] and scales
-    [E, K // 32, N], returned as views indexed like the checkpoint's ([E, N, K // 32, 16] and
-    [E, N, K // 32]). A K step of a tile's rows then reads one contiguous run of 16 bytes per row
-    per 32-code block instead of 16 bytes every row stride (which `moe_matmul` takes from the
-    strides; the Gluon kernel reads the row-major layout only)."""
-    view = block_view(blocks)
-    blocked = view.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
-    return blocked, scales_e8m0.permute(0, 2, 1).contiguous().permute(0, 2, 1)
-
-
-_FRAGMENT_RUN_BYTES = 32      # 64 codes: one K step of the fragment kernel
-
-
-def _fragment_permutation() -> torch.Tensor:
-    """new_byte -> old_byte within a 32-byte run: lane q's 8 bytes (its codes of the wgmma
-    A fragment, k = 2 q + {0, 1} + 8 t0 + 16 t1 + 32 i) at 8 q + 4 i + t0 + 2 t1."""
-    perm = torch.empty(_FRAGMENT_RUN_BYTES, dtype=torch.long)
-    for q in range(4):
-        for i in range(2):
-            for t1 in range(2):
-                for t0 in range(2):
-                    perm[8 * q + 4 * i + t0 + 2 * t1] = q + 4 * t0 + 8 * t1 + 16 * i
-    return perm
-
-
-def fragment_order(blocks: torch.Tensor) -> torch.Tensor:
-    """A copy of `blocks` [E, N, K // 2] (K a multiple of 64) with the bytes of each 64-code run
-    of a row reordered so that each thread of the Gluon fragment kernel loads the codes of its
-    wgmma register fragment as 8 adjacent bytes (`_moe_matmul_sm90_fragment_kernel`)."""
-    e, n, k_half = blocks.shape
-    if k_half % _FRAGMENT_RUN_BYTES:
-        raise ValueError(f"fragment_order: K = {2 * k_half} must be a multiple of {2 * _FRAGMENT_RUN_BYTES}")
-    runs = blocks.reshape(e, n, k_half // _FRAGMENT_RUN_BYTES, _FRAGMENT_RUN_BYTES)
-    return runs[..., _fragment_permutation().to(blocks.device)].reshape(e, n, k_half).contiguous()
-
-
 def words_aligned(blocks: torch.Tensor) -> bool:
-    """True when `blocks` ([E, N, K // 2] or the 4-D `block_view`) uint8 can be read as uint32
-    words (dequant "words"/"ptx"): unit stride within a block, the other strides and the data
-    pointer multiples of 4 bytes."""
+    """True when `blocks` [E, N, K // 2] uint8 can be read as uint32 words (dequant "words"/"ptx"):
+    unit stride along K, row and expert strides and the data pointer multiples of 4 bytes."""
     word = 4
-    view = block_view(blocks)
-    return (view.stride(3) == 1 and all(stride % word == 0 for stride in view.stride()[:3])
-            and view.data_ptr() % word == 0)
-
-
-def _is_k_blocked(view: torch.Tensor) -> bool:
-    """Whether a `block_view` has its 32-code blocks other than back to back along each row."""
-    return view.stride(2) != _BLOCK_BYTES * view.stride(3)
+    return (blocks.stride(2) == 1 and blocks.stride(1) % word == 0 and blocks.stride(0) % word == 0
+            and blocks.data_ptr() % word == 0)
 
 
 def pick_dequant(compute_dtype: torch.dtype, blocks: torch.Tensor) -> str:
@@ -207,9 +145,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     x: [T, K_x] (gather=True: row src(r) = meta.sorted_token[r]) or [R, K_x] in sorted row order
        (gather=False); K_x <= K, columns past K_x count as zero (padded hidden). Any float dtype;
        converted to `compute_dtype` in the kernel.
-    blocks: [E_local, N, K // 2] uint8, low nibble = even k (any strides), or [E_local, N, K // 32, 16]
-       (the bytes of each 32-code block; any strides with unit stride within a block, e.g. the
-       K-blocked layout of `k_blocked`); scales_e8m0: [E_local, N, K // 32] uint8 (any strides)
+    blocks: [E_local, N, K // 2] uint8, low nibble = even k; scales_e8m0: [E_local, N, K // 32] uint8
     bias, channel_scale: [E_local, N] float32 or None
     swiglu: (alpha, limit) on interleaved gate/up columns (2j gate, 2j + 1 up), or None
     apply_row_weight: multiply row r by meta.sorted_weight[r]
@@ -238,20 +174,16 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
         raise ValueError(f"moe_matmul: combine must be 'none', 'atomic' or 'slots', got {combine!r}")
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"moe_matmul: x must be a 2-D float tensor, got {tuple(x.shape)} {x.dtype}")
-    if blocks.dim() not in (3, 4) or (blocks.dim() == 4 and blocks.shape[3] != _BLOCK_BYTES):
-        raise ValueError(f"moe_matmul: blocks must be [E_local, N, K // 2] or [E_local, N, K // 32, {_BLOCK_BYTES}], "
-                         f"got {tuple(blocks.shape)}")
-    if blocks.dim() == 4 and blocks.stride(3) != 1:
-        raise ValueError(f"moe_matmul: 4-D blocks need unit stride within a block, got strides {tuple(blocks.stride())}")
+    if blocks.dim() != 3:
+        raise ValueError(f"moe_matmul: blocks must be [E_local, N, K // 2], got {tuple(blocks.shape)}")
     device = x.device
-    n_experts, n = blocks.shape[:2]
-    k_half = blocks.shape[2] * (_BLOCK_BYTES if blocks.dim() == 4 else 1)
+    n_experts, n, k_half = blocks.shape
     k = 2 * k_half
     if n_experts != meta.num_local_experts:
         raise ValueError(f"moe_matmul: blocks hold {n_experts} experts, routing metadata {meta.num_local_experts}")
     if k % BLOCK_SIZE:
         raise ValueError(f"moe_matmul: K = {k} (from blocks' last dim {k_half}) must be a multiple of {BLOCK_SIZE}")
-    _check_weight("blocks", blocks, tuple(blocks.shape), torch.uint8, device)
+    _check_weight("blocks", blocks, (n_experts, n, k_half), torch.uint8, device)
     _check_weight("scales_e8m0", scales_e8m0, (n_experts, n, k // BLOCK_SIZE), torch.uint8, device)
     if bias is not None:
         _check_weight("bias", bias, (n_experts, n), torch.float32, device)
@@ -297,11 +229,6 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                          f"{', under the interpreter' if interpreting() else ''})")
     if config.block_m != meta.block_m:
         raise ValueError(f"moe_matmul: config.block_m {config.block_m} != routing metadata block_m {meta.block_m}")
-    if config.split_k < 1 or (config.split_k > 1 and (config.kernel != "triton" or combine == "slots"
-                                                      or (combine == "atomic" and swiglu is not None))):
-        raise ValueError(f"moe_matmul: split_k must be >= 1, and split_k > 1 needs the Triton kernel with combine "
-                         f"'none', or 'atomic' without swiglu (got split_k {config.split_k}, kernel "
-                         f"{config.kernel!r}, combine {combine!r}, swiglu {swiglu is not None})")
 
     tokens, rows = meta.num_tokens, meta.num_rows
     if out is not None:
@@ -323,7 +250,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     dummy = blocks  # any tensor: its pointer is never read when the matching flag is off
     bias_t = bias if bias is not None else dummy
     cs_t = channel_scale if channel_scale is not None else dummy
-    grid = (triton.cdiv(n, config.block_n), meta.max_tiles, config.split_k)
+    grid = (triton.cdiv(n, config.block_n), meta.max_tiles)
     # Arguments both kernels take: the routing, the sizes, the SwiGLU constants, the fused steps.
     routing = (meta.sorted_token, scatter if scatter is not None else meta.sorted_token,
                meta.sorted_weight if apply_row_weight else meta.expert_offsets,
@@ -335,7 +262,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                  SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, num_warps=config.num_warps)
     if config.kernel == "sm90":
         from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
-        words_desc, rows_per_expert = _words_descriptor(blocks if blocks.dim() == 3 else blocks.flatten(2), config)
+        words_desc, rows_per_expert = _words_descriptor(blocks, config)
         _moe_matmul_sm90_kernel[grid](           # unit strides along the last dims (checked above)
             x, x.stride(0),
             words_desc, rows_per_expert,
@@ -344,44 +271,21 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
             cs_t, cs_t.stride(0),
             y, y.stride(0),
             *routing, STAGES=config.num_stages, SWAP_AB=config.swap_ab, **fused)
-    elif config.split_k > 1 and combine == "none":
-        # Partial products summed in fp32 scratch, then SwiGLU / routing weight / cast.
-        acc = torch.zeros((rows, n), dtype=torch.float32, device=device)
-        sum_routing = routing[:6] + (n, x.shape[1], n) + routing[9:]
-        sum_fused = {**fused, "SCATTER": False, "ATOMIC": True, "SWIGLU": False, "ROW_WEIGHT": False}
-        _launch_triton_kernel(grid, x, blocks, scales_e8m0, bias_t, cs_t, acc, sum_routing, sum_fused, config, k,
-                              compute_dtype, dequant, unsafe_pipelined_rs_mma)
-        finish_grid = (triton.cdiv(rows, _FINISH_BLOCK_R), triton.cdiv(n_out, _FINISH_BLOCK_C))
-        _split_k_finish_kernel[finish_grid](
-            acc, acc.stride(0), y, y.stride(0), routing[2], meta.expert_offsets, n_experts, n_out,
-            float(alpha), float(limit), SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight,
-            BLOCK_R=_FINISH_BLOCK_R, BLOCK_C=_FINISH_BLOCK_C)
     else:
-        _launch_triton_kernel(grid, x, blocks, scales_e8m0, bias_t, cs_t, y, routing, fused, config, k,
-                              compute_dtype, dequant, unsafe_pipelined_rs_mma)
+        _moe_matmul_kernel[grid](
+            x, x.stride(0), x.stride(1),
+            blocks, blocks.stride(0), blocks.stride(1), blocks.stride(2),
+            scales_e8m0, scales_e8m0.stride(0), scales_e8m0.stride(1), scales_e8m0.stride(2),
+            bias_t, bias_t.stride(0), bias_t.stride(1),
+            cs_t, cs_t.stride(0), cs_t.stride(1),
+            y, y.stride(0), y.stride(1),
+            *routing, SWAP_AB=config.swap_ab, EVEN_K=(k % config.block_k == 0 and x.shape[1] == k),
+            COMPUTE_DTYPE=_tl_dtype(compute_dtype), DEQUANT=dequant,
+            RETIRE_MMA_EACH_STEP=config.swap_ab and not interpreting() and not unsafe_pipelined_rs_mma,
+            num_stages=config.num_stages, **fused)
     if combine == "slots":
         return y.view(tokens, meta.top_k, n_out).sum(1, dtype=torch.float32)
     return y
-
-
-_FINISH_BLOCK_R, _FINISH_BLOCK_C = 16, 128
-
-
-def _launch_triton_kernel(grid, x, blocks, scales_e8m0, bias_t, cs_t, y, routing, fused, config, k, compute_dtype,
-                          dequant, unsafe_pipelined_rs_mma):
-    """`_moe_matmul_kernel` on checked arguments (see `moe_matmul`)."""
-    view = block_view(blocks)
-    _moe_matmul_kernel[grid](
-        x, x.stride(0), x.stride(1),
-        view, view.stride(0), view.stride(1), view.stride(3), view.stride(2),
-        scales_e8m0, scales_e8m0.stride(0), scales_e8m0.stride(1), scales_e8m0.stride(2),
-        bias_t, bias_t.stride(0), bias_t.stride(1),
-        cs_t, cs_t.stride(0), cs_t.stride(1),
-        y, y.stride(0), y.stride(1),
-        *routing, SWAP_AB=config.swap_ab, EVEN_K=(k % config.block_k == 0 and x.shape[1] == k),
-        COMPUTE_DTYPE=_tl_dtype(compute_dtype), DEQUANT=dequant,
-        RETIRE_MMA_EACH_STEP=config.swap_ab and not interpreting() and not unsafe_pipelined_rs_mma,
-        SPLIT_K=config.split_k, K_BLOCKED=_is_k_blocked(view), num_stages=config.num_stages, **fused)
 
 
 def on_hopper(device: torch.device) -> bool:
@@ -404,9 +308,7 @@ def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor, config: MatmulConfi
                 f"multiple of 16 * num_warps, and block_k a multiple of 32 in 32..256 (got {config})")
     if config.num_stages < 2:
         return f"num_stages must be >= 2 (got {config})"
-    if blocks.dim() == 4 and _is_k_blocked(blocks):
-        return "it reads weight rows by TMA: blocks must be row-major along K (not the K-blocked layout)"
-    problem = _words_tma_problem(blocks if blocks.dim() == 3 else blocks.flatten(2))
+    problem = _words_tma_problem(blocks)
     if problem:
         return problem
     if dequant != "ptx":

@@ -82,7 +82,6 @@ def _compile(kernel, source_type, signature: dict, constexprs: dict, config: Mat
         "HAS_CHANNEL_SCALE": False, "SWIGLU": swiglu, "ROW_WEIGHT": atomic, **constexprs,
     }
     names = list(kernel.arg_names)
-    constexprs = {name: value for name, value in constexprs.items() if name in names}
     signature = {name: "constexpr" if name in constexprs else signature[name] for name in names}
     divisible = {name for name, ty in signature.items() if ty.startswith("*")}
     divisible |= {name for name, value in _int_args(config, k=k, n=n, atomic=atomic).items()
@@ -121,7 +120,6 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
         "SWAP_AB": config.swap_ab, "EVEN_K": k % config.block_k == 0, "COMPUTE_DTYPE": getattr(tl, compute),
         "DEQUANT": dequant or ("ptx" if compute == "bfloat16" else "bytes"),
         "RETIRE_MMA_EACH_STEP": config.swap_ab if retire_mma_each_step is None else retire_mma_each_step,
-        "SPLIT_K": config.split_k,
     }
     y_type = "*fp32" if atomic else f"*{_TL_NAMES[compute]}"
     return _compile(_moe_matmul_kernel, ASTSource, _signature(f"*{_TL_NAMES[x_dtype]}", y_type), constexprs,

@@ -16,9 +16,6 @@ from .weights import ExpertWeights
 
 Backend = Literal["auto", "triton", "torch"]
 Combine = Literal["auto", "atomic", "slots"]
-# From T * k routed rows on, the per-slot combine measured faster than fp32 atomics (H200:
-# E=128 T=8192 2.19 vs 2.91 ms, E=32 T=2048 0.56 vs 0.72 ms; even at E=128 T=2048).
-SLOTS_FROM_ROWS = 8192
 
 
 def _interpreting() -> bool:
@@ -49,7 +46,8 @@ class MXFP4MoE(torch.nn.Module):
       interpreter (whose bf16 is broken). Ignored by the torch backend.
     combine: how the triton backend sums a token's k expert outputs: "atomic" (fp32 atomic adds
       fused into the w2 epilogue), "slots" (per-slot rows, then a sum: deterministic) or "auto"
-      (the default: atomic below SLOTS_FROM_ROWS routed rows T * k, slots from there on).
+      (the default: atomic, measured faster at every T, e.g. w2 at T = 8192 1.51 vs 1.66 ms at
+      E = 128 and 1.29 vs 1.46 ms at E = 32 on an H100; benchmarks/RESULTS.md section 3).
 
     forward(x [T, H] or [T, H_pad]) -> [T, H] in x's dtype. Under TP it is this rank's partial sum
     (w2 bias only on rank 0); under EP, pairs routed to other ranks' experts contribute nothing.
@@ -96,9 +94,7 @@ class MXFP4MoE(torch.nn.Module):
 
     def combine_for(self, tokens: int) -> str:
         """The combine the triton backend uses for `tokens` tokens ("auto" resolved)."""
-        if self.combine != "auto":
-            return self.combine
-        return "slots" if tokens * self.weights.top_k >= SLOTS_FROM_ROWS else "atomic"
+        return "atomic" if self.combine == "auto" else self.combine
 
     def experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """The expert part on already-routed tokens: x [T, H(_pad)], topk_* [T, k] -> [T, H] x.dtype."""

@@ -83,8 +83,6 @@ def reference_moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: tor
     `routing.RoutingMetadata`; `config` is accepted and ignored. Rows the kernel leaves unwritten
     (combine="none", pairs dropped to other ranks) are zero here.
     """
-    if blocks.dim() == 4:                    # [E, N, K // 32, 16], e.g. the kernels' K-blocked layout
-        blocks = blocks.reshape(blocks.shape[0], blocks.shape[1], -1)
     n_experts, n, k_half = blocks.shape
     k = 2 * k_half
     n_full = n // 2 if swiglu is not None else n

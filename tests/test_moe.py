@@ -84,14 +84,13 @@ def test_backend_choice_and_errors(monkeypatch):
         MXFP4MoE(weights, backend="torch")(torch.randn(3, 65))
 
 
-def test_auto_combine_switches_to_slots_at_many_rows():
-    # "auto": fp32 atomics below SLOTS_FROM_ROWS routed rows (T * k), per-slot rows from there on.
-    from mxfp4_moe.moe import SLOTS_FROM_ROWS
+def test_auto_combine_is_atomic():
+    # "auto": fp32 atomics at every T (faster than per-slot rows since the w2 kernel got faster;
+    # "slots" stays available for a deterministic sum).
     weights, _ = random_expert_weights(4, 64, 64, top_k=4, seed=0)
     layer = MXFP4MoE(weights, backend="torch")
     assert layer.combine == "auto"
-    assert layer.combine_for(SLOTS_FROM_ROWS // 4 - 1) == "atomic"
-    assert layer.combine_for(SLOTS_FROM_ROWS // 4) == "slots"
-    assert MXFP4MoE(weights, backend="torch", combine="atomic").combine_for(10 ** 6) == "atomic"
+    assert layer.combine_for(1) == layer.combine_for(10 ** 6) == "atomic"
+    assert MXFP4MoE(weights, backend="torch", combine="slots").combine_for(1) == "slots"
     with pytest.raises(ValueError, match="combine"):
         MXFP4MoE(weights, backend="torch", combine="sum")

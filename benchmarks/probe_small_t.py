@@ -35,8 +35,8 @@ launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
 SOURCE = Path(launcher.__file__).with_name("_moe_matmul.py")
 DECODE = "w = _dequant_mxfp4_words(packed, scale_bytes, BLOCK_N, BLOCK_K, COMPUTE_DTYPE, DEQUANT == \"ptx\")"
 RAW = "w = _raw_bits(packed, BLOCK_N, BLOCK_K)"
-SCALE_LOAD = "        scales = next_scales\n        next_scales = later_scales\n"
-SCALE_REUSE = "        scales = scale_bytes\n        next_scales = scale_bytes\n"
+SCALE_LOAD = "        next_scales = tl.load(s_ptrs, mask=mask_ks, other=0)\n        if EVEN_K:"
+SCALE_REUSE = "        next_scales = scale_bytes\n        if EVEN_K:"
 RAW_FN = '''
 
 @triton.jit

@@ -233,19 +233,16 @@ def _moe_matmul_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # The scale rows (K // 32 bytes, 2-byte aligned for gpt-oss) are too narrow for the async
-    # copies that pipeline the other operands, so they are prefetched by hand two steps ahead:
-    # the loads for steps k + 1 and k + 2 are in flight while step k dequantizes and multiplies.
-    scales = tl.load(s_ptrs, mask=mask_n[:, None] & (offs_ks < K // _BLOCK_SIZE)[None, :], other=0)
-    next_scales = tl.load(s_ptrs + (BLOCK_K // _BLOCK_SIZE) * stride_sk,
-                          mask=mask_n[:, None] & (offs_ks + BLOCK_K // _BLOCK_SIZE < K // _BLOCK_SIZE)[None, :], other=0)
+    # copies that pipeline the other operands, so they are prefetched by hand one step ahead:
+    # the load for step k + 1 is in flight while step k dequantizes and multiplies.
+    mask_ks = mask_n[:, None] & (offs_ks < K // _BLOCK_SIZE)[None, :]
+    next_scales = tl.load(s_ptrs, mask=mask_ks, other=0)
     for k0 in range(0, K, BLOCK_K):
-        scale_bytes = scales
+        scale_bytes = next_scales
         s_ptrs += (BLOCK_K // _BLOCK_SIZE) * stride_sk
-        later_ks = offs_ks + (k0 + 2 * BLOCK_K) // _BLOCK_SIZE
-        later_scales = tl.load(s_ptrs + (BLOCK_K // _BLOCK_SIZE) * stride_sk,
-                               mask=mask_n[:, None] & (later_ks < K // _BLOCK_SIZE)[None, :], other=0)
-        scales = next_scales
-        next_scales = later_scales
+        next_ks = offs_ks + (k0 + BLOCK_K) // _BLOCK_SIZE
+        mask_ks = mask_n[:, None] & (next_ks < K // _BLOCK_SIZE)[None, :]
+        next_scales = tl.load(s_ptrs, mask=mask_ks, other=0)
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
             packed = tl.load(w_ptrs, mask=mask_n[:, None], other=0)

@@ -87,9 +87,9 @@ def max_tiles(num_rows: int, num_local_experts: int, block_m: int) -> int:
     return -(-num_rows // block_m) + num_local_experts
 
 
-def _use_tile_kernel(device: torch.device) -> bool:
-    """The one-launch Triton tile schedule on CUDA (and under Triton's interpreter, so that the
-    CPU tests run it); the torch version elsewhere."""
+def _use_triton(device: torch.device) -> bool:
+    """The Triton expert sort and tile schedule (four launches in all) on CUDA, and under
+    Triton's interpreter so that the CPU tests run them; their torch twins elsewhere."""
     if device.type == "cuda":
         return True
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -141,6 +141,31 @@ def routing_metadata(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, nu
     device = topk_ids.device
     tokens, top_k = topk_ids.shape
     rows = tokens * top_k
+    n_tiles = max_tiles(rows, num_local_experts, block_m)
+    if _use_triton(device):
+        from mxfp4_moe.kernels.expert_sort import expert_sort
+        from mxfp4_moe.kernels.tile_schedule import tile_schedule
+        sorted_slot, sorted_token, sorted_weight, inverse, offsets = expert_sort(
+            topk_ids, expert_map, num_local_experts, topk_weights)
+        counts, tile_expert, row_start = tile_schedule(offsets, n_tiles, block_m)
+    else:
+        sorted_slot, sorted_token, sorted_weight, inverse, offsets = expert_sort_torch(
+            topk_ids, expert_map, num_local_experts, topk_weights)
+        counts, tile_expert, row_start = tile_schedule_torch(offsets, n_tiles, block_m)
+    return RoutingMetadata(
+        num_tokens=tokens, top_k=top_k, num_local_experts=num_local_experts, block_m=block_m,
+        sorted_token=sorted_token, sorted_slot=sorted_slot, sorted_weight=sorted_weight, inverse=inverse,
+        expert_counts=counts, expert_offsets=offsets, tile_expert=tile_expert, tile_row_start=row_start)
+
+
+def expert_sort_torch(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_local_experts: int,
+                      topk_weights: torch.Tensor | None = None):
+    """Torch twin of `kernels.expert_sort.expert_sort`: the stable sort of the routed pairs by
+    local expert (other ranks' pairs last) -> (sorted_slot, sorted_token, sorted_weight or None,
+    inverse, offsets [E_local + 1]), int32 but the weights (float32)."""
+    device = topk_ids.device
+    tokens, top_k = topk_ids.shape
+    rows = tokens * top_k
     flat_ids = topk_ids.reshape(-1).long()
     if expert_map is None:
         local = flat_ids
@@ -154,18 +179,6 @@ def routing_metadata(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, nu
     offsets = torch.searchsorted(sorted_key, expert_ids, out_int32=True)
     inverse = torch.empty(rows, dtype=torch.int32, device=device)
     inverse[order] = torch.arange(rows, dtype=torch.int32, device=device)
-    n_tiles = max_tiles(rows, num_local_experts, block_m)
-    if _use_tile_kernel(device):
-        from mxfp4_moe.kernels.tile_schedule import tile_schedule
-        counts, tile_expert, row_start = tile_schedule(offsets, n_tiles, block_m)
-    else:
-        counts, tile_expert, row_start = tile_schedule_torch(offsets, n_tiles, block_m)
-
-    sorted_weight = None
-    if topk_weights is not None:
-        sorted_weight = topk_weights.reshape(-1).float()[order]
-    return RoutingMetadata(
-        num_tokens=tokens, top_k=top_k, num_local_experts=num_local_experts, block_m=block_m,
-        sorted_token=(order // top_k).to(torch.int32) if top_k else order.to(torch.int32),
-        sorted_slot=order.to(torch.int32), sorted_weight=sorted_weight, inverse=inverse,
-        expert_counts=counts, expert_offsets=offsets, tile_expert=tile_expert, tile_row_start=row_start)
+    sorted_weight = None if topk_weights is None else topk_weights.reshape(-1).float()[order]
+    sorted_token = (order // top_k).to(torch.int32) if top_k else order.to(torch.int32)
+    return order.to(torch.int32), sorted_token, sorted_weight, inverse, offsets

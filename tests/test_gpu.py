@@ -261,3 +261,24 @@ def test_swapped_configs_that_raced_are_right(config, dequant):
     ref = reference_moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu).float()
     rows = int(meta.expert_offsets[-1])
     assert ((got[:rows] - ref[:rows]).norm() / ref[:rows].norm()).item() < 5e-3
+
+
+@pytest.mark.parametrize("tokens,num_experts,local", [(1, 128, None), (8192, 128, None), (8192, 32, None),
+                                                      (3000, 128, list(range(0, 128, 3)))])
+def test_expert_sort_matches_torch_on_gpu(tokens, num_experts, local):
+    # The Triton counting sort of routing_metadata against torch's stable sort, exactly, at
+    # gpt-oss sizes (32768 pairs: 128 chunks at 128 experts) and under expert parallelism.
+    from mxfp4_moe.kernels.expert_sort import expert_sort
+    from mxfp4_moe.routing import expert_sort_torch
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    logits = torch.randn(tokens, num_experts, generator=gen, device="cuda")
+    topk_w, topk_ids = torch.topk(logits, 4, dim=-1)
+    expert_map, num_local = None, num_experts
+    if local is not None:
+        expert_map = torch.full((num_experts,), -1, dtype=torch.int64, device="cuda")
+        expert_map[local] = torch.arange(len(local), device="cuda")
+        num_local = len(local)
+    got = expert_sort(topk_ids, expert_map, num_local, topk_w.softmax(-1))
+    want = expert_sort_torch(topk_ids, expert_map, num_local, topk_w.softmax(-1))
+    for name, g, w in zip(("sorted_slot", "sorted_token", "sorted_weight", "inverse", "offsets"), got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w), name

@@ -116,3 +116,38 @@ def test_tile_schedule_kernel_matches_torch(num_experts, block_m, max_count):
     for name, g, w in zip(("counts", "tile_expert", "tile_row_start"), got, want):
         assert g.dtype == torch.int32 and torch.equal(g, w), name
     assert torch.equal(got[0], counts.to(torch.int32))
+
+
+@pytest.mark.parametrize("tokens,top_k,num_experts,local,weights", [
+    (0, 4, 8, None, True),            # no tokens
+    (1, 4, 128, None, True),          # decode: one chunk, most experts empty
+    (300, 4, 32, None, False),        # several chunks (128 pairs each at 32 experts)
+    (700, 4, 128, None, True),        # 2800 pairs in 32-pair chunks: 88 chunks, several scan steps
+    (257, 2, 12, [1, 4, 5, 11], True),  # expert parallelism: pairs of other ranks sort last
+    (50, 3, 6, [], True),             # this rank holds no routed expert: every pair dropped
+])
+def test_expert_sort_kernel_matches_torch(tokens, top_k, num_experts, local, weights):
+    # The Triton counting sort (run here by the interpreter) against torch's stable sort,
+    # exactly: same order within each expert (token order), same offsets, same inverse.
+    from mxfp4_moe.kernels.expert_sort import expert_sort
+    from mxfp4_moe.routing import expert_sort_torch
+    gen = torch.Generator().manual_seed(tokens + num_experts)
+    topk_ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)]) \
+        if tokens else torch.zeros(0, top_k, dtype=torch.int64)
+    topk_w = torch.rand(tokens, top_k, generator=gen) if weights else None
+    if local is None:
+        expert_map, num_local = None, num_experts
+    else:
+        expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
+        expert_map[local] = torch.arange(len(local), dtype=torch.int32)
+        num_local = max(1, len(local))
+    got = expert_sort(topk_ids, expert_map, num_local, topk_w)
+    want = expert_sort_torch(topk_ids, expert_map, num_local, topk_w)
+    names = ("sorted_slot", "sorted_token", "sorted_weight", "inverse", "offsets")
+    for name, g, w in zip(names, got, want):
+        if w is None:
+            assert g is None, name
+            continue
+        assert g.dtype == w.dtype and torch.equal(g, w), name
+    if tokens:
+        assert torch.equal(torch.sort(got[0].long()).values, torch.arange(tokens * top_k))   # a permutation

@@ -8,8 +8,12 @@ import triton
 
 from ._expert_sort import _histogram_kernel, _scan_kernel, _scatter_kernel
 
-_ONE_HOT_ELEMENTS = 8192     # pairs per chunk x key slots: the one-hot tile each program holds
-_SCAN_CHUNKS = 16            # chunks per step of the scan
+# Pairs per chunk x key slots: the one-hot tile a histogram or scatter program holds, and the
+# chunks x key slots of one scan step (8 warps: 64 values a thread). At E = 128 and T = 8192:
+# 512 chunks of 64 pairs, 8 scan steps. The first version (8192, 16 chunks a step, 4 warps)
+# took 0.111 ms there against 0.033 ms at E = 32 (H200): 1024 chunks for its one-program scan.
+_TILE_ELEMENTS = 16384
+_NUM_WARPS = 8
 
 
 def expert_sort(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_local_experts: int,
@@ -25,7 +29,8 @@ def expert_sort(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_loc
     device = topk_ids.device
     ids = topk_ids.reshape(-1)
     block_e = triton.next_power_of_2(num_local_experts + 1)
-    block_r = max(16, _ONE_HOT_ELEMENTS // block_e)
+    block_r = max(16, _TILE_ELEMENTS // block_e)
+    block_c = max(16, _TILE_ELEMENTS // block_e)
     num_chunks = max(1, triton.cdiv(rows, block_r))
     offsets = torch.empty(num_local_experts + 1, dtype=torch.int32, device=device)
     sorted_slot = torch.empty(rows, dtype=torch.int32, device=device)
@@ -42,13 +47,14 @@ def expert_sort(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_loc
     has_map = expert_map is not None
     map_t = expert_map.to(device) if has_map else ids      # any integer dtype; unread without a map
     _histogram_kernel[(num_chunks,)](ids, map_t, counts, rows, num_local_experts,
-                                     HAS_MAP=has_map, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
+                                     HAS_MAP=has_map, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=_NUM_WARPS)
     _scan_kernel[(1,)](counts, start, offsets, num_chunks, num_local_experts,
-                       MAX_CHUNKS=max(_SCAN_CHUNKS, triton.next_power_of_2(num_chunks)), BLOCK_C=_SCAN_CHUNKS,
-                       BLOCK_E=block_e, num_warps=4)
+                       MAX_CHUNKS=max(block_c, triton.next_power_of_2(num_chunks)), BLOCK_C=block_c,
+                       BLOCK_E=block_e, num_warps=_NUM_WARPS)
     if rows:
         _scatter_kernel[(num_chunks,)](
             ids, map_t, weights if weights is not None else ids, start, sorted_slot, sorted_token,
             sorted_weight if sorted_weight is not None else sorted_slot, inverse, rows, num_local_experts, top_k,
-            HAS_MAP=has_map, HAS_WEIGHTS=weights is not None, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
+            HAS_MAP=has_map, HAS_WEIGHTS=weights is not None, BLOCK_R=block_r, BLOCK_E=block_e,
+            num_warps=_NUM_WARPS)
     return sorted_slot, sorted_token, sorted_weight, inverse, offsets

@@ -122,7 +122,7 @@ def test_tile_schedule_kernel_matches_torch(num_experts, block_m, max_count):
     (0, 4, 8, None, True),            # no tokens
     (1, 4, 128, None, True),          # decode: one chunk, most experts empty
     (300, 4, 32, None, False),        # several chunks (128 pairs each at 32 experts)
-    (700, 4, 128, None, True),        # 2800 pairs in 32-pair chunks: 88 chunks, several scan steps
+    (1100, 4, 128, None, True),       # 4400 pairs in 64-pair chunks: 69 chunks, two scan steps
     (257, 2, 12, [1, 4, 5, 11], True),  # expert parallelism: pairs of other ranks sort last
     (50, 3, 6, [], True),             # this rank holds no routed expert: every pair dropped
 ])

@@ -4,6 +4,8 @@
 # (default configs only). Logs and JSON go to $OUT (or ./gpu_out).
 #   bash benchmarks/gpu_session.sh                 # nvidia-h100-x2: tests, verify, torchrun, distributed
 #   BENCH_MOE=1 bash benchmarks/gpu_session.sh     # one GPU: tests, verify, bench_moe --no-sweep
+# Set MXFP4_COMMIT=<hash of your checkout> in the command: the device's copy of .git can be stale
+# (seen on 2026-11-28: it named the session's first commit), and the JSON records this value.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"

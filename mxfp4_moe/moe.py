@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from .reference import reference_moe
-from .routing import route, routing_metadata
+from .routing import exact_bf16, route, routing_metadata
 from .weights import ExpertWeights
 
 Backend = Literal["auto", "triton", "torch"]
@@ -65,6 +65,7 @@ class MXFP4MoE(torch.nn.Module):
         if combine not in ("auto", "atomic", "slots"):
             raise ValueError(f"MXFP4MoE: combine must be 'auto', 'atomic' or 'slots', got {combine!r}")
         self.combine = combine
+        self.router_weight_bf16 = exact_bf16(weights.router_weight)   # None: route in float32
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, layer: int, plan=None, device: torch.device | str = "cpu",
@@ -89,7 +90,8 @@ class MXFP4MoE(torch.nn.Module):
                              f"{w.hidden_pad}] padded), got {tuple(x.shape)}")
         if x.device != w.device:
             raise ValueError(f"MXFP4MoE.forward: x is on {x.device}, the weights on {w.device}")
-        topk_weights, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
+        topk_weights, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k,
+                                       router_weight_bf16=self.router_weight_bf16)
         return self.experts(x, topk_weights, topk_ids)
 
     def combine_for(self, tokens: int) -> str:

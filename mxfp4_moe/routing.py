@@ -12,13 +12,17 @@ from dataclasses import dataclass
 import torch
 
 
-def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, top_k: int
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, top_k: int, *,
+          router_weight_bf16: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick each token's experts.
 
     x: [T, H] (or [T, H_pad] with zero padding); router_weight: [E, H_pad]; router_bias: [E].
     Returns (topk_weights [T, k] float32, summing to 1 per token; topk_ids [T, k] int64, global ids).
-    Logits are computed in float32 whatever x's dtype.
+    Logits are float32 sums of exact products whatever x's dtype: x and the weight in float32,
+    or, given router_weight_bf16 (the same weight, exactly representable in bf16: see
+    `exact_bf16`) with bf16 x on a GPU, one bf16 tensor-core GEMM with float32 output (the same
+    products; only the order of the float32 sums differs). At T = 8192 the float32 GEMM and the
+    copy of x took about 0.2 ms of an E = 128 layer's 4.8 ms (H200).
     """
     if x.dim() != 2:
         raise ValueError(f"route expects x as [tokens, hidden], got shape {tuple(x.shape)}")
@@ -29,10 +33,37 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     if hidden > router_weight.shape[1]:
         raise ValueError(f"x has hidden size {hidden} but the router weight only {router_weight.shape[1]}")
     # Padded router columns are zero, so narrowing the weight to x's width changes nothing.
-    logits = x.float() @ router_weight[:, :hidden].float().T + router_bias.float()
+    if router_weight_bf16 is not None and x.dtype == torch.bfloat16 and _bf16_gemm_fp32_out(x.device):
+        logits = torch.mm(x, router_weight_bf16[:, :hidden].T, out_dtype=torch.float32) + router_bias.float()
+    else:
+        logits = x.float() @ router_weight[:, :hidden].float().T + router_bias.float()
     top_logits, topk_ids = torch.topk(logits, top_k, dim=-1)
     topk_weights = torch.softmax(top_logits, dim=-1)
     return topk_weights, topk_ids
+
+
+def exact_bf16(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` in bf16 when every value is exactly representable there (a router weight read
+    from a bf16 checkpoint), else None."""
+    as_bf16 = weight.to(torch.bfloat16)
+    return as_bf16 if torch.equal(as_bf16.to(weight.dtype), weight) else None
+
+
+_BF16_GEMM_FP32_OUT: dict[str, bool] = {}
+
+
+def _bf16_gemm_fp32_out(device: torch.device) -> bool:
+    """Whether torch.mm takes bf16 operands with a float32 output here (`out_dtype`, CUDA only;
+    asked once per device type)."""
+    if device.type != "cuda":
+        return False
+    if device.type not in _BF16_GEMM_FP32_OUT:
+        try:
+            probe = torch.ones(1, 16, dtype=torch.bfloat16, device=device)
+            _BF16_GEMM_FP32_OUT[device.type] = torch.mm(probe, probe.T, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError):
+            _BF16_GEMM_FP32_OUT[device.type] = False
+    return _BF16_GEMM_FP32_OUT[device.type]
 
 
 # ---- metadata for grouped GEMMs ---------------------------------------------------------------

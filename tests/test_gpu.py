@@ -282,3 +282,19 @@ def test_expert_sort_matches_torch_on_gpu(tokens, num_experts, local):
     want = expert_sort_torch(topk_ids, expert_map, num_local, topk_w.softmax(-1))
     for name, g, w in zip(("sorted_slot", "sorted_token", "sorted_weight", "inverse", "offsets"), got, want):
         assert g.dtype == w.dtype and torch.equal(g, w), name
+
+
+def test_route_bf16_gemm_matches_float32():
+    # On the GPU, bf16 x and a bf16-exact router weight route through one bf16 GEMM with float32
+    # output: the same exact products as the float32 path, summed in another order.
+    from mxfp4_moe.routing import _bf16_gemm_fp32_out, exact_bf16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weight = (torch.randn(128, 2880, generator=gen, device="cuda") / 2880 ** 0.5).bfloat16().float()
+    bias = torch.randn(128, generator=gen, device="cuda")
+    x = torch.randn(8192, 2880, generator=gen, device="cuda").bfloat16()
+    assert _bf16_gemm_fp32_out(x.device), "torch.mm(..., out_dtype=torch.float32) is missing: route stays float32"
+    fast_w, fast_ids = route(x, weight, bias, 4, router_weight_bf16=exact_bf16(weight))
+    ref_w, ref_ids = route(x, weight, bias, 4)
+    same = (fast_ids == ref_ids).all(-1)
+    assert same.float().mean() > 0.999          # a near-tie may swap two experts' order
+    assert rel_err(fast_w[same], ref_w[same]) < 1e-5

@@ -151,3 +151,19 @@ def test_expert_sort_kernel_matches_torch(tokens, top_k, num_experts, local, wei
         assert g.dtype == w.dtype and torch.equal(g, w), name
     if tokens:
         assert torch.equal(torch.sort(got[0].long()).values, torch.arange(tokens * top_k))   # a permutation
+
+
+def test_exact_bf16_and_the_cpu_route_ignore_inexact_weights():
+    # A router weight read from a bf16 checkpoint has a bf16 copy; a float32 one with more bits
+    # has none. Off the GPU the bf16 copy changes nothing: the logits stay float32 products.
+    from mxfp4_moe.routing import exact_bf16
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 32, generator=gen)
+    assert exact_bf16(weight) is None
+    exact = weight.bfloat16().float()
+    assert torch.equal(exact_bf16(exact), exact.bfloat16())
+    x = torch.randn(5, 32, generator=gen).bfloat16()
+    bias = torch.randn(6, generator=gen)
+    plain = route(x, exact, bias, 2)
+    given = route(x, exact, bias, 2, router_weight_bf16=exact.bfloat16())
+    assert torch.equal(plain[1], given[1]) and torch.equal(plain[0], given[0])

@@ -164,7 +164,8 @@ def random_expert_weights(num_experts: int, hidden: int, inter: int, *, top_k: i
     if tp_rank == 0:
         w2_bias[:, :hidden] = 0.1 * randn(e_local, hidden)
     router_weight = torch.zeros(num_experts, hidden_pad, device=device)
-    router_weight[:, :hidden] = randn(num_experts, hidden) / hidden ** 0.5
+    # Rounded to bf16 values, as a checkpoint stores them (the layer then routes through a bf16 GEMM).
+    router_weight[:, :hidden] = (randn(num_experts, hidden) / hidden ** 0.5).bfloat16().float()
     router_bias = 0.1 * randn(num_experts)
     expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
     expert_map[torch.tensor(local, dtype=torch.long)] = torch.arange(e_local, dtype=torch.int32)

@@ -29,8 +29,7 @@ def expert_sort(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_loc
     device = topk_ids.device
     ids = topk_ids.reshape(-1)
     block_e = triton.next_power_of_2(num_local_experts + 1)
-    block_r = max(16, _TILE_ELEMENTS // block_e)
-    block_c = max(16, _TILE_ELEMENTS // block_e)
+    block_r = max(16, _TILE_ELEMENTS // block_e)       # pairs per chunk, and chunks per scan step
     num_chunks = max(1, triton.cdiv(rows, block_r))
     offsets = torch.empty(num_local_experts + 1, dtype=torch.int32, device=device)
     sorted_slot = torch.empty(rows, dtype=torch.int32, device=device)
@@ -49,7 +48,7 @@ def expert_sort(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_loc
     _histogram_kernel[(num_chunks,)](ids, map_t, counts, rows, num_local_experts,
                                      HAS_MAP=has_map, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=_NUM_WARPS)
     _scan_kernel[(1,)](counts, start, offsets, num_chunks, num_local_experts,
-                       MAX_CHUNKS=max(block_c, triton.next_power_of_2(num_chunks)), BLOCK_C=block_c,
+                       MAX_CHUNKS=max(block_r, triton.next_power_of_2(num_chunks)), BLOCK_C=block_r,
                        BLOCK_E=block_e, num_warps=_NUM_WARPS)
     if rows:
         _scatter_kernel[(num_chunks,)](

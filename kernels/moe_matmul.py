@@ -332,7 +332,7 @@ def _words_tma_problem(blocks: torch.Tensor) -> str:
     16-byte aligned pointer and row stride, expert stride a whole number of rows)."""
     n_experts, _, _ = blocks.shape
     s_expert, s_row, s_k = blocks.stride()
-    if (s_k != 1 or s_row % _TMA_ALIGN or blocks.data_ptr() % _TMA_ALIGN
+    if (s_k != 1 or s_row <= 0 or s_row % _TMA_ALIGN or blocks.data_ptr() % _TMA_ALIGN
             or (n_experts > 1 and s_expert % s_row)):
         return (f"blocks must be rows of a 2-D array for TMA: unit stride along K, 16-byte aligned pointer "
                 f"and row stride, expert stride a multiple of the row stride (strides {tuple(blocks.stride())}, "
@@ -340,11 +340,19 @@ def _words_tma_problem(blocks: torch.Tensor) -> str:
     return ""
 
 
+def words_tma_block(config: MatmulConfig):
+    """The block of int32 words one TMA copy of the Gluon kernel moves, [block_n, block_k // 8],
+    and its shared-memory layout: (block, layout). The descriptor's type in the kernel's
+    signature (launch here, ahead-of-time compile in `sm90_report`)."""
+    from triton.experimental.gluon import language as gl
+    block = [config.block_n, config.block_k // 8]
+    return block, gl.NVMMASharedLayout.get_default_for(block, gl.int32)
+
+
 def _words_descriptor(blocks: torch.Tensor, config: MatmulConfig):
     """The Gluon kernel's TMA descriptor over `blocks` [E, N, K // 2] uint8 (checked by
     `_words_tma_problem`), read as int32 words [E * rows_per_expert, K // 8] in blocks of
-    [block_n, block_k // 8]; returns (descriptor, rows_per_expert)."""
-    from triton.experimental.gluon import language as gl
+    `words_tma_block(config)`; returns (descriptor, rows_per_expert)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     n_experts, n, k_half = blocks.shape
     s_expert, s_row, _ = blocks.stride()
@@ -352,8 +360,7 @@ def _words_descriptor(blocks: torch.Tensor, config: MatmulConfig):
     rows = (n_experts - 1) * rows_per_expert + n
     byte_rows = blocks.as_strided((rows, k_half), (s_row, 1), blocks.storage_offset())
     words = byte_rows.view(torch.int32)
-    block = [config.block_n, config.block_k // 8]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.int32)
+    block, layout = words_tma_block(config)
     return TensorDescriptor(words, list(words.shape), list(words.stride()), block, layout), rows_per_expert
 
 

@@ -104,9 +104,8 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
     if config.kernel == "sm90":
         from triton.experimental.gluon._runtime import GluonASTSource
         from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
-        from triton.experimental.gluon import language as gl
-        block = [config.block_n, config.block_k // 8]
-        words_layout = gl.NVMMASharedLayout.get_default_for(block, gl.int32)    # as moe_matmul._words_descriptor
+        from .moe_matmul import words_tma_block
+        block, words_layout = words_tma_block(config)
         signature = {**_signature("*bf16", "*fp32" if atomic else "*bf16"),
                      "words_desc": f"tensordesc<i32[{block[0]}, {block[1]}],{words_layout!r}>",
                      "rows_per_expert": "i32"}

@@ -1,0 +1,114 @@
+"""Probe (GPU): the warp-specialized Gluon kernel ("sm90_ws") against the default large-tile
+launches, at gpt-oss shapes (H = I = 2880, top-4) and T where the tiles hold 64 or more rows.
+Each variant must agree with the default launch (relative Frobenius difference < 1e-2, as in
+bench_moe's sweep) before its time counts; a variant that does not finish within the process's
+time limit shows up as a missing line (run it under `timeout`).
+
+    python benchmarks/probe_ws.py --out DIR        # writes DIR/probe_ws.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_moe import SWEEP_AGREEMENT, git_commit, time_graph  # noqa: E402
+
+from mxfp4_moe.kernels import MatmulConfig, moe_matmul, pick_block_m  # noqa: E402
+from mxfp4_moe.moe import random_expert_weights  # noqa: E402
+from mxfp4_moe.routing import route, routing_metadata  # noqa: E402
+
+launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
+
+# (label, config fields after block_m, WS_PARTITIONS overrides)
+VARIANTS = [
+    ("ws s4", (128, 64, False, 8, 4, "sm90_ws"), {}),
+    ("ws s6", (128, 64, False, 8, 6, "sm90_ws"), {}),
+    ("ws s4 w3", (128, 64, False, 8, 4, "sm90_ws"), {"W_STAGES": 3}),
+    ("ws s4 dec8", (128, 64, False, 8, 4, "sm90_ws"), {"DECODE_WARPS": 8, "DECODE_REGS": 96}),
+    ("ws s3 bk128", (128, 128, False, 8, 3, "sm90_ws"), {}),
+    ("ws 4 mma warps s4", (128, 64, False, 4, 4, "sm90_ws"), {}),
+]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    p.add_argument("--points", default="32:512,32:2048,32:8192,128:2048,128:8192")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    header = {"device": torch.cuda.get_device_name(), "commit": git_commit()}
+    print(json.dumps(header), flush=True)
+    weights = {}
+    base_partitions = dict(launcher.WS_PARTITIONS)
+    for point in args.points.split(","):
+        experts, tokens = map(int, point.split(":"))
+        if experts not in weights:
+            weights.clear()
+            torch.cuda.empty_cache()
+            weights[experts], _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda",
+                                                        dense=False)
+        w = weights[experts]
+        gen = torch.Generator(device="cuda").manual_seed(tokens)
+        x = torch.randn(tokens, w.hidden, generator=gen, device="cuda").to(torch.bfloat16)
+        topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
+        block_m = pick_block_m(tokens * w.top_k, w.num_local_experts)
+        swiglu = (w.swiglu_alpha, w.swiglu_limit)
+        for op in ("w13", "w2"):
+            metas = {}
+
+            def meta_for(bm):
+                if bm not in metas:
+                    metas[bm] = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, bm, topk_w)
+                return metas[bm]
+
+            act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta_for(block_m), swiglu=swiglu)
+
+            def launch(m, **kw):
+                if op == "w13":
+                    return lambda: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, m, swiglu=swiglu, **kw)
+                return lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, m, gather=False,
+                                          apply_row_weight=True, combine="atomic", n_out=w.hidden, **kw)
+
+            ref = launch(meta_for(block_m))().float()
+            default_ms = time_graph(launch(meta_for(block_m)))
+            row = {"experts": experts, "tokens": tokens, "op": op, "block_m": block_m, "default_ms": default_ms}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            for label, fields, overrides in VARIANTS:
+                bm = block_m if block_m >= 64 else 64
+                if fields[3] == 8 and bm < 128:
+                    continue
+                cfg = MatmulConfig(bm, *fields)
+                launcher.WS_PARTITIONS.clear()
+                launcher.WS_PARTITIONS.update({**base_partitions, **overrides})
+                r = {"experts": experts, "tokens": tokens, "op": op, "variant": label, "config": list(cfg.__dict__.values())}
+                try:
+                    fn = launch(meta_for(bm), config=cfg)
+                    out = fn().float()
+                    torch.cuda.synchronize()
+                    diff = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                    r["rel_diff"] = diff
+                    if diff <= SWEEP_AGREEMENT:
+                        r["ms"] = time_graph(fn)
+                        r["speedup"] = default_ms / r["ms"]
+                except Exception as exc:
+                    r["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                finally:
+                    launcher.WS_PARTITIONS.clear()
+                    launcher.WS_PARTITIONS.update(base_partitions)
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+                (args.out / "probe_ws.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,15 +4,22 @@ Each variant must agree with the default launch (relative Frobenius difference <
 bench_moe's sweep) before its time counts; a variant that does not finish within the process's
 time limit shows up as a missing line (run it under `timeout`).
 
-    python benchmarks/probe_ws.py --out DIR        # writes DIR/probe_ws.json
+With --parts, the "sm90_ws" kernel is also timed with parts removed by source edits (results
+wrong on purpose, only the time counts): no_decode (the decoder warps store zeros instead of
+decoding), no_scale_loads (the decoder reuses the first step's scale bytes: no global loads in
+its loop), no_mma (the wgmma warps skip the wgmma), and both.
+
+    python benchmarks/probe_ws.py --out DIR [--parts]     # writes DIR/probe_ws.json
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +32,79 @@ from mxfp4_moe.moe import random_expert_weights  # noqa: E402
 from mxfp4_moe.routing import route, routing_metadata  # noqa: E402
 
 launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
+ws_module = importlib.import_module("mxfp4_moe.kernels._moe_matmul_sm90_ws")
+
+PART_EDITS = {
+    "no_decode": ("w = _decode_tile(words.to(gl.uint32, bitcast=True), scales)",
+                  "w = gl.zeros([BLOCK_N, BLOCK_K], gl.bfloat16, "
+                  "layout=gl.BlockedLayout([1, 8], [4, 8], [DECODE_WARPS, 1], [1, 0]))"),
+    "no_scale_loads": ("next_scales = gl.load(s_ptrs + (ki + 1) * G,\n"
+                       "                                      mask=w_row_mask & ((ki + 1) * G + offs_g < K // _BLOCK_SIZE)"
+                       "[None, :, None],\n                                      other=0)",
+                       "next_scales = scales"),
+    "no_mma": ("acc = warpgroup_mma(x_smem.index(stage), w_smem.index(slot).permute((1, 0)), acc, is_async=True)",
+               "acc = acc"),
+}
+
+
+def part_variant(name: str, tmp: Path):
+    """The sm90_ws kernel with the parts in `name` ("a+b") removed."""
+    src = Path(ws_module.__file__).read_text()
+    for part in name.split("+"):
+        old, new = PART_EDITS[part]
+        assert old in src, part
+        src = src.replace(old, new)
+    path = tmp / f"ws_{name.replace('+', '_')}.py"
+    path.write_text(src.replace("from ._", "from mxfp4_moe.kernels._"))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module._moe_matmul_sm90_ws_kernel
+
+
+def probe_parts(args, header) -> list[dict]:
+    tmp = Path(tempfile.mkdtemp())
+    base_kernel = ws_module._moe_matmul_sm90_ws_kernel
+    kernels = {"base": base_kernel}
+    for name in ("no_scale_loads", "no_decode", "no_mma", "no_decode+no_mma"):
+        kernels[name] = part_variant(name, tmp)
+    rows = []
+    w, _ = random_expert_weights(32, 2880, 2880, top_k=4, seed=32, device="cuda", dense=False)
+    x = torch.randn(8192, 2880, device="cuda").to(torch.bfloat16)
+    topk_w, topk_ids = route(x, w.router_weight, w.router_bias, 4)
+    meta = routing_metadata(topk_ids, w.expert_map, 32, 128, topk_w)
+    swiglu = (w.swiglu_alpha, w.swiglu_limit)
+    act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu)
+    base_partitions = dict(launcher.WS_PARTITIONS)
+    for label, fields, overrides in PART_CONFIGS:
+        cfg = MatmulConfig(128, *fields)
+        calls = {"w13": lambda: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu, config=cfg),
+                 "w2": lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, gather=False,
+                                          apply_row_weight=True, combine="atomic", n_out=2880, config=cfg)}
+        launcher.WS_PARTITIONS.update({**base_partitions, **overrides})
+        for op, fn in calls.items():
+            row = {"experts": 32, "tokens": 8192, "op": op, "variant": label, "config": list(cfg.__dict__.values())}
+            for name, kernel in kernels.items():
+                ws_module._moe_matmul_sm90_ws_kernel = kernel
+                try:
+                    row[name] = time_graph(fn)
+                except Exception as exc:
+                    row[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                finally:
+                    ws_module._moe_matmul_sm90_ws_kernel = base_kernel
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        launcher.WS_PARTITIONS.clear()
+        launcher.WS_PARTITIONS.update(base_partitions)
+    return rows
+
+
+PART_CONFIGS = [
+    ("ws s4", (128, 64, False, 8, 4, "sm90_ws"), {}),
+    ("ws 4 mma warps, 8 decoder warps", (128, 64, False, 4, 4, "sm90_ws"),
+     {"DECODE_WARPS": 8, "DECODE_REGS": 112, "LOAD_REGS": 48}),
+]
 
 # (label, config fields after block_m, WS_PARTITIONS overrides)
 VARIANTS = [
@@ -41,14 +121,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     p.add_argument("--points", default="32:512,32:2048,32:8192,128:2048,128:8192")
+    p.add_argument("--parts", action="store_true", help="also time the sm90_ws kernel with parts removed")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
     header = {"device": torch.cuda.get_device_name(), "commit": git_commit()}
     print(json.dumps(header), flush=True)
+    rows = probe_parts(args, header) if args.parts else []
     weights = {}
     base_partitions = dict(launcher.WS_PARTITIONS)
-    for point in args.points.split(","):
+    for point in filter(None, args.points.split(",")):
         experts, tokens = map(int, point.split(":"))
         if experts not in weights:
             weights.clear()

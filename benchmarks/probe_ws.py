@@ -6,8 +6,9 @@ time limit shows up as a missing line (run it under `timeout`).
 
 With --parts, the "sm90_ws" kernel is also timed with parts removed by source edits (results
 wrong on purpose, only the time counts): no_decode (the decoder warps store zeros instead of
-decoding), no_scale_loads (the decoder reuses the first step's scale bytes: no global loads in
-its loop), no_mma (the wgmma warps skip the wgmma), and both.
+decoding), no_store (nor stores the tile), no_scale_loads (the decoder reuses the first step's
+scale bytes: no global loads in its loop), no_x (the loader copies no x rows), no_words (nor
+weight words), no_mma (the wgmma warps skip the wgmma), and combinations.
 
     python benchmarks/probe_ws.py --out DIR [--parts]     # writes DIR/probe_ws.json
 """
@@ -42,9 +43,21 @@ PART_EDITS = {
                        "                                      mask=w_row_mask & ((ki + 1) * G + offs_g < K // _BLOCK_SIZE)"
                        "[None, :, None],\n                                      other=0)",
                        "next_scales = scales"),
+    "no_store": ("w_smem.index(slot).store(w)", "pass"),
+    "no_x": ("async_copy.async_copy_global_to_shared(x_smem.index(stage), x_ptrs + ki * BLOCK_K, mask=x_mask)",
+             "pass"),
+    "no_words": ("mbarrier.expect(words_ready.index(stage), words_desc.block_type.nbytes)\n"
+                 "                tma.async_copy_global_to_shared(words_desc, [words_row, ki * (BLOCK_K // _CODES_PER_WORD)],\n"
+                 "                                                words_ready.index(stage), words_smem.index(stage))",
+                 "mbarrier.arrive(words_ready.index(stage), count=1)"),
     "no_mma": ("acc = warpgroup_mma(x_smem.index(stage), w_smem.index(slot).permute((1, 0)), acc, is_async=True)",
                "acc = acc"),
 }
+
+
+PART_VARIANTS = ("no_scale_loads", "no_decode", "no_mma", "no_decode+no_mma", "no_decode+no_store+no_mma",
+                 "no_x", "no_decode+no_mma+no_x", "no_decode+no_store+no_mma+no_x", "no_decode+no_mma+no_words",
+                 "no_decode+no_store+no_mma+no_x+no_words")
 
 
 def part_variant(name: str, tmp: Path):
@@ -67,7 +80,7 @@ def probe_parts(args, header) -> list[dict]:
     tmp = Path(tempfile.mkdtemp())
     base_kernel = ws_module._moe_matmul_sm90_ws_kernel
     kernels = {"base": base_kernel}
-    for name in ("no_scale_loads", "no_decode", "no_mma", "no_decode+no_mma"):
+    for name in PART_VARIANTS:
         kernels[name] = part_variant(name, tmp)
     rows = []
     w, _ = random_expert_weights(32, 2880, 2880, top_k=4, seed=32, device="cuda", dense=False)
@@ -102,18 +115,16 @@ def probe_parts(args, header) -> list[dict]:
 
 PART_CONFIGS = [
     ("ws s4", (128, 64, False, 8, 4, "sm90_ws"), {}),
-    ("ws 4 mma warps, 8 decoder warps", (128, 64, False, 4, 4, "sm90_ws"),
-     {"DECODE_WARPS": 8, "DECODE_REGS": 112, "LOAD_REGS": 48}),
 ]
 
 # (label, config fields after block_m, WS_PARTITIONS overrides)
 VARIANTS = [
     ("ws s4", (128, 64, False, 8, 4, "sm90_ws"), {}),
-    ("ws s6", (128, 64, False, 8, 6, "sm90_ws"), {}),
-    ("ws s4 w3", (128, 64, False, 8, 4, "sm90_ws"), {"W_STAGES": 3}),
-    ("ws s4 dec8", (128, 64, False, 8, 4, "sm90_ws"), {"DECODE_WARPS": 8, "DECODE_REGS": 96}),
     ("ws s3 bk128", (128, 128, False, 8, 3, "sm90_ws"), {}),
-    ("ws 4 mma warps s4", (128, 64, False, 4, 4, "sm90_ws"), {}),
+    ("ws s3 bk128 w3", (128, 128, False, 8, 3, "sm90_ws"), {"W_STAGES": 3}),
+    ("sm90 bk128 s2", (128, 128, False, 8, 2, "sm90"), {}),
+    ("sm90 bk128 s3", (128, 128, False, 8, 3, "sm90"), {}),
+    ("sm90 bk64 s6", (128, 64, False, 8, 6, "sm90"), {}),
 ]
 
 
@@ -127,6 +138,7 @@ def main() -> int:
     header = {"device": torch.cuda.get_device_name(), "commit": git_commit()}
     print(json.dumps(header), flush=True)
     rows = probe_parts(args, header) if args.parts else []
+    (args.out / "probe_ws.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
     weights = {}
     base_partitions = dict(launcher.WS_PARTITIONS)
     for point in filter(None, args.points.split(",")):

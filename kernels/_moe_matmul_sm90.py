@@ -196,13 +196,21 @@ def _moe_matmul_sm90_kernel(
     for st in gl.static_range(STAGES):
         mbarrier.invalidate(words_ready.index(st))
 
-    # Epilogue in a plain blocked layout (two adjacent columns per thread: a gate/up pair).
+    # Epilogue. SwiGLU first in a layout with a gate/up pair (two adjacent columns) per thread;
+    # the output in one with VEC adjacent columns per thread: 16-byte stores, or 4-wide fp32
+    # atomics (half the atomic instructions of pairs).
     if SWAP_AB:
         acc = gl.permute(acc, (1, 0))
-    acc = gl.convert_layout(acc, epi_layout)
-    offs_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, epi_layout))
-    mask_m = offs_m < row_end
-    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, epi_layout))
+    OUT_COLS: gl.constexpr = BLOCK_N // 2 if SWIGLU else BLOCK_N
+    VEC: gl.constexpr = 4 if ATOMIC else 8
+    COL_THREADS: gl.constexpr = 8 if OUT_COLS >= 8 * VEC else OUT_COLS // VEC
+    out_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // COL_THREADS, COL_THREADS], [num_warps, 1], [1, 0])
+    if SWIGLU:
+        acc = gl.convert_layout(acc, epi_layout)
+        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, epi_layout))
+    else:
+        acc = gl.convert_layout(acc, out_layout)
+        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
     mask_n = offs_n < N
     if HAS_CHANNEL_SCALE:
         cs = gl.load(cs_ptr + expert64 * stride_cse + offs_n, mask=mask_n, other=0.0)
@@ -214,12 +222,13 @@ def _moe_matmul_sm90_kernel(
         gate, up = gl.split(acc.reshape(BLOCK_M, BLOCK_N // 2, 2))
         gate = gl.minimum(gate, limit)
         up = gl.minimum(gl.maximum(up, -limit), limit)
-        out = gate / (1.0 + gl.exp(-alpha * gate)) * (up + 1.0)
-        out = gl.convert_layout(out, epi_layout)
-        offs_out = pid_n * (BLOCK_N // 2) + gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, epi_layout))
+        out = gl.convert_layout(gate / (1.0 + gl.exp(-alpha * gate)) * (up + 1.0), out_layout)
+        offs_out = pid_n * (BLOCK_N // 2) + gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, out_layout))
     else:
         out = acc
         offs_out = offs_n
+    offs_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+    mask_m = offs_m < row_end
     if ROW_WEIGHT:
         rw = gl.load(row_weight_ptr + offs_m, mask=mask_m, other=0.0)
         out = out * rw[:, None]

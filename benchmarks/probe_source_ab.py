@@ -1,0 +1,92 @@
+"""Probe (GPU): time the default w13 + SwiGLU and w2 + combine launches with a kernel module as
+it is and as another source of it (e.g. `git show REV:kernels/_moe_matmul_sm90.py > old.py`),
+same shapes (gpt-oss, H = I = 2880, top-4), same run, outputs checked to agree.
+
+    python benchmarks/probe_source_ab.py --module _moe_matmul_sm90 --kernel _moe_matmul_sm90_kernel \\
+        --old old.py --out DIR                                   # writes DIR/probe_source_ab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_moe import SWEEP_AGREEMENT, git_commit, time_graph  # noqa: E402
+
+from mxfp4_moe.kernels import moe_matmul, pick_block_m  # noqa: E402
+from mxfp4_moe.moe import random_expert_weights  # noqa: E402
+from mxfp4_moe.routing import route, routing_metadata  # noqa: E402
+
+
+def load_source(path: Path, name: str):
+    """Import `path` as a module whose relative imports resolve inside mxfp4_moe.kernels."""
+    src = path.read_text().replace("from ._", "from mxfp4_moe.kernels._")
+    copy = path.with_name(f"ab_{name}.py")
+    copy.write_text(src)
+    spec = importlib.util.spec_from_file_location(copy.stem, copy)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[copy.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--module", required=True, help="kernel module in mxfp4_moe.kernels, e.g. _moe_matmul_sm90")
+    p.add_argument("--kernel", required=True, help="the kernel's name in that module")
+    p.add_argument("--old", type=Path, required=True, help="the other source of the module")
+    p.add_argument("--points", default="32:2048,32:8192,128:2048,128:8192", help="E:T,...")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    module = importlib.import_module(f"mxfp4_moe.kernels.{args.module}")
+    kernels = {"new": getattr(module, args.kernel), "old": getattr(load_source(args.old, args.module), args.kernel)}
+    header = {"device": torch.cuda.get_device_name(), "commit": git_commit(), "module": args.module}
+    print(json.dumps(header), flush=True)
+    rows = []
+    weights = {}
+    for point in args.points.split(","):
+        experts, tokens = map(int, point.split(":"))
+        if experts not in weights:
+            weights.clear()
+            torch.cuda.empty_cache()
+            weights[experts], _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda",
+                                                        dense=False)
+        w = weights[experts]
+        x = torch.randn(tokens, 2880, generator=torch.Generator(device="cuda").manual_seed(tokens),
+                        device="cuda").to(torch.bfloat16)
+        topk_w, topk_ids = route(x, w.router_weight, w.router_bias, 4)
+        meta = routing_metadata(topk_ids, w.expert_map, experts, pick_block_m(tokens * 4, experts), topk_w)
+        swiglu = (w.swiglu_alpha, w.swiglu_limit)
+        act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu)
+        calls = {"w13": lambda: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu),
+                 "w2": lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, gather=False,
+                                          apply_row_weight=True, combine="atomic", n_out=2880)}
+        for op, fn in calls.items():
+            row = {"experts": experts, "tokens": tokens, "op": op}
+            outs = {}
+            for name, kernel in kernels.items():
+                setattr(module, args.kernel, kernel)
+                try:
+                    outs[name] = fn().float()
+                    row[name + "_ms"] = time_graph(fn)
+                finally:
+                    setattr(module, args.kernel, kernels["new"])
+            row["rel_diff"] = ((outs["new"] - outs["old"]).norm() / outs["old"].norm().clamp_min(1e-30)).item()
+            row["agree"] = row["rel_diff"] <= SWEEP_AGREEMENT
+            row["speedup"] = row["old_ms"] / row["new_ms"]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            (args.out / "probe_source_ab.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

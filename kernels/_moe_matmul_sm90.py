@@ -196,21 +196,21 @@ def _moe_matmul_sm90_kernel(
     for st in gl.static_range(STAGES):
         mbarrier.invalidate(words_ready.index(st))
 
-    # Epilogue. SwiGLU first in a layout with a gate/up pair (two adjacent columns) per thread;
-    # the output in one with VEC adjacent columns per thread: 16-byte stores, or 4-wide fp32
-    # atomics (half the atomic instructions of pairs).
+    # Epilogue. With SwiGLU, in a layout with a gate/up pair (two adjacent columns) per thread
+    # (its output stays there: moving it to 16-byte stores measured 4-5% slower). Without, in
+    # one with VEC adjacent columns per thread: 16-byte stores, or 4-wide fp32 atomics (w2 1.7-3.6%
+    # faster than pairs on an H200, benchmarks/RESULTS.md section 3).
     if SWAP_AB:
         acc = gl.permute(acc, (1, 0))
-    OUT_COLS: gl.constexpr = BLOCK_N // 2 if SWIGLU else BLOCK_N
     VEC: gl.constexpr = 4 if ATOMIC else 8
-    COL_THREADS: gl.constexpr = 8 if OUT_COLS >= 8 * VEC else OUT_COLS // VEC
-    out_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // COL_THREADS, COL_THREADS], [num_warps, 1], [1, 0])
+    COL_THREADS: gl.constexpr = 8 if BLOCK_N >= 8 * VEC else BLOCK_N // VEC
     if SWIGLU:
-        acc = gl.convert_layout(acc, epi_layout)
-        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, epi_layout))
+        out_layout: gl.constexpr = epi_layout
     else:
-        acc = gl.convert_layout(acc, out_layout)
-        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+        out_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // COL_THREADS, COL_THREADS], [num_warps, 1],
+                                                    [1, 0])
+    acc = gl.convert_layout(acc, out_layout)
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
     mask_n = offs_n < N
     if HAS_CHANNEL_SCALE:
         cs = gl.load(cs_ptr + expert64 * stride_cse + offs_n, mask=mask_n, other=0.0)

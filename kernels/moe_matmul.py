@@ -28,7 +28,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-Kernel = Literal["triton", "sm90", "sm90_ws"]
+Kernel = Literal["triton", "sm90"]
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,6 @@ class MatmulConfig:
     the previous step's wgmma). For "sm90" the wgmma's row side (block_n with swap_ab, else
     block_m) must be a multiple of 16 * num_warps, block_k in 32..256, and num_stages (>= 2) is
     the depth of the copy ring: num_stages - 1 K steps of weight words and x rows in flight.
-    "sm90_ws" (`_moe_matmul_sm90_ws.py`: Hopper, bf16, not swapped) is the warp-specialized,
-    persistent form: loader and decoder warps of their own beside the num_warps wgmma warps;
-    num_stages is the depth of its copy ring.
     """
     block_m: int
     block_n: int
@@ -214,12 +211,12 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                                 sm90=compute_dtype == torch.bfloat16 and on_hopper(device))
         if config.kernel == "sm90" and _sm90_unsupported(x, blocks, config, compute_dtype, sm90_dequant, sm90_other):
             config = default_config(meta.block_m, n, k, swiglu=swiglu is not None)   # the Triton kernel
-    elif config.kernel in ("sm90", "sm90_ws"):
+    elif config.kernel == "sm90":
         problem = _sm90_unsupported(x, blocks, config, compute_dtype, sm90_dequant, sm90_other)
         if problem:
-            raise ValueError(f"moe_matmul: kernel {config.kernel!r} cannot run this call: {problem}")
+            raise ValueError(f"moe_matmul: kernel 'sm90' cannot run this call: {problem}")
     elif config.kernel != "triton":
-        raise ValueError(f"moe_matmul: config.kernel must be 'triton', 'sm90' or 'sm90_ws', got {config.kernel!r}")
+        raise ValueError(f"moe_matmul: config.kernel must be 'triton' or 'sm90', got {config.kernel!r}")
     if dequant == "auto":
         dequant = pick_dequant(compute_dtype, blocks)
     elif dequant not in DEQUANT_MODES:
@@ -263,20 +260,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                  GATHER=gather, SCATTER=scatter is not None, ATOMIC=combine == "atomic",
                  HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
                  SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, num_warps=config.num_warps)
-    if config.kernel == "sm90_ws":
-        from ._moe_matmul_sm90_ws import _moe_matmul_sm90_ws_kernel
-        words_desc, rows_per_expert = _words_descriptor(blocks, config)
-        grid_n = triton.cdiv(n, config.block_n)
-        num_entries = grid_n * meta.max_tiles
-        _moe_matmul_sm90_ws_kernel[(min(num_entries, _sm_count(device)),)](
-            x, x.stride(0),
-            words_desc, rows_per_expert,
-            scales_e8m0, scales_e8m0.stride(0), scales_e8m0.stride(1),
-            bias_t, bias_t.stride(0),
-            cs_t, cs_t.stride(0),
-            y, y.stride(0),
-            *routing, num_entries, grid_n, STAGES=config.num_stages, **WS_PARTITIONS, **fused)
-    elif config.kernel == "sm90":
+    if config.kernel == "sm90":
         from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
         words_desc, rows_per_expert = _words_descriptor(blocks, config)
         _moe_matmul_sm90_kernel[grid](           # unit strides along the last dims (checked above)
@@ -304,23 +288,6 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     return y
 
 
-# The "sm90_ws" kernel's worker warps: 4 loader warps (cp.async of 128 x rows x 64 columns is 8
-# copies of 16 bytes per thread) and 4 decoder warps, their register budgets (the wgmma warps get
-# the rest), and the depth of the decoded weight-tile ring.
-WS_PARTITIONS = dict(W_STAGES=2, LOAD_WARPS=4, DECODE_WARPS=4, LOAD_REGS=56, DECODE_REGS=128)
-
-
-_SM_COUNTS: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached): the persistent kernel's grid."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
-
-
 def on_hopper(device: torch.device) -> bool:
     """Whether `device` is a Hopper GPU (sm_90) outside the interpreter: where the Gluon kernel runs."""
     return (device.type == "cuda" and not interpreting()
@@ -341,8 +308,6 @@ def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor, config: MatmulConfi
                 f"multiple of 16 * num_warps, and block_k a multiple of 32 in 32..256 (got {config})")
     if config.num_stages < 2:
         return f"num_stages must be >= 2 (got {config})"
-    if config.kernel == "sm90_ws" and config.swap_ab:
-        return f"the warp-specialized kernel has no swapped form (got {config})"
     problem = _words_tma_problem(blocks)
     if problem:
         return problem

@@ -101,20 +101,16 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
     i.e. config.swap_ab). The Gluon kernel ("sm90") is bf16 only."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("sm90_report needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
-    if config.kernel in ("sm90", "sm90_ws"):
+    if config.kernel == "sm90":
         from triton.experimental.gluon._runtime import GluonASTSource
-        from .moe_matmul import WS_PARTITIONS, words_tma_block
+        from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
+        from .moe_matmul import words_tma_block
         block, words_layout = words_tma_block(config)
         signature = {**_signature("*bf16", "*fp32" if atomic else "*bf16"),
                      "words_desc": f"tensordesc<i32[{block[0]}, {block[1]}],{words_layout!r}>",
-                     "rows_per_expert": "i32", "num_entries": "i32", "grid_n": "i32"}
-        if config.kernel == "sm90_ws":
-            from ._moe_matmul_sm90_ws import _moe_matmul_sm90_ws_kernel as kernel
-            constexprs = {"STAGES": config.num_stages, **WS_PARTITIONS}
-        else:
-            from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel as kernel
-            constexprs = {"STAGES": config.num_stages, "SWAP_AB": config.swap_ab}
-        return _compile(kernel, GluonASTSource, signature, {**constexprs, "num_warps": config.num_warps},
+                     "rows_per_expert": "i32"}
+        return _compile(_moe_matmul_sm90_kernel, GluonASTSource, signature,
+                        {"STAGES": config.num_stages, "SWAP_AB": config.swap_ab, "num_warps": config.num_warps},
                         config, k=k, n=n, swiglu=swiglu, atomic=atomic, options={"num_warps": config.num_warps})
     import triton.language as tl
     from ._moe_matmul import _moe_matmul_kernel

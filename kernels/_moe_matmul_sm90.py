@@ -111,7 +111,6 @@ def _moe_matmul_sm90_kernel(
     else:           # acc [BLOCK_M, BLOCK_N] = x @ W.T
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, BLOCK_N, 16])
-    epi_layout: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [num_warps, 1], [1, 0])
     x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
     w_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16)
 
@@ -196,21 +195,21 @@ def _moe_matmul_sm90_kernel(
     for st in gl.static_range(STAGES):
         mbarrier.invalidate(words_ready.index(st))
 
-    # Epilogue. With SwiGLU, in a layout with a gate/up pair (two adjacent columns) per thread
-    # (its output stays there: moving it to 16-byte stores measured 4-5% slower). Without, in
-    # one with VEC adjacent columns per thread: 16-byte stores, or 4-wide fp32 atomics (w2 1.7-3.6%
-    # faster than pairs on an H200, benchmarks/RESULTS.md section 3).
+    # Epilogue in a plain blocked layout, VEC output columns per thread: with SwiGLU, 8 gate/up
+    # pairs per thread become 8 adjacent bf16 (one 16-byte store, and no second layout change);
+    # otherwise 16-byte stores or 4-wide fp32 atomics. Against 2 columns per thread this
+    # measured w2 1.7-3.6% faster on an H200 (benchmarks/RESULTS.md section 3).
     if SWAP_AB:
         acc = gl.permute(acc, (1, 0))
     VEC: gl.constexpr = 4 if ATOMIC else 8
-    COL_THREADS: gl.constexpr = 8 if BLOCK_N >= 8 * VEC else BLOCK_N // VEC
-    if SWIGLU:
-        out_layout: gl.constexpr = epi_layout
+    if SWIGLU:      # 8 gate/up pairs per thread: after SwiGLU, 8 adjacent bf16 (16 bytes)
+        acc_layout: gl.constexpr = gl.BlockedLayout([1, 2 * VEC], [16, 2], [num_warps, 1], [1, 0])
     else:
-        out_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // COL_THREADS, COL_THREADS], [num_warps, 1],
+        COL_THREADS: gl.constexpr = 8 if BLOCK_N >= 8 * VEC else BLOCK_N // VEC
+        acc_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // COL_THREADS, COL_THREADS], [num_warps, 1],
                                                     [1, 0])
-    acc = gl.convert_layout(acc, out_layout)
-    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+    acc = gl.convert_layout(acc, acc_layout)
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
     mask_n = offs_n < N
     if HAS_CHANNEL_SCALE:
         cs = gl.load(cs_ptr + expert64 * stride_cse + offs_n, mask=mask_n, other=0.0)
@@ -222,10 +221,12 @@ def _moe_matmul_sm90_kernel(
         gate, up = gl.split(acc.reshape(BLOCK_M, BLOCK_N // 2, 2))
         gate = gl.minimum(gate, limit)
         up = gl.minimum(gl.maximum(up, -limit), limit)
-        out = gl.convert_layout(gate / (1.0 + gl.exp(-alpha * gate)) * (up + 1.0), out_layout)
+        out = gate / (1.0 + gl.exp(-alpha * gate)) * (up + 1.0)
+        out_layout: gl.constexpr = out.type.layout
         offs_out = pid_n * (BLOCK_N // 2) + gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, out_layout))
     else:
         out = acc
+        out_layout: gl.constexpr = acc_layout
         offs_out = offs_n
     offs_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
     mask_m = offs_m < row_end

@@ -12,7 +12,8 @@ and the tensor cores take turns. Here the pipeline is written out (S = num_stage
              wgmma of x_smem[k % S] and w_smem[k % 2], asynchronously          (tensor cores)
              wait until only that wgmma is in flight (step k - 1 retired), barrier
              TMA words and cp.async x rows of step k + S - 1 into the stage step k - 1 used
-    (scale bytes, too narrow for either copy, are plain loads two steps ahead)
+    (scale bytes, too narrow for either copy, are plain loads one step ahead, issued after the
+    fence)
 
 so step k + 1's decode overlaps step k's wgmma, and S - 1 steps of weight words are in flight.
 The weight words come by TMA: one thread issues a step's copy and an mbarrier counts its bytes,
@@ -151,14 +152,13 @@ def _moe_matmul_sm90_kernel(
     fence_async_shared()
 
     # Prologue: the first STAGES - 1 steps in flight (one cp.async commit group per step, empty
-    # past the last step); scale bytes of steps 0 and 1 in registers.
+    # past the last step); scale bytes of step 0 in registers.
     for st in gl.static_range(STAGES - 1):
         if st < NUM_K:
             _copy_step(x_smem.index(st), x_ptrs, mask_xm, offs_xk, K_X, words_desc, words_row,
                        words_smem.index(st), words_ready.index(st), st, BLOCK_K)
         async_copy.commit_group()
     scales = gl.load(s_ptrs, mask=w_row_mask & (offs_g < K // _BLOCK_SIZE)[None, :, None], other=0)
-    next_scales = gl.load(s_ptrs + G, mask=w_row_mask & (G + offs_g < K // _BLOCK_SIZE)[None, :, None], other=0)
 
     if SWAP_AB:
         acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
@@ -166,9 +166,6 @@ def _moe_matmul_sm90_kernel(
         acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
     for ki in range(NUM_K):
         stage = ki % STAGES
-        # Scale bytes are too narrow for the copy engines: plain loads two steps ahead.
-        later_scales = gl.load(s_ptrs + (ki + 2) * G,
-                               mask=w_row_mask & ((ki + 2) * G + offs_g < K // _BLOCK_SIZE)[None, :, None], other=0)
         mbarrier.wait(words_ready.index(stage), (ki // STAGES) & 1)    # step ki's words have landed
         async_copy.wait_group(STAGES - 2)          # this thread's x copies of step ki have landed
         words = words_smem.index(stage).load(words_layout)
@@ -177,6 +174,11 @@ def _moe_matmul_sm90_kernel(
         w_smem.index(ki % 2).store(_decode_tile(words.to(gl.uint32, bitcast=True), scales))
         fence_async_shared()
         gl.thread_barrier()                        # every thread's x rows and w tile are in place
+        # Step ki + 1's scale bytes (too narrow for the copy engines: plain loads), issued after
+        # the proxy fence, which waits for every load in flight (issued before it, the load's
+        # latency stalled each step: ncu, benchmarks/data/ncu_h200_0581c53.md).
+        scales = gl.load(s_ptrs + (ki + 1) * G,
+                         mask=w_row_mask & ((ki + 1) * G + offs_g < K // _BLOCK_SIZE)[None, :, None], other=0)
         if SWAP_AB:
             acc = warpgroup_mma(w_smem.index(ki % 2), x_smem.index(stage).permute((1, 0)), acc, is_async=True)
         else:
@@ -188,8 +190,6 @@ def _moe_matmul_sm90_kernel(
             _copy_step(x_smem.index(kn % STAGES), x_ptrs, mask_xm, offs_xk, K_X, words_desc, words_row,
                        words_smem.index(kn % STAGES), words_ready.index(kn % STAGES), kn, BLOCK_K)
         async_copy.commit_group()
-        scales = next_scales
-        next_scales = later_scales
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
     for st in gl.static_range(STAGES):

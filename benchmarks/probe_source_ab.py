@@ -1,9 +1,10 @@
 """Probe (GPU): time the default w13 + SwiGLU and w2 + combine launches with a kernel module as
-it is and as another source of it (e.g. `git show REV:kernels/_moe_matmul_sm90.py > old.py`),
-same shapes (gpt-oss, H = I = 2880, top-4), same run, outputs checked to agree.
+it is ("new") and as other sources of it (e.g. `git show REV:kernels/_moe_matmul_sm90.py >
+old.py`; named by file stem), same shapes (gpt-oss, H = I = 2880, top-4), same run, outputs
+checked to agree with "new".
 
     python benchmarks/probe_source_ab.py --module _moe_matmul_sm90 --kernel _moe_matmul_sm90_kernel \\
-        --old old.py --out DIR                                   # writes DIR/probe_source_ab.json
+        --old old.py [other.py ...] --out DIR                     # writes DIR/probe_source_ab.json
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mxfp4_moe.routing import route, routing_metadata  # noqa: E402
 def load_source(path: Path, name: str):
     """Import `path` as a module whose relative imports resolve inside mxfp4_moe.kernels."""
     src = path.read_text().replace("from ._", "from mxfp4_moe.kernels._")
-    copy = path.with_name(f"ab_{name}.py")
+    copy = path.with_name(f"ab_copy_{name}.py")
     copy.write_text(src)
     spec = importlib.util.spec_from_file_location(copy.stem, copy)
     module = importlib.util.module_from_spec(spec)
@@ -41,13 +42,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--module", required=True, help="kernel module in mxfp4_moe.kernels, e.g. _moe_matmul_sm90")
     p.add_argument("--kernel", required=True, help="the kernel's name in that module")
-    p.add_argument("--old", type=Path, required=True, help="the other source of the module")
+    p.add_argument("--old", type=Path, nargs="+", required=True, help="other sources of the module")
     p.add_argument("--points", default="32:2048,32:8192,128:2048,128:8192", help="E:T,...")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     module = importlib.import_module(f"mxfp4_moe.kernels.{args.module}")
-    kernels = {"new": getattr(module, args.kernel), "old": getattr(load_source(args.old, args.module), args.kernel)}
+    kernels = {"new": getattr(module, args.kernel)}
+    for path in args.old:
+        kernels[path.stem] = getattr(load_source(path, path.stem), args.kernel)
     header = {"device": torch.cuda.get_device_name(), "commit": git_commit(), "module": args.module}
     print(json.dumps(header), flush=True)
     rows = []
@@ -79,9 +82,12 @@ def main() -> int:
                     row[name + "_ms"] = time_graph(fn)
                 finally:
                     setattr(module, args.kernel, kernels["new"])
-            row["rel_diff"] = ((outs["new"] - outs["old"]).norm() / outs["old"].norm().clamp_min(1e-30)).item()
-            row["agree"] = row["rel_diff"] <= SWEEP_AGREEMENT
-            row["speedup"] = row["old_ms"] / row["new_ms"]
+            for name in kernels:
+                if name != "new":
+                    diff = ((outs["new"] - outs[name]).norm() / outs[name].norm().clamp_min(1e-30)).item()
+                    row[name + "_rel_diff"] = diff
+                    row[name + "_agree"] = diff <= SWEEP_AGREEMENT
+                    row["speedup_vs_" + name] = row[name + "_ms"] / row["new_ms"]
             print(json.dumps(row), flush=True)
             rows.append(row)
             (args.out / "probe_source_ab.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))

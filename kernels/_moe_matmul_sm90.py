@@ -164,11 +164,11 @@ def _moe_matmul_sm90_kernel(
         acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
     else:
         acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-    mbarrier.wait(words_ready.index(0), 0)
-    words = words_smem.index(0).load(words_layout)
     for ki in range(NUM_K):
         stage = ki % STAGES
+        mbarrier.wait(words_ready.index(stage), (ki // STAGES) & 1)    # step ki's words have landed
         async_copy.wait_group(STAGES - 2)          # this thread's x copies of step ki have landed
+        words = words_smem.index(stage).load(words_layout)
         words = gl.convert_layout(words.reshape(BLOCK_N, G, _WORDS_PER_BLOCK), w_layout)
         # w_smem[ki % 2] was last read by step ki - 2's wgmma, retired (every warpgroup) in step ki - 1.
         w_smem.index(ki % 2).store(_decode_tile(words.to(gl.uint32, bitcast=True), scales))
@@ -190,11 +190,6 @@ def _moe_matmul_sm90_kernel(
             _copy_step(x_smem.index(kn % STAGES), x_ptrs, mask_xm, offs_xk, K_X, words_desc, words_row,
                        words_smem.index(kn % STAGES), words_ready.index(kn % STAGES), kn, BLOCK_K)
         async_copy.commit_group()
-        # Step ki + 1's words into registers now, so its decode does not start on a shared-memory
-        # load (the last step re-reads its own words: that phase has completed).
-        kw = gl.minimum(ki + 1, NUM_K - 1)
-        mbarrier.wait(words_ready.index(kw % STAGES), (kw // STAGES) & 1)
-        words = words_smem.index(kw % STAGES).load(words_layout)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
     for st in gl.static_range(STAGES):

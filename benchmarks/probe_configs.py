@@ -1,0 +1,93 @@
+"""Probe (GPU): time a few block configs against the default one, same run, gpt-oss shapes
+(H = I = 2880, top-4), for w13 + SwiGLU and w2 + atomic combine. A config counts only if its
+output agrees with the default's (relative Frobenius difference < 1e-2, as in bench_moe's sweep).
+Lighter than `bench_moe.py`'s full sweep when only a handful of configs is in question.
+
+    python benchmarks/probe_configs.py --points 128:1,128:8 \\
+        --configs "16,64,256,1,4,3,triton;16,64,128,1,4,4,triton" --out DIR    # DIR/probe_configs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_moe import SWEEP_AGREEMENT, git_commit, time_graph  # noqa: E402
+
+from mxfp4_moe.kernels import MatmulConfig, moe_matmul, pick_block_m  # noqa: E402
+from mxfp4_moe.moe import random_expert_weights  # noqa: E402
+from mxfp4_moe.routing import route, routing_metadata  # noqa: E402
+
+
+def parse_config(text: str) -> MatmulConfig:
+    f = text.split(",")
+    return MatmulConfig(int(f[0]), int(f[1]), int(f[2]), bool(int(f[3])), int(f[4]), int(f[5]), f[6])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--points", default="128:1,128:8,32:1,32:8", help="E:T,...")
+    p.add_argument("--configs", required=True,
+                   help="';'-separated block_m,block_n,block_k,swap_ab(0/1),num_warps,num_stages,kernel")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    configs = [parse_config(c) for c in args.configs.split(";") if c.strip()]
+    header = {"device": torch.cuda.get_device_name(), "commit": git_commit()}
+    print(json.dumps(header), flush=True)
+    rows, weights = [], {}
+    for point in args.points.split(","):
+        experts, tokens = map(int, point.split(":"))
+        if experts not in weights:
+            weights.clear()
+            torch.cuda.empty_cache()
+            weights[experts], _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda",
+                                                        dense=False)
+        w = weights[experts]
+        x = torch.randn(tokens, 2880, generator=torch.Generator(device="cuda").manual_seed(tokens),
+                        device="cuda").to(torch.bfloat16)
+        topk_w, topk_ids = route(x, w.router_weight, w.router_bias, 4)
+        metas = {}
+
+        def meta_for(block_m):
+            if block_m not in metas:
+                metas[block_m] = routing_metadata(topk_ids, w.expert_map, experts, block_m, topk_w)
+            return metas[block_m]
+
+        default_bm = pick_block_m(tokens * 4, experts)
+        swiglu = (w.swiglu_alpha, w.swiglu_limit)
+        act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta_for(default_bm), swiglu=swiglu)
+
+        def launch(op, meta, config=None):
+            if op == "w13":
+                return lambda: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu,
+                                          config=config)
+            return lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, gather=False,
+                                      apply_row_weight=True, combine="atomic", n_out=2880, config=config)
+
+        for op in ("w13", "w2"):
+            ref = launch(op, meta_for(default_bm))().float()
+            row = {"experts": experts, "tokens": tokens, "op": op,
+                   "default_ms": time_graph(launch(op, meta_for(default_bm)))}
+            for cfg in configs:
+                name = ",".join(str(v) for v in cfg.__dict__.values())
+                try:
+                    fn = launch(op, meta_for(cfg.block_m), cfg)
+                    out = fn().float()
+                    diff = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                    row[name] = time_graph(fn) if diff <= SWEEP_AGREEMENT else f"disagrees: {diff:.2e}"
+                except Exception as exc:
+                    row[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            (args.out / "probe_configs.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -73,6 +73,25 @@ def time_graph(fn) -> float:
     return do_bench(graph.replay, warmup=10, rep=REP_MS, return_mode="median")
 
 
+def routed_points(spec: str):
+    """For probes: "E:T,E:T,..." -> (experts, tokens, weights, x, topk_weights, topk_ids) per
+    point, at gpt-oss shapes (H = I = 2880, top-4, random weights seeded by E, tokens by T); the
+    weights of one E are built once and reused by consecutive points."""
+    weights = {}
+    for point in filter(None, spec.split(",")):
+        experts, tokens = map(int, point.split(":"))
+        if experts not in weights:
+            weights.clear()
+            torch.cuda.empty_cache()
+            weights[experts], _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda",
+                                                        dense=False)
+        w = weights[experts]
+        x = torch.randn(tokens, 2880, generator=torch.Generator(device="cuda").manual_seed(tokens),
+                        device="cuda").to(torch.bfloat16)
+        topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
+        yield experts, tokens, w, x, topk_w, topk_ids
+
+
 def time_eager(fn) -> float:
     return do_bench(fn, warmup=10, rep=REP_MS, return_mode="median")
 

@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe import SWEEP_AGREEMENT, git_commit, time_graph  # noqa: E402
+from bench_moe import SWEEP_AGREEMENT, git_commit, routed_points, time_graph  # noqa: E402
 
 from mxfp4_moe.kernels import MatmulConfig, moe_matmul, pick_block_m  # noqa: E402
-from mxfp4_moe.moe import random_expert_weights  # noqa: E402
-from mxfp4_moe.routing import route, routing_metadata  # noqa: E402
+from mxfp4_moe.routing import routing_metadata  # noqa: E402
 
 
 def parse_config(text: str) -> MatmulConfig:
@@ -40,18 +39,8 @@ def main() -> int:
     configs = [parse_config(c) for c in args.configs.split(";") if c.strip()]
     header = {"device": torch.cuda.get_device_name(), "commit": git_commit()}
     print(json.dumps(header), flush=True)
-    rows, weights = [], {}
-    for point in args.points.split(","):
-        experts, tokens = map(int, point.split(":"))
-        if experts not in weights:
-            weights.clear()
-            torch.cuda.empty_cache()
-            weights[experts], _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda",
-                                                        dense=False)
-        w = weights[experts]
-        x = torch.randn(tokens, 2880, generator=torch.Generator(device="cuda").manual_seed(tokens),
-                        device="cuda").to(torch.bfloat16)
-        topk_w, topk_ids = route(x, w.router_weight, w.router_bias, 4)
+    rows = []
+    for experts, tokens, w, x, topk_w, topk_ids in routed_points(args.points):
         metas = {}
 
         def meta_for(block_m):

@@ -197,8 +197,8 @@ def _moe_matmul_sm90_kernel(
 
     # Epilogue in a plain blocked layout, VEC output columns per thread: with SwiGLU, 8 gate/up
     # pairs per thread become 8 adjacent bf16 (one 16-byte store, and no second layout change);
-    # otherwise 16-byte stores or 4-wide fp32 atomics. Against 2 columns per thread this
-    # measured w2 1.7-3.6% faster on an H200 (benchmarks/RESULTS.md section 3).
+    # otherwise 16-byte stores or 4-wide fp32 atomics. Against 2 columns per thread (H200, same
+    # run): w2 1-5% faster, w13 within noise (benchmarks/RESULTS.md section 3.2).
     if SWAP_AB:
         acc = gl.permute(acc, (1, 0))
     VEC: gl.constexpr = 4 if ATOMIC else 8

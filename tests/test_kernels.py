@@ -288,6 +288,31 @@ def test_compiles_for_sm90_without_spills():
         assert rep["dequant"] == "ptx" and rep["instructions_per_element"] <= 8.0, rep
 
 
+def test_gluon_configs_of_the_gpu_tests_compile_for_sm90():
+    # The GPU tests run the Gluon kernel at non-default configs too (swapped operands, 256-wide
+    # tiles); GPU time is scarce, so an edit that breaks one of them should fail here first:
+    # every one compiles for sm_90, w13 (SwiGLU) and w2 (atomic combine), without local memory.
+    from test_gpu import SM90_CONFIGS
+    script = (
+        "import json, sys\n"
+        "from mxfp4_moe.kernels.sm90_report import compile_variant, resource_report\n"
+        "from mxfp4_moe.kernels.moe_matmul import MatmulConfig\n"
+        "for fields in json.loads(sys.argv[1]):\n"
+        "    cfg = MatmulConfig(*fields)\n"
+        "    for n, swiglu in ((5760, True), (2880, False)):\n"
+        "        rep = resource_report(compile_variant(cfg, k=2880, n=n, swiglu=swiglu, atomic=not swiglu), cfg)\n"
+        "        print(json.dumps({'config': fields, 'swiglu': swiglu, **rep}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(SM90_CONFIGS)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 2 * len(SM90_CONFIGS)
+    for rep in reports:
+        assert rep["hgmma"] > 0, rep
+        assert rep["local_bytes"] == 0 and rep["local_mem_ops"] == 0 and rep["stack_bytes"] == 0, rep
+
+
 def test_sm90_race_check_flags_pipelined_register_operand_wgmma():
     # Triton 3.6 keeps up to 3 swapped-operand wgmmas (weights in registers) in flight across
     # the K loop's back edge, and ptxas 12.8 lets the next step's decode overwrite registers they

@@ -92,6 +92,14 @@ def routed_points(spec: str):
         yield experts, tokens, w, x, topk_w, topk_ids
 
 
+def record(row: dict, rows: list[dict], path: Path, header: dict) -> None:
+    """For probes: print one result row, keep it, and rewrite `path` with every row so far (a
+    run cut short still leaves its rows)."""
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+    path.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+
+
 def time_eager(fn) -> float:
     return do_bench(fn, warmup=10, rep=REP_MS, return_mode="median")
 

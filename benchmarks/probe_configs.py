@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe import SWEEP_AGREEMENT, git_commit, routed_points, time_graph  # noqa: E402
+from bench_moe import SWEEP_AGREEMENT, git_commit, record, routed_points, time_graph  # noqa: E402
 
 from mxfp4_moe.kernels import MatmulConfig, moe_matmul, pick_block_m  # noqa: E402
 from mxfp4_moe.routing import routing_metadata  # noqa: E402
@@ -72,9 +72,7 @@ def main() -> int:
                     row[name] = time_graph(fn) if diff <= SWEEP_AGREEMENT else f"disagrees: {diff:.2e}"
                 except Exception as exc:
                     row[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            (args.out / "probe_configs.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+            record(row, rows, args.out / "probe_configs.json", header)
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe import SWEEP_AGREEMENT, git_commit, routed_points, time_graph  # noqa: E402
+from bench_moe import SWEEP_AGREEMENT, git_commit, record, routed_points, time_graph  # noqa: E402
 
 from mxfp4_moe.kernels import moe_matmul, pick_block_m  # noqa: E402
 from mxfp4_moe.routing import routing_metadata  # noqa: E402
@@ -76,9 +76,7 @@ def main() -> int:
                     row[name + "_rel_diff"] = diff
                     row[name + "_agree"] = diff <= SWEEP_AGREEMENT
                     row["speedup_vs_" + name] = row[name + "_ms"] / row["new_ms"]
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            (args.out / "probe_source_ab.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+            record(row, rows, args.out / "probe_source_ab.json", header)
     return 0
 
 

@@ -12,10 +12,16 @@ The pairs are cut into chunks of BLOCK_R; for chunk c and key e:
                 offsets[e]    = first sorted row of key e, e = 0 .. E_local    (one program)
     scatter:    pair r of chunk c with key e goes to start[c, e] + (pairs of key e before r in
                 chunk c): a stable counting sort                               (one program a chunk)
+
+When every pair fits in one chunk (decode sizes), `_sort_one_chunk_kernel` does all three and
+the tile schedule (`_tile_schedule._schedule_tiles`) in one launch: routing metadata is then one
+kernel instead of four.
 """
 
 import triton
 import triton.language as tl
+
+from ._tile_schedule import _schedule_tiles
 
 
 @triton.jit
@@ -81,3 +87,36 @@ def _scatter_kernel(ids_ptr, map_ptr, weights_ptr, start_ptr, sorted_slot_ptr, s
     tl.store(inverse_ptr + r, pos, mask=mask)
     if HAS_WEIGHTS:
         tl.store(sorted_weight_ptr + pos, tl.load(weights_ptr + r, mask=mask, other=0.0), mask=mask)
+
+
+@triton.jit
+def _sort_one_chunk_kernel(ids_ptr, map_ptr, weights_ptr, sorted_slot_ptr, sorted_token_ptr, sorted_weight_ptr,
+                           inverse_ptr, offsets_ptr, counts_ptr, tile_expert_ptr, tile_row_start_ptr,
+                           rows, num_local, top_k, num_tiles,
+                           HAS_MAP: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+                           TILE_STEPS: tl.constexpr):
+    """rows <= BLOCK_R: histogram, scan and scatter of the one chunk, then the tile schedule, in
+    one program (the outputs of `_histogram_kernel` .. `_scatter_kernel` and
+    `_tile_schedule_kernel`, the same values). TILE_STEPS: a power of two >= num_tiles / BLOCK_T
+    (a compile-time loop bound, as the interpreter needs)."""
+    r, key = _chunk_keys(ids_ptr, map_ptr, rows, num_local, 0, HAS_MAP, BLOCK_R)
+    mask = r < rows
+    e = tl.arange(0, BLOCK_E)
+    one_hot = (key[:, None] == e[None, :]).to(tl.int32)
+    totals = tl.sum(one_hot, axis=0)
+    first = tl.cumsum(totals, 0) - totals                    # first sorted row of each key
+    tl.store(offsets_ptr + e, first, mask=e <= num_local)
+    earlier = tl.cumsum(one_hot, 0) - one_hot                # same-key pairs before r
+    pos = tl.sum(one_hot * (first[None, :] + earlier), axis=1)
+    tl.store(sorted_slot_ptr + pos, r, mask=mask)
+    tl.store(sorted_token_ptr + pos, r // top_k, mask=mask)
+    tl.store(inverse_ptr + r, pos, mask=mask)
+    if HAS_WEIGHTS:
+        tl.store(sorted_weight_ptr + pos, tl.load(weights_ptr + r, mask=mask, other=0.0), mask=mask)
+    local = e < num_local
+    counts = tl.where(local, totals, 0)
+    tl.store(counts_ptr + e, counts, mask=local)
+    for step in range(TILE_STEPS):
+        _schedule_tiles(first, counts, local, tile_expert_ptr, tile_row_start_ptr, num_local, num_tiles,
+                        step * BLOCK_T, BLOCK_M, BLOCK_E, BLOCK_T)

@@ -1,12 +1,14 @@
-"""Launcher for the expert sort (`_expert_sort.py`), used by `mxfp4_moe.routing.routing_metadata`
-on CUDA tensors (and under the interpreter); `routing.expert_sort_torch` is its torch twin."""
+"""Launchers for the expert sort (`_expert_sort.py`), used by `mxfp4_moe.routing.routing_metadata`
+on CUDA tensors (and under the interpreter); `routing.expert_sort_torch` and
+`routing.tile_schedule_torch` are their torch twins."""
 
 from __future__ import annotations
 
 import torch
 import triton
 
-from ._expert_sort import _histogram_kernel, _scan_kernel, _scatter_kernel
+from ._expert_sort import _histogram_kernel, _scan_kernel, _scatter_kernel, _sort_one_chunk_kernel
+from .tile_schedule import tile_schedule
 
 # Pairs per chunk x key slots: the one-hot tile a histogram or scatter program holds, and the
 # chunks x key slots of one scan step (8 warps: 64 values a thread). At E = 128 and T = 8192:
@@ -14,6 +16,47 @@ from ._expert_sort import _histogram_kernel, _scan_kernel, _scatter_kernel
 # took 0.111 ms there against 0.033 ms at E = 32 (H200): 1024 chunks for its one-program scan.
 _TILE_ELEMENTS = 16384
 _NUM_WARPS = 8
+_BLOCK_T = 128      # tiles per step of the one-launch path's tile schedule
+
+
+def _chunking(rows: int, num_local_experts: int) -> tuple[int, int, int]:
+    """(key slots, pairs per chunk, chunks) of a sort of `rows` pairs: key slot E_local holds
+    the pairs of other ranks' experts."""
+    block_e = triton.next_power_of_2(num_local_experts + 1)
+    block_r = max(16, _TILE_ELEMENTS // block_e)       # pairs per chunk, and chunks per scan step
+    return block_e, block_r, max(1, triton.cdiv(rows, block_r))
+
+
+class _Sort:
+    """What the launches of one sort share: sizes, flattened inputs, the output tensors."""
+
+    def __init__(self, topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_local_experts: int,
+                 topk_weights: torch.Tensor | None):
+        tokens, self.top_k = topk_ids.shape
+        self.rows = tokens * self.top_k
+        self.num_local = num_local_experts
+        self.block_e, self.block_r, self.num_chunks = _chunking(self.rows, num_local_experts)
+        device = topk_ids.device
+        self.ids = topk_ids.reshape(-1)
+        self.has_map = expert_map is not None
+        self.map = expert_map.to(device) if self.has_map else self.ids   # any integer dtype; unread without a map
+        self.weights = topk_weights.reshape(-1).float() if topk_weights is not None else None
+        self.offsets = torch.empty(num_local_experts + 1, dtype=torch.int32, device=device)
+        self.sorted_slot = torch.empty(self.rows, dtype=torch.int32, device=device)
+        self.sorted_token = torch.empty(self.rows, dtype=torch.int32, device=device)
+        self.inverse = torch.empty(self.rows, dtype=torch.int32, device=device)
+        self.sorted_weight = (torch.empty(self.rows, dtype=torch.float32, device=device)
+                              if topk_weights is not None else None)
+
+    def scatter_pointers(self) -> tuple:
+        """ids, map, weights, sorted_slot, sorted_token, sorted_weight: the leading arguments of
+        the scatter and of the one-launch sort (a placeholder tensor where one is absent)."""
+        return (self.ids, self.map, self.weights if self.weights is not None else self.ids,
+                self.sorted_slot, self.sorted_token,
+                self.sorted_weight if self.sorted_weight is not None else self.sorted_slot)
+
+    def outputs(self) -> tuple:
+        return self.sorted_slot, self.sorted_token, self.sorted_weight, self.inverse, self.offsets
 
 
 def expert_sort(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_local_experts: int,
@@ -24,36 +67,43 @@ def expert_sort(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_loc
     topk_weights [T, k] float or None. Returns (sorted_slot, sorted_token, sorted_weight or None,
     inverse, offsets) as documented in `routing.RoutingMetadata` (offsets [E_local + 1] int32).
     Three launches, no host synchronisation."""
-    tokens, top_k = topk_ids.shape
-    rows = tokens * top_k
-    device = topk_ids.device
-    ids = topk_ids.reshape(-1)
-    block_e = triton.next_power_of_2(num_local_experts + 1)
-    block_r = max(16, _TILE_ELEMENTS // block_e)       # pairs per chunk, and chunks per scan step
-    num_chunks = max(1, triton.cdiv(rows, block_r))
-    offsets = torch.empty(num_local_experts + 1, dtype=torch.int32, device=device)
-    sorted_slot = torch.empty(rows, dtype=torch.int32, device=device)
-    sorted_token = torch.empty(rows, dtype=torch.int32, device=device)
-    inverse = torch.empty(rows, dtype=torch.int32, device=device)
-    sorted_weight = None
-    if topk_weights is not None:
-        sorted_weight = torch.empty(rows, dtype=torch.float32, device=device)
-        weights = topk_weights.reshape(-1).float()
-    else:
-        weights = None
-    counts = torch.empty((num_chunks, block_e), dtype=torch.int32, device=device)
+    s = _Sort(topk_ids, expert_map, num_local_experts, topk_weights)
+    counts = torch.empty((s.num_chunks, s.block_e), dtype=torch.int32, device=s.ids.device)
     start = torch.empty_like(counts)
-    has_map = expert_map is not None
-    map_t = expert_map.to(device) if has_map else ids      # any integer dtype; unread without a map
-    _histogram_kernel[(num_chunks,)](ids, map_t, counts, rows, num_local_experts,
-                                     HAS_MAP=has_map, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=_NUM_WARPS)
-    _scan_kernel[(1,)](counts, start, offsets, num_chunks, num_local_experts,
-                       MAX_CHUNKS=max(block_r, triton.next_power_of_2(num_chunks)), BLOCK_C=block_r,
-                       BLOCK_E=block_e, num_warps=_NUM_WARPS)
-    if rows:
-        _scatter_kernel[(num_chunks,)](
-            ids, map_t, weights if weights is not None else ids, start, sorted_slot, sorted_token,
-            sorted_weight if sorted_weight is not None else sorted_slot, inverse, rows, num_local_experts, top_k,
-            HAS_MAP=has_map, HAS_WEIGHTS=weights is not None, BLOCK_R=block_r, BLOCK_E=block_e,
+    _histogram_kernel[(s.num_chunks,)](s.ids, s.map, counts, s.rows, s.num_local,
+                                       HAS_MAP=s.has_map, BLOCK_R=s.block_r, BLOCK_E=s.block_e, num_warps=_NUM_WARPS)
+    _scan_kernel[(1,)](counts, start, s.offsets, s.num_chunks, s.num_local,
+                       MAX_CHUNKS=max(s.block_r, triton.next_power_of_2(s.num_chunks)), BLOCK_C=s.block_r,
+                       BLOCK_E=s.block_e, num_warps=_NUM_WARPS)
+    if s.rows:
+        ids, map_t, weights, sorted_slot, sorted_token, sorted_weight = s.scatter_pointers()
+        _scatter_kernel[(s.num_chunks,)](
+            ids, map_t, weights, start, sorted_slot, sorted_token, sorted_weight, s.inverse, s.rows, s.num_local,
+            s.top_k, HAS_MAP=s.has_map, HAS_WEIGHTS=s.weights is not None, BLOCK_R=s.block_r, BLOCK_E=s.block_e,
             num_warps=_NUM_WARPS)
-    return sorted_slot, sorted_token, sorted_weight, inverse, offsets
+    return s.outputs()
+
+
+def sort_and_schedule(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_local_experts: int,
+                      topk_weights: torch.Tensor | None, num_tiles: int, block_m: int) -> tuple:
+    """`expert_sort`, then `tile_schedule.tile_schedule(offsets, num_tiles, block_m)`: returns
+    (sorted_slot, sorted_token, sorted_weight, inverse, offsets, counts, tile_expert,
+    tile_row_start). When every pair fits in one chunk of the sort (T * k <= 64 pairs at
+    E_local = 128, 256 at 32: decode sizes), one launch does both, otherwise four; no host
+    synchronisation either way."""
+    _, _, num_chunks = _chunking(topk_ids.shape[0] * topk_ids.shape[1], num_local_experts)
+    if num_chunks > 1:
+        sorted_pairs = expert_sort(topk_ids, expert_map, num_local_experts, topk_weights)
+        return (*sorted_pairs, *tile_schedule(sorted_pairs[4], num_tiles, block_m))
+    s = _Sort(topk_ids, expert_map, num_local_experts, topk_weights)
+    device = s.ids.device
+    counts = torch.empty(num_local_experts, dtype=torch.int32, device=device)
+    tile_expert = torch.empty(num_tiles, dtype=torch.int32, device=device)
+    tile_row_start = torch.empty(num_tiles, dtype=torch.int32, device=device)
+    _sort_one_chunk_kernel[(1,)](
+        *s.scatter_pointers(), s.inverse, s.offsets, counts, tile_expert, tile_row_start,
+        s.rows, s.num_local, s.top_k, num_tiles,
+        HAS_MAP=s.has_map, HAS_WEIGHTS=s.weights is not None, BLOCK_R=s.block_r, BLOCK_E=s.block_e,
+        BLOCK_M=block_m, BLOCK_T=_BLOCK_T, TILE_STEPS=triton.next_power_of_2(triton.cdiv(num_tiles, _BLOCK_T)),
+        num_warps=_NUM_WARPS)
+    return (*s.outputs(), counts, tile_expert, tile_row_start)

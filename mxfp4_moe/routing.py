@@ -119,8 +119,8 @@ def max_tiles(num_rows: int, num_local_experts: int, block_m: int) -> int:
 
 
 def _use_triton(device: torch.device) -> bool:
-    """The Triton expert sort and tile schedule (four launches in all) on CUDA, and under
-    Triton's interpreter so that the CPU tests run them; their torch twins elsewhere."""
+    """The Triton expert sort and tile schedule (four launches, one at decode sizes) on CUDA,
+    and under Triton's interpreter so that the CPU tests run them; their torch twins elsewhere."""
     if device.type == "cuda":
         return True
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -174,11 +174,9 @@ def routing_metadata(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, nu
     rows = tokens * top_k
     n_tiles = max_tiles(rows, num_local_experts, block_m)
     if _use_triton(device):
-        from mxfp4_moe.kernels.expert_sort import expert_sort
-        from mxfp4_moe.kernels.tile_schedule import tile_schedule
-        sorted_slot, sorted_token, sorted_weight, inverse, offsets = expert_sort(
-            topk_ids, expert_map, num_local_experts, topk_weights)
-        counts, tile_expert, row_start = tile_schedule(offsets, n_tiles, block_m)
+        from mxfp4_moe.kernels.expert_sort import sort_and_schedule
+        (sorted_slot, sorted_token, sorted_weight, inverse, offsets, counts, tile_expert,
+         row_start) = sort_and_schedule(topk_ids, expert_map, num_local_experts, topk_weights, n_tiles, block_m)
     else:
         sorted_slot, sorted_token, sorted_weight, inverse, offsets = expert_sort_torch(
             topk_ids, expert_map, num_local_experts, topk_weights)

@@ -263,13 +263,14 @@ def test_swapped_configs_that_raced_are_right(config, dequant):
     assert ((got[:rows] - ref[:rows]).norm() / ref[:rows].norm()).item() < 5e-3
 
 
-@pytest.mark.parametrize("tokens,num_experts,local", [(1, 128, None), (8192, 128, None), (8192, 32, None),
+@pytest.mark.parametrize("tokens,num_experts,local", [(1, 128, None), (16, 128, None), (64, 32, None),
+                                                      (8192, 128, None), (8192, 32, None),
                                                       (3000, 128, list(range(0, 128, 3)))])
 def test_expert_sort_matches_torch_on_gpu(tokens, num_experts, local):
     # The Triton counting sort of routing_metadata against torch's stable sort, exactly, at
     # gpt-oss sizes (32768 pairs: 128 chunks at 128 experts) and under expert parallelism.
-    from mxfp4_moe.kernels.expert_sort import expert_sort
-    from mxfp4_moe.routing import expert_sort_torch
+    from mxfp4_moe.kernels.expert_sort import expert_sort, sort_and_schedule
+    from mxfp4_moe.routing import expert_sort_torch, max_tiles, tile_schedule_torch
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     logits = torch.randn(tokens, num_experts, generator=gen, device="cuda")
     topk_w, topk_ids = torch.topk(logits, 4, dim=-1)
@@ -281,6 +282,13 @@ def test_expert_sort_matches_torch_on_gpu(tokens, num_experts, local):
     got = expert_sort(topk_ids, expert_map, num_local, topk_w.softmax(-1))
     want = expert_sort_torch(topk_ids, expert_map, num_local, topk_w.softmax(-1))
     for name, g, w in zip(("sorted_slot", "sorted_token", "sorted_weight", "inverse", "offsets"), got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w), name
+    # routing_metadata's path: at T = 1 the sort and the tile schedule in one launch.
+    n_tiles = max_tiles(tokens * 4, num_local, 16)
+    got = sort_and_schedule(topk_ids, expert_map, num_local, topk_w.softmax(-1), n_tiles, 16)
+    want = (*want, *tile_schedule_torch(want[4], n_tiles, 16))
+    for name, g, w in zip(("sorted_slot", "sorted_token", "sorted_weight", "inverse", "offsets", "counts",
+                           "tile_expert", "tile_row_start"), got, want, strict=True):
         assert g.dtype == w.dtype and torch.equal(g, w), name
 
 

@@ -153,6 +153,48 @@ def test_expert_sort_kernel_matches_torch(tokens, top_k, num_experts, local, wei
         assert torch.equal(torch.sort(got[0].long()).values, torch.arange(tokens * top_k))   # a permutation
 
 
+@pytest.mark.parametrize("tokens,num_experts,local,block_m,weights", [
+    (0, 128, None, 16, True),           # no tokens: every tile idle
+    (1, 128, None, 16, True),           # decode: 4 pairs, one launch
+    (16, 128, None, 16, False),         # 64 pairs: the most one chunk holds at 128 experts
+    (17, 128, None, 16, True),          # 68 pairs: two chunks, the four-launch path
+    (40, 32, None, 32, True),           # 160 pairs in one chunk of 256 at 32 experts
+    (9, 12, [1, 4, 5, 11], 16, True),   # expert parallelism: other ranks' pairs sort last
+    (64, 6, [], 16, True),              # no local expert routed: all pairs dropped, 256 pairs
+    (300, 1, None, 16, True),           # one expert, 1200 pairs: 76 tiles, several tile steps
+])
+def test_sort_and_schedule_matches_torch(tokens, num_experts, local, block_m, weights):
+    # routing_metadata's Triton path (run here by the interpreter), on both sides of the switch
+    # to one launch, against the torch twins: every field equal, exactly.
+    from mxfp4_moe.kernels.expert_sort import _chunking, sort_and_schedule
+    from mxfp4_moe.routing import expert_sort_torch, tile_schedule_torch
+    top_k = min(4, num_experts)
+    gen = torch.Generator().manual_seed(tokens + num_experts)
+    topk_ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)]) \
+        if tokens else torch.zeros(0, top_k, dtype=torch.int64)
+    topk_w = torch.rand(tokens, top_k, generator=gen) if weights else None
+    if local is None:
+        expert_map, num_local = None, num_experts
+    else:
+        expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
+        expert_map[local] = torch.arange(len(local), dtype=torch.int32)
+        num_local = max(1, len(local))
+    rows = tokens * top_k
+    n_tiles = max_tiles(rows, num_local, block_m)
+    got = sort_and_schedule(topk_ids, expert_map, num_local, topk_w, n_tiles, block_m)
+    want = expert_sort_torch(topk_ids, expert_map, num_local, topk_w)
+    want = (*want, *tile_schedule_torch(want[4], n_tiles, block_m))
+    names = ("sorted_slot", "sorted_token", "sorted_weight", "inverse", "offsets", "counts", "tile_expert",
+             "tile_row_start")
+    for name, g, w in zip(names, got, want, strict=True):
+        if w is None:
+            assert g is None, name
+            continue
+        assert g.dtype == w.dtype and torch.equal(g, w), name
+    one_launch = _chunking(rows, num_local)[2] == 1
+    assert one_launch == (rows <= {128: 64, 32: 256}.get(num_local, rows)), (rows, num_local)
+
+
 def test_exact_bf16_and_the_cpu_route_ignore_inexact_weights():
     # A router weight read from a bf16 checkpoint has a bf16 copy; a float32 one with more bits
     # has none. Off the GPU the bf16 copy changes nothing: the logits stay float32 products.

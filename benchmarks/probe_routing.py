@@ -1,0 +1,55 @@
+"""Probe (GPU): routing metadata at decode sizes, the sort and tile schedule in one launch
+(`routing_metadata` now) against the four-launch path (`expert_sort` + `tile_schedule`), and
+the whole layer, same run, gpt-oss shapes (H = I = 2880, top-4).
+
+    python benchmarks/probe_routing.py --out DIR        # writes DIR/probe_routing.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_moe import git_commit, record, routed_points, time_graph  # noqa: E402
+
+from mxfp4_moe.kernels import pick_block_m  # noqa: E402
+from mxfp4_moe.kernels.expert_sort import expert_sort  # noqa: E402
+from mxfp4_moe.kernels.tile_schedule import tile_schedule  # noqa: E402
+from mxfp4_moe.moe import MXFP4MoE  # noqa: E402
+from mxfp4_moe.routing import max_tiles, routing_metadata  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--points", default="128:1,128:8,128:16,128:32,32:1,32:8,32:64,32:128")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = {"device": torch.cuda.get_device_name(), "commit": git_commit()}
+    print(json.dumps(header), flush=True)
+    rows = []
+    for experts, tokens, w, x, topk_w, topk_ids in routed_points(args.points):
+        block_m = pick_block_m(tokens * 4, experts)
+        n_tiles = max_tiles(tokens * 4, experts, block_m)
+
+        def four_launches():
+            offsets = expert_sort(topk_ids, w.expert_map, experts, topk_w)[4]
+            return tile_schedule(offsets, n_tiles, block_m)
+
+        layer = MXFP4MoE(w, backend="triton")
+        row = {"experts": experts, "tokens": tokens,
+               "routing_metadata_ms": time_graph(lambda: routing_metadata(topk_ids, w.expert_map, experts, block_m,
+                                                                          topk_w)),
+               "four_launches_ms": time_graph(four_launches),
+               "layer_ms": time_graph(lambda: layer(x))}
+        record(row, rows, args.out / "probe_routing.json", header)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,6 +17,10 @@ from .tile_schedule import tile_schedule
 _TILE_ELEMENTS = 16384
 _NUM_WARPS = 8
 _BLOCK_T = 128      # tiles per step of the one-launch path's tile schedule
+# Key slots up to which one program also builds the tile schedule. Above, the schedule's
+# [tiles x key slots] search costs one program more than a separate launch (H200: E = 32 one
+# launch 0.012 ms vs four 0.016; E = 128 one launch 0.030 vs four 0.023).
+_SCHEDULE_IN_SORT_MAX_KEYS = 64
 
 
 def _chunking(rows: int, num_local_experts: int) -> tuple[int, int, int]:
@@ -89,14 +93,16 @@ def sort_and_schedule(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, n
     """`expert_sort`, then `tile_schedule.tile_schedule(offsets, num_tiles, block_m)`: returns
     (sorted_slot, sorted_token, sorted_weight, inverse, offsets, counts, tile_expert,
     tile_row_start). When every pair fits in one chunk of the sort (T * k <= 64 pairs at
-    E_local = 128, 256 at 32: decode sizes), one launch does both, otherwise four; no host
+    E_local = 128, 256 at 32: decode sizes), one launch sorts, and with up to 63 local experts
+    also builds the schedule (else a second launch does); otherwise four launches. No host
     synchronisation either way."""
-    _, _, num_chunks = _chunking(topk_ids.shape[0] * topk_ids.shape[1], num_local_experts)
+    block_e, _, num_chunks = _chunking(topk_ids.shape[0] * topk_ids.shape[1], num_local_experts)
     if num_chunks > 1:
         sorted_pairs = expert_sort(topk_ids, expert_map, num_local_experts, topk_weights)
         return (*sorted_pairs, *tile_schedule(sorted_pairs[4], num_tiles, block_m))
     s = _Sort(topk_ids, expert_map, num_local_experts, topk_weights)
     device = s.ids.device
+    with_schedule = block_e <= _SCHEDULE_IN_SORT_MAX_KEYS
     counts = torch.empty(num_local_experts, dtype=torch.int32, device=device)
     tile_expert = torch.empty(num_tiles, dtype=torch.int32, device=device)
     tile_row_start = torch.empty(num_tiles, dtype=torch.int32, device=device)
@@ -104,6 +110,9 @@ def sort_and_schedule(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, n
         *s.scatter_pointers(), s.inverse, s.offsets, counts, tile_expert, tile_row_start,
         s.rows, s.num_local, s.top_k, num_tiles,
         HAS_MAP=s.has_map, HAS_WEIGHTS=s.weights is not None, BLOCK_R=s.block_r, BLOCK_E=s.block_e,
-        BLOCK_M=block_m, BLOCK_T=_BLOCK_T, TILE_STEPS=triton.next_power_of_2(triton.cdiv(num_tiles, _BLOCK_T)),
+        BLOCK_M=block_m, BLOCK_T=_BLOCK_T,
+        TILE_STEPS=triton.next_power_of_2(triton.cdiv(num_tiles, _BLOCK_T)) if with_schedule else 0,
         num_warps=_NUM_WARPS)
+    if not with_schedule:
+        counts, tile_expert, tile_row_start = tile_schedule(s.offsets, num_tiles, block_m)
     return (*s.outputs(), counts, tile_expert, tile_row_start)

@@ -165,7 +165,8 @@ def test_expert_sort_kernel_matches_torch(tokens, top_k, num_experts, local, wei
 ])
 def test_sort_and_schedule_matches_torch(tokens, num_experts, local, block_m, weights):
     # routing_metadata's Triton path (run here by the interpreter), on both sides of the switch
-    # to one launch, against the torch twins: every field equal, exactly.
+    # to one sort launch (with the tile schedule in it at <= 63 local experts, after it at 128),
+    # against the torch twins: every field equal, exactly.
     from mxfp4_moe.kernels.expert_sort import _chunking, sort_and_schedule
     from mxfp4_moe.routing import expert_sort_torch, tile_schedule_torch
     top_k = min(4, num_experts)
@@ -191,8 +192,8 @@ def test_sort_and_schedule_matches_torch(tokens, num_experts, local, block_m, we
             assert g is None, name
             continue
         assert g.dtype == w.dtype and torch.equal(g, w), name
-    one_launch = _chunking(rows, num_local)[2] == 1
-    assert one_launch == (rows <= {128: 64, 32: 256}.get(num_local, rows)), (rows, num_local)
+    one_chunk = _chunking(rows, num_local)[2] == 1
+    assert one_chunk == (rows <= {128: 64, 32: 256}.get(num_local, rows)), (rows, num_local)
 
 
 def test_exact_bf16_and_the_cpu_route_ignore_inexact_weights():

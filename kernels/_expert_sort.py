@@ -39,6 +39,18 @@ def _chunk_keys(ids_ptr, map_ptr, rows, num_local, chunk, HAS_MAP: tl.constexpr,
 
 
 @triton.jit
+def _store_sorted(r, pos, mask, weights_ptr, sorted_slot_ptr, sorted_token_ptr, sorted_weight_ptr, inverse_ptr,
+                  top_k, HAS_WEIGHTS: tl.constexpr):
+    """Pair r (flat index t * k + j) goes to sorted row pos: its slot, token and weight there,
+    and pos in the inverse permutation."""
+    tl.store(sorted_slot_ptr + pos, r, mask=mask)
+    tl.store(sorted_token_ptr + pos, r // top_k, mask=mask)
+    tl.store(inverse_ptr + r, pos, mask=mask)
+    if HAS_WEIGHTS:
+        tl.store(sorted_weight_ptr + pos, tl.load(weights_ptr + r, mask=mask, other=0.0), mask=mask)
+
+
+@triton.jit
 def _histogram_kernel(ids_ptr, map_ptr, counts_ptr, rows, num_local,
                       HAS_MAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
     chunk = tl.program_id(0)
@@ -82,11 +94,8 @@ def _scatter_kernel(ids_ptr, map_ptr, weights_ptr, start_ptr, sorted_slot_ptr, s
     earlier = tl.cumsum(one_hot, 0) - one_hot                # same-key pairs before r in the chunk
     start = tl.load(start_ptr + chunk * BLOCK_E + e)
     pos = tl.sum(one_hot * (start[None, :] + earlier), axis=1)
-    tl.store(sorted_slot_ptr + pos, r, mask=mask)
-    tl.store(sorted_token_ptr + pos, r // top_k, mask=mask)
-    tl.store(inverse_ptr + r, pos, mask=mask)
-    if HAS_WEIGHTS:
-        tl.store(sorted_weight_ptr + pos, tl.load(weights_ptr + r, mask=mask, other=0.0), mask=mask)
+    _store_sorted(r, pos, mask, weights_ptr, sorted_slot_ptr, sorted_token_ptr, sorted_weight_ptr, inverse_ptr,
+                  top_k, HAS_WEIGHTS)
 
 
 @triton.jit
@@ -110,11 +119,8 @@ def _sort_one_chunk_kernel(ids_ptr, map_ptr, weights_ptr, sorted_slot_ptr, sorte
     tl.store(offsets_ptr + e, first, mask=e <= num_local)
     earlier = tl.cumsum(one_hot, 0) - one_hot                # same-key pairs before r
     pos = tl.sum(one_hot * (first[None, :] + earlier), axis=1)
-    tl.store(sorted_slot_ptr + pos, r, mask=mask)
-    tl.store(sorted_token_ptr + pos, r // top_k, mask=mask)
-    tl.store(inverse_ptr + r, pos, mask=mask)
-    if HAS_WEIGHTS:
-        tl.store(sorted_weight_ptr + pos, tl.load(weights_ptr + r, mask=mask, other=0.0), mask=mask)
+    _store_sorted(r, pos, mask, weights_ptr, sorted_slot_ptr, sorted_token_ptr, sorted_weight_ptr, inverse_ptr,
+                  top_k, HAS_WEIGHTS)
     local = e < num_local
     counts = tl.where(local, totals, 0)
     tl.store(counts_ptr + e, counts, mask=local & (TILE_STEPS > 0))

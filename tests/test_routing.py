@@ -118,6 +118,20 @@ def test_tile_schedule_kernel_matches_torch(num_experts, block_m, max_count):
     assert torch.equal(got[0], counts.to(torch.int32))
 
 
+def _random_routing(tokens: int, top_k: int, num_experts: int, local: list[int] | None, weights: bool):
+    """Distinct random experts per token, optional routing weights, and the expert map of a rank
+    holding `local` (None: all experts). Returns (topk_ids, topk_weights, expert_map, num_local)."""
+    gen = torch.Generator().manual_seed(tokens + num_experts)
+    topk_ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)]) \
+        if tokens else torch.zeros(0, top_k, dtype=torch.int64)
+    topk_w = torch.rand(tokens, top_k, generator=gen) if weights else None
+    if local is None:
+        return topk_ids, topk_w, None, num_experts
+    expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
+    expert_map[local] = torch.arange(len(local), dtype=torch.int32)
+    return topk_ids, topk_w, expert_map, max(1, len(local))
+
+
 @pytest.mark.parametrize("tokens,top_k,num_experts,local,weights", [
     (0, 4, 8, None, True),            # no tokens
     (1, 4, 128, None, True),          # decode: one chunk, most experts empty
@@ -131,16 +145,7 @@ def test_expert_sort_kernel_matches_torch(tokens, top_k, num_experts, local, wei
     # exactly: same order within each expert (token order), same offsets, same inverse.
     from mxfp4_moe.kernels.expert_sort import expert_sort
     from mxfp4_moe.routing import expert_sort_torch
-    gen = torch.Generator().manual_seed(tokens + num_experts)
-    topk_ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)]) \
-        if tokens else torch.zeros(0, top_k, dtype=torch.int64)
-    topk_w = torch.rand(tokens, top_k, generator=gen) if weights else None
-    if local is None:
-        expert_map, num_local = None, num_experts
-    else:
-        expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
-        expert_map[local] = torch.arange(len(local), dtype=torch.int32)
-        num_local = max(1, len(local))
+    topk_ids, topk_w, expert_map, num_local = _random_routing(tokens, top_k, num_experts, local, weights)
     got = expert_sort(topk_ids, expert_map, num_local, topk_w)
     want = expert_sort_torch(topk_ids, expert_map, num_local, topk_w)
     names = ("sorted_slot", "sorted_token", "sorted_weight", "inverse", "offsets")
@@ -170,16 +175,7 @@ def test_sort_and_schedule_matches_torch(tokens, num_experts, local, block_m, we
     from mxfp4_moe.kernels.expert_sort import _chunking, sort_and_schedule
     from mxfp4_moe.routing import expert_sort_torch, tile_schedule_torch
     top_k = min(4, num_experts)
-    gen = torch.Generator().manual_seed(tokens + num_experts)
-    topk_ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)]) \
-        if tokens else torch.zeros(0, top_k, dtype=torch.int64)
-    topk_w = torch.rand(tokens, top_k, generator=gen) if weights else None
-    if local is None:
-        expert_map, num_local = None, num_experts
-    else:
-        expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
-        expert_map[local] = torch.arange(len(local), dtype=torch.int32)
-        num_local = max(1, len(local))
+    topk_ids, topk_w, expert_map, num_local = _random_routing(tokens, top_k, num_experts, local, weights)
     rows = tokens * top_k
     n_tiles = max_tiles(rows, num_local, block_m)
     got = sort_and_schedule(topk_ids, expert_map, num_local, topk_w, n_tiles, block_m)

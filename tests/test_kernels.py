@@ -9,14 +9,12 @@ uses, for the inline-PTX path's program text (its run on the GPU: tests/test_gpu
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from compile_script import run_compiler_script
 
 from mxfp4_moe import mxfp4
 from mxfp4_moe.kernels import moe_matmul, pick_block_m
@@ -269,11 +267,8 @@ def test_compiles_for_sm90_without_spills():
     # Ahead-of-time compile for the H100 (no GPU needed), every default config: HGMMA present,
     # no local memory; the K loop at most 8 SASS instructions per weight element (the inline-PTX
     # decode: 5.3-7.1; one code at a time it was 10.5-12.3, the loop then bound by issue slots).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "mxfp4_moe.kernels.sm90_report"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    stdout = run_compiler_script("-m", "mxfp4_moe.kernels.sm90_report")
+    reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     from mxfp4_moe.kernels.sm90_report import VARIANTS
     names = [r["variant"] for r in reports]
     assert [n for n in names if not n.endswith("_sm90")] == [v[0] for v in VARIANTS]
@@ -302,11 +297,8 @@ def test_gluon_configs_of_the_gpu_tests_compile_for_sm90():
         "    for n, swiglu in ((5760, True), (2880, False)):\n"
         "        rep = resource_report(compile_variant(cfg, k=2880, n=n, swiglu=swiglu, atomic=not swiglu), cfg)\n"
         "        print(json.dumps({'config': fields, 'swiglu': swiglu, **rep}))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(SM90_CONFIGS)], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    stdout = run_compiler_script("-c", script, json.dumps(SM90_CONFIGS))
+    reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 2 * len(SM90_CONFIGS)
     for rep in reports:
         assert rep["hgmma"] > 0, rep
@@ -327,10 +319,8 @@ def test_sm90_race_check_flags_pipelined_register_operand_wgmma():
         "for retire in (False, True):\n"
         "    c = compile_variant(cfg, k=2880, n=5760, swiglu=True, atomic=False, retire_mma_each_step=retire)\n"
         "    print(json.dumps(resource_report(c, cfg)))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    racy, retired = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    stdout = run_compiler_script("-c", script)
+    racy, retired = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert racy["pending_at_back_edge"] > 0 and racy["in_flight_overwrites"] > 0, racy
     assert retired["rs_groups"] > 0, retired          # still the register-operand wgmma
     assert retired["pending_at_back_edge"] == 0 and retired["in_flight_overwrites"] == 0, retired

@@ -8,7 +8,7 @@ import torch
 import triton
 
 from ._expert_sort import _histogram_kernel, _scan_kernel, _scatter_kernel, _sort_one_chunk_kernel
-from .tile_schedule import tile_schedule
+from .tile_schedule import TILES_PER_PROGRAM, tile_schedule
 
 # Pairs per chunk x key slots: the one-hot tile a histogram or scatter program holds, and the
 # chunks x key slots of one scan step (8 warps: 64 values a thread). At E = 128 and T = 8192:
@@ -16,7 +16,6 @@ from .tile_schedule import tile_schedule
 # took 0.111 ms there against 0.033 ms at E = 32 (H200): 1024 chunks for its one-program scan.
 _TILE_ELEMENTS = 16384
 _NUM_WARPS = 8
-_BLOCK_T = 128      # tiles per step of the one-launch path's tile schedule
 # Key slots up to which one program also builds the tile schedule. Above, the schedule's
 # [tiles x key slots] search costs one program more than a separate launch (H200: E = 32 one
 # launch 0.012 ms vs four 0.016; E = 128 one launch 0.030 vs four 0.023).
@@ -101,18 +100,20 @@ def sort_and_schedule(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, n
         sorted_pairs = expert_sort(topk_ids, expert_map, num_local_experts, topk_weights)
         return (*sorted_pairs, *tile_schedule(sorted_pairs[4], num_tiles, block_m))
     s = _Sort(topk_ids, expert_map, num_local_experts, topk_weights)
+
+    def sort_one_chunk(counts, tile_expert, tile_row_start, tile_steps: int) -> None:
+        _sort_one_chunk_kernel[(1,)](
+            *s.scatter_pointers(), s.inverse, s.offsets, counts, tile_expert, tile_row_start,
+            s.rows, s.num_local, s.top_k, num_tiles,
+            HAS_MAP=s.has_map, HAS_WEIGHTS=s.weights is not None, BLOCK_R=s.block_r, BLOCK_E=s.block_e,
+            BLOCK_M=block_m, BLOCK_T=TILES_PER_PROGRAM, TILE_STEPS=tile_steps, num_warps=_NUM_WARPS)
+
+    if block_e > _SCHEDULE_IN_SORT_MAX_KEYS:
+        sort_one_chunk(s.offsets, s.offsets, s.offsets, 0)     # no schedule: its pointers are never written
+        return (*s.outputs(), *tile_schedule(s.offsets, num_tiles, block_m))
     device = s.ids.device
-    with_schedule = block_e <= _SCHEDULE_IN_SORT_MAX_KEYS
-    counts = torch.empty(num_local_experts, dtype=torch.int32, device=device)
-    tile_expert = torch.empty(num_tiles, dtype=torch.int32, device=device)
-    tile_row_start = torch.empty(num_tiles, dtype=torch.int32, device=device)
-    _sort_one_chunk_kernel[(1,)](
-        *s.scatter_pointers(), s.inverse, s.offsets, counts, tile_expert, tile_row_start,
-        s.rows, s.num_local, s.top_k, num_tiles,
-        HAS_MAP=s.has_map, HAS_WEIGHTS=s.weights is not None, BLOCK_R=s.block_r, BLOCK_E=s.block_e,
-        BLOCK_M=block_m, BLOCK_T=_BLOCK_T,
-        TILE_STEPS=triton.next_power_of_2(triton.cdiv(num_tiles, _BLOCK_T)) if with_schedule else 0,
-        num_warps=_NUM_WARPS)
-    if not with_schedule:
-        counts, tile_expert, tile_row_start = tile_schedule(s.offsets, num_tiles, block_m)
-    return (*s.outputs(), counts, tile_expert, tile_row_start)
+    schedule = (torch.empty(num_local_experts, dtype=torch.int32, device=device),
+                torch.empty(num_tiles, dtype=torch.int32, device=device),
+                torch.empty(num_tiles, dtype=torch.int32, device=device))
+    sort_one_chunk(*schedule, triton.next_power_of_2(triton.cdiv(num_tiles, TILES_PER_PROGRAM)))
+    return (*s.outputs(), *schedule)

@@ -8,7 +8,7 @@ import triton
 
 from ._tile_schedule import _tile_schedule_kernel
 
-_BLOCK_T = 128
+TILES_PER_PROGRAM = 128     # tiles one program (or one step of the one-launch sort) schedules
 
 
 def tile_schedule(offsets: torch.Tensor, num_tiles: int, block_m: int
@@ -22,7 +22,7 @@ def tile_schedule(offsets: torch.Tensor, num_tiles: int, block_m: int
     counts = torch.empty(num_experts, dtype=torch.int32, device=device)
     tile_expert = torch.empty(num_tiles, dtype=torch.int32, device=device)
     tile_row_start = torch.empty(num_tiles, dtype=torch.int32, device=device)
-    _tile_schedule_kernel[(triton.cdiv(num_tiles, _BLOCK_T),)](offsets, counts, tile_expert, tile_row_start, num_experts, num_tiles,
+    _tile_schedule_kernel[(triton.cdiv(num_tiles, TILES_PER_PROGRAM),)](offsets, counts, tile_expert, tile_row_start, num_experts, num_tiles,
                                 BLOCK_M=block_m, BLOCK_E=max(16, triton.next_power_of_2(num_experts)),
-                                BLOCK_T=_BLOCK_T, num_warps=4)
+                                BLOCK_T=TILES_PER_PROGRAM, num_warps=4)
     return counts, tile_expert, tile_row_start

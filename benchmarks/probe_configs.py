@@ -19,20 +19,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_moe import SWEEP_AGREEMENT, git_commit, record, routed_points, time_graph  # noqa: E402
 
-from mxfp4_moe.kernels import MatmulConfig, moe_matmul, pick_block_m  # noqa: E402
+from mxfp4_moe.kernels import MatmulConfig, moe_matmul, pick_block_m, to_fragment_order  # noqa: E402
 from mxfp4_moe.routing import routing_metadata  # noqa: E402
 
 
 def parse_config(text: str) -> MatmulConfig:
     f = text.split(",")
-    return MatmulConfig(int(f[0]), int(f[1]), int(f[2]), bool(int(f[3])), int(f[4]), int(f[5]), f[6])
+    prefetch = int(f[7]) if len(f) > 7 else 1
+    return MatmulConfig(int(f[0]), int(f[1]), int(f[2]), bool(int(f[3])), int(f[4]), int(f[5]), f[6], prefetch)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--points", default="128:1,128:8,32:1,32:8", help="E:T,...")
     p.add_argument("--configs", required=True,
-                   help="';'-separated block_m,block_n,block_k,swap_ab(0/1),num_warps,num_stages,kernel")
+                   help="';'-separated block_m,block_n,block_k,swap_ab(0/1),num_warps,num_stages,kernel"
+                        "[,prefetch]; kernel 'rs' gets the weights in fragment order")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -40,8 +42,18 @@ def main() -> int:
     header = {"device": torch.cuda.get_device_name(), "commit": git_commit()}
     print(json.dumps(header), flush=True)
     rows = []
+    fragments = {}
     for experts, tokens, w, x, topk_w, topk_ids in routed_points(args.points):
         metas = {}
+
+        def fragments_for(op, block_k):
+            key = (experts, op, block_k)
+            if key not in fragments:
+                if fragments and next(iter(fragments))[0] != experts:
+                    fragments.clear()
+                blocks, scales = (w.w13_blocks, w.w13_scales) if op == "w13" else (w.w2_blocks, w.w2_scales)
+                fragments[key] = to_fragment_order(blocks, scales, block_k)
+            return fragments[key]
 
         def meta_for(block_m):
             if block_m not in metas:
@@ -53,11 +65,15 @@ def main() -> int:
         act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta_for(default_bm), swiglu=swiglu)
 
         def launch(op, meta, config=None):
+            fragments = None
+            if config is not None and config.kernel == "rs":
+                fragments = fragments_for(op, config.block_k)
             if op == "w13":
                 return lambda: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu,
-                                          config=config)
+                                          config=config, fragments=fragments)
             return lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, gather=False,
-                                      apply_row_weight=True, combine="atomic", n_out=2880, config=config)
+                                      apply_row_weight=True, combine="atomic", n_out=2880, config=config,
+                                      fragments=fragments)
 
         for op in ("w13", "w2"):
             ref = launch(op, meta_for(default_bm))().float()

@@ -1,9 +1,12 @@
 """Triton and Gluon kernels for MXFP4 MoE (installed as `mxfp4_moe.kernels`). Private kernels live
-in `_name.py` files (`_moe_matmul.py`: Triton, any GPU and the interpreter; `_moe_matmul_sm90.py`:
-Gluon, Hopper); the launchers here validate, allocate, pick the kernel and grid, and launch.
-Importing this package needs triton, not a GPU.
+in `_name.py` files (`_moe_matmul.py`: Triton, any GPU and the interpreter; `_moe_matmul_sm90.py`
+and `_moe_matmul_rs.py`: Gluon, Hopper); `fragment_layout.py` re-arranges weights for the latter;
+the launchers here validate, allocate, pick the kernel and grid, and launch. Importing this
+package needs triton, not a GPU.
 """
 
+from .fragment_layout import FragmentWeights, fragment_order_problem, to_fragment_order
 from .moe_matmul import MatmulConfig, default_config, interpreting, moe_matmul, pick_block_m
 
-__all__ = ["MatmulConfig", "default_config", "interpreting", "moe_matmul", "pick_block_m"]
+__all__ = ["FragmentWeights", "MatmulConfig", "default_config", "fragment_order_problem", "interpreting",
+           "moe_matmul", "pick_block_m", "to_fragment_order"]

@@ -195,12 +195,26 @@ def _moe_matmul_sm90_kernel(
     for st in gl.static_range(STAGES):
         mbarrier.invalidate(words_ready.index(st))
 
+    if SWAP_AB:
+        acc = gl.permute(acc, (1, 0))
+    _store_tile(acc, pid_n, expert64, row_start, row_end, bias_ptr, stride_be, cs_ptr, stride_cse,
+                y_ptr, stride_ym, scatter_ptr, row_weight_ptr, N, N_OUT, alpha, limit,
+                BLOCK_M, BLOCK_N, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, num_warps)
+
+
+@gluon.jit
+def _store_tile(acc, pid_n, expert64, row_start, row_end, bias_ptr, stride_be, cs_ptr, stride_cse,
+                y_ptr, stride_ym, scatter_ptr, row_weight_ptr, N, N_OUT, alpha, limit,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
+                HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
+                ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
+    """The epilogue of the Gluon kernels: acc [BLOCK_M, BLOCK_N] fp32 (tile rows x weight rows,
+    any layout) -> channel scale, bias, SwiGLU, routing weight -> y rows (store or fp32 atomic
+    add), as `_moe_matmul_kernel` does."""
     # Epilogue in a plain blocked layout, VEC output columns per thread: with SwiGLU, 8 gate/up
     # pairs per thread become 8 adjacent bf16 (one 16-byte store, and no second layout change);
     # otherwise 16-byte stores or 4-wide fp32 atomics. Against 2 columns per thread (H200, same
     # run): w2 1-5% faster, w13 within noise (benchmarks/RESULTS.md section 3.2).
-    if SWAP_AB:
-        acc = gl.permute(acc, (1, 0))
     VEC: gl.constexpr = 4 if ATOMIC else 8
     if SWIGLU:      # 8 gate/up pairs per thread: after SwiGLU, 8 adjacent bf16 (16 bytes)
         acc_layout: gl.constexpr = gl.BlockedLayout([1, 2 * VEC], [16, 2], [num_warps, 1], [1, 0])

@@ -16,6 +16,7 @@ from mxfp4_moe.mxfp4 import BLOCK_SIZE
 from mxfp4_moe.routing import RoutingMetadata
 
 from ._moe_matmul import _moe_matmul_kernel
+from .fragment_layout import FragmentWeights
 
 Combine = Literal["none", "atomic", "slots"]
 Dequant = Literal["auto", "bytes", "words", "ptx"]
@@ -28,7 +29,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-Kernel = Literal["triton", "sm90"]
+Kernel = Literal["triton", "sm90", "rs"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,11 @@ class MatmulConfig:
     the previous step's wgmma). For "sm90" the wgmma's row side (block_n with swap_ab, else
     block_m) must be a multiple of 16 * num_warps, block_k in 32..256, and num_stages (>= 2) is
     the depth of the copy ring: num_stages - 1 K steps of weight words and x rows in flight.
+    "rs" (`_moe_matmul_rs.py`: Hopper, bf16, weights in fragment order, passed as
+    `moe_matmul(fragments=...)`): the decoded weights are the wgmma's register operand; swap_ab,
+    block_n = 16 * num_warps, block_k in (64, 128, 256) and equal to the fragments', num_stages
+    (>= 3) x buffers (num_stages - 2 steps in flight), prefetch (>= 1): K steps of weights in
+    registers (prefetch - 1 loaded ahead).
     """
     block_m: int
     block_n: int
@@ -48,6 +54,7 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     kernel: Kernel = "triton"
+    prefetch: int = 1
 
 
 def pick_block_m(num_rows: int, num_local_experts: int) -> int:
@@ -136,7 +143,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                combine: Combine = "none", n_out: int | None = None,
                compute_dtype: torch.dtype = torch.bfloat16, config: MatmulConfig | None = None,
                out: torch.Tensor | None = None, dequant: Dequant = "auto",
-               unsafe_pipelined_rs_mma: bool = False) -> torch.Tensor:
+               unsafe_pipelined_rs_mma: bool = False, fragments: FragmentWeights | None = None) -> torch.Tensor:
     """Grouped MXFP4 matmul over the expert-sorted rows of `meta`.
 
     For sorted row r of local expert e: h[r] = x[src(r)] @ dequant(W[e]).T (* channel_scale[e])
@@ -163,6 +170,8 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     dequant: how the kernel decodes the weights, all exact: "bytes" (one code at a time, any
        dtype), "words" (uint32 words in plain Triton), "ptx" (uint32 words through inline PTX; bf16,
        GPU only); "words"/"ptx" need `words_aligned(blocks)`. "auto": `pick_dequant`.
+    fragments: the same weights in fragment order (`fragment_layout.to_fragment_order`), which
+       the "rs" kernel reads instead of blocks / scales_e8m0 (those are still checked).
     unsafe_pipelined_rs_mma: for benchmarks only. With swapped operands, let the matrix
        instructions run across K steps the way Triton 3.6 pipelines them, which races with the
        next step's decode (triton issue #9433, see `_moe_matmul_kernel`); measures the fix's cost.
@@ -215,8 +224,12 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
         problem = _sm90_unsupported(x, blocks, config, compute_dtype, sm90_dequant, sm90_other)
         if problem:
             raise ValueError(f"moe_matmul: kernel 'sm90' cannot run this call: {problem}")
+    elif config.kernel == "rs":
+        problem = _rs_unsupported(x, fragments, n, k, config, compute_dtype, sm90_other)
+        if problem:
+            raise ValueError(f"moe_matmul: kernel 'rs' cannot run this call: {problem}")
     elif config.kernel != "triton":
-        raise ValueError(f"moe_matmul: config.kernel must be 'triton' or 'sm90', got {config.kernel!r}")
+        raise ValueError(f"moe_matmul: config.kernel must be 'triton', 'sm90' or 'rs', got {config.kernel!r}")
     if dequant == "auto":
         dequant = pick_dequant(compute_dtype, blocks)
     elif dequant not in DEQUANT_MODES:
@@ -260,7 +273,21 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                  GATHER=gather, SCATTER=scatter is not None, ATOMIC=combine == "atomic",
                  HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
                  SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, num_warps=config.num_warps)
-    if config.kernel == "sm90":
+    if config.kernel == "rs":
+        from ._moe_matmul_rs import _moe_matmul_rs_kernel
+        steps = fragments.k_steps
+        _moe_matmul_rs_kernel[grid](             # unit strides along the last dims (checked above)
+            x, x.stride(0),
+            fragments.words, fragments.scales, fragments.row_groups,
+            bias_t, bias_t.stride(0),
+            cs_t, cs_t.stride(0),
+            y, y.stride(0),
+            *routing, NUM_K=steps, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
+            STAGES=config.num_stages, PREFETCH=config.prefetch,
+            EVEN_K=x.shape[1] == steps * config.block_k, ROW_MASK=fragments.row_groups % config.num_warps != 0,
+            **{name: fused[name] for name in ("GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE",
+                                              "SWIGLU", "ROW_WEIGHT", "num_warps")})
+    elif config.kernel == "sm90":
         from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
         words_desc, rows_per_expert = _words_descriptor(blocks, config)
         _moe_matmul_sm90_kernel[grid](           # unit strides along the last dims (checked above)
@@ -294,10 +321,11 @@ def on_hopper(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] == 9)
 
 
-def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor, config: MatmulConfig, compute_dtype: torch.dtype,
+def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor | None, config: MatmulConfig, compute_dtype: torch.dtype,
                       dequant: str, other: dict[str, torch.Tensor | None]) -> str:
     """Why the "sm90" kernel cannot run this call ("" when it can). other: the remaining tensor
-    arguments by name (None when absent), which it reads with unit stride along the last dim."""
+    arguments by name (None when absent), which it reads with unit stride along the last dim.
+    blocks None: skip the weight checks (the "rs" kernel reads fragments instead)."""
     if not on_hopper(x.device):
         return "it needs a Hopper GPU (sm_90), and Gluon kernels do not run under the interpreter"
     if compute_dtype != torch.bfloat16:
@@ -308,7 +336,7 @@ def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor, config: MatmulConfi
                 f"multiple of 16 * num_warps, and block_k a multiple of 32 in 32..256 (got {config})")
     if config.num_stages < 2:
         return f"num_stages must be >= 2 (got {config})"
-    problem = _words_tma_problem(blocks)
+    problem = _words_tma_problem(blocks) if blocks is not None else ""
     if problem:
         return problem
     if dequant != "ptx":
@@ -321,6 +349,27 @@ def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor, config: MatmulConfi
         if t is not None and t.stride(-1) != 1:
             return f"{name} needs unit stride along its last dim, found strides {tuple(t.stride())}"
     return ""
+
+
+def _rs_unsupported(x: torch.Tensor, fragments: FragmentWeights | None, n: int, k: int, config: MatmulConfig,
+                    compute_dtype: torch.dtype, other: dict[str, torch.Tensor | None]) -> str:
+    """Why the "rs" kernel cannot run this call ("" when it can): what the "sm90" kernel needs
+    of x and the other tensors, plus weights in fragment order matching the config."""
+    if fragments is None:
+        return "it reads the weights in fragment order: pass fragments=to_fragment_order(blocks, scales, block_k)"
+    if (fragments.n, fragments.k) != (n, k):
+        return f"fragments hold an [{fragments.n}, {fragments.k}] weight, blocks an [{n}, {k}] one"
+    if fragments.block_k != config.block_k or config.block_k not in (64, 128, 256):
+        return f"block_k must be 64, 128 or 256 and equal the fragments' ({fragments.block_k}); got {config}"
+    if not config.swap_ab or config.block_n != 16 * config.num_warps:
+        return f"it needs swap_ab and block_n = 16 * num_warps (16 weight rows per warp); got {config}"
+    if config.num_stages < 3 or config.prefetch < 1:
+        return f"num_stages must be >= 3 and prefetch >= 1 (got {config})"
+    if fragments.words.device != x.device or not (fragments.words.is_contiguous() and fragments.scales.is_contiguous()):
+        return f"fragments must be contiguous and on {x.device} (they are on {fragments.words.device})"
+    sm90_config = MatmulConfig(config.block_m, config.block_n, 64, True, config.num_warps, 3, "sm90")
+    problem = _sm90_unsupported(x, None, sm90_config, compute_dtype, "ptx", other)
+    return problem
 
 
 _TMA_ALIGN = 16     # bytes: TMA needs 16-byte aligned base and row strides

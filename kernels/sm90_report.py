@@ -75,13 +75,15 @@ def _compile(kernel, source_type, signature: dict, constexprs: dict, config: Mat
     """Compile `kernel` for sm_90 with the fused steps of a gpt-oss launch (bias always; gather
     for w13, scatter + atomic + routing weight for w2; SwiGLU if asked) and what the launcher's runtime
     specialization sees for contiguous tensors: pointers and ints divisible by 16 get
-    divisibility 16 (unit strides are constexprs or absent)."""
+    divisibility 16 (unit strides are constexprs or absent). Constexprs the kernel does not
+    take are left out."""
     constexprs = {
         "K": k, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
         "GATHER": not atomic, "SCATTER": atomic, "ATOMIC": atomic, "HAS_BIAS": True,
         "HAS_CHANNEL_SCALE": False, "SWIGLU": swiglu, "ROW_WEIGHT": atomic, **constexprs,
     }
     names = list(kernel.arg_names)
+    constexprs = {name: value for name, value in constexprs.items() if name in names}
     signature = {name: "constexpr" if name in constexprs else signature[name] for name in names}
     divisible = {name for name, ty in signature.items() if ty.startswith("*")}
     divisible |= {name for name, value in _int_args(config, k=k, n=n, atomic=atomic).items()
@@ -98,9 +100,19 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
     weight would specialize it; returns triton's CompiledKernel. For the Triton kernel: dequant, its DEQUANT
     (default: what the launcher picks on a GPU, "ptx" for bf16, else "bytes");
     retire_mma_each_step, its RETIRE_MMA_EACH_STEP (default: as the launcher sets it on a GPU,
-    i.e. config.swap_ab). The Gluon kernel ("sm90") is bf16 only."""
+    i.e. config.swap_ab). The Gluon kernels ("sm90", "rs") are bf16 only."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("sm90_report needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
+    if config.kernel == "rs":
+        from triton.experimental.gluon._runtime import GluonASTSource
+        from ._moe_matmul_rs import _moe_matmul_rs_kernel
+        signature = {**_signature("*bf16", "*fp32" if atomic else "*bf16"), "words_ptr": "*i32", "row_groups": "i32"}
+        row_groups = -(-n // 16)
+        constexprs = {"NUM_K": -(-k // config.block_k), "EVEN_K": k % config.block_k == 0,
+                      "ROW_MASK": row_groups % config.num_warps != 0, "STAGES": config.num_stages,
+                      "PREFETCH": config.prefetch, "num_warps": config.num_warps}
+        return _compile(_moe_matmul_rs_kernel, GluonASTSource, signature, constexprs, config, k=k, n=n,
+                        swiglu=swiglu, atomic=atomic, options={"num_warps": config.num_warps})
     if config.kernel == "sm90":
         from triton.experimental.gluon._runtime import GluonASTSource
         from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel

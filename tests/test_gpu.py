@@ -182,8 +182,81 @@ def test_sm90_kernel_vs_float32(gpt_oss_weights, config, tokens):
     assert err13 < TOL_BF16 and err2 < TOL_BF16 and err_rows < TOL_BF16
 
 
-@pytest.mark.parametrize("config", [(128, 128, 64, False, 8, 3, "sm90"), (16, 64, 256, True, 4, 4, "sm90")])
-def test_sm90_kernel_padded_hidden(config):
+# Fragment-order kernel: (block_m, block_n, block_k, swap_ab, num_warps, num_stages, kernel, prefetch).
+# 8 warps on the 2880-row w2 leave a partial row-group tile (180 groups of 16): the row mask.
+RS_CONFIGS = [(16, 64, 64, True, 4, 4, "rs", 3), (16, 64, 128, True, 4, 4, "rs", 2),
+              (32, 128, 64, True, 8, 4, "rs", 3), (64, 64, 64, True, 4, 4, "rs", 2),
+              (128, 128, 64, True, 8, 3, "rs", 2)]
+
+
+@pytest.mark.parametrize("config", RS_CONFIGS, ids=lambda c: "rs-bm{}-bn{}-bk{}-w{}-s{}-p{}".format(
+    c[0], c[1], c[2], c[4], c[5], c[7]))
+@pytest.mark.parametrize("tokens", [1, 77, 600])
+def test_rs_kernel_vs_float32(gpt_oss_weights, config, tokens):
+    # The fragment-order kernel (decoded weights as the wgmma's register operand) on the gpt-oss
+    # shapes, as test_sm90_kernel_vs_float32: NaN-poisoned outputs, w2 by atomic combine and
+    # into sorted rows with per-channel scales.
+    from mxfp4_moe.kernels import MatmulConfig, moe_matmul, to_fragment_order
+    from mxfp4_moe.reference import reference_moe_matmul
+    cfg = MatmulConfig(*config)
+    w = gpt_oss_weights
+    frag13 = to_fragment_order(w.w13_blocks, w.w13_scales, cfg.block_k)
+    frag2 = to_fragment_order(w.w2_blocks, w.w2_scales, cfg.block_k)
+    gen = torch.Generator(device="cuda").manual_seed(tokens + 2)
+    x = torch.randn(tokens, w.hidden, generator=gen, device="cuda").to(torch.bfloat16)
+    topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
+    meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, cfg.block_m, topk_w)
+    local = int(meta.expert_offsets[-1])
+    args13 = (w.w13_blocks, w.w13_scales, w.w13_bias, meta)
+    swiglu = (w.swiglu_alpha, w.swiglu_limit)
+    act = torch.full((tokens * w.top_k, w.inter_pad), float("nan"), dtype=torch.bfloat16, device="cuda")
+    moe_matmul(x, *args13, swiglu=swiglu, out=act, config=cfg, fragments=frag13)
+    act_ref = reference_moe_matmul(x, *args13, swiglu=swiglu, compute_dtype=torch.float32)
+    err13 = rel_err(act[:local], act_ref[:local])
+    args2 = (w.w2_blocks, w.w2_scales, w.w2_bias, meta)
+    kw2 = dict(gather=False, apply_row_weight=True, n_out=w.hidden)
+    y = moe_matmul(act, *args2, combine="atomic", config=cfg, fragments=frag2, **kw2)
+    y_ref = reference_moe_matmul(act, *args2, combine="atomic", compute_dtype=torch.float32, **kw2)
+    err2 = rel_err(y, y_ref)
+    cs = torch.rand(w.num_local_experts, w.hidden_pad, generator=gen, device="cuda") + 0.5
+    rows = torch.full((tokens * w.top_k, w.hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
+    moe_matmul(act, *args2, channel_scale=cs, out=rows, config=cfg, fragments=frag2, gather=False, n_out=w.hidden)
+    rows_ref = reference_moe_matmul(act, *args2, channel_scale=cs, compute_dtype=torch.float32, gather=False,
+                                    n_out=w.hidden)
+    err_rows = rel_err(rows[:local], rows_ref[:local])
+    print(f"rs {config} E={w.num_local_experts} I_pad={w.inter_pad} T={tokens}: w13 {err13:.2e} "
+          f"w2 atomic {err2:.2e} w2 rows+channel scale {err_rows:.2e}")
+    assert err13 < TOL_BF16 and err2 < TOL_BF16 and err_rows < TOL_BF16
+
+
+@pytest.mark.parametrize("block_k", [64, 128])
+def test_rs_kernel_decodes_every_weight_exactly(block_k):
+    # One-hot tokens: token t is e_t, so output row t of expert e is column t of W_e, one exact
+    # product per output (bf16 weights, fp32 accumulation, bf16 output). Every E2M1 code with
+    # scale bytes over the fragment-order range 0..128, subnormal products included.
+    from mxfp4_moe.kernels import MatmulConfig, moe_matmul, to_fragment_order
+    E, N, K = 2, 144, 320                       # 9 row groups (partial 64-row tile), K tail at 128
+    gen = torch.Generator(device="cuda").manual_seed(block_k)
+    blocks = torch.randint(0, 256, (E, N, K // 2), generator=gen, device="cuda", dtype=torch.uint8)
+    scales = torch.randint(0, 129, (E, N, K // 32), generator=gen, device="cuda", dtype=torch.uint8)
+    scales[0, 0, :3] = torch.tensor([0, 1, 128], dtype=torch.uint8)
+    expected = mxfp4.dequantize(blocks, scales, torch.float32).view(E, N, K)
+    tokens = K
+    x = torch.eye(K, device="cuda", dtype=torch.bfloat16)
+    topk_ids = torch.arange(tokens, device="cuda").remainder(E).view(tokens, 1).to(torch.int32)
+    expert_map = torch.arange(E, dtype=torch.int32)
+    cfg = MatmulConfig(16, 64, block_k, True, 4, 4, "rs", 2)
+    meta = routing_metadata(topk_ids, expert_map, E, cfg.block_m, torch.ones(tokens, 1, device="cuda"))
+    out = torch.full((tokens, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+    moe_matmul(x, blocks, scales, None, meta, out=out, config=cfg, fragments=to_fragment_order(blocks, scales, block_k))
+    token = meta.sorted_token.long()                      # sorted row r holds token sorted_token[r]
+    want = expected[token.remainder(E), :, token].to(torch.bfloat16)
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("config", [(128, 128, 64, False, 8, 3, "sm90"), (16, 64, 256, True, 4, 4, "sm90"),
+                                    (16, 64, 64, True, 4, 4, "rs", 3), (128, 128, 128, True, 8, 3, "rs", 2)])
+def test_gluon_kernels_padded_hidden(config):
     # Hidden 2880 padded to 3072: x has fewer columns than the weights' K (masked to zero).
     from mxfp4_moe.kernels import MatmulConfig, moe_matmul
     from mxfp4_moe.reference import reference_moe_matmul
@@ -196,7 +269,11 @@ def test_sm90_kernel_padded_hidden(config):
     meta = routing_metadata(topk_ids, w.expert_map, 8, cfg.block_m, topk_w)
     swiglu = (w.swiglu_alpha, w.swiglu_limit)
     args13 = (w.w13_blocks, w.w13_scales, w.w13_bias, meta)
-    act = moe_matmul(x, *args13, swiglu=swiglu, config=cfg)
+    fragments = None
+    if cfg.kernel == "rs":
+        from mxfp4_moe.kernels import to_fragment_order
+        fragments = to_fragment_order(w.w13_blocks, w.w13_scales, cfg.block_k)
+    act = moe_matmul(x, *args13, swiglu=swiglu, config=cfg, fragments=fragments)
     ref = reference_moe_matmul(x, *args13, swiglu=swiglu, compute_dtype=torch.float32)
     assert rel_err(act, ref) < TOL_BF16
 

@@ -284,10 +284,12 @@ def test_compiles_for_sm90_without_spills():
 
 
 def test_gluon_configs_of_the_gpu_tests_compile_for_sm90():
-    # The GPU tests run the Gluon kernel at non-default configs too (swapped operands, 256-wide
-    # tiles); GPU time is scarce, so an edit that breaks one of them should fail here first:
-    # every one compiles for sm_90, w13 (SwiGLU) and w2 (atomic combine), without local memory.
-    from test_gpu import SM90_CONFIGS
+    # The GPU tests run the Gluon kernels at non-default configs too (swapped operands, 256-wide
+    # tiles, the fragment-order kernel); GPU time is scarce, so an edit that breaks one of them
+    # should fail here first: every one compiles for sm_90, w13 (SwiGLU) and w2 (atomic
+    # combine), without local memory.
+    from test_gpu import RS_CONFIGS, SM90_CONFIGS
+    configs = SM90_CONFIGS + RS_CONFIGS
     script = (
         "import json, sys\n"
         "from mxfp4_moe.kernels.sm90_report import compile_variant, resource_report\n"
@@ -297,12 +299,14 @@ def test_gluon_configs_of_the_gpu_tests_compile_for_sm90():
         "    for n, swiglu in ((5760, True), (2880, False)):\n"
         "        rep = resource_report(compile_variant(cfg, k=2880, n=n, swiglu=swiglu, atomic=not swiglu), cfg)\n"
         "        print(json.dumps({'config': fields, 'swiglu': swiglu, **rep}))\n")
-    stdout = run_compiler_script("-c", script, json.dumps(SM90_CONFIGS))
+    stdout = run_compiler_script("-c", script, json.dumps(configs))
     reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    assert len(reports) == 2 * len(SM90_CONFIGS)
+    assert len(reports) == 2 * len(configs)
     for rep in reports:
         assert rep["hgmma"] > 0, rep
         assert rep["local_bytes"] == 0 and rep["local_mem_ops"] == 0 and rep["stack_bytes"] == 0, rep
+        # The fragment-order kernel's wgmma reads registers: none may be rewritten while it runs.
+        assert rep["in_flight_overwrites"] == 0, rep
 
 
 def test_sm90_race_check_flags_pipelined_register_operand_wgmma():

@@ -1,0 +1,226 @@
+"""Gluon kernel for Hopper (sm_90): the grouped MXFP4 matmul with the decoded weights as the
+wgmma's register operand, read from weights re-arranged once into fragment order
+(`fragment_layout.py`). Same fused gather / bias / scale / SwiGLU / routing weight / scatter
+as `_moe_matmul.py` (the epilogue is `_moe_matmul_sm90._store_tile`).
+
+It computes y.T = W @ x.T: each warp owns 16 weight rows (a warpgroup 64, the wgmma's M side)
+and the tile's tokens are the wgmma's N side (16..256). In fragment order, the 16 bytes a thread
+loads for one K step of 64 are exactly the codes of its A fragment (rows g and g + 8 of its
+warp's 16, k = 2 t + {0, 1, 8, 9} + 16 i), so the weights go global memory -> registers ->
+decode -> wgmma with no shared-memory round trip, no layout change and no CTA barrier for them.
+Only the tile's x rows pass through shared memory (cp.async, a ring of STAGES buffers):
+
+    step k:  words and scale words of step k + PREFETCH - 1: plain loads into registers
+             decode step k's words (loaded PREFETCH - 1 steps ago) into the A fragment
+             wait for step k's x rows (cp.async group), proxy fence, barrier
+             wgmma(A, x_smem[k % STAGES].T), and wait for it
+             cp.async x rows of step k + STAGES - 2 into the buffer step k - 2 read
+
+Each step's wgmma is retired before the next decode: ptxas before CUDA 13.3 may reuse the
+register operand of a wgmma still in flight (triton issue #9433; with one wgmma left in flight
+`sm90_report.rs_wgmma_hazards` counted 44-80 such writes per step in this loop), so the decode
+and the tensor cores overlap across warps and programs, not within a warp. bf16 only, GPU only
+(Gluon has no interpreter). Launched by `moe_matmul.py` when `MatmulConfig.kernel == "rs"`.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from ._moe_matmul import _BLOCK_SIZE
+from ._moe_matmul_sm90 import _store_tile
+from .fragment_layout import BF16_MANTISSA_BITS, LAST_PAIR_MASKS, LAST_PAIR_ROTATIONS, PAIR_MASK, PAIR_ROTATIONS
+
+_LANES: gl.constexpr = gl.constexpr(32)
+_ROW_GROUPS: gl.constexpr = gl.constexpr(8)     # lane // 4: row g (and g + 8) of the warp's 16
+_K_PAIRS: gl.constexpr = gl.constexpr(4)        # lane % 4: k pair t of each 8 k
+
+
+# One call: fragment word $4 ($5: the same word; inline asm packs two elements per call), the
+# word of 4 stored scale bytes $6 ($7 the same) and the prmt selector $8 ($9) that picks this
+# word's byte -> pair registers $0..$3, each 2 bf16 weights (k, k + 1). The scale byte s = b + 126
+# becomes the bf16 pair (2 ** (b - 1), 2 ** (b - 1)) = (s << 7, s << 7); each pair is a rotation
+# and a mask of the word (pair 3: two rotations), times that (`fragment_layout`).
+_PAIRS_PTX: gl.constexpr = gl.constexpr(f"""
+{{
+.reg .b32 ra, rb, sc, zero;
+mov.b32 zero, 0;
+prmt.b32 sc, $6, zero, $8;
+shl.b32 sc, sc, {BF16_MANTISSA_BITS};
+and.b32 $0, $4, {PAIR_MASK:#x};
+shf.l.wrap.b32 $1, $4, $4, {PAIR_ROTATIONS[1]};
+and.b32 $1, $1, {PAIR_MASK:#x};
+shf.l.wrap.b32 $2, $4, $4, {PAIR_ROTATIONS[2]};
+and.b32 $2, $2, {PAIR_MASK:#x};
+shf.l.wrap.b32 ra, $4, $4, {LAST_PAIR_ROTATIONS[0]};
+shf.l.wrap.b32 rb, $4, $4, {LAST_PAIR_ROTATIONS[1]};
+and.b32 rb, rb, {LAST_PAIR_MASKS[1]:#x};
+lop3.b32 $3, ra, {LAST_PAIR_MASKS[0]:#x}, rb, 0xEA;
+mul.rn.bf16x2 $0, $0, sc;
+mul.rn.bf16x2 $1, $1, sc;
+mul.rn.bf16x2 $2, $2, sc;
+mul.rn.bf16x2 $3, $3, sc;
+}}
+""")
+_BYTES_PER_WORD: gl.constexpr = gl.constexpr(4)
+# prmt selector: byte i of the first operand into bytes 0 and 2, zeros (byte 4) into 1 and 3
+_SPREAD_BYTE: gl.constexpr = gl.constexpr(0x4040)
+_SPREAD_STEP: gl.constexpr = gl.constexpr(0x0101)
+
+
+@gluon.jit
+def _decode_fragment(words, scale_words, dot_layout: gl.constexpr):
+    """words [W, 32, J4, 4] int32 (J = 4 J4 words per lane) and scale_words [W, 32, J4] int32
+    (4 stored scale bytes each, byte i for word 4 j4 + i) of one K step in fragment order (W
+    warps; `fragment_layout`) -> the wgmma A fragment [16 W, 16 J] bf16 in `dot_layout`, exact.
+    The layout change at the end moves no data (asserted)."""
+    W: gl.constexpr = words.shape[0]
+    J4: gl.constexpr = words.shape[2]
+    u = words.to(gl.uint32, bitcast=True)
+    sw = scale_words[:, :, :, None]
+    byte = gl.arange(0, _BYTES_PER_WORD,
+                     layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, words.type.layout))))
+    sel = (_SPREAD_BYTE + _SPREAD_STEP * byte)[None, None, None, :]
+    # p_i[..., h] = the weight at k offset 8 i + h of the word's 8
+    p0, p1, p2, p3 = gl.inline_asm_elementwise(
+        _PAIRS_PTX, "=r,=r,=r,=r,r,r,r,r,r,r", [gl.join(u, u), gl.join(sw, sw), gl.join(sel, sel)],
+        dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=2)
+    v = gl.join(gl.join(p0, p1), gl.join(p2, p3))                   # [W, 32, J4, 4, h, i_lo, i_hi]
+    v = v.reshape(W, _ROW_GROUPS, _K_PAIRS, J4 * 2, 2, 2, 2, 2)     # [W, g, t, kblock, half, h, i_lo, i_hi]
+    v = gl.permute(v, (0, 4, 1, 3, 7, 6, 2, 5))                     # [W, half, g, kblock, i_hi, i_lo, t, h]
+    v = v.reshape(W * 16, J4 * 2 * _BLOCK_SIZE)
+    return gl.convert_layout(v, dot_layout, assert_trivial=True)
+
+
+@gluon.jit
+def _load_step(words_ptrs, scale_ptrs, row_mask, step, NUM_K: gl.constexpr, STEP_WORDS: gl.constexpr,
+               STEP_SCALES: gl.constexpr, ROW_MASK: gl.constexpr):
+    """One K step's fragment-order words and scale words. Steps past the last one reload the
+    last (their values are never used: no mask needed along K)."""
+    step = gl.minimum(step, NUM_K - 1)
+    if ROW_MASK:
+        words = gl.load(words_ptrs + step * STEP_WORDS, mask=row_mask[:, :, :, None])
+        scale_words = gl.load(scale_ptrs + step * STEP_SCALES, mask=row_mask)
+    else:
+        words = gl.load(words_ptrs + step * STEP_WORDS)
+        scale_words = gl.load(scale_ptrs + step * STEP_SCALES)
+    return words, scale_words
+
+
+@gluon.jit
+def _copy_x_step(x_stage, x_ptrs, mask_xm, offs_xk, K_X, step, BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr):
+    """cp.async of the tile's x rows for one K step (columns >= K_X read as zero)."""
+    if EVEN_K:
+        async_copy.async_copy_global_to_shared(x_stage, x_ptrs + step * BLOCK_K, mask=mask_xm[:, None])
+    else:
+        x_mask = mask_xm[:, None] & ((step * BLOCK_K + offs_xk) < K_X)[None, :]
+        async_copy.async_copy_global_to_shared(x_stage, x_ptrs + step * BLOCK_K, mask=x_mask)
+
+
+@gluon.jit
+def _moe_matmul_rs_kernel(
+        x_ptr, stride_xm,
+        words_ptr, s_ptr, row_groups,
+        bias_ptr, stride_be,
+        cs_ptr, stride_cse,
+        y_ptr, stride_ym,
+        gather_ptr, scatter_ptr, row_weight_ptr,
+        expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
+        N, K_X, N_OUT,
+        alpha, limit,
+        NUM_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
+        STAGES: gl.constexpr, PREFETCH: gl.constexpr,
+        EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr,
+        GATHER: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
+        HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
+        ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
+    """One program: BLOCK_M sorted rows of one expert x 16 * num_warps weight rows.
+
+    words_ptr: int32 [E, row_groups, NUM_K, 32, J], s_ptr: the uint8 [E, row_groups, NUM_K, 8, J]
+    scales read as int32 (`fragment_layout.FragmentWeights`, contiguous, block_k = BLOCK_K;
+    J = BLOCK_K // 16, a multiple of 4); row_groups = ceil(N / 16). EVEN_K: K_X == NUM_K *
+    BLOCK_K (no column mask on x). ROW_MASK: row_groups is not a multiple of num_warps. Unit
+    strides along K (x), along N (bias, channel scale) and along the output columns; the
+    launcher checks."""
+    BLOCK_N: gl.constexpr = 16 * num_warps
+    J4: gl.constexpr = BLOCK_K // 16 // _BYTES_PER_WORD
+    STEP_WORDS: gl.constexpr = _LANES * J4 * _BYTES_PER_WORD
+    STEP_SCALES: gl.constexpr = _ROW_GROUPS * J4
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_M, 16])
+    dot_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+    # One warp per 16 weight rows, one lane per fragment slot, 4 J4 words (16 bytes per 64 k).
+    words_layout: gl.constexpr = gl.BlockedLayout([1, 1, J4, _BYTES_PER_WORD], [1, _LANES, 1, 1],
+                                                  [num_warps, 1, 1, 1], [3, 2, 1, 0])
+    x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
+
+    pid_n = gl.program_id(0)
+    tile = gl.program_id(1)
+    expert = gl.load(tile_expert_ptr + tile)
+    if expert < 0:
+        return  # past the last real tile
+    row_start = gl.load(tile_row_start_ptr + tile)
+    row_end = gl.load(expert_offsets_ptr + expert + 1)
+    expert64 = expert.to(gl.int64)
+
+    # x rows of this tile (gathered) and the column offsets of one K step.
+    offs_xm = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
+    mask_xm = offs_xm < row_end
+    if GATHER:
+        x_rows = gl.load(gather_ptr + offs_xm, mask=mask_xm, other=0)
+    else:
+        x_rows = offs_xm
+    offs_xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
+    x_ptrs = x_ptr + x_rows.to(gl.int64)[:, None] * stride_xm + offs_xk[None, :]
+
+    # This thread's words and scale words of step 0; step s is + s * STEP_WORDS / STEP_SCALES.
+    w3: gl.constexpr = gl.SliceLayout(3, words_layout)
+    group = pid_n * num_warps + gl.arange(0, num_warps, layout=gl.SliceLayout(1, gl.SliceLayout(2, w3)))
+    lane = gl.arange(0, _LANES, layout=gl.SliceLayout(0, gl.SliceLayout(2, w3)))
+    word4 = gl.arange(0, J4, layout=gl.SliceLayout(0, gl.SliceLayout(1, w3)))
+    byte = gl.arange(0, _BYTES_PER_WORD, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, words_layout))))
+    first_step = (expert64 * row_groups + group) * NUM_K
+    lane_words = (lane * (J4 * _BYTES_PER_WORD))[None, :, None] + (word4 * _BYTES_PER_WORD)[None, None, :]
+    words_ptrs = ((words_ptr + (first_step * STEP_WORDS)[:, None, None] + lane_words)[:, :, :, None]
+                  + byte[None, None, None, :])
+    scale_ptrs = (s_ptr.to(gl.pointer_type(gl.int32)) + (first_step * STEP_SCALES)[:, None, None]
+                  + (lane // _K_PAIRS * J4)[None, :, None] + word4[None, None, :])
+    row_mask = (group < row_groups)[:, None, None]
+
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_smem_layout)
+    # Prologue: x rows of the first STAGES - 2 steps in flight (one commit group per step, empty
+    # past the last step); the weights of the first PREFETCH - 1 steps in registers.
+    for st in gl.static_range(STAGES - 2):
+        if st < NUM_K:
+            _copy_x_step(x_smem.index(st), x_ptrs, mask_xm, offs_xk, K_X, st, BLOCK_K, EVEN_K)
+        async_copy.commit_group()
+    queue = ()
+    for st in gl.static_range(PREFETCH - 1):
+        queue = queue + (_load_step(words_ptrs, scale_ptrs, row_mask, st, NUM_K, STEP_WORDS, STEP_SCALES,
+                                    ROW_MASK),)
+
+    acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
+    for ki in range(NUM_K):
+        queue = queue + (_load_step(words_ptrs, scale_ptrs, row_mask, ki + PREFETCH - 1, NUM_K, STEP_WORDS,
+                                    STEP_SCALES, ROW_MASK),)
+        words, scale_words = queue[0]
+        queue = queue[1:]
+        a = _decode_fragment(words, scale_words, dot_layout)
+        async_copy.wait_group(STAGES - 3)          # this thread's x copies of step ki have landed
+        fence_async_shared()
+        gl.thread_barrier()                        # everyone's have; every warp is past step ki - 1's wgmma
+        acc = warpgroup_mma(a, x_smem.index(ki % STAGES).permute((1, 0)), acc, is_async=True)
+        # Retire it before the next step's decode: ptxas 12.8 would reuse the registers of `a`
+        # while it runs (triton#9433; a wait of 1 gave 44-80 such writes per step in the SASS).
+        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+        kn = ki + STAGES - 2                       # into the buffer step ki - 2 read (retired everywhere)
+        if kn < NUM_K:
+            _copy_x_step(x_smem.index(kn % STAGES), x_ptrs, mask_xm, offs_xk, K_X, kn, BLOCK_K, EVEN_K)
+        async_copy.commit_group()
+    async_copy.wait_group(0)
+
+    _store_tile(gl.permute(acc, (1, 0)), pid_n, expert64, row_start, row_end, bias_ptr, stride_be, cs_ptr,
+                stride_cse, y_ptr, stride_ym, scatter_ptr, row_weight_ptr, N, N_OUT, alpha, limit,
+                BLOCK_M, BLOCK_N, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, num_warps)

@@ -1,0 +1,175 @@
+"""MXFP4 expert weights re-arranged once, at load time, into the order the Hopper wgmma's
+register operand wants them (`FragmentWeights`, read by the kernel of `_moe_matmul_rs.py`).
+
+The kernel computes y.T = W @ x.T with the decoded weights as the wgmma's A fragment: in each
+warp's 16 weight rows, lane 4 g + t holds rows g and g + 8 at k = 2 t + {0, 1} + 8 i. Here every
+thread's codes of one K step lie in J = block_k // 16 consecutive int32 words (16 bytes at
+block_k 64, one vector load), laid out
+
+    words  [E, row_groups, k_steps, 32 lanes, J]   int32, row_groups = ceil(N / 16)
+    scales [E, row_groups, k_steps, 8, J]          uint8, E8M0 byte + SCALE_BIAS
+
+Word j = 2 * kblock + half of lane 4 g + t covers row 8 * half + g of its group and the 32-block
+kblock of the step: 4 bf16 pairs, pair i at k = 32 kblock + 8 i + 2 t + {0, 1}. Inside a word the
+8 codes' bits are placed so that a bit rotation and a mask turn the word into each pair's bf16
+bits (`pair_bits`): code c becomes the bf16 c_sign << 15 | c_magnitude << 6, which is exactly
+the E2M1 value times 2 ** -126 (the subnormal 0.5 included). The kernel multiplies that by
+2 ** (b - 1) (b the E8M0 byte, stored as b + SCALE_BIAS, the bf16 exponent field of 2 ** (b - 1)),
+so a pair costs 2 integer instructions and one bf16x2 multiply, about 1.6 SASS instructions per
+weight (the checkpoint-order decode of `_moe_matmul.py` takes about 3). Exact for scale bytes up to
+MAX_SCALE_BYTE (2 ** (b - 1) must be a normal bf16): `fragment_order_problem` says when weights
+are outside that range (NaN scales, weights beyond 6 * 2 ** 1), and the layer then keeps the
+checkpoint-order kernels. Rows past N and K past the weights' K are zero codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mxfp4_moe.mxfp4 import BLOCK_SIZE, E8M0_BIAS, E8M0_NAN
+
+LANES = 32
+ROWS_PER_GROUP = 16           # a warp's share of the wgmma's 64 rows
+PAIRS_PER_WORD = 4
+SCALE_BIAS = E8M0_BIAS - 1    # b + 126: bf16 exponent field of 2 ** (b - 1)
+BF16_MANTISSA_BITS = 7        # stored byte << 7: the bf16 bits of 2 ** (b - 1)
+MAX_SCALE_BYTE = 0xFE - SCALE_BIAS      # 128: 2 ** 127 is the largest normal bf16 power of two
+
+# Where code bits land in a bf16 pair register: magnitude bits 0..2 at bf16 bits 6..8 of the low
+# (even k) half and 22..24 of the high half, the sign at bit 15 / 31.
+PAIR_MASK = 0x81C081C0
+# Pairs 0..2 of a word: rotl(word, r) & PAIR_MASK. Pair 3: rotl(word, r_a) & MASK_A |
+# rotl(word, r_b) & MASK_B. (No four rotations tile the word; `tests/test_fragment_layout.py`
+# checks that these place every bit of the word exactly once.)
+PAIR_ROTATIONS = (0, 4, 10)
+LAST_PAIR_ROTATIONS = (6, 14)
+LAST_PAIR_MASKS = (0x80C080C0, 0x01000100)
+
+
+def _bf16_bit(code_bit: int, high_half: int) -> int:
+    """The pair register bit that holds bit `code_bit` (0..2 magnitude, 3 sign) of the even
+    (high_half 0) or odd (1) code."""
+    return (6 + code_bit if code_bit < 3 else 15) + 16 * high_half
+
+
+def word_bit(pair: int, high_half: int, code_bit: int) -> int:
+    """The bit of a fragment word that holds bit `code_bit` of code (pair, high_half)."""
+    q = _bf16_bit(code_bit, high_half)
+    if pair < len(PAIR_ROTATIONS):
+        rotation = PAIR_ROTATIONS[pair]
+    else:
+        rotation = LAST_PAIR_ROTATIONS[0] if (LAST_PAIR_MASKS[0] >> q) & 1 else LAST_PAIR_ROTATIONS[1]
+    return (q - rotation) % 32
+
+
+@dataclass(frozen=True)
+class FragmentWeights:
+    """One weight tensor [E, n, k] in fragment order (module docstring). Built by
+    `to_fragment_order`; the checkpoint-order tensors stay where they were."""
+    words: torch.Tensor
+    scales: torch.Tensor
+    n: int
+    k: int
+    block_k: int
+
+    @property
+    def row_groups(self) -> int:
+        return self.words.shape[1]
+
+    @property
+    def k_steps(self) -> int:
+        return self.words.shape[2]
+
+
+def fragment_order_problem(scales_e8m0: torch.Tensor) -> str:
+    """Why weights with these E8M0 scales cannot go into fragment order ("" when they can)."""
+    top = int(scales_e8m0.max()) if scales_e8m0.numel() else 0
+    if top == E8M0_NAN:
+        return "a scale byte is 255 (NaN)"
+    if top > MAX_SCALE_BYTE:
+        return f"a scale byte is {top}, above {MAX_SCALE_BYTE} (the fragment-order decode's range)"
+    return ""
+
+
+def to_fragment_order(blocks: torch.Tensor, scales_e8m0: torch.Tensor, block_k: int = 64) -> FragmentWeights:
+    """blocks [E, N, K // 2] uint8 (low nibble = even k), scales_e8m0 [E, N, K // 32] uint8 ->
+    `FragmentWeights` for a kernel stepping block_k (a multiple of 32) along K. Runs where the
+    tensors are (one pass over the weights, a few temporaries of the codes' size)."""
+    if blocks.dim() != 3 or blocks.dtype != torch.uint8:
+        raise ValueError(f"to_fragment_order: blocks must be [E, N, K // 2] uint8, got {tuple(blocks.shape)} "
+                         f"{blocks.dtype}")
+    n_experts, n, k_half = blocks.shape
+    k = 2 * k_half
+    if tuple(scales_e8m0.shape) != (n_experts, n, k // BLOCK_SIZE) or scales_e8m0.dtype != torch.uint8:
+        raise ValueError(f"to_fragment_order: scales must be [{n_experts}, {n}, {k // BLOCK_SIZE}] uint8, got "
+                         f"{tuple(scales_e8m0.shape)} {scales_e8m0.dtype}")
+    if block_k % BLOCK_SIZE or block_k <= 0:
+        raise ValueError(f"to_fragment_order: block_k must be a positive multiple of {BLOCK_SIZE}, got {block_k}")
+    problem = fragment_order_problem(scales_e8m0)
+    if problem:
+        raise ValueError(f"to_fragment_order: {problem}")
+    groups = -(-n // ROWS_PER_GROUP)
+    steps = -(-k // block_k)
+    kblocks = block_k // BLOCK_SIZE
+    n_pad, k_pad = groups * ROWS_PER_GROUP, steps * block_k
+    device = blocks.device
+
+    codes = torch.zeros(n_experts, n_pad, k_pad, dtype=torch.int32, device=device)
+    codes[:, :n, 0:k:2] = blocks & 0xF
+    codes[:, :n, 1:k:2] = blocks >> 4
+    # [E, group, half, g, step, kblock, pair, t, p] -> [E, group, step, g, t, kblock, half, pair, p]
+    codes = codes.view(n_experts, groups, 2, 8, steps, kblocks, PAIRS_PER_WORD, 4, 2)
+    codes = codes.permute(0, 1, 4, 3, 7, 5, 2, 6, 8)
+    words = torch.zeros(codes.shape[:-2], dtype=torch.int64, device=device)
+    for pair in range(PAIRS_PER_WORD):
+        for high in range(2):
+            code = codes[..., pair, high]
+            for bit in range(4):
+                words |= ((code >> bit) & 1).to(torch.int64) << word_bit(pair, high, bit)
+    words = words.reshape(n_experts, groups, steps, LANES, 2 * kblocks)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+    biased = torch.zeros(n_experts, n_pad, steps * kblocks, dtype=torch.uint8, device=device)
+    biased[:, :n, :k // BLOCK_SIZE] = scales_e8m0 + SCALE_BIAS
+    # [E, group, half, g, step, kblock] -> [E, group, step, g, kblock, half]
+    scales = biased.view(n_experts, groups, 2, 8, steps, kblocks).permute(0, 1, 4, 3, 5, 2)
+    scales = scales.reshape(n_experts, groups, steps, 8, 2 * kblocks)
+    return FragmentWeights(words=words.contiguous(), scales=scales.contiguous(), n=n, k=k, block_k=block_k)
+
+
+def _rotl(words: torch.Tensor, r: int) -> torch.Tensor:
+    return ((words << r) | (words >> (32 - r))) & 0xFFFFFFFF if r else words
+
+
+def pair_bits(words: torch.Tensor) -> list[torch.Tensor]:
+    """The kernel's integer step, in torch: int32 fragment words -> the 4 pair registers (int64
+    holding 32 bits: low half even k, high half odd k, each the bf16 bits of E2M1 * 2 ** -126)."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    pairs = [_rotl(w, r) & PAIR_MASK for r in PAIR_ROTATIONS]
+    (ra, rb), (ma, mb) = LAST_PAIR_ROTATIONS, LAST_PAIR_MASKS
+    pairs.append((_rotl(w, ra) & ma) | (_rotl(w, rb) & mb))
+    return pairs
+
+
+def dequantize_fragments(fw: FragmentWeights) -> torch.Tensor:
+    """Decode `fw` the way the kernel does (bit rotations, then times 2 ** (b - 1)), back into
+    [E, N, K] float32 checkpoint order: for tests of the layout against `mxfp4.dequantize`."""
+    n_experts, groups, steps, _, j = fw.words.shape
+    kblocks = j // 2
+    halves = []
+    for bits16 in (0, 16):
+        pair_values = [((p >> bits16) & 0xFFFF).to(torch.int32) << 16 for p in pair_bits(fw.words)]
+        halves.append(torch.stack([v.view(torch.float32) for v in pair_values], dim=-1))   # [..., pair]
+    values = torch.stack(halves, dim=-1).to(torch.float64)           # [E, group, step, lane, j, pair, p]
+    # tiny (E2M1 * 2 ** -126) * 2 ** (b - 1) with b = stored - SCALE_BIAS: E2M1 * 2 ** (b - 127)
+    scale = torch.ldexp(torch.ones(fw.scales.shape, dtype=torch.float64, device=fw.scales.device),
+                        fw.scales.to(torch.int32) - SCALE_BIAS - 1)
+    scale = scale.repeat_interleave(4, dim=3)                         # 8 row slots -> 32 lanes
+    values = values * scale[..., None, None]
+    # [E, group, step, g, t, kblock, half, pair, p] -> [E, group, half, g, step, kblock, pair, t, p]
+    values = values.view(n_experts, groups, steps, 8, 4, kblocks, 2, PAIRS_PER_WORD, 2)
+    values = values.permute(0, 1, 6, 3, 2, 5, 7, 4, 8).reshape(n_experts, groups * ROWS_PER_GROUP,
+                                                                  steps * fw.block_k)
+    return values[:, :fw.n, :fw.k].to(torch.float32)

@@ -1,0 +1,91 @@
+"""The fragment-order weight layout (`mxfp4_moe.kernels.fragment_layout`) on the CPU: where each
+code lands, the kernel's bit-level decode (emulated in torch) against `mxfp4.dequantize`, and the
+errors. The kernel that reads it runs only on a Hopper GPU (tests/test_gpu.py)."""
+
+import pytest
+import torch
+
+from mxfp4_moe import mxfp4
+from mxfp4_moe.kernels import fragment_layout as fl
+from mxfp4_moe.kernels import to_fragment_order
+
+
+def test_word_bits_hold_each_code_bit_exactly_once():
+    bits = [fl.word_bit(pair, high, bit) for pair in range(4) for high in range(2) for bit in range(4)]
+    assert sorted(bits) == list(range(32))
+
+
+@pytest.mark.parametrize("shape,block_k", [((2, 40, 96), 64), ((3, 64, 128), 64), ((1, 17, 64), 128),
+                                           ((2, 50, 192), 128), ((1, 16, 320), 256)])
+def test_kernel_decode_of_fragments_equals_dequantize(shape, block_k):
+    # Random codes (all 16, subnormal 0.5 included) and scale bytes over the whole supported
+    # range 0..128; N not a multiple of 16 and K not a multiple of block_k (zero padding).
+    E, N, K = shape
+    gen = torch.Generator().manual_seed(N + K)
+    blocks = torch.randint(0, 256, (E, N, K // 2), generator=gen, dtype=torch.uint8)
+    scales = torch.randint(0, fl.MAX_SCALE_BYTE + 1, (E, N, K // 32), generator=gen, dtype=torch.uint8)
+    scales.view(-1)[:2] = torch.tensor([0, fl.MAX_SCALE_BYTE], dtype=torch.uint8)
+    fw = to_fragment_order(blocks, scales, block_k)
+    groups, steps = -(-N // 16), -(-K // block_k)
+    assert fw.words.shape == (E, groups, steps, 32, block_k // 16) and fw.words.dtype == torch.int32
+    assert fw.scales.shape == (E, groups, steps, 8, block_k // 16) and fw.scales.dtype == torch.uint8
+    expected = mxfp4.dequantize(blocks, scales, torch.float32).view(E, N, K)
+    assert torch.equal(fl.dequantize_fragments(fw), expected)
+
+
+def test_fragment_word_holds_the_documented_codes():
+    # Independent of the permutes in to_fragment_order: word j = 2 kblock + half of lane 4 g + t
+    # in row group 0, step 0 holds row 8 half + g at k = 32 kblock + 8 i + 2 t + h.
+    E, N, K = 1, 16, 64
+    codes = torch.randint(0, 16, (E, N, K), generator=torch.Generator().manual_seed(1))
+    blocks = mxfp4.pack_e2m1(codes.to(torch.uint8))
+    fw = to_fragment_order(blocks, torch.full((E, N, 2), 127, dtype=torch.uint8), 64)
+    words = fw.words.to(torch.int64) & 0xFFFFFFFF
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for kblock in range(2):
+            for half in range(2):
+                word = int(words[0, 0, 0, lane, 2 * kblock + half])
+                for i in range(4):
+                    for h in range(2):
+                        code = int(codes[0, 8 * half + g, 32 * kblock + 8 * i + 2 * t + h])
+                        got = sum(((word >> fl.word_bit(i, h, bit)) & 1) << bit for bit in range(4))
+                        assert got == code, (lane, kblock, half, i, h)
+    assert torch.equal(fw.scales, torch.full_like(fw.scales, 127 + fl.SCALE_BIAS))
+
+
+def test_scales_outside_the_decode_range_are_refused():
+    blocks = torch.zeros(1, 16, 32, dtype=torch.uint8)
+    for byte, reason in ((mxfp4.E8M0_NAN, "NaN"), (fl.MAX_SCALE_BYTE + 1, "above")):
+        scales = torch.full((1, 16, 2), 120, dtype=torch.uint8)
+        scales[0, 3, 1] = byte
+        assert reason in fl.fragment_order_problem(scales)
+        with pytest.raises(ValueError, match=reason):
+            to_fragment_order(blocks, scales)
+    assert fl.fragment_order_problem(torch.full((1, 16, 2), fl.MAX_SCALE_BYTE, dtype=torch.uint8)) == ""
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="blocks must be"):
+        to_fragment_order(torch.zeros(16, 32, dtype=torch.uint8), torch.zeros(16, 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="scales must be"):
+        to_fragment_order(torch.zeros(1, 16, 32, dtype=torch.uint8), torch.zeros(1, 16, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="block_k"):
+        to_fragment_order(torch.zeros(1, 16, 32, dtype=torch.uint8), torch.zeros(1, 16, 2, dtype=torch.uint8), 48)
+
+
+def test_rs_kernel_needs_fragments_and_a_matching_config():
+    from mxfp4_moe.kernels import MatmulConfig
+    from mxfp4_moe.kernels.moe_matmul import _rs_unsupported
+    x = torch.zeros(4, 64, dtype=torch.bfloat16)
+    blocks = torch.zeros(2, 32, 32, dtype=torch.uint8)
+    scales = torch.full((2, 32, 2), 127, dtype=torch.uint8)
+    cfg = MatmulConfig(16, 64, 64, True, 4, 4, "rs", 3)
+    assert "fragment order" in _rs_unsupported(x, None, 32, 64, cfg, torch.bfloat16, {})
+    fw = to_fragment_order(blocks, scales, 64)
+    assert "[32, 64] weight, blocks an [48, 64]" in _rs_unsupported(x, fw, 48, 64, cfg, torch.bfloat16, {})
+    assert "equal the fragments'" in _rs_unsupported(x, fw, 32, 64, MatmulConfig(16, 64, 128, True, 4, 4, "rs", 3),
+                                                     torch.bfloat16, {})
+    assert "16 * num_warps" in _rs_unsupported(x, fw, 32, 64, MatmulConfig(16, 128, 64, True, 4, 4, "rs", 3),
+                                               torch.bfloat16, {})
+    assert "Hopper" in _rs_unsupported(x, fw, 32, 64, cfg, torch.bfloat16, {})     # on this CPU

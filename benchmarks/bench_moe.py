@@ -122,12 +122,13 @@ SWEEP_AGREEMENT = 1e-2   # relative Frobenius difference a swept config may have
 
 
 def candidates(block_m: int, n: int, k: int, swiglu: bool, mean_rows: float,
-               kernel: str = "all") -> list[MatmulConfig]:
+               kernel: str = "all", fragments: bool = False) -> list[MatmulConfig]:
     """The default first, then alternatives (the best is reported beside the default) of the
     Triton kernel (swapped operands are right at every tile size since it retires each K step's
     wgmma, triton#9433) and the Gluon "sm90" kernel (swapped at small tiles); `kernel` keeps
     the alternatives of one kernel only ("all": both)."""
-    d = default_config(block_m, n, k, swiglu=swiglu, sm90=on_hopper(torch.device("cuda")), mean_rows=mean_rows)
+    d = default_config(block_m, n, k, swiglu=swiglu, sm90=on_hopper(torch.device("cuda")), mean_rows=mean_rows,
+                       fragments=fragments)
     C = MatmulConfig
     if block_m <= 32:
         alts = [C(block_m, 64, 64, True, 4, 4), C(block_m, 64, 128, True, 4, 4), C(block_m, 128, 64, True, 4, 4),
@@ -148,6 +149,9 @@ def candidates(block_m: int, n: int, k: int, swiglu: bool, mean_rows: float,
     else:
         alts = [C(block_m, 128, 64, True, 8, 3), C(block_m, 128, 64, False, 8, 3, "sm90"),
                 C(block_m, 256, 64, False, 8, 3, "sm90")]
+    if fragments:       # the fragment-order kernel
+        alts += [C(block_m, 64, 64, True, 4, 4, "rs", 3), C(block_m, 64, 128, True, 4, 4, "rs", 2),
+                 C(block_m, 128, 64, True, 8, 4, "rs", 3)]
     out = [d]
     for c in alts:
         if c not in out and (kernel == "all" or c.kernel == kernel):
@@ -160,8 +164,12 @@ def block_m_candidates(block_m: int) -> list[int]:
     return [block_m] + [b for b in (block_m // 2, block_m * 2) if 16 <= b <= 256]
 
 
-def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: bool, sweep: bool = True,
+def bench_point(w, layer, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: bool, sweep: bool = True,
                 sweep_kernel: str = "all") -> dict:
+    """One token count: the default launches (with `layer.fragments`, the weights in fragment
+    order, when the layer holds them), the sweep, the checkpoint-order default beside a
+    fragment-order one, the layer, torch._grouped_mm and (small T) the torch reference."""
+    fragments = layer.fragments or {}
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, w.hidden, generator=gen, device="cuda").to(torch.bfloat16)
     topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
@@ -187,7 +195,7 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
     ab13 = tokens * h * 2 + rows * ip * 2
     ab2 = rows * ip * 2 + tokens * h * 4
 
-    act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu)
+    act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu, fragments=fragments.get("w13"))
     metas = {bm: meta if bm == block_m else routing_metadata(topk_ids, w.expert_map, w.num_local_experts, bm, topk_w)
              for bm in (block_m_candidates(block_m) if sweep else [block_m])}
     res["tiles"] = {bm: int((m.tile_expert >= 0).sum()) for bm, m in metas.items()}
@@ -197,6 +205,7 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
     def launch(op: str, m, **kw):
         """One grouped matmul of the layer as the benchmark times it: w13 + SwiGLU from the
         tokens, or w2 + routing weight + atomic combine from w13's output."""
+        kw.setdefault("fragments", fragments.get(op))
         if op == "w13":
             return lambda: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, m, swiglu=swiglu, **kw)
         return lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, m, gather=False, apply_row_weight=True,
@@ -205,7 +214,8 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
     for op, n, k in (("w13", 2 * ip, hp), ("w2", hp, ip)):
         timings = []
         for bm, meta_bm in metas.items():
-            for cfg in candidates(bm, n, k, op == "w13", mean_rows, sweep_kernel)[:None if sweep else 1]:
+            for cfg in candidates(bm, n, k, op == "w13", mean_rows, sweep_kernel,
+                                  fragments=bool(fragments))[:None if sweep else 1]:
                 fn = launch(op, meta_bm, config=cfg)
                 try:
                     # A config must compute what the default computes (another summation order:
@@ -221,13 +231,18 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
                 except Exception as exc:  # a config that does not fit (shared memory) is skipped
                     print(f"  config {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         res[op + "_sweep"] = [[ms, list(cfg.__dict__.values())] for ms, cfg in timings]
-        default_cfg = default_config(block_m, n, k, swiglu=op == "w13", sm90=on_hopper(torch.device("cuda")),
-                                     mean_rows=mean_rows)
+        hopper = on_hopper(torch.device("cuda"))
+        default_cfg = default_config(block_m, n, k, swiglu=op == "w13", sm90=hopper, mean_rows=mean_rows,
+                                     fragments=bool(fragments))
+        if default_cfg.kernel == "rs":
+            # The checkpoint-order default beside it (same run): what fragment order gains.
+            old_cfg = default_config(block_m, n, k, swiglu=op == "w13", sm90=hopper, mean_rows=mean_rows)
+            res[op + "_checkpoint_order_ms"] = time_graph(launch(op, metas[block_m], config=old_cfg))
         if default_cfg.kernel == "sm90":
             # The Triton kernel's default beside it: what the Gluon kernel gains.
             triton_cfg = default_config(block_m, n, k, swiglu=op == "w13", mean_rows=mean_rows)
             res[op + "_triton_kernel_ms"] = time_graph(launch(op, metas[block_m], config=triton_cfg))
-        if default_cfg.swap_ab:
+        if default_cfg.swap_ab and default_cfg.kernel == "triton":
             # What retiring each K step's wgmma costs: the default config pipelined as Triton 3.6
             # would (racy, triton#9433; timed only, its output is not used).
             res[op + "_unsafe_pipelined_ms"] = time_graph(launch(op, metas[block_m], config=default_cfg,
@@ -247,8 +262,8 @@ def bench_point(w, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_reference: b
                                                        apply_row_weight=True, combine="slots", n_out=h))
     res["routing_metadata_ms"] = time_graph(lambda: routing_metadata(topk_ids, w.expert_map, w.num_local_experts,
                                                                      block_m, topk_w))
-    layer = MXFP4MoE(w, backend="triton")
     res["layer_combine"] = layer.combine_for(tokens)
+    res["layer_fragment_order"] = layer.fragments is not None
     op_stats("layer", time_graph(lambda: layer(x)), fl13 + fl2, wb13 + wb2, ab13 + ab2)
     res["layer"]["eager_ms"] = time_eager(lambda: layer(x))
     # torch._grouped_mm on bf16 weights, rows already gathered and sorted (favours the baseline)
@@ -341,20 +356,24 @@ def markdown(results: list[dict], header: dict) -> str:
              f"{header['ceilings']['bf16_matmul_TFLOPs']:.0f} TFLOP/s", "",
              "Times in ms (CUDA-graph replay, L2 flushed, median). `tk x` = triton_kernels time / ours "
              "(>1: we are faster). `gmm x` = torch._grouped_mm bf16 time / ours. roof = roofline floor / time.", "",
-             "| E | T | bm | hit | w13+swiglu | roof | tk x | gmm x | best w13 | w2+combine | roof | tk x | gmm x "
-             "| best w2 | w2 slots | layer | layer eager | layer TFLOP/s | weight GB/s | torch ref |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "`ckpt` = the checkpoint-order default, same run (where the default reads fragment order).", "",
+             "| E | T | bm | hit | w13+swiglu | roof | tk x | gmm x | best w13 | ckpt w13 | w2+combine | roof | tk x "
+             "| gmm x | best w2 | ckpt w2 | w2 slots | layer | layer eager | layer TFLOP/s | weight GB/s | torch ref |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for r in results:
         g = r.get("grouped_mm_bf16", {})
         lines.append(
             f"| {r['experts']} | {r['tokens']} | {r['block_m']} | {r['experts_hit']} | {r['w13']['ms']:.3f} | "
-            f"{r['w13']['roofline_frac']:.2f} | {r['w13'].get('vs_triton_kernels', float('nan')):.2f} | "
-            f"{g.get('speedup_w13', float('nan')):.2f} | {r['w13_best']['ms']:.3f} | {r['w2']['ms']:.3f} | "
-            f"{r['w2']['roofline_frac']:.2f} | {r['w2'].get('vs_triton_kernels', float('nan')):.2f} | "
-            f"{g.get('speedup_w2', float('nan')):.2f} | {r['w2_best']['ms']:.3f} | {r['w2_slots_ms']:.3f} | "
+            f"{r['w13']['roofline_frac']:.2f} | {r['w13'].get('vs_triton_kernels', nan):.2f} | "
+            f"{g.get('speedup_w13', nan):.2f} | {r['w13_best']['ms']:.3f} | {r.get('w13_checkpoint_order_ms', nan):.3f} | "
+            f"{r['w2']['ms']:.3f} | "
+            f"{r['w2']['roofline_frac']:.2f} | {r['w2'].get('vs_triton_kernels', nan):.2f} | "
+            f"{g.get('speedup_w2', nan):.2f} | {r['w2_best']['ms']:.3f} | {r.get('w2_checkpoint_order_ms', nan):.3f} | "
+            f"{r['w2_slots_ms']:.3f} | "
             f"{r['layer']['ms']:.3f} | {r['layer']['eager_ms']:.3f} | {r['layer']['TFLOPs']:.0f} | "
             f"{r['layer']['weight_GBps']:.0f} | {r.get('torch_reference_eager_ms', float('nan')):.2f} |")
-    lines += ["", "Best configs found (block_m, block_n, block_k, swap_ab, warps, stages):", ""]
+    lines += ["", "Best configs found (block_m, block_n, block_k, swap_ab, warps, stages, kernel, prefetch):", ""]
     for r in results:
         lines.append(f"- E={r['experts']} T={r['tokens']}: w13 {tuple(r['w13_best']['config'].values())} "
                      f"{r['w13_best']['ms']:.3f} ms; w2 {tuple(r['w2_best']['config'].values())} {r['w2_best']['ms']:.3f} ms; "
@@ -399,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
     p.add_argument("--no-sweep", action="store_true",
                    help="time the default block configs only (the config sweep takes most of the run)")
-    p.add_argument("--sweep-kernel", choices=("all", "triton", "sm90"), default="all",
+    p.add_argument("--sweep-kernel", choices=("all", "triton", "sm90", "rs"), default="all",
                    help="sweep the alternatives of one kernel only (the default config is always timed)")
     p.add_argument("--ab", action="store_true", help="time the dequantization paths against each other")
     args = p.parse_args(argv)
@@ -432,14 +451,16 @@ def main(argv: list[str] | None = None) -> int:
         w, _ = random_expert_weights(e, 2880, 2880, top_k=4, seed=e, device="cuda", dense=False)
         w13_bf16 = dequantize(w.w13_blocks, w.w13_scales, torch.bfloat16)
         w2_bf16 = dequantize(w.w2_blocks, w.w2_scales, torch.bfloat16)
-        print(f"E={e}: weights ready in {time.time() - t0:.1f}s", flush=True)
+        layer = MXFP4MoE(w, backend="triton")      # weights also in fragment order on a Hopper GPU
+        print(f"E={e}: weights ready in {time.time() - t0:.1f}s (fragment order: {layer.fragments is not None})",
+              flush=True)
         for t in args.tokens:
-            r = bench_point(w, w13_bf16, w2_bf16, t, header["ceilings"], with_reference=t <= 8,
+            r = bench_point(w, layer, w13_bf16, w2_bf16, t, header["ceilings"], with_reference=t <= 8,
                             sweep=not args.no_sweep, sweep_kernel=args.sweep_kernel)
             results.append(r)
             print(json.dumps(r), flush=True)
             (args.out / "out_moe.json").write_text(json.dumps({"header": header, "results": results}, indent=1))
-        del w, w13_bf16, w2_bf16
+        del w, layer, w13_bf16, w2_bf16
         torch.cuda.empty_cache()
     md = markdown(results, header)
     (args.out / "results_moe.md").write_text(md)

@@ -46,13 +46,13 @@ def main() -> int:
     for experts, tokens, w, x, topk_w, topk_ids in routed_points(args.points):
         metas = {}
 
-        def fragments_for(op, block_k):
-            key = (experts, op, block_k)
+        def fragments_for(op):
+            key = (experts, op)
             if key not in fragments:
                 if fragments and next(iter(fragments))[0] != experts:
                     fragments.clear()
                 blocks, scales = (w.w13_blocks, w.w13_scales) if op == "w13" else (w.w2_blocks, w.w2_scales)
-                fragments[key] = to_fragment_order(blocks, scales, block_k)
+                fragments[key] = to_fragment_order(blocks, scales)
             return fragments[key]
 
         def meta_for(block_m):
@@ -67,7 +67,7 @@ def main() -> int:
         def launch(op, meta, config=None):
             fragments = None
             if config is not None and config.kernel == "rs":
-                fragments = fragments_for(op, config.block_k)
+                fragments = fragments_for(op)
             if op == "w13":
                 return lambda: moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu,
                                           config=config, fragments=fragments)

@@ -129,7 +129,7 @@ def _moe_matmul_rs_kernel(
         expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
         N, K_X, N_OUT,
         alpha, limit,
-        NUM_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
+        NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
         STAGES: gl.constexpr, PREFETCH: gl.constexpr,
         EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr,
         GATHER: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
@@ -137,20 +137,20 @@ def _moe_matmul_rs_kernel(
         ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
     """One program: BLOCK_M sorted rows of one expert x 16 * num_warps weight rows.
 
-    words_ptr: int32 [E, row_groups, NUM_K, 32, J], s_ptr: the uint8 [E, row_groups, NUM_K, 8, J]
-    scales read as int32 (`fragment_layout.FragmentWeights`, contiguous, block_k = BLOCK_K;
-    J = BLOCK_K // 16, a multiple of 4); row_groups = ceil(N / 16). EVEN_K: K_X == NUM_K *
-    BLOCK_K (no column mask on x). ROW_MASK: row_groups is not a multiple of num_warps. Unit
-    strides along K (x), along N (bias, channel scale) and along the output columns; the
-    launcher checks."""
+    words_ptr: int32 [E, row_groups, LAYOUT_STEPS, 32, 4], s_ptr: the uint8 [E, row_groups,
+    LAYOUT_STEPS, 8, 4] scales read as int32 (`fragment_layout.FragmentWeights`, contiguous;
+    steps of 64 k, so a step of BLOCK_K = 64 J4 reads J4 of them); row_groups = ceil(N / 16);
+    NUM_K = ceil(K / BLOCK_K). EVEN_K: K_X == NUM_K * BLOCK_K (no column mask on x). ROW_MASK:
+    row_groups is not a multiple of num_warps. Unit strides along K (x), along N (bias, channel
+    scale) and along the output columns; the launcher checks."""
     BLOCK_N: gl.constexpr = 16 * num_warps
     J4: gl.constexpr = BLOCK_K // 16 // _BYTES_PER_WORD
-    STEP_WORDS: gl.constexpr = _LANES * J4 * _BYTES_PER_WORD
-    STEP_SCALES: gl.constexpr = _ROW_GROUPS * J4
+    STEP_WORDS: gl.constexpr = J4 * _LANES * _BYTES_PER_WORD      # J4 layout steps of 64 k
+    STEP_SCALES: gl.constexpr = J4 * _ROW_GROUPS
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_M, 16])
     dot_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
-    # One warp per 16 weight rows, one lane per fragment slot, 4 J4 words (16 bytes per 64 k).
+    # One warp per 16 weight rows, one lane per fragment slot, 4 words (16 bytes) per 64 k.
     words_layout: gl.constexpr = gl.BlockedLayout([1, 1, J4, _BYTES_PER_WORD], [1, _LANES, 1, 1],
                                                   [num_warps, 1, 1, 1], [3, 2, 1, 0])
     x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
@@ -181,12 +181,12 @@ def _moe_matmul_rs_kernel(
     lane = gl.arange(0, _LANES, layout=gl.SliceLayout(0, gl.SliceLayout(2, w3)))
     word4 = gl.arange(0, J4, layout=gl.SliceLayout(0, gl.SliceLayout(1, w3)))
     byte = gl.arange(0, _BYTES_PER_WORD, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, words_layout))))
-    first_step = (expert64 * row_groups + group) * NUM_K
-    lane_words = (lane * (J4 * _BYTES_PER_WORD))[None, :, None] + (word4 * _BYTES_PER_WORD)[None, None, :]
-    words_ptrs = ((words_ptr + (first_step * STEP_WORDS)[:, None, None] + lane_words)[:, :, :, None]
+    first_step = (expert64 * row_groups + group) * LAYOUT_STEPS
+    lane_words = (lane * _BYTES_PER_WORD)[None, :, None] + (word4 * (_LANES * _BYTES_PER_WORD))[None, None, :]
+    words_ptrs = ((words_ptr + (first_step * (_LANES * _BYTES_PER_WORD))[:, None, None] + lane_words)[:, :, :, None]
                   + byte[None, None, None, :])
-    scale_ptrs = (s_ptr.to(gl.pointer_type(gl.int32)) + (first_step * STEP_SCALES)[:, None, None]
-                  + (lane // _K_PAIRS * J4)[None, :, None] + word4[None, None, :])
+    scale_ptrs = (s_ptr.to(gl.pointer_type(gl.int32)) + (first_step * _ROW_GROUPS)[:, None, None]
+                  + (lane // _K_PAIRS)[None, :, None] + (word4 * _ROW_GROUPS)[None, None, :])
     row_mask = (group < row_groups)[:, None, None]
 
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_smem_layout)

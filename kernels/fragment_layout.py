@@ -3,12 +3,13 @@ register operand wants them (`FragmentWeights`, read by the kernel of `_moe_matm
 
 The kernel computes y.T = W @ x.T with the decoded weights as the wgmma's A fragment: in each
 warp's 16 weight rows, lane 4 g + t holds rows g and g + 8 at k = 2 t + {0, 1} + 8 i. Here every
-thread's codes of one K step lie in J = block_k // 16 consecutive int32 words (16 bytes at
-block_k 64, one vector load), laid out
+thread's codes of one step of K_STEP = 64 lie in 4 consecutive int32 words (one 16-byte load),
+laid out
 
-    words  [E, row_groups, k_steps, 32 lanes, J]   int32, row_groups = ceil(N / 16)
-    scales [E, row_groups, k_steps, 8, J]          uint8, E8M0 byte + SCALE_BIAS
+    words  [E, row_groups, k_steps, 32 lanes, 4]   int32, row_groups = ceil(N / 16)
+    scales [E, row_groups, k_steps, 8, 4]          uint8, E8M0 byte + SCALE_BIAS
 
+(k_steps = ceil(K / 64) rounded up to even, so that a kernel stepping 128 reads whole steps.)
 Word j = 2 * kblock + half of lane 4 g + t covers row 8 * half + g of its group and the 32-block
 kblock of the step: 4 bf16 pairs, pair i at k = 32 kblock + 8 i + 2 t + {0, 1}. Inside a word the
 8 codes' bits are placed so that a bit rotation and a mask turn the word into each pair's bf16
@@ -32,6 +33,8 @@ from mxfp4_moe.mxfp4 import BLOCK_SIZE, E8M0_BIAS, E8M0_NAN
 
 LANES = 32
 ROWS_PER_GROUP = 16           # a warp's share of the wgmma's 64 rows
+K_STEP = 64                   # k per step of the layout: 4 words per lane
+STEP_ALIGN = 2                # k_steps is a multiple of this: kernels may step 64 or 128
 PAIRS_PER_WORD = 4
 SCALE_BIAS = E8M0_BIAS - 1    # b + 126: bf16 exponent field of 2 ** (b - 1)
 BF16_MANTISSA_BITS = 7        # stored byte << 7: the bf16 bits of 2 ** (b - 1)
@@ -72,7 +75,6 @@ class FragmentWeights:
     scales: torch.Tensor
     n: int
     k: int
-    block_k: int
 
     @property
     def row_groups(self) -> int:
@@ -93,10 +95,10 @@ def fragment_order_problem(scales_e8m0: torch.Tensor) -> str:
     return ""
 
 
-def to_fragment_order(blocks: torch.Tensor, scales_e8m0: torch.Tensor, block_k: int = 64) -> FragmentWeights:
+def to_fragment_order(blocks: torch.Tensor, scales_e8m0: torch.Tensor) -> FragmentWeights:
     """blocks [E, N, K // 2] uint8 (low nibble = even k), scales_e8m0 [E, N, K // 32] uint8 ->
-    `FragmentWeights` for a kernel stepping block_k (a multiple of 32) along K. Runs where the
-    tensors are (one pass over the weights, a few temporaries of the codes' size)."""
+    `FragmentWeights`. Runs where the tensors are (one pass over the weights, a few temporaries
+    of the codes' size)."""
     if blocks.dim() != 3 or blocks.dtype != torch.uint8:
         raise ValueError(f"to_fragment_order: blocks must be [E, N, K // 2] uint8, got {tuple(blocks.shape)} "
                          f"{blocks.dtype}")
@@ -105,15 +107,13 @@ def to_fragment_order(blocks: torch.Tensor, scales_e8m0: torch.Tensor, block_k: 
     if tuple(scales_e8m0.shape) != (n_experts, n, k // BLOCK_SIZE) or scales_e8m0.dtype != torch.uint8:
         raise ValueError(f"to_fragment_order: scales must be [{n_experts}, {n}, {k // BLOCK_SIZE}] uint8, got "
                          f"{tuple(scales_e8m0.shape)} {scales_e8m0.dtype}")
-    if block_k % BLOCK_SIZE or block_k <= 0:
-        raise ValueError(f"to_fragment_order: block_k must be a positive multiple of {BLOCK_SIZE}, got {block_k}")
     problem = fragment_order_problem(scales_e8m0)
     if problem:
         raise ValueError(f"to_fragment_order: {problem}")
     groups = -(-n // ROWS_PER_GROUP)
-    steps = -(-k // block_k)
-    kblocks = block_k // BLOCK_SIZE
-    n_pad, k_pad = groups * ROWS_PER_GROUP, steps * block_k
+    steps = -(-k // (K_STEP * STEP_ALIGN)) * STEP_ALIGN
+    kblocks = K_STEP // BLOCK_SIZE
+    n_pad, k_pad = groups * ROWS_PER_GROUP, steps * K_STEP
     device = blocks.device
 
     codes = torch.zeros(n_experts, n_pad, k_pad, dtype=torch.int32, device=device)
@@ -136,7 +136,7 @@ def to_fragment_order(blocks: torch.Tensor, scales_e8m0: torch.Tensor, block_k: 
     # [E, group, half, g, step, kblock] -> [E, group, step, g, kblock, half]
     scales = biased.view(n_experts, groups, 2, 8, steps, kblocks).permute(0, 1, 4, 3, 5, 2)
     scales = scales.reshape(n_experts, groups, steps, 8, 2 * kblocks)
-    return FragmentWeights(words=words.contiguous(), scales=scales.contiguous(), n=n, k=k, block_k=block_k)
+    return FragmentWeights(words=words.contiguous(), scales=scales.contiguous(), n=n, k=k)
 
 
 def _rotl(words: torch.Tensor, r: int) -> torch.Tensor:
@@ -171,5 +171,5 @@ def dequantize_fragments(fw: FragmentWeights) -> torch.Tensor:
     # [E, group, step, g, t, kblock, half, pair, p] -> [E, group, half, g, step, kblock, pair, t, p]
     values = values.view(n_experts, groups, steps, 8, 4, kblocks, 2, PAIRS_PER_WORD, 2)
     values = values.permute(0, 1, 6, 3, 2, 5, 7, 4, 8).reshape(n_experts, groups * ROWS_PER_GROUP,
-                                                                  steps * fw.block_k)
+                                                                  steps * K_STEP)
     return values[:, :fw.n, :fw.k].to(torch.float32)

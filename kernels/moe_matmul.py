@@ -43,7 +43,7 @@ class MatmulConfig:
     the depth of the copy ring: num_stages - 1 K steps of weight words and x rows in flight.
     "rs" (`_moe_matmul_rs.py`: Hopper, bf16, weights in fragment order, passed as
     `moe_matmul(fragments=...)`): the decoded weights are the wgmma's register operand; swap_ab,
-    block_n = 16 * num_warps, block_k in (64, 128, 256) and equal to the fragments', num_stages
+    block_n = 16 * num_warps, block_k 64 or 128, num_stages
     (>= 3) x buffers (num_stages - 2 steps in flight), prefetch (>= 1): K steps of weights in
     registers (prefetch - 1 loaded ahead).
     """
@@ -76,10 +76,20 @@ def pick_block_m(num_rows: int, num_local_experts: int) -> int:
     return block_m
 
 
+# The fragment-order kernel's config per tile size (H200, same-run probes against the
+# checkpoint-order defaults: benchmarks/RESULTS.md section 3.1). 64-row programs (4 warps) at
+# every tile size but 128 rows, where 8 warps share each x tile; 128-wide K steps at 16 rows.
+_RS_CONFIGS = {16: MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2),
+               32: MatmulConfig(32, 64, 64, True, 4, 4, "rs", 3),
+               64: MatmulConfig(64, 64, 64, True, 4, 4, "rs", 3),
+               128: MatmulConfig(128, 128, 64, True, 8, 4, "rs", 3)}
+
+
 def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: bool = False,
-                   mean_rows: float | None = None) -> MatmulConfig:
+                   mean_rows: float | None = None, fragments: bool = False) -> MatmulConfig:
     """Block sizes for an [n, k] weight at `block_m` rows per tile (swiglu: the w13 launch;
-    mean_rows: routed rows per local expert, when known).
+    mean_rows: routed rows per local expert, when known; fragments: the weights are also in
+    fragment order, and sm90: on a Hopper GPU in bf16 -> the "rs" kernel).
 
     Few rows per expert: swap A and B (y.T = W @ x.T) so weight rows fill the MMA's wide side.
     sm90 (a Hopper GPU and bf16): from 64-row tiles up, the Gluon kernel, whose weight decode
@@ -89,6 +99,8 @@ def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: 
     """
     if interpreting():
         return MatmulConfig(block_m, block_n=32, block_k=64, swap_ab=block_m <= 32, num_warps=4, num_stages=1)
+    if sm90 and fragments and block_m in _RS_CONFIGS:
+        return _RS_CONFIGS[block_m]
     if block_m <= 16 and not swiglu and mean_rows is not None and mean_rows < 1:
         # w2 with fewer rows than experts (T = 1, 8 at E = 128): half the K steps per program,
         # 5-17% faster than block_k 64; from one row per expert on, block_k 64 is 2-12% faster
@@ -163,15 +175,16 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                         over the k slots (deterministic)
     n_out: output columns kept (<= N, or N // 2 with swiglu); default all of them.
     compute_dtype: bfloat16 (GPU), float16 or float32 (the interpreter's bf16 is unusable).
-    config: block sizes and kernel (default: `default_config`; for bf16 on a Hopper GPU it takes the
-       Gluon "sm90" kernel from 64-row tiles, and the Triton kernel where that one cannot run
-       this call); its block_m must be meta.block_m.
+    config: block sizes and kernel (default: `default_config`; for bf16 on a Hopper GPU the "rs"
+       kernel when `fragments` are given, else the Gluon "sm90" kernel from 64-row tiles, and the
+       Triton kernel where neither can run this call); its block_m must be meta.block_m.
     out: for combine="none", an [R, n_out] compute_dtype tensor to write into (returned).
     dequant: how the kernel decodes the weights, all exact: "bytes" (one code at a time, any
        dtype), "words" (uint32 words in plain Triton), "ptx" (uint32 words through inline PTX; bf16,
        GPU only); "words"/"ptx" need `words_aligned(blocks)`. "auto": `pick_dequant`.
     fragments: the same weights in fragment order (`fragment_layout.to_fragment_order`), which
-       the "rs" kernel reads instead of blocks / scales_e8m0 (those are still checked).
+       the "rs" kernel reads instead of blocks / scales_e8m0 (those are still checked); other
+       kernels ignore them.
     unsafe_pipelined_rs_mma: for benchmarks only. With swapped operands, let the matrix
        instructions run across K steps the way Triton 3.6 pipelines them, which races with the
        next step's decode (triton issue #9433, see `_moe_matmul_kernel`); measures the fix's cost.
@@ -216,8 +229,11 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     sm90_dequant = "ptx" if dequant == "auto" else dequant     # what "auto" resolves to where sm90 can run
     if config is None:
         mean_rows = meta.num_rows / max(1, meta.num_local_experts)
-        config = default_config(meta.block_m, n, k, swiglu=swiglu is not None, mean_rows=mean_rows,
-                                sm90=compute_dtype == torch.bfloat16 and on_hopper(device))
+        sm90 = compute_dtype == torch.bfloat16 and on_hopper(device)
+        config = default_config(meta.block_m, n, k, swiglu=swiglu is not None, mean_rows=mean_rows, sm90=sm90,
+                                fragments=fragments is not None)
+        if config.kernel == "rs" and _rs_unsupported(x, fragments, n, k, config, compute_dtype, sm90_other):
+            config = default_config(meta.block_m, n, k, swiglu=swiglu is not None, mean_rows=mean_rows, sm90=sm90)
         if config.kernel == "sm90" and _sm90_unsupported(x, blocks, config, compute_dtype, sm90_dequant, sm90_other):
             config = default_config(meta.block_m, n, k, swiglu=swiglu is not None)   # the Triton kernel
     elif config.kernel == "sm90":
@@ -275,14 +291,14 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                  SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, num_warps=config.num_warps)
     if config.kernel == "rs":
         from ._moe_matmul_rs import _moe_matmul_rs_kernel
-        steps = fragments.k_steps
+        steps = -(-k // config.block_k)
         _moe_matmul_rs_kernel[grid](             # unit strides along the last dims (checked above)
             x, x.stride(0),
             fragments.words, fragments.scales, fragments.row_groups,
             bias_t, bias_t.stride(0),
             cs_t, cs_t.stride(0),
             y, y.stride(0),
-            *routing, NUM_K=steps, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
+            *routing, NUM_K=steps, LAYOUT_STEPS=fragments.k_steps, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
             STAGES=config.num_stages, PREFETCH=config.prefetch,
             EVEN_K=x.shape[1] == steps * config.block_k, ROW_MASK=fragments.row_groups % config.num_warps != 0,
             **{name: fused[name] for name in ("GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE",
@@ -356,11 +372,11 @@ def _rs_unsupported(x: torch.Tensor, fragments: FragmentWeights | None, n: int, 
     """Why the "rs" kernel cannot run this call ("" when it can): what the "sm90" kernel needs
     of x and the other tensors, plus weights in fragment order matching the config."""
     if fragments is None:
-        return "it reads the weights in fragment order: pass fragments=to_fragment_order(blocks, scales, block_k)"
+        return "it reads the weights in fragment order: pass fragments=to_fragment_order(blocks, scales)"
     if (fragments.n, fragments.k) != (n, k):
         return f"fragments hold an [{fragments.n}, {fragments.k}] weight, blocks an [{n}, {k}] one"
-    if fragments.block_k != config.block_k or config.block_k not in (64, 128, 256):
-        return f"block_k must be 64, 128 or 256 and equal the fragments' ({fragments.block_k}); got {config}"
+    if config.block_k not in (64, 128):
+        return f"block_k must be 64 or 128 (one or two steps of the fragment layout); got {config}"
     if not config.swap_ab or config.block_n != 16 * config.num_warps:
         return f"it needs swap_ab and block_n = 16 * num_warps (16 weight rows per warp); got {config}"
     if config.num_stages < 3 or config.prefetch < 1:

@@ -49,12 +49,19 @@ class MXFP4MoE(torch.nn.Module):
       (the default: atomic, measured faster at every T, e.g. w2 at T = 8192 1.51 vs 1.66 ms at
       E = 128 and 1.29 vs 1.46 ms at E = 32 on an H100; benchmarks/RESULTS.md section 3).
 
+    fragment_order: also keep the expert weights in fragment order (`kernels.fragment_layout`),
+      which the Hopper kernel that feeds decoded weights to the tensor cores from registers reads
+      (1.2-1.6x faster than the checkpoint-order kernels on an H200, benchmarks/RESULTS.md).
+      Costs a second copy of the expert weights. None (default): on a Hopper GPU with the triton
+      backend and bf16, when every scale byte is within the layout's range.
+
     forward(x [T, H] or [T, H_pad]) -> [T, H] in x's dtype. Under TP it is this rank's partial sum
     (w2 bias only on rank 0); under EP, pairs routed to other ranks' experts contribute nothing.
     """
 
     def __init__(self, weights: ExpertWeights, backend: Backend = "auto",
-                 compute_dtype: torch.dtype | None = None, combine: Combine = "auto"):
+                 compute_dtype: torch.dtype | None = None, combine: Combine = "auto",
+                 fragment_order: bool | None = None):
         super().__init__()
         weights.validate()
         self.weights = weights
@@ -66,6 +73,7 @@ class MXFP4MoE(torch.nn.Module):
             raise ValueError(f"MXFP4MoE: combine must be 'auto', 'atomic' or 'slots', got {combine!r}")
         self.combine = combine
         self.router_weight_bf16 = exact_bf16(weights.router_weight)   # None: route in float32
+        self.fragments = self._fragments(fragment_order)    # {"w13": ..., "w2": ...} or None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, layer: int, plan=None, device: torch.device | str = "cpu",
@@ -94,6 +102,28 @@ class MXFP4MoE(torch.nn.Module):
                                        router_weight_bf16=self.router_weight_bf16)
         return self.experts(x, topk_weights, topk_ids)
 
+    def _fragments(self, fragment_order: bool | None) -> dict | None:
+        """The expert weights in fragment order when asked for (or, for None, when the Hopper
+        kernel that reads them would run); raises if asked for and impossible."""
+        if fragment_order is False:
+            return None
+        w = self.weights
+        hopper = (self.backend == "triton" and self.compute_dtype == torch.bfloat16 and w.device.type == "cuda"
+                  and not _interpreting() and torch.cuda.get_device_capability(w.device)[0] == 9)
+        from .kernels import fragment_order_problem, to_fragment_order
+        problems = [f"{name}: {problem}" for name, problem in (("w13_scales", fragment_order_problem(w.w13_scales)),
+                                                               ("w2_scales", fragment_order_problem(w.w2_scales)))
+                    if problem]
+        if fragment_order is None and (not hopper or problems):
+            return None
+        if problems:
+            raise ValueError(f"MXFP4MoE: fragment_order=True, but {'; '.join(problems)}")
+        if not hopper:
+            raise ValueError("MXFP4MoE: fragment_order=True needs the triton backend with bf16 on a Hopper GPU "
+                             f"(backend {self.backend!r}, {self.compute_dtype}, weights on {w.device})")
+        return {"w13": to_fragment_order(w.w13_blocks, w.w13_scales),
+                "w2": to_fragment_order(w.w2_blocks, w.w2_scales)}
+
     def combine_for(self, tokens: int) -> str:
         """The combine the triton backend uses for `tokens` tokens ("auto" resolved)."""
         return "atomic" if self.combine == "auto" else self.combine
@@ -109,12 +139,15 @@ class MXFP4MoE(torch.nn.Module):
             return x.new_zeros((0, w.hidden))
         block_m = kernels.pick_block_m(tokens * w.top_k, w.num_local_experts)
         meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, block_m, topk_weights)
+        frag = self.fragments or {}
         act = kernels.moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta,
                                  channel_scale=w.w13_channel_scale, gather=True,
-                                 swiglu=(w.swiglu_alpha, w.swiglu_limit), compute_dtype=self.compute_dtype)
+                                 swiglu=(w.swiglu_alpha, w.swiglu_limit), compute_dtype=self.compute_dtype,
+                                 fragments=frag.get("w13"))
         y = kernels.moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta,
                                channel_scale=w.w2_channel_scale, gather=False, apply_row_weight=True,
-                               combine=self.combine_for(tokens), n_out=w.hidden, compute_dtype=self.compute_dtype)
+                               combine=self.combine_for(tokens), n_out=w.hidden, compute_dtype=self.compute_dtype,
+                               fragments=frag.get("w2"))
         return y.to(x.dtype)
 
 

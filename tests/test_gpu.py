@@ -234,8 +234,8 @@ def test_rs_kernel_decodes_every_weight_exactly(block_k):
     # One-hot tokens: token t is e_t, so output row t of expert e is column t of W_e, one exact
     # product per output (bf16 weights, fp32 accumulation, bf16 output). Every E2M1 code with
     # every scale byte the fragment order takes (0..128). Where the weight is a normal bf16
-    # (scale byte >= 2) the output must be it, bit for bit; weights below 2 ** -126 (scale bytes
-    # 0 and 1) may come out flushed to zero by the tensor cores, and otherwise exact.
+    # (scale byte >= 2) the output must equal it; weights below 2 ** -126 (scale bytes 0 and 1)
+    # may come out flushed to zero by the tensor cores, and otherwise exact.
     from mxfp4_moe.kernels import MatmulConfig, moe_matmul, to_fragment_order
     E, N, K = 2, 144, 4 * 320                 # 9 row groups (partial 64-row tile), a K tail at 128
     gen = torch.Generator(device="cuda").manual_seed(block_k)
@@ -253,7 +253,9 @@ def test_rs_kernel_decodes_every_weight_exactly(block_k):
     want = expected[token.remainder(E), :, token]
     scale_byte = scales[token.remainder(E), :, token // 32]
     normal = scale_byte >= 2
-    assert torch.equal(out[normal].view(torch.int16), want[normal].view(torch.int16))
+    assert not torch.isnan(out).any()
+    # == and not bits: a -0 code comes out +0 (the accumulator starts at +0)
+    assert bool((out[normal] == want[normal]).all()), int((out[normal] != want[normal]).sum())
     tiny_ok = (out == want) | (out == 0)
     assert bool(tiny_ok[~normal].all()), int((~tiny_ok[~normal]).sum())
     print(f"rs decode bk{block_k}: {int(normal.sum())} normal weights exact; weights below 2**-126: "

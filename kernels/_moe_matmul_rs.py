@@ -130,7 +130,7 @@ def _moe_matmul_rs_kernel(
         N, K_X, N_OUT,
         alpha, limit,
         NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
-        STAGES: gl.constexpr, PREFETCH: gl.constexpr,
+        STAGES: gl.constexpr, PREFETCH: gl.constexpr, SPLIT_K: gl.constexpr,
         EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr,
         GATHER: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
         HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
@@ -141,7 +141,9 @@ def _moe_matmul_rs_kernel(
     LAYOUT_STEPS, 8, 4] scales read as int32 (`fragment_layout.FragmentWeights`, contiguous;
     steps of 64 k, so a step of BLOCK_K = 64 J4 reads J4 of them); row_groups = ceil(N / 16);
     NUM_K = ceil(K / BLOCK_K). EVEN_K: K_X == NUM_K * BLOCK_K (no column mask on x). ROW_MASK:
-    row_groups is not a multiple of num_warps. Unit strides along K (x), along N (bias, channel
+    row_groups is not a multiple of num_warps. SPLIT_K (ATOMIC without SWIGLU only): program
+    (., ., s) sums K steps [s * STEPS, (s + 1) * STEPS) (STEPS = ceil(NUM_K / SPLIT_K)) into y by
+    atomic adds, the bias from s = 0 only. Unit strides along K (x), along N (bias, channel
     scale) and along the output columns; the launcher checks."""
     BLOCK_N: gl.constexpr = 16 * num_warps
     J4: gl.constexpr = BLOCK_K // 16 // _BYTES_PER_WORD
@@ -156,8 +158,11 @@ def _moe_matmul_rs_kernel(
     x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
 
+    STEPS: gl.constexpr = (NUM_K + SPLIT_K - 1) // SPLIT_K
     pid_n = gl.program_id(0)
     tile = gl.program_id(1)
+    split = gl.program_id(2)
+    first = split * STEPS                          # this program's first K step
     expert = gl.load(tile_expert_ptr + tile)
     if expert < 0:
         return  # past the last real tile
@@ -193,17 +198,18 @@ def _moe_matmul_rs_kernel(
     # Prologue: x rows of the first STAGES - 2 steps in flight (one commit group per step, empty
     # past the last step); the weights of the first PREFETCH - 1 steps in registers.
     for st in gl.static_range(STAGES - 2):
-        if st < NUM_K:
-            _copy_x_step(x_smem.index(st), x_ptrs, mask_xm, offs_xk, K_X, st, BLOCK_K, EVEN_K)
+        if st < STEPS:
+            _copy_x_step(x_smem.index(st), x_ptrs, mask_xm, offs_xk, K_X, first + st, BLOCK_K, EVEN_K)
         async_copy.commit_group()
     queue = ()
     for st in gl.static_range(PREFETCH - 1):
-        queue = queue + (_load_step(words_ptrs, scale_ptrs, row_mask, st, NUM_K, STEP_WORDS, STEP_SCALES,
+        queue = queue + (_load_step(words_ptrs, scale_ptrs, row_mask, first + st, NUM_K, STEP_WORDS, STEP_SCALES,
                                     ROW_MASK),)
 
     acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
-    for ki in range(NUM_K):
-        queue = queue + (_load_step(words_ptrs, scale_ptrs, row_mask, ki + PREFETCH - 1, NUM_K, STEP_WORDS,
+    for ki in range(STEPS):
+        # (steps past NUM_K, in the last split: zero x columns times any finite weights)
+        queue = queue + (_load_step(words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH - 1, NUM_K, STEP_WORDS,
                                     STEP_SCALES, ROW_MASK),)
         words, scale_words = queue[0]
         queue = queue[1:]
@@ -216,11 +222,11 @@ def _moe_matmul_rs_kernel(
         # while it runs (triton#9433; a wait of 1 gave 44-80 such writes per step in the SASS).
         acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
         kn = ki + STAGES - 2                       # into the buffer step ki - 2 read (retired everywhere)
-        if kn < NUM_K:
-            _copy_x_step(x_smem.index(kn % STAGES), x_ptrs, mask_xm, offs_xk, K_X, kn, BLOCK_K, EVEN_K)
+        if kn < STEPS:
+            _copy_x_step(x_smem.index(kn % STAGES), x_ptrs, mask_xm, offs_xk, K_X, first + kn, BLOCK_K, EVEN_K)
         async_copy.commit_group()
     async_copy.wait_group(0)
 
-    _store_tile(gl.permute(acc, (1, 0)), pid_n, expert64, row_start, row_end, bias_ptr, stride_be, cs_ptr,
-                stride_cse, y_ptr, stride_ym, scatter_ptr, row_weight_ptr, N, N_OUT, alpha, limit,
+    _store_tile(gl.permute(acc, (1, 0)), pid_n, expert64, row_start, row_end, bias_ptr, stride_be, split == 0,
+                cs_ptr, stride_cse, y_ptr, stride_ym, scatter_ptr, row_weight_ptr, N, N_OUT, alpha, limit,
                 BLOCK_M, BLOCK_N, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, num_warps)

@@ -197,20 +197,21 @@ def _moe_matmul_sm90_kernel(
 
     if SWAP_AB:
         acc = gl.permute(acc, (1, 0))
-    _store_tile(acc, pid_n, expert64, row_start, row_end, bias_ptr, stride_be, cs_ptr, stride_cse,
+    _store_tile(acc, pid_n, expert64, row_start, row_end, bias_ptr, stride_be, True, cs_ptr, stride_cse,
                 y_ptr, stride_ym, scatter_ptr, row_weight_ptr, N, N_OUT, alpha, limit,
                 BLOCK_M, BLOCK_N, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, num_warps)
 
 
 @gluon.jit
-def _store_tile(acc, pid_n, expert64, row_start, row_end, bias_ptr, stride_be, cs_ptr, stride_cse,
+def _store_tile(acc, pid_n, expert64, row_start, row_end, bias_ptr, stride_be, with_bias, cs_ptr, stride_cse,
                 y_ptr, stride_ym, scatter_ptr, row_weight_ptr, N, N_OUT, alpha, limit,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
                 HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
                 ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
     """The epilogue of the Gluon kernels: acc [BLOCK_M, BLOCK_N] fp32 (tile rows x weight rows,
     any layout) -> channel scale, bias, SwiGLU, routing weight -> y rows (store or fp32 atomic
-    add), as `_moe_matmul_kernel` does."""
+    add), as `_moe_matmul_kernel` does. with_bias (runtime): add the bias (HAS_BIAS) here; split-K
+    programs other than the first leave it out."""
     # Epilogue in a plain blocked layout, VEC output columns per thread: with SwiGLU, 8 gate/up
     # pairs per thread become 8 adjacent bf16 (one 16-byte store, and no second layout change);
     # otherwise 16-byte stores or 4-wide fp32 atomics. Against 2 columns per thread (H200, same
@@ -229,7 +230,7 @@ def _store_tile(acc, pid_n, expert64, row_start, row_end, bias_ptr, stride_be, c
         cs = gl.load(cs_ptr + expert64 * stride_cse + offs_n, mask=mask_n, other=0.0)
         acc = acc * cs[None, :]
     if HAS_BIAS:
-        bias = gl.load(bias_ptr + expert64 * stride_be + offs_n, mask=mask_n, other=0.0)
+        bias = gl.load(bias_ptr + expert64 * stride_be + offs_n, mask=mask_n & with_bias, other=0.0)
         acc = acc + bias[None, :]
     if SWIGLU:
         gate, up = gl.split(acc.reshape(BLOCK_M, BLOCK_N // 2, 2))

@@ -9,7 +9,7 @@ laid out
     words  [E, row_groups, k_steps, 32 lanes, 4]   int32, row_groups = ceil(N / 16)
     scales [E, row_groups, k_steps, 8, 4]          uint8, E8M0 byte + SCALE_BIAS
 
-(k_steps = ceil(K / 64) rounded up to even, so that a kernel stepping 128 reads whole steps.)
+(k_steps = ceil(K / 64) rounded up to a multiple of 4: a kernel stepping 128 or 256 reads whole steps.)
 Word j = 2 * kblock + half of lane 4 g + t covers row 8 * half + g of its group and the 32-block
 kblock of the step: 4 bf16 pairs, pair i at k = 32 kblock + 8 i + 2 t + {0, 1}. Inside a word the
 8 codes' bits are placed so that a bit rotation and a mask turn the word into each pair's bf16
@@ -34,7 +34,7 @@ from mxfp4_moe.mxfp4 import BLOCK_SIZE, E8M0_BIAS, E8M0_NAN
 LANES = 32
 ROWS_PER_GROUP = 16           # a warp's share of the wgmma's 64 rows
 K_STEP = 64                   # k per step of the layout: 4 words per lane
-STEP_ALIGN = 2                # k_steps is a multiple of this: kernels may step 64 or 128
+STEP_ALIGN = 4                # k_steps is a multiple of this: kernels may step 64, 128 or 256
 PAIRS_PER_WORD = 4
 SCALE_BIAS = E8M0_BIAS - 1    # b + 126: bf16 exponent field of 2 ** (b - 1)
 BF16_MANTISSA_BITS = 7        # stored byte << 7: the bf16 bits of 2 ** (b - 1)

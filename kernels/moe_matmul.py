@@ -43,9 +43,10 @@ class MatmulConfig:
     the depth of the copy ring: num_stages - 1 K steps of weight words and x rows in flight.
     "rs" (`_moe_matmul_rs.py`: Hopper, bf16, weights in fragment order, passed as
     `moe_matmul(fragments=...)`): the decoded weights are the wgmma's register operand; swap_ab,
-    block_n = 16 * num_warps, block_k 64 or 128, num_stages
+    block_n = 16 * num_warps, block_k 64, 128 or 256, num_stages
     (>= 3) x buffers (num_stages - 2 steps in flight), prefetch (>= 1): K steps of weights in
-    registers (prefetch - 1 loaded ahead).
+    registers (prefetch - 1 loaded ahead), split_k: programs per tile along K ("rs" with combine
+    "atomic" and no SwiGLU; their partial sums meet in the atomic adds).
     """
     block_m: int
     block_n: int
@@ -55,6 +56,7 @@ class MatmulConfig:
     num_stages: int = 3
     kernel: Kernel = "triton"
     prefetch: int = 1
+    split_k: int = 1
 
 
 def pick_block_m(num_rows: int, num_local_experts: int) -> int:
@@ -242,7 +244,8 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
         if problem:
             raise ValueError(f"moe_matmul: kernel 'sm90' cannot run this call: {problem}")
     elif config.kernel == "rs":
-        problem = _rs_unsupported(x, fragments, n, k, config, compute_dtype, sm90_other)
+        problem = _rs_unsupported(x, fragments, n, k, config, compute_dtype, sm90_other,
+                                  split_k_ok=combine == "atomic" and swiglu is None)
         if problem:
             raise ValueError(f"moe_matmul: kernel 'rs' cannot run this call: {problem}")
     elif config.kernel != "triton":
@@ -293,15 +296,16 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     if config.kernel == "rs":
         from ._moe_matmul_rs import _moe_matmul_rs_kernel
         steps = -(-k // config.block_k)
-        _moe_matmul_rs_kernel[grid](             # unit strides along the last dims (checked above)
+        _moe_matmul_rs_kernel[grid + (config.split_k,)](             # unit strides along the last dims (checked above)
             x, x.stride(0),
             fragments.words, fragments.scales, fragments.row_groups,
             bias_t, bias_t.stride(0),
             cs_t, cs_t.stride(0),
             y, y.stride(0),
             *routing, NUM_K=steps, LAYOUT_STEPS=fragments.k_steps, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
-            STAGES=config.num_stages, PREFETCH=config.prefetch,
-            EVEN_K=x.shape[1] == steps * config.block_k, ROW_MASK=fragments.row_groups % config.num_warps != 0,
+            STAGES=config.num_stages, PREFETCH=config.prefetch, SPLIT_K=config.split_k,
+            EVEN_K=x.shape[1] == steps * config.block_k and steps % config.split_k == 0,
+            ROW_MASK=fragments.row_groups % config.num_warps != 0,
             **{name: fused[name] for name in ("GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE",
                                               "SWIGLU", "ROW_WEIGHT", "num_warps")})
     elif config.kernel == "sm90":
@@ -369,19 +373,21 @@ def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor | None, config: Matm
 
 
 def _rs_unsupported(x: torch.Tensor, fragments: FragmentWeights | None, n: int, k: int, config: MatmulConfig,
-                    compute_dtype: torch.dtype, other: dict[str, torch.Tensor | None]) -> str:
+                    compute_dtype: torch.dtype, other: dict[str, torch.Tensor | None], split_k_ok: bool = False) -> str:
     """Why the "rs" kernel cannot run this call ("" when it can): what the "sm90" kernel needs
     of x and the other tensors, plus weights in fragment order matching the config."""
     if fragments is None:
         return "it reads the weights in fragment order: pass fragments=to_fragment_order(blocks, scales)"
     if (fragments.n, fragments.k) != (n, k):
         return f"fragments hold an [{fragments.n}, {fragments.k}] weight, blocks an [{n}, {k}] one"
-    if config.block_k not in (64, 128):
-        return f"block_k must be 64 or 128 (one or two steps of the fragment layout); got {config}"
+    if config.block_k not in (64, 128, 256):
+        return f"block_k must be 64, 128 or 256 (1, 2 or 4 steps of the fragment layout); got {config}"
     if not config.swap_ab or config.block_n != 16 * config.num_warps:
         return f"it needs swap_ab and block_n = 16 * num_warps (16 weight rows per warp); got {config}"
-    if config.num_stages < 3 or config.prefetch < 1:
-        return f"num_stages must be >= 3 and prefetch >= 1 (got {config})"
+    if config.num_stages < 3 or config.prefetch < 1 or config.split_k < 1:
+        return f"num_stages must be >= 3, prefetch and split_k >= 1 (got {config})"
+    if config.split_k > 1 and not split_k_ok:
+        return f"split_k > 1 needs combine='atomic' without SwiGLU (got {config})"
     if fragments.words.device != x.device or not (fragments.words.is_contiguous() and fragments.scales.is_contiguous()):
         return f"fragments must be contiguous and on {x.device} (they are on {fragments.words.device})"
     sm90_config = MatmulConfig(config.block_m, config.block_n, 64, True, config.num_warps, 3, "sm90")

@@ -108,8 +108,8 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
         from ._moe_matmul_rs import _moe_matmul_rs_kernel
         signature = {**_signature("*bf16", "*fp32" if atomic else "*bf16"), "words_ptr": "*i32", "row_groups": "i32"}
         row_groups = -(-n // 16)
-        constexprs = {"NUM_K": -(-k // config.block_k), "LAYOUT_STEPS": -(-k // 128) * 2,
-                      "EVEN_K": k % config.block_k == 0,
+        constexprs = {"NUM_K": -(-k // config.block_k), "LAYOUT_STEPS": -(-k // 256) * 4,
+                      "SPLIT_K": config.split_k, "EVEN_K": k % config.block_k == 0 and config.split_k == 1,
                       "ROW_MASK": row_groups % config.num_warps != 0, "STAGES": config.num_stages,
                       "PREFETCH": config.prefetch, "num_warps": config.num_warps}
         return _compile(_moe_matmul_rs_kernel, GluonASTSource, signature, constexprs, config, k=k, n=n,

@@ -25,7 +25,7 @@ def test_kernel_decode_of_fragments_equals_dequantize(shape):
     scales = torch.randint(0, fl.MAX_SCALE_BYTE + 1, (E, N, K // 32), generator=gen, dtype=torch.uint8)
     scales.view(-1)[:2] = torch.tensor([0, fl.MAX_SCALE_BYTE], dtype=torch.uint8)
     fw = to_fragment_order(blocks, scales)
-    groups, steps = -(-N // 16), 2 * -(-K // 128)       # steps of 64 k, an even number of them
+    groups, steps = -(-N // 16), 4 * -(-K // 256)       # steps of 64 k, a multiple of 4 of them
     assert fw.words.shape == (E, groups, steps, 32, 4) and fw.words.dtype == torch.int32
     assert fw.scales.shape == (E, groups, steps, 8, 4) and fw.scales.dtype == torch.uint8
     expected = mxfp4.dequantize(blocks, scales, torch.float32).view(E, N, K)
@@ -50,7 +50,7 @@ def test_fragment_word_holds_the_documented_codes():
                         code = int(codes[0, 8 * half + g, 32 * kblock + 8 * i + 2 * t + h])
                         got = sum(((word >> fl.word_bit(i, h, bit)) & 1) << bit for bit in range(4))
                         assert got == code, (lane, kblock, half, i, h)
-    real = fw.scales[:, :, 0]                      # step 1 is the padding to an even step count
+    real = fw.scales[:, :, 0]                      # steps 1..3 pad the step count to a multiple of 4
     assert torch.equal(real, torch.full_like(real, 127 + fl.SCALE_BIAS))
 
 
@@ -82,8 +82,10 @@ def test_rs_kernel_needs_fragments_and_a_matching_config():
     assert "fragment order" in _rs_unsupported(x, None, 32, 64, cfg, torch.bfloat16, {})
     fw = to_fragment_order(blocks, scales)
     assert "[32, 64] weight, blocks an [48, 64]" in _rs_unsupported(x, fw, 48, 64, cfg, torch.bfloat16, {})
-    assert "64 or 128" in _rs_unsupported(x, fw, 32, 64, MatmulConfig(16, 64, 256, True, 4, 4, "rs", 3),
-                                          torch.bfloat16, {})
+    assert "64, 128 or 256" in _rs_unsupported(x, fw, 32, 64, MatmulConfig(16, 64, 512, True, 4, 4, "rs", 3),
+                                               torch.bfloat16, {})
+    assert "split_k > 1 needs" in _rs_unsupported(x, fw, 32, 64, MatmulConfig(16, 64, 64, True, 4, 4, "rs", 3, 2),
+                                                  torch.bfloat16, {})
     assert "16 * num_warps" in _rs_unsupported(x, fw, 32, 64, MatmulConfig(16, 128, 64, True, 4, 4, "rs", 3),
                                                torch.bfloat16, {})
     assert "Hopper" in _rs_unsupported(x, fw, 32, 64, cfg, torch.bfloat16, {})     # on this CPU

@@ -182,23 +182,27 @@ def test_sm90_kernel_vs_float32(gpt_oss_weights, config, tokens):
     assert err13 < TOL_BF16 and err2 < TOL_BF16 and err_rows < TOL_BF16
 
 
-# Fragment-order kernel: (block_m, block_n, block_k, swap_ab, num_warps, num_stages, kernel, prefetch).
-# 8 warps on the 2880-row w2 leave a partial row-group tile (180 groups of 16): the row mask.
+# Fragment-order kernel: (block_m, block_n, block_k, swap_ab, num_warps, num_stages, kernel, prefetch
+# [, split_k for the atomic w2]). 8 warps on the 2880-row w2 leave a partial row-group tile (180
+# groups of 16): the row mask. Split 3 of 23 K steps of 128: a last split past K.
 RS_CONFIGS = [(16, 64, 64, True, 4, 4, "rs", 3), (16, 64, 128, True, 4, 4, "rs", 2),
+              (16, 64, 256, True, 4, 4, "rs", 2), (16, 64, 128, True, 4, 4, "rs", 2, 3),
               (32, 128, 64, True, 8, 4, "rs", 3), (64, 64, 64, True, 4, 4, "rs", 2),
               (128, 128, 64, True, 8, 3, "rs", 2)]
 
 
-@pytest.mark.parametrize("config", RS_CONFIGS, ids=lambda c: "rs-bm{}-bn{}-bk{}-w{}-s{}-p{}".format(
-    c[0], c[1], c[2], c[4], c[5], c[7]))
+@pytest.mark.parametrize("config", RS_CONFIGS, ids=lambda c: "rs-bm{}-bn{}-bk{}-w{}-s{}-p{}-split{}".format(
+    c[0], c[1], c[2], c[4], c[5], c[7], c[8] if len(c) > 8 else 1))
 @pytest.mark.parametrize("tokens", [1, 77, 600])
 def test_rs_kernel_vs_float32(gpt_oss_weights, config, tokens):
     # The fragment-order kernel (decoded weights as the wgmma's register operand) on the gpt-oss
     # shapes, as test_sm90_kernel_vs_float32: NaN-poisoned outputs, w2 by atomic combine and
     # into sorted rows with per-channel scales.
+    import dataclasses
     from mxfp4_moe.kernels import MatmulConfig, moe_matmul, to_fragment_order
     from mxfp4_moe.reference import reference_moe_matmul
-    cfg = MatmulConfig(*config)
+    cfg = MatmulConfig(*config)                         # split_k for the atomic w2 only
+    cfg13 = dataclasses.replace(cfg, split_k=1)
     w = gpt_oss_weights
     frag13 = to_fragment_order(w.w13_blocks, w.w13_scales)
     frag2 = to_fragment_order(w.w2_blocks, w.w2_scales)
@@ -210,7 +214,7 @@ def test_rs_kernel_vs_float32(gpt_oss_weights, config, tokens):
     args13 = (w.w13_blocks, w.w13_scales, w.w13_bias, meta)
     swiglu = (w.swiglu_alpha, w.swiglu_limit)
     act = torch.full((tokens * w.top_k, w.inter_pad), float("nan"), dtype=torch.bfloat16, device="cuda")
-    moe_matmul(x, *args13, swiglu=swiglu, out=act, config=cfg, fragments=frag13)
+    moe_matmul(x, *args13, swiglu=swiglu, out=act, config=cfg13, fragments=frag13)
     act_ref = reference_moe_matmul(x, *args13, swiglu=swiglu, compute_dtype=torch.float32)
     err13 = rel_err(act[:local], act_ref[:local])
     args2 = (w.w2_blocks, w.w2_scales, w.w2_bias, meta)
@@ -220,7 +224,7 @@ def test_rs_kernel_vs_float32(gpt_oss_weights, config, tokens):
     err2 = rel_err(y, y_ref)
     cs = torch.rand(w.num_local_experts, w.hidden_pad, generator=gen, device="cuda") + 0.5
     rows = torch.full((tokens * w.top_k, w.hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
-    moe_matmul(act, *args2, channel_scale=cs, out=rows, config=cfg, fragments=frag2, gather=False, n_out=w.hidden)
+    moe_matmul(act, *args2, channel_scale=cs, out=rows, config=cfg13, fragments=frag2, gather=False, n_out=w.hidden)
     rows_ref = reference_moe_matmul(act, *args2, channel_scale=cs, compute_dtype=torch.float32, gather=False,
                                     n_out=w.hidden)
     err_rows = rel_err(rows[:local], rows_ref[:local])

@@ -122,13 +122,13 @@ SWEEP_AGREEMENT = 1e-2   # relative Frobenius difference a swept config may have
 
 
 def candidates(block_m: int, n: int, k: int, swiglu: bool, mean_rows: float,
-               kernel: str = "all", fragments: bool = False) -> list[MatmulConfig]:
+               kernel: str = "all", fragments: bool = False, rows: int | None = None) -> list[MatmulConfig]:
     """The default first, then alternatives (the best is reported beside the default) of the
     Triton kernel (swapped operands are right at every tile size since it retires each K step's
     wgmma, triton#9433) and the Gluon "sm90" kernel (swapped at small tiles); `kernel` keeps
     the alternatives of one kernel only ("all": both)."""
     d = default_config(block_m, n, k, swiglu=swiglu, sm90=on_hopper(torch.device("cuda")), mean_rows=mean_rows,
-                       fragments=fragments)
+                       fragments=fragments, rows=rows)
     C = MatmulConfig
     if block_m <= 32:
         alts = [C(block_m, 64, 64, True, 4, 4), C(block_m, 64, 128, True, 4, 4), C(block_m, 128, 64, True, 4, 4),
@@ -215,7 +215,7 @@ def bench_point(w, layer, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_refer
         timings = []
         for bm, meta_bm in metas.items():
             for cfg in candidates(bm, n, k, op == "w13", mean_rows, sweep_kernel,
-                                  fragments=bool(fragments))[:None if sweep else 1]:
+                                  fragments=bool(fragments), rows=rows)[:None if sweep else 1]:
                 fn = launch(op, meta_bm, config=cfg)
                 try:
                     # A config must compute what the default computes (another summation order:
@@ -233,7 +233,7 @@ def bench_point(w, layer, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_refer
         res[op + "_sweep"] = [[ms, list(cfg.__dict__.values())] for ms, cfg in timings]
         hopper = on_hopper(torch.device("cuda"))
         default_cfg = default_config(block_m, n, k, swiglu=op == "w13", sm90=hopper, mean_rows=mean_rows,
-                                     fragments=bool(fragments))
+                                     fragments=bool(fragments), rows=rows)
         if default_cfg.kernel == "rs":
             # The checkpoint-order default beside it (same run): what fragment order gains.
             old_cfg = default_config(block_m, n, k, swiglu=op == "w13", sm90=hopper, mean_rows=mean_rows)

@@ -5,6 +5,7 @@ output, picks block sizes and the grid, and launches. The torch twin with the sa
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -82,6 +83,11 @@ def pick_block_m(num_rows: int, num_local_experts: int) -> int:
 # checkpoint-order defaults: benchmarks/RESULTS.md section 3.1). 64-row programs (4 warps) at
 # every tile size but 128 rows, where 8 warps share each x tile; 128-wide K steps up to 32 rows
 # (4-11% faster than 64 there, 5-7% slower at 64 rows).
+# At 1-2 tokens (<= 8 routed rows, a few hundred programs) the K loop's length bounds the time:
+# w13 takes 256-wide K steps (0.027 vs 0.029 ms at T = 1), w2 splits K in 4 (0.017 vs 0.024).
+_RS_FEW_ROWS = 8
+_RS_FEW_ROWS_CONFIGS = {True: MatmulConfig(16, 64, 256, True, 4, 4, "rs", 2),
+                        False: MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2, split_k=4)}
 _RS_CONFIGS = {16: MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2),
                32: MatmulConfig(32, 64, 128, True, 4, 4, "rs", 2),
                64: MatmulConfig(64, 64, 64, True, 4, 4, "rs", 3),
@@ -89,10 +95,11 @@ _RS_CONFIGS = {16: MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2),
 
 
 def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: bool = False,
-                   mean_rows: float | None = None, fragments: bool = False) -> MatmulConfig:
+                   mean_rows: float | None = None, fragments: bool = False, rows: int | None = None) -> MatmulConfig:
     """Block sizes for an [n, k] weight at `block_m` rows per tile (swiglu: the w13 launch;
-    mean_rows: routed rows per local expert, when known; fragments: the weights are also in
-    fragment order, and sm90: on a Hopper GPU in bf16 -> the "rs" kernel).
+    mean_rows: routed rows per local expert, rows: routed rows in all, when known; fragments:
+    the weights are also in fragment order, and sm90: on a Hopper GPU in bf16 -> the "rs"
+    kernel; its split_k > 1 assumes w2's atomic combine, the launcher drops it otherwise).
 
     Few rows per expert: swap A and B (y.T = W @ x.T) so weight rows fill the MMA's wide side.
     sm90 (a Hopper GPU and bf16): from 64-row tiles up, the Gluon kernel, whose weight decode
@@ -103,6 +110,8 @@ def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: 
     if interpreting():
         return MatmulConfig(block_m, block_n=32, block_k=64, swap_ab=block_m <= 32, num_warps=4, num_stages=1)
     if sm90 and fragments and block_m in _RS_CONFIGS:
+        if block_m == 16 and rows is not None and rows <= _RS_FEW_ROWS:
+            return _RS_FEW_ROWS_CONFIGS[swiglu]
         return _RS_CONFIGS[block_m]
     if block_m <= 16 and not swiglu and mean_rows is not None and mean_rows < 1:
         # w2 with fewer rows than experts (T = 1, 8 at E = 128): half the K steps per program,
@@ -234,8 +243,12 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
         mean_rows = meta.num_rows / max(1, meta.num_local_experts)
         sm90 = compute_dtype == torch.bfloat16 and on_hopper(device)
         config = default_config(meta.block_m, n, k, swiglu=swiglu is not None, mean_rows=mean_rows, sm90=sm90,
-                                fragments=fragments is not None)
-        if config.kernel == "rs" and _rs_unsupported(x, fragments, n, k, config, compute_dtype, sm90_other):
+                                fragments=fragments is not None, rows=meta.num_rows)
+        split_k_ok = combine == "atomic" and swiglu is None
+        if config.split_k > 1 and not split_k_ok:
+            config = dataclasses.replace(config, split_k=1)
+        if config.kernel == "rs" and _rs_unsupported(x, fragments, n, k, config, compute_dtype, sm90_other,
+                                                     split_k_ok=split_k_ok):
             config = default_config(meta.block_m, n, k, swiglu=swiglu is not None, mean_rows=mean_rows, sm90=sm90)
         if config.kernel == "sm90" and _sm90_unsupported(x, blocks, config, compute_dtype, sm90_dequant, sm90_other):
             config = default_config(meta.block_m, n, k, swiglu=swiglu is not None)   # the Triton kernel

@@ -86,8 +86,9 @@ class RoutingMetadata:
       tile_row_start [max_tiles] int32  first sorted row of tile i (its rows end at
                                         min(start + block_m, expert_offsets[e + 1]))
 
-    max_tiles = ceil(R / block_m) + E_local bounds the real tile count whatever the routing, so
-    everything is computed on the device with no host synchronisation (CUDA-graph safe).
+    max_tiles = min(ceil(R / block_m) + E_local, R) bounds the real tile count whatever the
+    routing, so everything is computed on the device with no host synchronisation (CUDA-graph
+    safe).
     """
 
     num_tokens: int
@@ -114,8 +115,11 @@ class RoutingMetadata:
 
 
 def max_tiles(num_rows: int, num_local_experts: int, block_m: int) -> int:
-    """Upper bound on the tiles of `block_m` rows: sum_e ceil(c_e / m) <= ceil(R / m) + E_local."""
-    return -(-num_rows // block_m) + num_local_experts
+    """Upper bound on the tiles of `block_m` rows: sum_e ceil(c_e / m) <= ceil(R / m) + E_local,
+    and <= R (every tile holds a row; at least 1). The kernels' grids have this many tiles, and
+    the ones past the real count exit at once: at T = 1, E_local = 128 the second bound cuts
+    129 tiles to 4."""
+    return max(1, min(-(-num_rows // block_m) + num_local_experts, num_rows))
 
 
 def _use_triton(device: torch.device) -> bool:

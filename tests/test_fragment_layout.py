@@ -89,3 +89,32 @@ def test_rs_kernel_needs_fragments_and_a_matching_config():
     assert "16 * num_warps" in _rs_unsupported(x, fw, 32, 64, MatmulConfig(16, 128, 64, True, 4, 4, "rs", 3),
                                                torch.bfloat16, {})
     assert "Hopper" in _rs_unsupported(x, fw, 32, 64, cfg, torch.bfloat16, {})     # on this CPU
+
+
+def test_rs_kernel_is_the_hopper_default_with_fragments(monkeypatch):
+    # With the weights in fragment order, bf16 on a Hopper GPU takes the "rs" kernel at every tile
+    # size (a 256-wide K step for w13 and split-K for w2 at <= 8 routed rows); without them, or
+    # off Hopper, the checkpoint-order defaults stay.
+    import importlib
+    launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
+    monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    for block_m in (16, 32, 64, 128):
+        for swiglu in (True, False):
+            cfg = launcher.default_config(block_m, 5760, 2880, swiglu=swiglu, sm90=True, fragments=True, rows=4096)
+            assert cfg.kernel == "rs" and cfg.block_m == block_m and cfg.split_k == 1
+            assert not _rs_problem(launcher, cfg, split_k_ok=not swiglu)
+            assert launcher.default_config(block_m, 5760, 2880, swiglu=swiglu, sm90=True).kernel != "rs"
+            assert launcher.default_config(block_m, 5760, 2880, swiglu=swiglu, fragments=True).kernel == "triton"
+    w13 = launcher.default_config(16, 5760, 2880, swiglu=True, sm90=True, fragments=True, rows=4)
+    w2 = launcher.default_config(16, 2880, 2880, swiglu=False, sm90=True, fragments=True, rows=4)
+    assert (w13.block_k, w13.split_k) == (256, 1) and (w2.block_k, w2.split_k) == (128, 4)
+    assert not _rs_problem(launcher, w13, split_k_ok=False) and not _rs_problem(launcher, w2, split_k_ok=True)
+
+
+def _rs_problem(launcher, cfg, split_k_ok):
+    """What _rs_unsupported says of `cfg` for gpt-oss-shaped fragments, Hopper assumed."""
+    import unittest.mock
+    x = torch.zeros(8, 256, dtype=torch.bfloat16)
+    fw = to_fragment_order(torch.zeros(1, 32, 128, dtype=torch.uint8), torch.full((1, 32, 8), 127, dtype=torch.uint8))
+    with unittest.mock.patch.object(launcher, "on_hopper", lambda device: True):
+        return launcher._rs_unsupported(x, fw, 32, 256, cfg, torch.bfloat16, {}, split_k_ok=split_k_ok)

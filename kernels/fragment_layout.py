@@ -35,6 +35,7 @@ LANES = 32
 ROWS_PER_GROUP = 16           # a warp's share of the wgmma's 64 rows
 K_STEP = 64                   # k per step of the layout: 4 words per lane
 STEP_ALIGN = 4                # k_steps is a multiple of this: kernels may step 64, 128 or 256
+_CHUNK_BYTES = 1 << 26        # codes re-arranged per pass of to_fragment_order
 PAIRS_PER_WORD = 4
 SCALE_BIAS = E8M0_BIAS - 1    # b + 126: bf16 exponent field of 2 ** (b - 1)
 BF16_MANTISSA_BITS = 7        # stored byte << 7: the bf16 bits of 2 ** (b - 1)
@@ -97,8 +98,8 @@ def fragment_order_problem(scales_e8m0: torch.Tensor) -> str:
 
 def to_fragment_order(blocks: torch.Tensor, scales_e8m0: torch.Tensor) -> FragmentWeights:
     """blocks [E, N, K // 2] uint8 (low nibble = even k), scales_e8m0 [E, N, K // 32] uint8 ->
-    `FragmentWeights`. Runs where the tensors are (one pass over the weights, a few temporaries
-    of the codes' size)."""
+    `FragmentWeights`. Runs where the tensors are, a few experts at a time (temporaries of about
+    8 x _CHUNK_BYTES)."""
     if blocks.dim() != 3 or blocks.dtype != torch.uint8:
         raise ValueError(f"to_fragment_order: blocks must be [E, N, K // 2] uint8, got {tuple(blocks.shape)} "
                          f"{blocks.dtype}")
@@ -116,27 +117,31 @@ def to_fragment_order(blocks: torch.Tensor, scales_e8m0: torch.Tensor) -> Fragme
     n_pad, k_pad = groups * ROWS_PER_GROUP, steps * K_STEP
     device = blocks.device
 
-    codes = torch.zeros(n_experts, n_pad, k_pad, dtype=torch.int32, device=device)
-    codes[:, :n, 0:k:2] = blocks & 0xF
-    codes[:, :n, 1:k:2] = blocks >> 4
-    # [E, group, half, g, step, kblock, pair, t, p] -> [E, group, step, g, t, kblock, half, pair, p]
-    codes = codes.view(n_experts, groups, 2, 8, steps, kblocks, PAIRS_PER_WORD, 4, 2)
-    codes = codes.permute(0, 1, 4, 3, 7, 5, 2, 6, 8)
-    words = torch.zeros(codes.shape[:-2], dtype=torch.int64, device=device)
-    for pair in range(PAIRS_PER_WORD):
-        for high in range(2):
-            code = codes[..., pair, high]
-            for bit in range(4):
-                words |= ((code >> bit) & 1).to(torch.int64) << word_bit(pair, high, bit)
-    words = words.reshape(n_experts, groups, steps, LANES, 2 * kblocks)
-    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    words = torch.empty(n_experts, groups, steps, LANES, 2 * kblocks, dtype=torch.int32, device=device)
+    # A few experts at a time: the temporaries stay near _CHUNK_BYTES whatever the layer's size.
+    chunk = max(1, _CHUNK_BYTES // max(1, n_pad * k_pad))
+    for e0 in range(0, n_experts, chunk):
+        e1 = min(n_experts, e0 + chunk)
+        codes = torch.zeros(e1 - e0, n_pad, k_pad, dtype=torch.uint8, device=device)
+        codes[:, :n, 0:k:2] = blocks[e0:e1] & 0xF
+        codes[:, :n, 1:k:2] = blocks[e0:e1] >> 4
+        # [e, group, half, g, step, kblock, pair, t, p] -> [e, group, step, g, t, kblock, half, pair, p]
+        codes = codes.view(e1 - e0, groups, 2, 8, steps, kblocks, PAIRS_PER_WORD, 4, 2)
+        codes = codes.permute(0, 1, 4, 3, 7, 5, 2, 6, 8)
+        chunk_words = torch.zeros(codes.shape[:-2], dtype=torch.int32, device=device)
+        for pair in range(PAIRS_PER_WORD):
+            for high in range(2):
+                code = codes[..., pair, high].to(torch.int32)
+                for bit in range(4):          # (bit 31 wraps to the sign: the word's bits are what count)
+                    chunk_words |= ((code >> bit) & 1) << word_bit(pair, high, bit)
+        words[e0:e1] = chunk_words.view(e1 - e0, groups, steps, LANES, 2 * kblocks)
 
     biased = torch.zeros(n_experts, n_pad, steps * kblocks, dtype=torch.uint8, device=device)
     biased[:, :n, :k // BLOCK_SIZE] = scales_e8m0 + SCALE_BIAS
     # [E, group, half, g, step, kblock] -> [E, group, step, g, kblock, half]
     scales = biased.view(n_experts, groups, 2, 8, steps, kblocks).permute(0, 1, 4, 3, 5, 2)
     scales = scales.reshape(n_experts, groups, steps, 8, 2 * kblocks)
-    return FragmentWeights(words=words.contiguous(), scales=scales.contiguous(), n=n, k=k)
+    return FragmentWeights(words=words, scales=scales.contiguous(), n=n, k=k)
 
 
 def _rotl(words: torch.Tensor, r: int) -> torch.Tensor:

@@ -118,3 +118,14 @@ def _rs_problem(launcher, cfg, split_k_ok):
     fw = to_fragment_order(torch.zeros(1, 32, 128, dtype=torch.uint8), torch.full((1, 32, 8), 127, dtype=torch.uint8))
     with unittest.mock.patch.object(launcher, "on_hopper", lambda device: True):
         return launcher._rs_unsupported(x, fw, 32, 256, cfg, torch.bfloat16, {}, split_k_ok=split_k_ok)
+
+
+def test_experts_re_arranged_in_chunks_give_the_same_words(monkeypatch):
+    # to_fragment_order works a few experts at a time; one expert per pass must change nothing.
+    gen = torch.Generator().manual_seed(7)
+    blocks = torch.randint(0, 256, (5, 48, 160), generator=gen, dtype=torch.uint8)
+    scales = torch.randint(0, fl.MAX_SCALE_BYTE + 1, (5, 48, 10), generator=gen, dtype=torch.uint8)
+    whole = to_fragment_order(blocks, scales)
+    monkeypatch.setattr(fl, "_CHUNK_BYTES", 1)
+    chunked = to_fragment_order(blocks, scales)
+    assert torch.equal(whole.words, chunked.words) and torch.equal(whole.scales, chunked.scales)

@@ -109,13 +109,48 @@ def _load_step(words_ptrs, scale_ptrs, row_mask, step, NUM_K: gl.constexpr, STEP
 
 
 @gluon.jit
-def _copy_x_step(x_stage, x_ptrs, mask_xm, offs_xk, K_X, step, BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr):
-    """cp.async of the tile's x rows for one K step (columns >= K_X read as zero)."""
+def _copy_x_step(x_stage, x_ptrs, mask_xm, offs_xk, K_X, step, BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr,
+                 valid=True):
+    """cp.async of the tile's x rows for one K step (columns >= K_X, and every column unless
+    `valid`, read as zero)."""
     if EVEN_K:
-        async_copy.async_copy_global_to_shared(x_stage, x_ptrs + step * BLOCK_K, mask=mask_xm[:, None])
+        async_copy.async_copy_global_to_shared(x_stage, x_ptrs + step * BLOCK_K, mask=mask_xm[:, None] & valid)
     else:
-        x_mask = mask_xm[:, None] & ((step * BLOCK_K + offs_xk) < K_X)[None, :]
+        x_mask = mask_xm[:, None] & ((step * BLOCK_K + offs_xk) < K_X)[None, :] & valid
         async_copy.async_copy_global_to_shared(x_stage, x_ptrs + step * BLOCK_K, mask=x_mask)
+
+
+@gluon.jit
+def _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, load_step, NUM_K: gl.constexpr, STEP_WORDS: gl.constexpr,
+                   STEP_SCALES: gl.constexpr, ROW_MASK: gl.constexpr, dot_layout: gl.constexpr):
+    """Start the loads of step `load_step` (PREFETCH - 1 ahead), decode the oldest step in the
+    queue: (A fragment, the queue moved on by one)."""
+    queue = queue + (_load_step(words_ptrs, scale_ptrs, row_mask, load_step, NUM_K, STEP_WORDS, STEP_SCALES,
+                                ROW_MASK),)
+    words, scale_words = queue[0]
+    return _decode_fragment(words, scale_words, dot_layout), queue[1:]
+
+
+@gluon.jit
+def _wait_x_step(STAGES: gl.constexpr):
+    """This step's x rows in shared memory, visible to the wgmma: this thread's copies landed,
+    proxy fence, then the barrier (everyone's landed; every warp is past the previous step's
+    wait, so the buffer two steps back is free)."""
+    async_copy.wait_group(STAGES - 3)
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _refill_x_step(x_smem, x_ptrs, mask_xm, offs_xk, K_X, first, kn, STEPS, LOOP_STEPS, STAGES: gl.constexpr,
+                   BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr):
+    """cp.async of local step kn's x rows into the buffer step kn - STAGES read, zeros for a
+    step the loop runs past this program's STEPS (kn < LOOP_STEPS), and one commit group either
+    way."""
+    if kn < LOOP_STEPS:
+        _copy_x_step(x_smem.index(kn % STAGES), x_ptrs, mask_xm, offs_xk, K_X, first + kn, BLOCK_K, EVEN_K,
+                     kn < STEPS)
+    async_copy.commit_group()
 
 
 @gluon.jit
@@ -130,7 +165,7 @@ def _moe_matmul_rs_kernel(
         N, K_X, N_OUT,
         alpha, limit,
         NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
-        STAGES: gl.constexpr, PREFETCH: gl.constexpr, SPLIT_K: gl.constexpr,
+        STAGES: gl.constexpr, PREFETCH: gl.constexpr, SPLIT_K: gl.constexpr, PIPELINE_MMA: gl.constexpr,
         EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr,
         GATHER: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
         HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
@@ -207,24 +242,39 @@ def _moe_matmul_rs_kernel(
                                     ROW_MASK),)
 
     acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
-    for ki in range(STEPS):
-        # (steps past NUM_K, in the last split: zero x columns times any finite weights)
-        queue = queue + (_load_step(words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH - 1, NUM_K, STEP_WORDS,
-                                    STEP_SCALES, ROW_MASK),)
-        words, scale_words = queue[0]
-        queue = queue[1:]
-        a = _decode_fragment(words, scale_words, dot_layout)
-        async_copy.wait_group(STAGES - 3)          # this thread's x copies of step ki have landed
-        fence_async_shared()
-        gl.thread_barrier()                        # everyone's have; every warp is past step ki - 1's wgmma
-        acc = warpgroup_mma(a, x_smem.index(ki % STAGES).permute((1, 0)), acc, is_async=True)
-        # Retire it before the next step's decode: ptxas 12.8 would reuse the registers of `a`
-        # while it runs (triton#9433; a wait of 1 gave 44-80 such writes per step in the SASS).
-        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
-        kn = ki + STAGES - 2                       # into the buffer step ki - 2 read (retired everywhere)
-        if kn < STEPS:
-            _copy_x_step(x_smem.index(kn % STAGES), x_ptrs, mask_xm, offs_xk, K_X, first + kn, BLOCK_K, EVEN_K)
-        async_copy.commit_group()
+    if PIPELINE_MMA:
+        # Two steps per iteration, each step's A fragment its own value: step k's wgmma runs while
+        # step k + 1 decodes, and retires at step k + 1's wait (which keeps its A alive until then).
+        LOOP_STEPS: gl.constexpr = 2 * ((STEPS + 1) // 2)     # an odd STEPS gets a zero step
+        a1 = gl.zeros((BLOCK_N, BLOCK_K), dtype=gl.bfloat16, layout=dot_layout)
+        for kp in range(LOOP_STEPS // 2):
+            ki = 2 * kp
+            a0, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH - 1,
+                                       NUM_K, STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
+            _wait_x_step(STAGES)
+            acc = warpgroup_mma(a0, x_smem.index(ki % STAGES).permute((1, 0)), acc, is_async=True)
+            acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
+            _refill_x_step(x_smem, x_ptrs, mask_xm, offs_xk, K_X, first, ki + STAGES - 2, STEPS, LOOP_STEPS,
+                           STAGES, BLOCK_K, EVEN_K)
+            a1, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH, NUM_K,
+                                       STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
+            _wait_x_step(STAGES)
+            acc = warpgroup_mma(a1, x_smem.index((ki + 1) % STAGES).permute((1, 0)), acc, is_async=True)
+            acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
+            _refill_x_step(x_smem, x_ptrs, mask_xm, offs_xk, K_X, first, ki + STAGES - 1, STEPS, LOOP_STEPS,
+                           STAGES, BLOCK_K, EVEN_K)
+        acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
+    else:
+        for ki in range(STEPS):
+            a, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH - 1, NUM_K,
+                                      STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
+            _wait_x_step(STAGES)
+            acc = warpgroup_mma(a, x_smem.index(ki % STAGES).permute((1, 0)), acc, is_async=True)
+            # Retire it before the next step's decode: ptxas 12.8 would reuse the registers of `a`
+            # while it runs (triton#9433; a wait of 1 gave 44-80 such writes per step in the SASS).
+            acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+            _refill_x_step(x_smem, x_ptrs, mask_xm, offs_xk, K_X, first, ki + STAGES - 2, STEPS, STEPS, STAGES,
+                           BLOCK_K, EVEN_K)
     async_copy.wait_group(0)
 
     _store_tile(gl.permute(acc, (1, 0)), pid_n, expert64, row_start, row_end, bias_ptr, stride_be, split == 0,

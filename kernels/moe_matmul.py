@@ -47,7 +47,9 @@ class MatmulConfig:
     block_n = 16 * num_warps, block_k 64, 128 or 256, num_stages
     (>= 3) x buffers (num_stages - 2 steps in flight), prefetch (>= 1): K steps of weights in
     registers (prefetch - 1 loaded ahead), split_k: programs per tile along K ("rs" with combine
-    "atomic" and no SwiGLU; their partial sums meet in the atomic adds).
+    "atomic" and no SwiGLU; their partial sums meet in the atomic adds), pipeline_mma: each K
+    step's wgmma runs on while the next step decodes (two register fragments in turn; the sm_90
+    SASS check `sm90_report.rs_wgmma_hazards` finds no register rewritten under a running wgmma).
     """
     block_m: int
     block_n: int
@@ -58,6 +60,7 @@ class MatmulConfig:
     kernel: Kernel = "triton"
     prefetch: int = 1
     split_k: int = 1
+    pipeline_mma: bool = False
 
 
 def pick_block_m(num_rows: int, num_local_experts: int) -> int:
@@ -317,6 +320,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
             y, y.stride(0),
             *routing, NUM_K=steps, LAYOUT_STEPS=fragments.k_steps, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
             STAGES=config.num_stages, PREFETCH=config.prefetch, SPLIT_K=config.split_k,
+            PIPELINE_MMA=config.pipeline_mma,
             EVEN_K=x.shape[1] == steps * config.block_k and steps % config.split_k == 0,
             ROW_MASK=fragments.row_groups % config.num_warps != 0,
             **{name: fused[name] for name in ("GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE",

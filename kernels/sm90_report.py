@@ -111,7 +111,7 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
         constexprs = {"NUM_K": -(-k // config.block_k), "LAYOUT_STEPS": -(-k // 256) * 4,
                       "SPLIT_K": config.split_k, "EVEN_K": k % config.block_k == 0 and config.split_k == 1,
                       "ROW_MASK": row_groups % config.num_warps != 0, "STAGES": config.num_stages,
-                      "PREFETCH": config.prefetch, "num_warps": config.num_warps}
+                      "PREFETCH": config.prefetch, "PIPELINE_MMA": config.pipeline_mma, "num_warps": config.num_warps}
         return _compile(_moe_matmul_rs_kernel, GluonASTSource, signature, constexprs, config, k=k, n=n,
                         swiglu=swiglu, atomic=atomic, options={"num_warps": config.num_warps})
     if config.kernel == "sm90":
@@ -189,32 +189,34 @@ def rs_wgmma_hazards(loop: list[str]) -> dict:
     """Registers the K loop overwrites while a wgmma that reads them may still run.
 
     A wgmma with its A operand in registers (HGMMA R_d, R_a, gdesc...) reads R_a..R_a+3
-    asynchronously, until a WARPGROUP.DEPBAR (wgmma.wait_group) retires it. When the loop's last
-    wait leaves p groups pending at the back edge, those groups' A registers must not be written
-    at the top of the next iteration before its first wait; this counts the writes that do.
-    Returns {"rs_groups", "pending_at_back_edge", "in_flight_overwrites"}.
+    asynchronously, until a WARPGROUP.DEPBAR.LE gsb0, n (wgmma.wait_group n) leaves at most n
+    newer groups pending. This walks the loop body twice (the second time starting with the
+    groups the first left pending: the back edge) and counts, in the second walk, instructions
+    that write a register of a pending group. Returns {"rs_groups", "pending_at_back_edge",
+    "in_flight_overwrites"}.
     """
     body = [m.group("text").strip() for line in loop if (m := _SASS_INSTRUCTION.match(line))]
-    groups: list[set[int]] = []          # A registers of each WARPGROUP.ARRIVE ... HGMMA group
-    open_group: set[int] | None = None
-    pending = 0
-    for ins in body:
-        if ins.startswith("WARPGROUP.ARRIVE"):
-            open_group = set()
-            groups.append(open_group)
-        elif (m := _HGMMA_A_REGISTER.search(ins)) and open_group is not None:
-            open_group |= set(range(int(m.group(1)), int(m.group(1)) + 4))
-        elif m := _WGMMA_WAIT.search(ins):
-            pending = int(m.group(1), 16)
-    rs_groups = [g for g in groups if g]
-    in_flight = set().union(*groups[len(groups) - pending:]) if pending else set()
-    overwrites = 0
-    for ins in body:
-        if _WGMMA_WAIT.search(ins) or ins.startswith("WARPGROUP.ARRIVE"):
-            break
-        overwrites += bool(_registers_written(ins) & in_flight)
-    return {"rs_groups": len(rs_groups), "pending_at_back_edge": pending if rs_groups else 0,
-            "in_flight_overwrites": overwrites}
+
+    def walk(pending: list[set[int]]) -> tuple[list[set[int]], int, int]:
+        open_group: set[int] | None = None
+        overwrites = rs_groups = 0
+        for ins in body:
+            if ins.startswith("WARPGROUP.ARRIVE"):
+                open_group = set()
+                pending.append(open_group)
+            elif (m := _HGMMA_A_REGISTER.search(ins)) and open_group is not None:
+                rs_groups += not open_group
+                open_group |= set(range(int(m.group(1)), int(m.group(1)) + 4))
+            elif m := _WGMMA_WAIT.search(ins):
+                keep = int(m.group(1), 16)
+                del pending[:max(0, len(pending) - keep)]
+            elif (written := _registers_written(ins)) and any(written & group for group in pending):
+                overwrites += 1
+        return [group for group in pending if group], rs_groups, overwrites
+
+    pending, rs_groups, _ = walk([])
+    pending, _, overwrites = walk(pending)
+    return {"rs_groups": rs_groups, "pending_at_back_edge": len(pending), "in_flight_overwrites": overwrites}
 
 
 def resource_report(compiled, config: MatmulConfig | None = None) -> dict:

@@ -185,14 +185,18 @@ def test_sm90_kernel_vs_float32(gpt_oss_weights, config, tokens):
 # Fragment-order kernel: (block_m, block_n, block_k, swap_ab, num_warps, num_stages, kernel, prefetch
 # [, split_k for the atomic w2]). 8 warps on the 2880-row w2 leave a partial row-group tile (180
 # groups of 16): the row mask. Split 3 of 23 K steps of 128: a last split past K.
+# With pipeline_mma (the 10th field), an odd step count per program (45 steps of 64; 9 per split
+# of 5) ends in a zero-filled step: in a split other than the last it must add nothing.
 RS_CONFIGS = [(16, 64, 64, True, 4, 4, "rs", 3), (16, 64, 128, True, 4, 4, "rs", 2),
               (16, 64, 256, True, 4, 4, "rs", 2), (16, 64, 128, True, 4, 4, "rs", 2, 3),
               (32, 128, 64, True, 8, 4, "rs", 3), (64, 64, 64, True, 4, 4, "rs", 2),
-              (128, 128, 64, True, 8, 3, "rs", 2)]
+              (128, 128, 64, True, 8, 3, "rs", 2),
+              (16, 64, 128, True, 4, 4, "rs", 2, 1, True), (16, 64, 64, True, 4, 4, "rs", 3, 5, True),
+              (64, 64, 64, True, 4, 4, "rs", 3, 1, True), (128, 128, 64, True, 8, 4, "rs", 3, 1, True)]
 
 
-@pytest.mark.parametrize("config", RS_CONFIGS, ids=lambda c: "rs-bm{}-bn{}-bk{}-w{}-s{}-p{}-split{}".format(
-    c[0], c[1], c[2], c[4], c[5], c[7], c[8] if len(c) > 8 else 1))
+@pytest.mark.parametrize("config", RS_CONFIGS, ids=lambda c: "rs-bm{}-bn{}-bk{}-w{}-s{}-p{}-split{}{}".format(
+    c[0], c[1], c[2], c[4], c[5], c[7], c[8] if len(c) > 8 else 1, "-pipelined" if len(c) > 9 and c[9] else ""))
 @pytest.mark.parametrize("tokens", [1, 77, 600])
 def test_rs_kernel_vs_float32(gpt_oss_weights, config, tokens):
     # The fragment-order kernel (decoded weights as the wgmma's register operand) on the gpt-oss

@@ -215,7 +215,7 @@ def _store_tile(acc, pid_n, expert64, row_start, row_end, bias_ptr, stride_be, w
     # Epilogue in a plain blocked layout, VEC output columns per thread: with SwiGLU, 8 gate/up
     # pairs per thread become 8 adjacent bf16 (one 16-byte store, and no second layout change);
     # otherwise 16-byte stores or 4-wide fp32 atomics. Against 2 columns per thread (H200, same
-    # run): w2 1-5% faster, w13 within noise (benchmarks/RESULTS.md section 3.2).
+    # run): w2 1-5% faster, w13 within noise (benchmarks/RESULTS.md section 3.4).
     VEC: gl.constexpr = 4 if ATOMIC else 8
     if SWIGLU:      # 8 gate/up pairs per thread: after SwiGLU, 8 adjacent bf16 (16 bytes)
         acc_layout: gl.constexpr = gl.BlockedLayout([1, 2 * VEC], [16, 2], [num_warps, 1], [1, 0])

@@ -85,7 +85,7 @@ def pick_block_m(num_rows: int, num_local_experts: int) -> int:
 
 
 # The fragment-order kernel's config per tile size (H200, same-run probes against the
-# checkpoint-order defaults: benchmarks/RESULTS.md section 3.1). 64-row programs (4 warps) at
+# checkpoint-order defaults: benchmarks/RESULTS.md sections 3.1-3.2). 64-row programs (4 warps) at
 # every tile size but 128 rows, where 8 warps share each x tile; 128-wide K steps up to 32 rows
 # (4-11% faster than 64 there, 5-7% slower at 64 rows).
 # At 1-2 tokens (<= 8 routed rows, a few hundred programs) the K loop's length bounds the time:

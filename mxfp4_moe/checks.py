@@ -175,18 +175,20 @@ def kernel_tolerance(dtype: torch.dtype, device: torch.device, backend: str) -> 
     return KERNEL_TOLERANCE[dtype]
 
 
-def check_kernels(got: torch.Tensor, ref: torch.Tensor, backend: str, layer: int) -> CheckResult:
-    """The MoE layer's output `got` [T, H] (its compute dtype, from `backend`) against the float64
-    reference output `ref` [T, H] of the same routed tokens."""
+def check_kernels(got: torch.Tensor, ref: torch.Tensor, backend: str, layer: int,
+                  fragment_order: bool = False) -> CheckResult:
+    """The MoE layer's output `got` [T, H] (its compute dtype, from `backend`; fragment_order:
+    the layer ran the Hopper kernel on weights in fragment order) against the float64 reference
+    output `ref` [T, H] of the same routed tokens."""
     err = rel_err(got, ref)
     tol = kernel_tolerance(got.dtype, got.device, backend)
     max_abs = (got.double() - ref).abs().max().item() if got.numel() else 0.0
-    name = str(got.dtype).removeprefix("torch.")
+    name = str(got.dtype).removeprefix("torch.") + (", fragment order" if fragment_order else "")
     return CheckResult("kernels", layer, None, err <= tol,
                        f"MoE layer ({backend}, {name}) vs float64 reference: rel err {err:.2e} "
                        f"(<= {tol:.0e}), max abs {max_abs:.2e}",
                        {"rel_err": err, "max_abs_err": max_abs, "tolerance": tol, "backend": backend,
-                        "dtype": str(got.dtype), "tokens": got.shape[0]})
+                        "dtype": str(got.dtype), "tokens": got.shape[0], "fragment_order": fragment_order})
 
 
 def check_oracle(layer_module, weights, x: torch.Tensor, config) -> CheckResult:

@@ -225,7 +225,8 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
 
         progress.step(f"layer {layer}: kernels")
         module = MXFP4MoE(full, backend=backend, compute_dtype=dtype)
-        results.append(check_kernels(module(x_compute), ref_full, module.backend, layer))
+        results.append(check_kernels(module(x_compute), ref_full, module.backend, layer,
+                                     fragment_order=module.fragments is not None))
         tol = kernel_tolerance(dtype, device, module.backend)
         if args.oracle and oracle_layer is None:
             oracle_layer = (module, full, x_compute)

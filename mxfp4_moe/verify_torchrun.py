@@ -128,7 +128,8 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
             ref_full = reference_moe(x_compute.double(), full, topk_weights, topk_ids, torch.float64).contiguous()
             module = MXFP4MoE(full, backend=args.backend, compute_dtype=dtype)
             single = module(x_compute).contiguous()
-            results.append(check_kernels(single, ref_full, module.backend, layer))
+            results.append(check_kernels(single, ref_full, module.backend, layer,
+                                         fragment_order=module.fragments is not None))
         else:
             ref_full, single = torch.empty_like(ref_sum), torch.empty_like(y)
         dist.broadcast(ref_full, 0)

@@ -29,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from ._moe_matmul import _BLOCK_SIZE
-from ._moe_matmul_sm90 import _store_tile
+from ._moe_matmul_sm90 import _store_tile, _tile_x_rows
 from .fragment_layout import BF16_MANTISSA_BITS, LAST_PAIR_MASKS, LAST_PAIR_ROTATIONS, PAIR_MASK, PAIR_ROTATIONS
 
 _LANES: gl.constexpr = gl.constexpr(32)
@@ -201,19 +201,10 @@ def _moe_matmul_rs_kernel(
     expert = gl.load(tile_expert_ptr + tile)
     if expert < 0:
         return  # past the last real tile
-    row_start = gl.load(tile_row_start_ptr + tile)
-    row_end = gl.load(expert_offsets_ptr + expert + 1)
+    row_start, row_end, x_ptrs, mask_xm, offs_xk = _tile_x_rows(
+        x_ptr, stride_xm, gather_ptr, expert_offsets_ptr, tile_row_start_ptr, tile, expert, BLOCK_M, BLOCK_K,
+        x_layout, GATHER)
     expert64 = expert.to(gl.int64)
-
-    # x rows of this tile (gathered) and the column offsets of one K step.
-    offs_xm = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
-    mask_xm = offs_xm < row_end
-    if GATHER:
-        x_rows = gl.load(gather_ptr + offs_xm, mask=mask_xm, other=0)
-    else:
-        x_rows = offs_xm
-    offs_xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
-    x_ptrs = x_ptr + x_rows.to(gl.int64)[:, None] * stride_xm + offs_xk[None, :]
 
     # This thread's words and scale words of step 0; step s is + s * STEP_WORDS / STEP_SCALES.
     w3: gl.constexpr = gl.SliceLayout(3, words_layout)

@@ -149,13 +149,23 @@ SM90_CONFIGS = [(64, 128, 64, False, 4, 3, "sm90"), (128, 128, 64, False, 8, 3, 
 @pytest.mark.parametrize("tokens", [1, 77, 600, 4096])
 def test_sm90_kernel_vs_float32(gpt_oss_weights, config, tokens):
     # The Gluon kernel (decode overlapped with the previous step's wgmma) on the gpt-oss shapes,
-    # tails in rows (T * 4 not a multiple of the tile) and in experts with no rows; outputs
-    # NaN-poisoned; w2 both by atomic combine and into sorted rows with per-channel scales.
-    from mxfp4_moe.kernels import MatmulConfig, moe_matmul
+    # tails in rows (T * 4 not a multiple of the tile) and in experts with no rows.
+    _gluon_kernel_vs_float32(gpt_oss_weights, config, tokens, seed=tokens + 1, fragment_order=False)
+
+
+def _gluon_kernel_vs_float32(w, config, tokens, seed, fragment_order):
+    """A Gluon kernel config against the float32 reference on the dequantized weights: w13 +
+    SwiGLU, w2 by atomic combine (split_k, if any, applies here only) and w2 into sorted rows with
+    per-channel scales; outputs NaN-poisoned. fragment_order: the weights in fragment order too
+    (for kernel "rs")."""
+    import dataclasses
+    from mxfp4_moe.kernels import MatmulConfig, moe_matmul, to_fragment_order
     from mxfp4_moe.reference import reference_moe_matmul
     cfg = MatmulConfig(*config)
-    w = gpt_oss_weights
-    gen = torch.Generator(device="cuda").manual_seed(tokens + 1)
+    cfg_no_split = dataclasses.replace(cfg, split_k=1)
+    frag13 = to_fragment_order(w.w13_blocks, w.w13_scales) if fragment_order else None
+    frag2 = to_fragment_order(w.w2_blocks, w.w2_scales) if fragment_order else None
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(tokens, w.hidden, generator=gen, device="cuda").to(torch.bfloat16)
     topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
     meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, cfg.block_m, topk_w)
@@ -163,21 +173,22 @@ def test_sm90_kernel_vs_float32(gpt_oss_weights, config, tokens):
     args13 = (w.w13_blocks, w.w13_scales, w.w13_bias, meta)
     swiglu = (w.swiglu_alpha, w.swiglu_limit)
     act = torch.full((tokens * w.top_k, w.inter_pad), float("nan"), dtype=torch.bfloat16, device="cuda")
-    moe_matmul(x, *args13, swiglu=swiglu, out=act, config=cfg)
+    moe_matmul(x, *args13, swiglu=swiglu, out=act, config=cfg_no_split, fragments=frag13)
     act_ref = reference_moe_matmul(x, *args13, swiglu=swiglu, compute_dtype=torch.float32)
     err13 = rel_err(act[:local], act_ref[:local])
     args2 = (w.w2_blocks, w.w2_scales, w.w2_bias, meta)
     kw2 = dict(gather=False, apply_row_weight=True, n_out=w.hidden)
-    y = moe_matmul(act, *args2, combine="atomic", config=cfg, **kw2)
+    y = moe_matmul(act, *args2, combine="atomic", config=cfg, fragments=frag2, **kw2)
     y_ref = reference_moe_matmul(act, *args2, combine="atomic", compute_dtype=torch.float32, **kw2)
     err2 = rel_err(y, y_ref)
     cs = torch.rand(w.num_local_experts, w.hidden_pad, generator=gen, device="cuda") + 0.5
     rows = torch.full((tokens * w.top_k, w.hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
-    moe_matmul(act, *args2, channel_scale=cs, out=rows, config=cfg, gather=False, n_out=w.hidden)
+    moe_matmul(act, *args2, channel_scale=cs, out=rows, config=cfg_no_split, fragments=frag2, gather=False,
+               n_out=w.hidden)
     rows_ref = reference_moe_matmul(act, *args2, channel_scale=cs, compute_dtype=torch.float32, gather=False,
                                     n_out=w.hidden)
     err_rows = rel_err(rows[:local], rows_ref[:local])
-    print(f"sm90 {config} E={w.num_local_experts} I_pad={w.inter_pad} T={tokens}: w13 {err13:.2e} "
+    print(f"{config} E={w.num_local_experts} I_pad={w.inter_pad} T={tokens}: w13 {err13:.2e} "
           f"w2 atomic {err2:.2e} w2 rows+channel scale {err_rows:.2e}")
     assert err13 < TOL_BF16 and err2 < TOL_BF16 and err_rows < TOL_BF16
 
@@ -200,41 +211,8 @@ RS_CONFIGS = [(16, 64, 64, True, 4, 4, "rs", 3), (16, 64, 128, True, 4, 4, "rs",
 @pytest.mark.parametrize("tokens", [1, 77, 600])
 def test_rs_kernel_vs_float32(gpt_oss_weights, config, tokens):
     # The fragment-order kernel (decoded weights as the wgmma's register operand) on the gpt-oss
-    # shapes, as test_sm90_kernel_vs_float32: NaN-poisoned outputs, w2 by atomic combine and
-    # into sorted rows with per-channel scales.
-    import dataclasses
-    from mxfp4_moe.kernels import MatmulConfig, moe_matmul, to_fragment_order
-    from mxfp4_moe.reference import reference_moe_matmul
-    cfg = MatmulConfig(*config)                         # split_k for the atomic w2 only
-    cfg13 = dataclasses.replace(cfg, split_k=1)
-    w = gpt_oss_weights
-    frag13 = to_fragment_order(w.w13_blocks, w.w13_scales)
-    frag2 = to_fragment_order(w.w2_blocks, w.w2_scales)
-    gen = torch.Generator(device="cuda").manual_seed(tokens + 2)
-    x = torch.randn(tokens, w.hidden, generator=gen, device="cuda").to(torch.bfloat16)
-    topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
-    meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, cfg.block_m, topk_w)
-    local = int(meta.expert_offsets[-1])
-    args13 = (w.w13_blocks, w.w13_scales, w.w13_bias, meta)
-    swiglu = (w.swiglu_alpha, w.swiglu_limit)
-    act = torch.full((tokens * w.top_k, w.inter_pad), float("nan"), dtype=torch.bfloat16, device="cuda")
-    moe_matmul(x, *args13, swiglu=swiglu, out=act, config=cfg13, fragments=frag13)
-    act_ref = reference_moe_matmul(x, *args13, swiglu=swiglu, compute_dtype=torch.float32)
-    err13 = rel_err(act[:local], act_ref[:local])
-    args2 = (w.w2_blocks, w.w2_scales, w.w2_bias, meta)
-    kw2 = dict(gather=False, apply_row_weight=True, n_out=w.hidden)
-    y = moe_matmul(act, *args2, combine="atomic", config=cfg, fragments=frag2, **kw2)
-    y_ref = reference_moe_matmul(act, *args2, combine="atomic", compute_dtype=torch.float32, **kw2)
-    err2 = rel_err(y, y_ref)
-    cs = torch.rand(w.num_local_experts, w.hidden_pad, generator=gen, device="cuda") + 0.5
-    rows = torch.full((tokens * w.top_k, w.hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
-    moe_matmul(act, *args2, channel_scale=cs, out=rows, config=cfg13, fragments=frag2, gather=False, n_out=w.hidden)
-    rows_ref = reference_moe_matmul(act, *args2, channel_scale=cs, compute_dtype=torch.float32, gather=False,
-                                    n_out=w.hidden)
-    err_rows = rel_err(rows[:local], rows_ref[:local])
-    print(f"rs {config} E={w.num_local_experts} I_pad={w.inter_pad} T={tokens}: w13 {err13:.2e} "
-          f"w2 atomic {err2:.2e} w2 rows+channel scale {err_rows:.2e}")
-    assert err13 < TOL_BF16 and err2 < TOL_BF16 and err_rows < TOL_BF16
+    # shapes, as test_sm90_kernel_vs_float32.
+    _gluon_kernel_vs_float32(gpt_oss_weights, config, tokens, seed=tokens + 2, fragment_order=True)
 
 
 @pytest.mark.parametrize("block_k", [64, 128])

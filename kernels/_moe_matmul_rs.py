@@ -16,10 +16,14 @@ Only the tile's x rows pass through shared memory (cp.async, a ring of STAGES bu
              wgmma(A, x_smem[k % STAGES].T), and wait for it
              cp.async x rows of step k + STAGES - 2 into the buffer step k - 2 read
 
-Each step's wgmma is retired before the next decode: ptxas before CUDA 13.3 may reuse the
-register operand of a wgmma still in flight (triton issue #9433; with one wgmma left in flight
-`sm90_report.rs_wgmma_hazards` counted 44-80 such writes per step in this loop), so the decode
-and the tensor cores overlap across warps and programs, not within a warp. bf16 only, GPU only
+By default each step's wgmma is retired before the next decode, so the decode and the tensor
+cores overlap across warps and programs, not within a warp: ptxas before CUDA 13.3 may reuse the
+register operand of a wgmma still in flight (triton issue #9433; a first version that left one
+wgmma in flight with a single fragment had 44-80 such writes per step in the SASS).
+PIPELINE_MMA alternates two fragments so that step k's wgmma runs during step k + 1's decode;
+`sm90_report.rs_wgmma_hazards` finds no hazard in it, but the second fragment's registers halve
+the programs per SM and it measured slower (`MatmulConfig.pipeline_mma`). SPLIT_K splits the K
+steps of a tile over programs (w2's atomic combine adds their partial sums). bf16 only, GPU only
 (Gluon has no interpreter). Launched by `moe_matmul.py` when `MatmulConfig.kernel == "rs"`.
 """
 

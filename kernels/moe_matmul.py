@@ -95,7 +95,7 @@ _RS_FEW_ROWS_CONFIGS = {True: MatmulConfig(16, 64, 256, True, 4, 4, "rs", 2),
                         False: MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2, split_k=4)}
 _RS_CONFIGS = {16: MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2),
                32: MatmulConfig(32, 64, 128, True, 4, 4, "rs", 2),
-               64: MatmulConfig(64, 64, 64, True, 4, 4, "rs", 3),
+               64: MatmulConfig(64, 64, 64, True, 4, 4, "rs", 2),
                128: MatmulConfig(128, 128, 64, True, 8, 4, "rs", 3)}
 
 

@@ -9,7 +9,8 @@ laid out
     words  [E, row_groups, k_steps, 32 lanes, 4]   int32, row_groups = ceil(N / 16)
     scales [E, row_groups, k_steps, 8, 4]          uint8, E8M0 byte + SCALE_BIAS
 
-(k_steps = ceil(K / 64) rounded up to a multiple of 4: a kernel stepping 128 or 256 reads whole steps.)
+(k_steps = ceil(K / 64) rounded up to a multiple of 4, so that a kernel stepping 128 or 256 reads
+whole steps.)
 Word j = 2 * kblock + half of lane 4 g + t covers row 8 * half + g of its group and the 32-block
 kblock of the step: 4 bf16 pairs, pair i at k = 32 kblock + 8 i + 2 t + {0, 1}. Inside a word the
 8 codes' bits are placed so that a bit rotation and a mask turn the word into each pair's bf16
@@ -18,9 +19,10 @@ the E2M1 value times 2 ** -126 (the subnormal 0.5 included). The kernel multipli
 2 ** (b - 1) (b the E8M0 byte, stored as b + SCALE_BIAS, the bf16 exponent field of 2 ** (b - 1)),
 so a pair costs 2 integer instructions and one bf16x2 multiply, about 1.6 SASS instructions per
 weight (the checkpoint-order decode of `_moe_matmul.py` takes about 3). Exact for scale bytes up to
-MAX_SCALE_BYTE (2 ** (b - 1) must be a normal bf16): `fragment_order_problem` says when weights
-are outside that range (NaN scales, weights beyond 6 * 2 ** 1), and the layer then keeps the
-checkpoint-order kernels. Rows past N and K past the weights' K are zero codes.
+MAX_SCALE_BYTE = 128 (2 ** (b - 1) must be a normal bf16); `fragment_order_problem` says when
+weights are outside that range (NaN scales, weights beyond 12), and the layer then keeps the
+checkpoint-order kernels. (Weights below 2 ** -126, from scale bytes 0 and 1, are exact here but
+may be flushed to zero by the tensor cores.) Rows past N and K past the weights' K are zero codes.
 """
 
 from __future__ import annotations

@@ -129,3 +129,17 @@ def test_experts_re_arranged_in_chunks_give_the_same_words(monkeypatch):
     monkeypatch.setattr(fl, "_CHUNK_BYTES", 1)
     chunked = to_fragment_order(blocks, scales)
     assert torch.equal(whole.words, chunked.words) and torch.equal(whole.scales, chunked.scales)
+
+
+def test_layer_keeps_fragment_order_only_where_its_kernel_runs():
+    # On a CPU (or the torch backend) the default builds no fragment-order copy, and asking for
+    # one says why not; weights outside the layout's scale range are named.
+    from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+    w, _ = random_expert_weights(4, 64, 64, top_k=2, dense=False)
+    assert MXFP4MoE(w, backend="torch").fragments is None
+    with pytest.raises(ValueError, match="Hopper GPU"):
+        MXFP4MoE(w, backend="torch", fragment_order=True)
+    w.w2_scales[0, 0, 0] = fl.MAX_SCALE_BYTE + 1
+    with pytest.raises(ValueError, match="w2_scales: a scale byte is 129"):
+        MXFP4MoE(w, backend="torch", fragment_order=True)
+    assert MXFP4MoE(w, backend="torch", fragment_order=False).fragments is None

@@ -33,7 +33,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from ._moe_matmul import _BLOCK_SIZE
-from ._moe_matmul_sm90 import _store_tile, _tile_x_rows
+from ._moe_matmul_sm90 import _store_tile, _tile_rows, _x_row_pointers
 from .fragment_layout import BF16_MANTISSA_BITS, LAST_PAIR_MASKS, LAST_PAIR_ROTATIONS, PAIR_MASK, PAIR_ROTATIONS
 
 _LANES: gl.constexpr = gl.constexpr(32)
@@ -170,7 +170,7 @@ def _moe_matmul_rs_kernel(
         alpha, limit,
         NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
         STAGES: gl.constexpr, PREFETCH: gl.constexpr, SPLIT_K: gl.constexpr, PIPELINE_MMA: gl.constexpr,
-        EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr,
+        EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, PARTIAL_TILE_M: gl.constexpr,
         GATHER: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
         HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
         ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
@@ -182,8 +182,40 @@ def _moe_matmul_rs_kernel(
     NUM_K = ceil(K / BLOCK_K). EVEN_K: K_X == NUM_K * BLOCK_K (no column mask on x). ROW_MASK:
     row_groups is not a multiple of num_warps. SPLIT_K (ATOMIC without SWIGLU only): program
     (., ., s) sums K steps [s * STEPS, (s + 1) * STEPS) (STEPS = ceil(NUM_K / SPLIT_K)) into y by
-    atomic adds, the bias from s = 0 only. Unit strides along K (x), along N (bias, channel
-    scale) and along the output columns; the launcher checks."""
+    atomic adds, the bias from s = 0 only. PARTIAL_TILE_M (> 0): a tile with at most that many
+    rows (an expert's last, partial tile) runs with that many columns on the wgmma's N side
+    instead of BLOCK_M. Unit strides along K (x), along N (bias, channel scale) and along the
+    output columns; the launcher checks."""
+    STEPS: gl.constexpr = (NUM_K + SPLIT_K - 1) // SPLIT_K
+    pid_n = gl.program_id(0)
+    tile = gl.program_id(1)
+    split = gl.program_id(2)
+    expert = gl.load(tile_expert_ptr + tile)
+    if expert < 0:
+        return  # past the last real tile
+    row_start, row_end = _tile_rows(expert_offsets_ptr, tile_row_start_ptr, tile, expert)
+    args = (x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be, cs_ptr, stride_cse, y_ptr,
+            stride_ym, gather_ptr, scatter_ptr, row_weight_ptr, N, K_X, N_OUT, alpha, limit, pid_n, split, expert,
+            row_start, row_end)
+    if PARTIAL_TILE_M > 0 and row_end - row_start <= PARTIAL_TILE_M:
+        _rs_tile(*args, NUM_K, LAYOUT_STEPS, PARTIAL_TILE_M, BLOCK_K, STAGES, PREFETCH, STEPS, PIPELINE_MMA, EVEN_K,
+                 ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, num_warps)
+    else:
+        _rs_tile(*args, NUM_K, LAYOUT_STEPS, BLOCK_M, BLOCK_K, STAGES, PREFETCH, STEPS, PIPELINE_MMA, EVEN_K,
+                 ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, num_warps)
+
+
+@gluon.jit
+def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be, cs_ptr, stride_cse, y_ptr,
+             stride_ym, gather_ptr, scatter_ptr, row_weight_ptr, N, K_X, N_OUT, alpha, limit, pid_n, split, expert,
+             row_start, row_end,
+             NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
+             STAGES: gl.constexpr, PREFETCH: gl.constexpr, STEPS: gl.constexpr, PIPELINE_MMA: gl.constexpr,
+             EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, GATHER: gl.constexpr, SCATTER: gl.constexpr,
+             ATOMIC: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
+             ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
+    """The K loop and epilogue of one program of `_moe_matmul_rs_kernel`, BLOCK_M columns wide
+    on the wgmma's N side (the kernel's, or PARTIAL_TILE_M for an expert's last tile)."""
     BLOCK_N: gl.constexpr = 16 * num_warps
     J4: gl.constexpr = BLOCK_K // 16 // _BYTES_PER_WORD
     STEP_WORDS: gl.constexpr = J4 * _LANES * _BYTES_PER_WORD      # J4 layout steps of 64 k
@@ -197,17 +229,9 @@ def _moe_matmul_rs_kernel(
     x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
 
-    STEPS: gl.constexpr = (NUM_K + SPLIT_K - 1) // SPLIT_K
-    pid_n = gl.program_id(0)
-    tile = gl.program_id(1)
-    split = gl.program_id(2)
     first = split * STEPS                          # this program's first K step
-    expert = gl.load(tile_expert_ptr + tile)
-    if expert < 0:
-        return  # past the last real tile
-    row_start, row_end, x_ptrs, mask_xm, offs_xk = _tile_x_rows(
-        x_ptr, stride_xm, gather_ptr, expert_offsets_ptr, tile_row_start_ptr, tile, expert, BLOCK_M, BLOCK_K,
-        x_layout, GATHER)
+    x_ptrs, mask_xm, offs_xk = _x_row_pointers(x_ptr, stride_xm, gather_ptr, row_start, row_end, BLOCK_M, BLOCK_K,
+                                               x_layout, GATHER)
     expert64 = expert.to(gl.int64)
 
     # This thread's words and scale words of step 0; step s is + s * STEP_WORDS / STEP_SCALES.

@@ -120,9 +120,9 @@ def _moe_matmul_sm90_kernel(
     expert = gl.load(tile_expert_ptr + tile)
     if expert < 0:
         return  # past the last real tile
-    row_start, row_end, x_ptrs, mask_xm, offs_xk = _tile_x_rows(
-        x_ptr, stride_xm, gather_ptr, expert_offsets_ptr, tile_row_start_ptr, tile, expert, BLOCK_M, BLOCK_K,
-        x_layout, GATHER)
+    row_start, row_end = _tile_rows(expert_offsets_ptr, tile_row_start_ptr, tile, expert)
+    x_ptrs, mask_xm, offs_xk = _x_row_pointers(x_ptr, stride_xm, gather_ptr, row_start, row_end, BLOCK_M, BLOCK_K,
+                                               x_layout, GATHER)
     expert64 = expert.to(gl.int64)
 
     # The tile's first row in the words descriptor; scale bytes [BLOCK_N, G, 1] of one K step.
@@ -252,14 +252,18 @@ def _store_tile(acc, pid_n, expert64, row_start, row_end, bias_ptr, stride_be, w
 
 
 @gluon.jit
-def _tile_x_rows(x_ptr, stride_xm, gather_ptr, expert_offsets_ptr, tile_row_start_ptr, tile, expert,
-                 BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, x_layout: gl.constexpr, GATHER: gl.constexpr):
-    """A real tile's sorted rows [row_start, row_end) and its x rows (row r reads x[gather[r]], or
-    x[r]) for the cp.async copies of the Gluon kernels: (row_start, row_end, pointers [BLOCK_M,
-    BLOCK_K] to the first K step's columns, row mask [BLOCK_M], column offsets [BLOCK_K]), in
-    `x_layout`."""
-    row_start = gl.load(tile_row_start_ptr + tile)
-    row_end = gl.load(expert_offsets_ptr + expert + 1)
+def _tile_rows(expert_offsets_ptr, tile_row_start_ptr, tile, expert):
+    """A real tile's first sorted row and its expert's end: its rows are [row_start,
+    min(row_end, row_start + BLOCK_M))."""
+    return gl.load(tile_row_start_ptr + tile), gl.load(expert_offsets_ptr + expert + 1)
+
+
+@gluon.jit
+def _x_row_pointers(x_ptr, stride_xm, gather_ptr, row_start, row_end, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
+                    x_layout: gl.constexpr, GATHER: gl.constexpr):
+    """The tile's x rows (row r reads x[gather[r]], or x[r]) for the cp.async copies of the Gluon
+    kernels: (pointers [BLOCK_M, BLOCK_K] to the first K step's columns, row mask [BLOCK_M],
+    column offsets [BLOCK_K]), in `x_layout`."""
     offs_xm = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
     mask_xm = offs_xm < row_end
     if GATHER:
@@ -268,4 +272,4 @@ def _tile_x_rows(x_ptr, stride_xm, gather_ptr, expert_offsets_ptr, tile_row_star
         x_rows = offs_xm
     offs_xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
     x_ptrs = x_ptr + x_rows.to(gl.int64)[:, None] * stride_xm + offs_xk[None, :]
-    return row_start, row_end, x_ptrs, mask_xm, offs_xk
+    return x_ptrs, mask_xm, offs_xk

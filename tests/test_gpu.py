@@ -203,11 +203,14 @@ RS_CONFIGS = [(16, 64, 64, True, 4, 4, "rs", 3), (16, 64, 128, True, 4, 4, "rs",
               (32, 128, 64, True, 8, 4, "rs", 3), (64, 64, 64, True, 4, 4, "rs", 2),
               (128, 128, 64, True, 8, 3, "rs", 2),
               (16, 64, 128, True, 4, 4, "rs", 2, 1, True), (16, 64, 64, True, 4, 4, "rs", 3, 5, True),
-              (64, 64, 64, True, 4, 4, "rs", 3, 1, True), (128, 128, 64, True, 8, 4, "rs", 3, 1, True)]
+              (64, 64, 64, True, 4, 4, "rs", 3, 1, True), (128, 128, 64, True, 8, 4, "rs", 3, 1, True),
+              # partial_tile_m (11th field): an expert's last tile with few rows runs narrower
+              (64, 64, 64, True, 4, 4, "rs", 2, 1, False, 16), (128, 128, 64, True, 8, 4, "rs", 3, 1, False, 32)]
 
 
-@pytest.mark.parametrize("config", RS_CONFIGS, ids=lambda c: "rs-bm{}-bn{}-bk{}-w{}-s{}-p{}-split{}{}".format(
-    c[0], c[1], c[2], c[4], c[5], c[7], c[8] if len(c) > 8 else 1, "-pipelined" if len(c) > 9 and c[9] else ""))
+@pytest.mark.parametrize("config", RS_CONFIGS, ids=lambda c: "rs-bm{}-bn{}-bk{}-w{}-s{}-p{}-split{}{}{}".format(
+    c[0], c[1], c[2], c[4], c[5], c[7], c[8] if len(c) > 8 else 1, "-pipelined" if len(c) > 9 and c[9] else "",
+    f"-partial{c[10]}" if len(c) > 10 and c[10] else ""))
 @pytest.mark.parametrize("tokens", [1, 77, 600])
 def test_rs_kernel_vs_float32(gpt_oss_weights, config, tokens):
     # The fragment-order kernel (decoded weights as the wgmma's register operand) on the gpt-oss

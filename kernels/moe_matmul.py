@@ -90,7 +90,8 @@ def pick_block_m(num_rows: int, num_local_experts: int) -> int:
 # The fragment-order kernel's config per tile size (H200, same-run probes against the
 # checkpoint-order defaults: benchmarks/RESULTS.md sections 3.1-3.2). 64-row programs (4 warps) at
 # every tile size but 128 rows, where 8 warps share each x tile; 128-wide K steps up to 32 rows
-# (4-11% faster than 64 there, 5-7% slower at 64 rows).
+# (4-11% faster than 64 there, 5-7% slower at 64 rows). From 64 rows, an expert's last tile with
+# at most half the rows runs half as wide (E = 128, T = 8192: w13 6%, w2 8% faster).
 # At 1-2 tokens (<= 8 routed rows, a few hundred programs) the K loop's length bounds the time:
 # w13 takes 256-wide K steps (0.027 vs 0.029 ms at T = 1), w2 splits K in 4 (0.017 vs 0.024).
 _RS_FEW_ROWS = 8
@@ -98,8 +99,8 @@ _RS_FEW_ROWS_CONFIGS = {True: MatmulConfig(16, 64, 256, True, 4, 4, "rs", 2),
                         False: MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2, split_k=4)}
 _RS_CONFIGS = {16: MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2),
                32: MatmulConfig(32, 64, 128, True, 4, 4, "rs", 2),
-               64: MatmulConfig(64, 64, 64, True, 4, 4, "rs", 2),
-               128: MatmulConfig(128, 128, 64, True, 8, 4, "rs", 3)}
+               64: MatmulConfig(64, 64, 64, True, 4, 4, "rs", 2, partial_tile_m=32),
+               128: MatmulConfig(128, 128, 64, True, 8, 4, "rs", 3, partial_tile_m=64)}
 
 
 def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: bool = False,

@@ -142,13 +142,19 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
 
 def default_configs() -> list[tuple[str, MatmulConfig, int, int, bool, bool]]:
     """(name, config, n, k, swiglu, atomic) of every default config of the gpt-oss shapes: the
-    Triton kernel's, and on a Hopper GPU with bf16 the Gluon kernel's where it differs."""
+    Triton kernel's; on a Hopper GPU with bf16 the Gluon kernel's where it differs ("_sm90");
+    and with the weights in fragment order, the "rs" kernel's ("_rs"; "_rs_few" at <= 8 rows)."""
     out = []
     for name, n, k, block_m, swiglu, atomic in VARIANTS:
         out.append((name, default_config(block_m, n, k, swiglu=swiglu), n, k, swiglu, atomic))
         hopper = default_config(block_m, n, k, swiglu=swiglu, sm90=True)
         if hopper.kernel == "sm90":
             out.append((name + "_sm90", hopper, n, k, swiglu, atomic))
+        out.append((name + "_rs", default_config(block_m, n, k, swiglu=swiglu, sm90=True, fragments=True),
+                    n, k, swiglu, atomic))
+        few = default_config(block_m, n, k, swiglu=swiglu, sm90=True, fragments=True, rows=4)
+        if few != out[-1][1]:
+            out.append((name + "_rs_few", few, n, k, swiglu, atomic))
     return out
 
 
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         compiled = compile_variant(config, k=k, n=n, swiglu=swiglu, atomic=atomic, dequant=dequant)
         print(json.dumps({"variant": name, "config": config.__dict__,
-                          "dequant": "ptx" if config.kernel == "sm90" else dequant or "ptx",
+                          "dequant": "ptx" if config.kernel != "triton" else dequant or "ptx",
                           **resource_report(compiled, config)}), flush=True)
     return 0
 

@@ -205,7 +205,8 @@ RS_CONFIGS = [(16, 64, 64, True, 4, 4, "rs", 3), (16, 64, 128, True, 4, 4, "rs",
               (16, 64, 128, True, 4, 4, "rs", 2, 1, True), (16, 64, 64, True, 4, 4, "rs", 3, 5, True),
               (64, 64, 64, True, 4, 4, "rs", 3, 1, True), (128, 128, 64, True, 8, 4, "rs", 3, 1, True),
               # partial_tile_m (11th field): an expert's last tile with few rows runs narrower
-              (64, 64, 64, True, 4, 4, "rs", 2, 1, False, 16), (128, 128, 64, True, 8, 4, "rs", 3, 1, False, 32)]
+              (64, 64, 64, True, 4, 4, "rs", 2, 1, False, 16), (128, 128, 64, True, 8, 4, "rs", 3, 1, False, 32),
+              (64, 64, 64, True, 4, 4, "rs", 2, 1, False, 32), (128, 128, 64, True, 8, 4, "rs", 3, 1, False, 64)]
 
 
 @pytest.mark.parametrize("config", RS_CONFIGS, ids=lambda c: "rs-bm{}-bn{}-bk{}-w{}-s{}-p{}-split{}{}{}".format(

@@ -271,9 +271,12 @@ def test_compiles_for_sm90_without_spills():
     reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     from mxfp4_moe.kernels.sm90_report import VARIANTS
     names = [r["variant"] for r in reports]
-    assert [n for n in names if not n.endswith("_sm90")] == [v[0] for v in VARIANTS]
+    assert [n for n in names if not n.endswith(("_sm90", "_rs", "_rs_few"))] == [v[0] for v in VARIANTS]
     gluon = [r for r in reports if r["config"]["kernel"] == "sm90"]    # the Hopper defaults from 64 rows up
     assert [r["variant"] for r in gluon] == [v[0] + "_sm90" for v in VARIANTS if v[3] >= 64]    # every default config of the gpt-oss shapes
+    # With fragment order, the "rs" kernel at every tile size (and its few-rows configs at 16 rows).
+    assert [n for n in names if n.endswith("_rs")] == [v[0] + "_rs" for v in VARIANTS]
+    assert [n for n in names if n.endswith("_rs_few")] == [v[0] + "_rs_few" for v in VARIANTS if v[3] == 16]
     for rep in reports:
         # No register a wgmma may still read is written by the next K step (triton#9433).
         assert rep["pending_at_back_edge"] == 0 and rep["in_flight_overwrites"] == 0, rep

@@ -17,8 +17,9 @@ kblock of the step: 4 bf16 pairs, pair i at k = 32 kblock + 8 i + 2 t + {0, 1}. 
 bits (`pair_bits`): code c becomes the bf16 c_sign << 15 | c_magnitude << 6, which is exactly
 the E2M1 value times 2 ** -126 (the subnormal 0.5 included). The kernel multiplies that by
 2 ** (b - 1) (b the E8M0 byte, stored as b + SCALE_BIAS, the bf16 exponent field of 2 ** (b - 1)),
-so a pair costs 2 integer instructions and one bf16x2 multiply, about 1.6 SASS instructions per
-weight (the checkpoint-order decode of `_moe_matmul.py` takes about 3). Exact for scale bytes up to
+so a pair costs about 2 integer instructions and one bf16x2 multiply: with the scale's own 2
+per word, 15 SASS instructions per 8 weights, about 1.9 per weight (the checkpoint-order decode
+of `_moe_matmul.py` takes about 3). Exact for scale bytes up to
 MAX_SCALE_BYTE = 128 (2 ** (b - 1) must be a normal bf16); `fragment_order_problem` says when
 weights are outside that range (NaN scales, weights beyond 12), and the layer then keeps the
 checkpoint-order kernels. (Weights below 2 ** -126, from scale bytes 0 and 1, are exact here but

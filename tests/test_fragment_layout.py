@@ -144,3 +144,42 @@ def test_layer_keeps_fragment_order_only_where_its_kernel_runs():
     with pytest.raises(ValueError, match="w2_scales: a scale byte is 129"):
         MXFP4MoE(w, backend="torch", fragment_order=True)
     assert MXFP4MoE(w, backend="torch", fragment_order=False).fragments is None
+
+
+class _RecordingKernel:
+    """Stands in for a Gluon kernel on the CPU: records the grid and keyword arguments of each launch."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, kwargs))
+
+
+def test_launcher_picks_the_rs_kernel_and_drops_split_k_where_it_cannot_sum(monkeypatch):
+    # The launch moe_matmul would make on a Hopper GPU with fragments, as the kernel sees it: the
+    # few-rows w2 config splits K over the grid's third axis with atomic combine, and runs
+    # unsplit (one program per tile) when writing rows; an explicit split config there raises.
+    import importlib
+    launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
+    rs_module = importlib.import_module("mxfp4_moe.kernels._moe_matmul_rs")
+    from mxfp4_moe.moe import random_expert_weights
+    from mxfp4_moe.routing import routing_metadata
+    recorder = _RecordingKernel()
+    monkeypatch.setattr(rs_module, "_moe_matmul_rs_kernel", recorder)
+    monkeypatch.setattr(launcher, "on_hopper", lambda device: True)
+    monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    w, _ = random_expert_weights(8, 128, 128, top_k=4, dense=False)
+    act = torch.zeros(4, w.inter_pad, dtype=torch.bfloat16)
+    meta = routing_metadata(torch.tensor([[0, 1, 2, 3]]), w.expert_map, 8, 16, torch.full((1, 4), 0.25))
+    fragments = to_fragment_order(w.w2_blocks, w.w2_scales)
+    common = dict(gather=False, apply_row_weight=True, n_out=w.hidden, fragments=fragments)
+    launcher.moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, combine="atomic", **common)
+    launcher.moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, combine="none", **common)
+    (grid_atomic, atomic), (grid_rows, rows) = recorder.launches
+    assert atomic["SPLIT_K"] == 4 and grid_atomic[2] == 4 and atomic["ATOMIC"] and atomic["BLOCK_K"] == 128
+    assert rows["SPLIT_K"] == 1 and grid_rows[2] == 1 and not rows["ATOMIC"]
+    assert grid_atomic[1] == meta.max_tiles == 4           # 4 routed rows: at most 4 tiles
+    with pytest.raises(ValueError, match="kernel 'rs' cannot run this call: split_k > 1 needs"):
+        launcher.moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, combine="none",
+                            config=launcher.MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2, split_k=4), **common)

@@ -110,11 +110,12 @@ def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: 
     the weights are also in fragment order, and sm90: on a Hopper GPU in bf16 -> the "rs"
     kernel; its split_k > 1 assumes w2's atomic combine, the launcher drops it otherwise).
 
-    Few rows per expert: swap A and B (y.T = W @ x.T) so weight rows fill the MMA's wide side.
-    sm90 (a Hopper GPU and bf16): from 64-row tiles up, the Gluon kernel, whose weight decode
-    overlaps the previous K step's wgmma. The choices are the fastest of the sweeps in
-    benchmarks/RESULTS.md (H200 and H100). Under the interpreter, small blocks (it runs per
-    program in numpy).
+    With fragments on sm90: `_RS_CONFIGS` by tile size (`_RS_FEW_ROWS_CONFIGS` at <= 8 rows).
+    Otherwise: few rows per expert, swap A and B (y.T = W @ x.T) so weight rows fill the MMA's
+    wide side; sm90 (a Hopper GPU and bf16) from 64-row tiles up, the "sm90" Gluon kernel, whose
+    weight decode overlaps the previous K step's wgmma. The choices are the fastest of the
+    sweeps and probes in benchmarks/RESULTS.md (H200 and H100). Under the interpreter, small
+    blocks (it runs per program in numpy).
     """
     if interpreting():
         return MatmulConfig(block_m, block_n=32, block_k=64, swap_ab=block_m <= 32, num_warps=4, num_stages=1)

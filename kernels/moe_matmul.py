@@ -249,12 +249,12 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
         raise ValueError(f"moe_matmul: n_out must be in 1..{n_full}, got {n_out}")
     sm90_other = {"scales_e8m0": scales_e8m0, "bias": bias, "channel_scale": channel_scale, "out": out}
     sm90_dequant = "ptx" if dequant == "auto" else dequant     # what "auto" resolves to where sm90 can run
+    split_k_ok = combine == "atomic" and swiglu is None        # split-K partial sums meet in the atomic adds
     if config is None:
         mean_rows = meta.num_rows / max(1, meta.num_local_experts)
         sm90 = compute_dtype == torch.bfloat16 and on_hopper(device)
         config = default_config(meta.block_m, n, k, swiglu=swiglu is not None, mean_rows=mean_rows, sm90=sm90,
                                 fragments=fragments is not None, rows=meta.num_rows)
-        split_k_ok = combine == "atomic" and swiglu is None
         if config.split_k > 1 and not split_k_ok:
             config = dataclasses.replace(config, split_k=1)
         if config.kernel == "rs" and _rs_unsupported(x, fragments, n, k, config, compute_dtype, sm90_other,
@@ -267,8 +267,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
         if problem:
             raise ValueError(f"moe_matmul: kernel 'sm90' cannot run this call: {problem}")
     elif config.kernel == "rs":
-        problem = _rs_unsupported(x, fragments, n, k, config, compute_dtype, sm90_other,
-                                  split_k_ok=combine == "atomic" and swiglu is None)
+        problem = _rs_unsupported(x, fragments, n, k, config, compute_dtype, sm90_other, split_k_ok=split_k_ok)
         if problem:
             raise ValueError(f"moe_matmul: kernel 'rs' cannot run this call: {problem}")
     elif config.kernel != "triton":
@@ -366,26 +365,14 @@ def on_hopper(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] == 9)
 
 
-def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor | None, config: MatmulConfig, compute_dtype: torch.dtype,
-                      dequant: str, other: dict[str, torch.Tensor | None]) -> str:
-    """Why the "sm90" kernel cannot run this call ("" when it can). other: the remaining tensor
-    arguments by name (None when absent), which it reads with unit stride along the last dim.
-    blocks None: skip the weight checks (the "rs" kernel reads fragments instead)."""
+def _gluon_call_problem(x: torch.Tensor, compute_dtype: torch.dtype, other: dict[str, torch.Tensor | None]) -> str:
+    """Why neither Gluon kernel ("sm90", "rs") can run this call, whatever its config ("" when
+    it can): the device, the dtype, and x and the other tensors (by name, None when absent), which
+    both read with unit stride along the last dim."""
     if not on_hopper(x.device):
         return "it needs a Hopper GPU (sm_90), and Gluon kernels do not run under the interpreter"
     if compute_dtype != torch.bfloat16:
         return f"compute_dtype must be bfloat16, got {compute_dtype}"
-    rows_side = ("block_n", config.block_n) if config.swap_ab else ("block_m", config.block_m)
-    if rows_side[1] % (16 * config.num_warps) or config.block_k % 32 or not 32 <= config.block_k <= 256:
-        return (f"{rows_side[0]} (the wgmma's row side{' with swap_ab' if config.swap_ab else ''}) must be a "
-                f"multiple of 16 * num_warps, and block_k a multiple of 32 in 32..256 (got {config})")
-    if config.num_stages < 2:
-        return f"num_stages must be >= 2 (got {config})"
-    problem = _words_tma_problem(blocks) if blocks is not None else ""
-    if problem:
-        return problem
-    if dequant != "ptx":
-        return f"it always decodes with inline PTX (dequant 'ptx'), got dequant={dequant!r}"
     if x.dtype != torch.bfloat16 or x.stride(1) != 1 or x.stride(0) % 8 or x.shape[1] % 8 or x.data_ptr() % 16:
         return ("x must be bf16 with unit stride along K, rows and width multiples of 8 elements and a "
                 f"16-byte aligned pointer (copied 16 bytes at a time); got {x.dtype} {tuple(x.shape)} "
@@ -396,10 +383,31 @@ def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor | None, config: Matm
     return ""
 
 
+def _sm90_unsupported(x: torch.Tensor, blocks: torch.Tensor, config: MatmulConfig, compute_dtype: torch.dtype,
+                      dequant: str, other: dict[str, torch.Tensor | None]) -> str:
+    """Why the "sm90" kernel cannot run this call ("" when it can): `_gluon_call_problem`, then
+    the config, the weights' TMA layout and the decode."""
+    problem = _gluon_call_problem(x, compute_dtype, other)
+    if problem:
+        return problem
+    rows_side = ("block_n", config.block_n) if config.swap_ab else ("block_m", config.block_m)
+    if rows_side[1] % (16 * config.num_warps) or config.block_k % 32 or not 32 <= config.block_k <= 256:
+        return (f"{rows_side[0]} (the wgmma's row side{' with swap_ab' if config.swap_ab else ''}) must be a "
+                f"multiple of 16 * num_warps, and block_k a multiple of 32 in 32..256 (got {config})")
+    if config.num_stages < 2:
+        return f"num_stages must be >= 2 (got {config})"
+    problem = _words_tma_problem(blocks)
+    if problem:
+        return problem
+    if dequant != "ptx":
+        return f"it always decodes with inline PTX (dequant 'ptx'), got dequant={dequant!r}"
+    return ""
+
+
 def _rs_unsupported(x: torch.Tensor, fragments: FragmentWeights | None, n: int, k: int, config: MatmulConfig,
                     compute_dtype: torch.dtype, other: dict[str, torch.Tensor | None], split_k_ok: bool = False) -> str:
-    """Why the "rs" kernel cannot run this call ("" when it can): what the "sm90" kernel needs
-    of x and the other tensors, plus weights in fragment order matching the config."""
+    """Why the "rs" kernel cannot run this call ("" when it can): weights in fragment order
+    matching the config, then `_gluon_call_problem`."""
     if fragments is None:
         return "it reads the weights in fragment order: pass fragments=to_fragment_order(blocks, scales)"
     if (fragments.n, fragments.k) != (n, k):
@@ -417,9 +425,7 @@ def _rs_unsupported(x: torch.Tensor, fragments: FragmentWeights | None, n: int, 
         return f"split_k > 1 needs combine='atomic' without SwiGLU (got {config})"
     if fragments.words.device != x.device or not (fragments.words.is_contiguous() and fragments.scales.is_contiguous()):
         return f"fragments must be contiguous and on {x.device} (they are on {fragments.words.device})"
-    sm90_config = MatmulConfig(config.block_m, config.block_n, 64, True, config.num_warps, 3, "sm90")
-    problem = _sm90_unsupported(x, None, sm90_config, compute_dtype, "ptx", other)
-    return problem
+    return _gluon_call_problem(x, compute_dtype, other)
 
 
 _TMA_ALIGN = 16     # bytes: TMA needs 16-byte aligned base and row strides

@@ -51,7 +51,7 @@ class MXFP4MoE(torch.nn.Module):
 
     fragment_order: also keep the expert weights in fragment order (`kernels.fragment_layout`),
       which the Hopper kernel that feeds decoded weights to the tensor cores from registers reads
-      (1.2-1.6x faster than the checkpoint-order kernels on an H200, benchmarks/RESULTS.md).
+      (1.2-1.9x faster than the checkpoint-order kernels on an H200, benchmarks/RESULTS.md).
       Costs a second copy of the expert weights. None (default): on a Hopper GPU with the triton
       backend and bf16, when every scale byte is within the layout's range.
 
@@ -108,13 +108,15 @@ class MXFP4MoE(torch.nn.Module):
         if fragment_order is False:
             return None
         w = self.weights
-        hopper = (self.backend == "triton" and self.compute_dtype == torch.bfloat16 and w.device.type == "cuda"
-                  and not _interpreting() and torch.cuda.get_device_capability(w.device)[0] == 9)
         from .kernels import fragment_order_problem, to_fragment_order
+        from .kernels.moe_matmul import on_hopper
+        hopper = self.backend == "triton" and self.compute_dtype == torch.bfloat16 and on_hopper(w.device)
+        if fragment_order is None and not hopper:
+            return None             # (before the scale scan below: nothing to build off Hopper)
         problems = [f"{name}: {problem}" for name, problem in (("w13_scales", fragment_order_problem(w.w13_scales)),
                                                                ("w2_scales", fragment_order_problem(w.w2_scales)))
                     if problem]
-        if fragment_order is None and (not hopper or problems):
+        if fragment_order is None and problems:
             return None
         if problems:
             raise ValueError(f"MXFP4MoE: fragment_order=True, but {'; '.join(problems)}")

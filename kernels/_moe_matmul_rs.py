@@ -146,14 +146,14 @@ def _wait_x_step(STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _refill_x_step(x_smem, x_ptrs, mask_xm, offs_xk, K_X, first, kn, STEPS, LOOP_STEPS, STAGES: gl.constexpr,
+def _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, kn, STEPS, LOOP_STEPS, STAGES: gl.constexpr,
                    BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr):
-    """cp.async of local step kn's x rows into the buffer step kn - STAGES read, zeros for a
-    step the loop runs past this program's STEPS (kn < LOOP_STEPS), and one commit group either
-    way."""
+    """cp.async of local step kn's x rows (every piece of the tile) into the buffer step
+    kn - STAGES read, zeros for a step the loop runs past this program's STEPS (kn <
+    LOOP_STEPS), and one commit group either way."""
     if kn < LOOP_STEPS:
-        _copy_x_step(x_smem.index(kn % STAGES), x_ptrs, mask_xm, offs_xk, K_X, first + kn, BLOCK_K, EVEN_K,
-                     kn < STEPS)
+        _copy_x_pieces(x_smems, x_ptrs, masks_xm, offs_xk, K_X, kn % STAGES, first + kn, BLOCK_K, EVEN_K,
+                       kn < STEPS)
     async_copy.commit_group()
 
 
@@ -170,7 +170,7 @@ def _moe_matmul_rs_kernel(
         alpha, limit,
         NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
         STAGES: gl.constexpr, PREFETCH: gl.constexpr, SPLIT_K: gl.constexpr, PIPELINE_MMA: gl.constexpr,
-        EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, PARTIAL_TILE_M: gl.constexpr,
+        EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, WIDTH_STEP: gl.constexpr,
         GATHER: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
         HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
         ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
@@ -182,9 +182,10 @@ def _moe_matmul_rs_kernel(
     NUM_K = ceil(K / BLOCK_K). EVEN_K: K_X == NUM_K * BLOCK_K (no column mask on x). ROW_MASK:
     row_groups is not a multiple of num_warps. SPLIT_K (ATOMIC without SWIGLU only): program
     (., ., s) sums K steps [s * STEPS, (s + 1) * STEPS) (STEPS = ceil(NUM_K / SPLIT_K)) into y by
-    atomic adds, the bias from s = 0 only. PARTIAL_TILE_M (> 0): a tile with at most that many
-    rows (an expert's last, partial tile) runs with that many columns on the wgmma's N side
-    instead of BLOCK_M. Unit strides along K (x), along N (bias, channel scale) and along the
+    atomic adds, the bias from s = 0 only. WIDTH_STEP (> 0): a tile of r rows (fewer than
+    BLOCK_M only in an expert's last tile) runs ceil(r / WIDTH_STEP) * WIDTH_STEP columns wide on
+    the wgmma's N side, in pieces of powers of two (80 = 64 + 16: one decode, two wgmmas per K
+    step), instead of BLOCK_M. Unit strides along K (x), along N (bias, channel scale) and along the
     output columns; the launcher checks."""
     STEPS: gl.constexpr = (NUM_K + SPLIT_K - 1) // SPLIT_K
     pid_n = gl.program_id(0)
@@ -197,41 +198,136 @@ def _moe_matmul_rs_kernel(
     args = (x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be, cs_ptr, stride_cse, y_ptr,
             stride_ym, gather_ptr, scatter_ptr, row_weight_ptr, N, K_X, N_OUT, alpha, limit, pid_n, split, expert,
             row_start, row_end)
-    if PARTIAL_TILE_M > 0 and row_end - row_start <= PARTIAL_TILE_M:
-        _rs_tile(*args, NUM_K, LAYOUT_STEPS, PARTIAL_TILE_M, BLOCK_K, STAGES, PREFETCH, STEPS, PIPELINE_MMA, EVEN_K,
-                 ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, num_warps)
+    if WIDTH_STEP > 0:
+        # The tile's rows rounded up to a multiple of WIDTH_STEP: one code path per width.
+        rows = gl.minimum(row_end - row_start, BLOCK_M)
+        for c in gl.static_range(1, BLOCK_M // WIDTH_STEP + 1):
+            if (rows > (c - 1) * WIDTH_STEP) & (rows <= c * WIDTH_STEP):
+                _rs_tile(*args, NUM_K, LAYOUT_STEPS, _width_pieces(c * WIDTH_STEP), BLOCK_K, STAGES, PREFETCH, STEPS,
+                         PIPELINE_MMA, EVEN_K, ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU,
+                         ROW_WEIGHT, num_warps)
     else:
-        _rs_tile(*args, NUM_K, LAYOUT_STEPS, BLOCK_M, BLOCK_K, STAGES, PREFETCH, STEPS, PIPELINE_MMA, EVEN_K,
+        _rs_tile(*args, NUM_K, LAYOUT_STEPS, (BLOCK_M,), BLOCK_K, STAGES, PREFETCH, STEPS, PIPELINE_MMA, EVEN_K,
                  ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, num_warps)
+
+
+@gluon.constexpr_function
+def _width_pieces(width):
+    """A tile width as the powers of two it is made of, largest first (96 -> (64, 32)): one
+    accumulator and one wgmma per piece."""
+    return tuple(1 << bit for bit in reversed(range(int(width).bit_length())) if int(width) >> bit & 1)
+
+
+@gluon.constexpr_function
+def _piece_starts(pieces):
+    """The first tile row of each piece."""
+    return tuple(sum(pieces[:i]) for i in range(len(pieces)))
+
+
+@gluon.constexpr_function
+def _mma_layout(width, num_warps):
+    """The accumulator layout of a piece `width` columns wide: one m64nWIDTHk16 wgmma per
+    warpgroup, a warp's 16 weight rows each."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, width, 16])
+
+
+@gluon.constexpr_function
+def _x_smem_layout(width, block_k):
+    """The shared-memory layout of one K step of a piece's x rows, [width, block_k] bf16."""
+    return gl.NVMMASharedLayout.get_default_for([width, block_k], gl.bfloat16)
+
+
+@gluon.jit
+def _zero_accumulator(BLOCK_N: gl.constexpr, WIDTH: gl.constexpr, num_warps: gl.constexpr):
+    return gl.zeros((BLOCK_N, WIDTH), dtype=gl.float32, layout=_mma_layout(WIDTH, num_warps))
+
+
+@gluon.jit
+def _x_pieces(x_ptr, stride_xm, gather_ptr, row_start, row_end, PIECES: gl.constexpr, STAGES: gl.constexpr,
+              BLOCK_K: gl.constexpr, x_layout: gl.constexpr, GATHER: gl.constexpr):
+    """Per piece of the tile (`_width_pieces`): its x ring in shared memory [STAGES, piece,
+    BLOCK_K] and its rows' pointers and row mask (`_x_row_pointers`), as three tuples; and the
+    column offsets."""
+    STARTS: gl.constexpr = _piece_starts(PIECES)
+    smems = ()
+    ptrs = ()
+    masks = ()
+    offs_xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
+    for i in gl.static_range(len(PIECES)):
+        smems = smems + (gl.allocate_shared_memory(gl.bfloat16, [STAGES, PIECES[i], BLOCK_K],
+                                                   _x_smem_layout(PIECES[i], BLOCK_K)),)
+        piece_ptrs, piece_mask, offs_xk = _x_row_pointers(x_ptr, stride_xm, gather_ptr, row_start + STARTS[i],
+                                                          row_end, PIECES[i], BLOCK_K, x_layout, GATHER)
+        ptrs = ptrs + (piece_ptrs,)
+        masks = masks + (piece_mask,)
+    return smems, ptrs, masks, offs_xk
+
+
+@gluon.jit
+def _copy_x_pieces(x_smems, x_ptrs, masks_xm, offs_xk, K_X, buffer, step, BLOCK_K: gl.constexpr,
+                   EVEN_K: gl.constexpr, valid=True):
+    """`_copy_x_step` for every piece of the tile, into ring buffer `buffer`."""
+    for i in gl.static_range(len(x_smems)):
+        _copy_x_step(x_smems[i].index(buffer), x_ptrs[i], masks_xm[i], offs_xk, K_X, step, BLOCK_K, EVEN_K, valid)
+
+
+@gluon.jit
+def _fragment_per_piece(a, accs):
+    """The A fragment `a` in each piece's operand layout: the same registers (asserted), one
+    value per wgmma for the wait's deps."""
+    out = ()
+    for i in gl.static_range(len(accs)):
+        out = out + (gl.convert_layout(a, gl.DotOperandLayout(operand_index=0, parent=accs[i].type.layout,
+                                                              k_width=2), assert_trivial=True),)
+    return out
+
+
+@gluon.jit
+def _mma_pieces(a, x_smems, accs, buffer):
+    """Start one wgmma per piece, accs[i] += a @ x_smems[i][buffer].T, all on the same A
+    fragment: (the accumulators in flight, the fragments they read, for the wait's deps)."""
+    a_used = _fragment_per_piece(a, accs)
+    out = ()
+    for i in gl.static_range(len(accs)):
+        out = out + (warpgroup_mma(a_used[i], x_smems[i].index(buffer).permute((1, 0)), accs[i], is_async=True),)
+    return out, a_used
+
+
+@gluon.jit
+def _retire_mma(accs, a_used, num_outstanding: gl.constexpr):
+    """warpgroup_mma_wait(num_outstanding) keeping every piece's accumulator and A fragment
+    alive: (accumulators, A fragments)."""
+    done = warpgroup_mma_wait(num_outstanding=num_outstanding, deps=accs + a_used)
+    return done[:len(accs)], done[len(accs):]
 
 
 @gluon.jit
 def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be, cs_ptr, stride_cse, y_ptr,
              stride_ym, gather_ptr, scatter_ptr, row_weight_ptr, N, K_X, N_OUT, alpha, limit, pid_n, split, expert,
              row_start, row_end,
-             NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
+             NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, PIECES: gl.constexpr, BLOCK_K: gl.constexpr,
              STAGES: gl.constexpr, PREFETCH: gl.constexpr, STEPS: gl.constexpr, PIPELINE_MMA: gl.constexpr,
              EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, GATHER: gl.constexpr, SCATTER: gl.constexpr,
              ATOMIC: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
              ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
-    """The K loop and epilogue of one program of `_moe_matmul_rs_kernel`, BLOCK_M columns wide
-    on the wgmma's N side (the kernel's, or PARTIAL_TILE_M for an expert's last tile)."""
+    """The K loop and epilogue of one program of `_moe_matmul_rs_kernel`, sum(PIECES) columns
+    wide on the wgmma's N side: one accumulator per piece (a power of two), each K step's
+    decoded fragment shared by the pieces' wgmmas."""
     BLOCK_N: gl.constexpr = 16 * num_warps
     J4: gl.constexpr = BLOCK_K // 16 // _BYTES_PER_WORD
     STEP_WORDS: gl.constexpr = J4 * _LANES * _BYTES_PER_WORD      # J4 layout steps of 64 k
     STEP_SCALES: gl.constexpr = J4 * _ROW_GROUPS
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, BLOCK_M, 16])
-    dot_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+    STARTS: gl.constexpr = _piece_starts(PIECES)
+    dot_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_mma_layout(PIECES[0], num_warps),
+                                                   k_width=2)
     # One warp per 16 weight rows, one lane per fragment slot, 4 words (16 bytes) per 64 k.
     words_layout: gl.constexpr = gl.BlockedLayout([1, 1, J4, _BYTES_PER_WORD], [1, _LANES, 1, 1],
                                                   [num_warps, 1, 1, 1], [3, 2, 1, 0])
     x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-    x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
 
     first = split * STEPS                          # this program's first K step
-    x_ptrs, mask_xm, offs_xk = _x_row_pointers(x_ptr, stride_xm, gather_ptr, row_start, row_end, BLOCK_M, BLOCK_K,
-                                               x_layout, GATHER)
+    x_smems, x_ptrs, masks_xm, offs_xk = _x_pieces(x_ptr, stride_xm, gather_ptr, row_start, row_end, PIECES, STAGES,
+                                                   BLOCK_K, x_layout, GATHER)
     expert64 = expert.to(gl.int64)
 
     # This thread's words and scale words of step 0; step s is + s * STEP_WORDS / STEP_SCALES.
@@ -248,54 +344,58 @@ def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be
                   + (lane // _K_PAIRS)[None, :, None] + (word4 * _ROW_GROUPS)[None, None, :])
     row_mask = (group < row_groups)[:, None, None]
 
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_smem_layout)
     # Prologue: x rows of the first STAGES - 2 steps in flight (one commit group per step, empty
     # past the last step); the weights of the first PREFETCH - 1 steps in registers.
     for st in gl.static_range(STAGES - 2):
         if st < STEPS:
-            _copy_x_step(x_smem.index(st), x_ptrs, mask_xm, offs_xk, K_X, first + st, BLOCK_K, EVEN_K)
+            _copy_x_pieces(x_smems, x_ptrs, masks_xm, offs_xk, K_X, st, first + st, BLOCK_K, EVEN_K)
         async_copy.commit_group()
     queue = ()
     for st in gl.static_range(PREFETCH - 1):
         queue = queue + (_load_step(words_ptrs, scale_ptrs, row_mask, first + st, NUM_K, STEP_WORDS, STEP_SCALES,
                                     ROW_MASK),)
 
-    acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
+    accs = ()
+    for i in gl.static_range(len(PIECES)):
+        accs = accs + (_zero_accumulator(BLOCK_N, PIECES[i], num_warps),)
     if PIPELINE_MMA:
         # Two steps per iteration, each step's A fragment its own value: step k's wgmma runs while
         # step k + 1 decodes, and retires at step k + 1's wait (which keeps its A alive until then).
         LOOP_STEPS: gl.constexpr = 2 * ((STEPS + 1) // 2)     # an odd STEPS gets a zero step
         a1 = gl.zeros((BLOCK_N, BLOCK_K), dtype=gl.bfloat16, layout=dot_layout)
+        a1_used = _fragment_per_piece(a1, accs)
         for kp in range(LOOP_STEPS // 2):
             ki = 2 * kp
             a0, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH - 1,
                                        NUM_K, STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
             _wait_x_step(STAGES)
-            acc = warpgroup_mma(a0, x_smem.index(ki % STAGES).permute((1, 0)), acc, is_async=True)
-            acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
-            _refill_x_step(x_smem, x_ptrs, mask_xm, offs_xk, K_X, first, ki + STAGES - 2, STEPS, LOOP_STEPS,
+            accs, a0_used = _mma_pieces(a0, x_smems, accs, ki % STAGES)
+            accs, a1_used = _retire_mma(accs, a1_used, 1)
+            _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 2, STEPS, LOOP_STEPS,
                            STAGES, BLOCK_K, EVEN_K)
             a1, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH, NUM_K,
                                        STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
             _wait_x_step(STAGES)
-            acc = warpgroup_mma(a1, x_smem.index((ki + 1) % STAGES).permute((1, 0)), acc, is_async=True)
-            acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
-            _refill_x_step(x_smem, x_ptrs, mask_xm, offs_xk, K_X, first, ki + STAGES - 1, STEPS, LOOP_STEPS,
+            accs, a1_used = _mma_pieces(a1, x_smems, accs, (ki + 1) % STAGES)
+            accs, a0_used = _retire_mma(accs, a0_used, 1)
+            _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 1, STEPS, LOOP_STEPS,
                            STAGES, BLOCK_K, EVEN_K)
-        acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
+        accs, a1_used = _retire_mma(accs, a1_used, 0)
     else:
         for ki in range(STEPS):
             a, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH - 1, NUM_K,
                                       STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
             _wait_x_step(STAGES)
-            acc = warpgroup_mma(a, x_smem.index(ki % STAGES).permute((1, 0)), acc, is_async=True)
-            # Retire it before the next step's decode: ptxas 12.8 would reuse the registers of `a`
-            # while it runs (triton#9433; a wait of 1 gave 44-80 such writes per step in the SASS).
-            acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
-            _refill_x_step(x_smem, x_ptrs, mask_xm, offs_xk, K_X, first, ki + STAGES - 2, STEPS, STEPS, STAGES,
+            accs, a_used = _mma_pieces(a, x_smems, accs, ki % STAGES)
+            # Retire them before the next step's decode: ptxas 12.8 would reuse the registers of `a`
+            # while they run (triton#9433; a wait of 1 gave 44-80 such writes per step in the SASS).
+            accs, a_used = _retire_mma(accs, a_used, 0)
+            _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 2, STEPS, STEPS, STAGES,
                            BLOCK_K, EVEN_K)
     async_copy.wait_group(0)
 
-    _store_tile(gl.permute(acc, (1, 0)), pid_n, expert64, row_start, row_end, bias_ptr, stride_be, split == 0,
-                cs_ptr, stride_cse, y_ptr, stride_ym, scatter_ptr, row_weight_ptr, N, N_OUT, alpha, limit,
-                BLOCK_M, BLOCK_N, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, num_warps)
+    for i in gl.static_range(len(PIECES)):
+        _store_tile(gl.permute(accs[i], (1, 0)), pid_n, expert64, row_start + STARTS[i], row_end, bias_ptr, stride_be,
+                    split == 0, cs_ptr, stride_cse, y_ptr, stride_ym, scatter_ptr, row_weight_ptr, N, N_OUT, alpha,
+                    limit, PIECES[i], BLOCK_N, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT,
+                    num_warps)

@@ -51,9 +51,11 @@ class MatmulConfig:
     step's wgmma runs on while the next step decodes (two register fragments in turn; the sm_90
     SASS check `sm90_report.rs_wgmma_hazards` finds no register rewritten under a running wgmma).
     Correct on an H200 but 4-47% slower there at every default tile (the second fragment costs
-    45-60 registers, so half as many programs fit per SM), hence off by default. partial_tile_m
-    ("rs", 0 = off): a tile with at most that many rows, an expert's last, runs with that many
-    columns on the wgmma's N side instead of block_m (a power of two from 4 * num_warps).
+    45-60 registers, so half as many programs fit per SM), hence off by default. width_step
+    ("rs", 0 = off): a tile of r rows (fewer than block_m only in an expert's last tile) runs
+    ceil(r / width_step) * width_step columns wide on the wgmma's N side instead of block_m, in
+    pieces of powers of two (80 = 64 + 16: one decode, two wgmmas per K step); a power of two in
+    [4 * num_warps, block_m), and block_m / width_step code paths in the kernel.
     """
     block_m: int
     block_n: int
@@ -65,7 +67,7 @@ class MatmulConfig:
     prefetch: int = 1
     split_k: int = 1
     pipeline_mma: bool = False
-    partial_tile_m: int = 0
+    width_step: int = 0
 
 
 def pick_block_m(num_rows: int, num_local_experts: int) -> int:
@@ -99,8 +101,8 @@ _RS_FEW_ROWS_CONFIGS = {True: MatmulConfig(16, 64, 256, True, 4, 4, "rs", 2),
                         False: MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2, split_k=4)}
 _RS_CONFIGS = {16: MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2),
                32: MatmulConfig(32, 64, 128, True, 4, 4, "rs", 2),
-               64: MatmulConfig(64, 64, 64, True, 4, 4, "rs", 2, partial_tile_m=32),
-               128: MatmulConfig(128, 128, 64, True, 8, 4, "rs", 3, partial_tile_m=64)}
+               64: MatmulConfig(64, 64, 64, True, 4, 4, "rs", 2, width_step=32),
+               128: MatmulConfig(128, 128, 64, True, 8, 4, "rs", 3, width_step=64)}
 
 
 def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: bool = False,
@@ -326,7 +328,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
             y, y.stride(0),
             *routing, NUM_K=steps, LAYOUT_STEPS=fragments.k_steps, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
             STAGES=config.num_stages, PREFETCH=config.prefetch, SPLIT_K=config.split_k,
-            PIPELINE_MMA=config.pipeline_mma, PARTIAL_TILE_M=config.partial_tile_m,
+            PIPELINE_MMA=config.pipeline_mma, WIDTH_STEP=config.width_step,
             EVEN_K=x.shape[1] == steps * config.block_k and steps % config.split_k == 0,
             ROW_MASK=fragments.row_groups % config.num_warps != 0,
             **{name: fused[name] for name in ("GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE",
@@ -418,9 +420,9 @@ def _rs_unsupported(x: torch.Tensor, fragments: FragmentWeights | None, n: int, 
         return f"it needs swap_ab and block_n = 16 * num_warps (16 weight rows per warp); got {config}"
     if config.num_stages < 3 or config.prefetch < 1 or config.split_k < 1:
         return f"num_stages must be >= 3, prefetch and split_k >= 1 (got {config})"
-    p = config.partial_tile_m
-    if p and (p & (p - 1) or not 4 * config.num_warps <= p < config.block_m):
-        return f"partial_tile_m must be 0 or a power of two in [4 * num_warps, block_m) (got {config})"
+    step = config.width_step
+    if step and (step & (step - 1) or not 4 * config.num_warps <= step < config.block_m):
+        return f"width_step must be 0 or a power of two in [4 * num_warps, block_m) (got {config})"
     if config.split_k > 1 and not split_k_ok:
         return f"split_k > 1 needs combine='atomic' without SwiGLU (got {config})"
     if fragments.words.device != x.device or not (fragments.words.is_contiguous() and fragments.scales.is_contiguous()):

@@ -112,7 +112,7 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
                       "SPLIT_K": config.split_k, "EVEN_K": k % config.block_k == 0 and config.split_k == 1,
                       "ROW_MASK": row_groups % config.num_warps != 0, "STAGES": config.num_stages,
                       "PREFETCH": config.prefetch, "PIPELINE_MMA": config.pipeline_mma,
-                      "PARTIAL_TILE_M": config.partial_tile_m, "num_warps": config.num_warps}
+                      "WIDTH_STEP": config.width_step, "num_warps": config.num_warps}
         return _compile(_moe_matmul_rs_kernel, GluonASTSource, signature, constexprs, config, k=k, n=n,
                         swiglu=swiglu, atomic=atomic, options={"num_warps": config.num_warps})
     if config.kernel == "sm90":
@@ -158,24 +158,32 @@ def default_configs() -> list[tuple[str, MatmulConfig, int, int, bool, bool]]:
     return out
 
 
-def main_loop(sass: str) -> list[str]:
-    """SASS lines of the K loop: the longest backward branch's body that holds an HGMMA and no
-    EXIT (an mbarrier wait's retry path, placed after the kernel's end, branches back into the
-    loop from beyond the epilogue)."""
-    lines = [line for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)]
-    addr = [int(re.search(r"/\*([0-9a-f]{4})\*/", line).group(1), 16) for line in lines]
-    best: list[str] = []
+def wgmma_loops(sass: str) -> list[list[str]]:
+    """SASS lines of each K loop: the bodies of backward branches that hold an HGMMA and no EXIT
+    (an mbarrier wait's retry path, placed after the kernel's end, branches back into the loop
+    from beyond the epilogue), outermost only, longest first. The "rs" kernel has one per tile
+    width (`MatmulConfig.width_step`)."""
+    lines = [line for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+    addr = [int(re.search(r"/\*([0-9a-f]{4,})\*/", line).group(1), 16) for line in lines]
+    spans = []
     for i, line in enumerate(lines):
         branch = re.search(r"\bBRA\s+(0x[0-9a-f]+)", line)
         if branch and int(branch.group(1), 16) < addr[i]:
-            body = [lines[j] for j in range(i + 1) if addr[j] >= int(branch.group(1), 16)]
-            if (any("HGMMA" in b for b in body) and not any(re.search(r"\bEXIT\b", b) for b in body)
-                    and len(body) > len(best)):
-                best = body
-    return best
+            body = [j for j in range(i + 1) if addr[j] >= int(branch.group(1), 16)]
+            if (any("HGMMA" in lines[j] for j in body)
+                    and not any(re.search(r"\bEXIT\b", lines[j]) for j in body)):
+                spans.append((body[0], body[-1]))
+    outer = [(a, b) for a, b in spans if not any(c <= a and b <= d and (c, d) != (a, b) for c, d in spans)]
+    return sorted(([lines[j] for j in range(a, b + 1)] for a, b in outer), key=len, reverse=True)
 
 
-_SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4}\*/\s*(?P<text>[^;]*);")
+def main_loop(sass: str) -> list[str]:
+    """SASS lines of the longest K loop (`wgmma_loops`), [] if none."""
+    loops = wgmma_loops(sass)
+    return loops[0] if loops else []
+
+
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s*(?P<text>[^;]*);")
 _HGMMA_A_REGISTER = re.compile(r"\bHGMMA\.\S+ R\d+, R(\d+),")
 _WGMMA_WAIT = re.compile(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)")
 # Instructions whose first register is a source, not a destination.
@@ -226,6 +234,14 @@ def rs_wgmma_hazards(loop: list[str]) -> dict:
     return {"rs_groups": rs_groups, "pending_at_back_edge": len(pending), "in_flight_overwrites": overwrites}
 
 
+def _hazards_of_every_loop(loops: list[list[str]]) -> dict:
+    """`rs_wgmma_hazards` summed over the K loops (the largest pending count), and their number."""
+    found = [rs_wgmma_hazards(loop) for loop in loops] or [rs_wgmma_hazards([])]
+    return {"k_loops": len(loops), "rs_groups": sum(f["rs_groups"] for f in found),
+            "pending_at_back_edge": max(f["pending_at_back_edge"] for f in found),
+            "in_flight_overwrites": sum(f["in_flight_overwrites"] for f in found)}
+
+
 def resource_report(compiled, config: MatmulConfig | None = None) -> dict:
     """Registers, spills, shared memory and SASS instruction counts of a compiled kernel; with
     its config, also the K loop's instructions per thread and per weight element (all threads'
@@ -252,7 +268,7 @@ def resource_report(compiled, config: MatmulConfig | None = None) -> dict:
         "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
         "hmma": len(re.findall(r"\bHMMA\b", sass)),
         "local_mem_ops": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
-        **rs_wgmma_hazards(loop),
+        **_hazards_of_every_loop(wgmma_loops(sass)),
         **per_loop,
     }
 

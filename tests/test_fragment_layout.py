@@ -102,7 +102,7 @@ def test_rs_kernel_is_the_hopper_default_with_fragments(monkeypatch):
         for swiglu in (True, False):
             cfg = launcher.default_config(block_m, 5760, 2880, swiglu=swiglu, sm90=True, fragments=True, rows=4096)
             assert cfg.kernel == "rs" and cfg.block_m == block_m and cfg.split_k == 1
-            assert cfg.partial_tile_m == (block_m // 2 if block_m >= 64 else 0)
+            assert cfg.width_step == (block_m // 2 if block_m >= 64 else 0)
             assert not _rs_problem(launcher, cfg, split_k_ok=not swiglu)
             assert launcher.default_config(block_m, 5760, 2880, swiglu=swiglu, sm90=True).kernel != "rs"
             assert launcher.default_config(block_m, 5760, 2880, swiglu=swiglu, fragments=True).kernel == "triton"

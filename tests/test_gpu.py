@@ -204,14 +204,17 @@ RS_CONFIGS = [(16, 64, 64, True, 4, 4, "rs", 3), (16, 64, 128, True, 4, 4, "rs",
               (128, 128, 64, True, 8, 3, "rs", 2),
               (16, 64, 128, True, 4, 4, "rs", 2, 1, True), (16, 64, 64, True, 4, 4, "rs", 3, 5, True),
               (64, 64, 64, True, 4, 4, "rs", 3, 1, True), (128, 128, 64, True, 8, 4, "rs", 3, 1, True),
-              # partial_tile_m (11th field): an expert's last tile with few rows runs narrower
+              # width_step (11th field): an expert's last tile runs its rows rounded up to a multiple
+              # of it, in power-of-two pieces (one wgmma each)
               (64, 64, 64, True, 4, 4, "rs", 2, 1, False, 16), (128, 128, 64, True, 8, 4, "rs", 3, 1, False, 32),
-              (64, 64, 64, True, 4, 4, "rs", 2, 1, False, 32), (128, 128, 64, True, 8, 4, "rs", 3, 1, False, 64)]
+              (64, 64, 64, True, 4, 4, "rs", 2, 1, False, 32), (128, 128, 64, True, 8, 4, "rs", 3, 1, False, 64),
+              (128, 64, 64, True, 4, 4, "rs", 2, 1, False, 16), (128, 64, 64, True, 4, 3, "rs", 2, 1, False, 16),
+              (128, 128, 64, True, 8, 4, "rs", 3, 1, True, 32)]
 
 
 @pytest.mark.parametrize("config", RS_CONFIGS, ids=lambda c: "rs-bm{}-bn{}-bk{}-w{}-s{}-p{}-split{}{}{}".format(
     c[0], c[1], c[2], c[4], c[5], c[7], c[8] if len(c) > 8 else 1, "-pipelined" if len(c) > 9 and c[9] else "",
-    f"-partial{c[10]}" if len(c) > 10 and c[10] else ""))
+    f"-width_step{c[10]}" if len(c) > 10 and c[10] else ""))
 @pytest.mark.parametrize("tokens", [1, 77, 600])
 def test_rs_kernel_vs_float32(gpt_oss_weights, config, tokens):
     # The fragment-order kernel (decoded weights as the wgmma's register operand) on the gpt-oss
@@ -251,6 +254,43 @@ def test_rs_kernel_decodes_every_weight_exactly(block_k):
     print(f"rs decode bk{block_k}: {int(normal.sum())} normal weights exact; weights below 2**-126: "
           f"{int((out[~normal] == want[~normal]).sum())} exact, {int(((out == 0) & (want != 0))[~normal].sum())} "
           f"flushed to zero")
+
+
+@pytest.mark.parametrize("config", [(128, 64, 64, True, 4, 4, "rs", 2, 1, False, 16),
+                                    (128, 128, 64, True, 8, 4, "rs", 3, 1, False, 32),
+                                    (128, 128, 64, True, 8, 4, "rs", 3, 1, True, 32),
+                                    (64, 64, 64, True, 4, 4, "rs", 2, 1, False, 16)])
+def test_rs_kernel_every_tile_width(config):
+    # Experts with chosen row counts, so that with width_step every width code path runs: tiles
+    # of 1..block_m rows, each rounded up to the step and split into power-of-two pieces (e.g.
+    # 112 = 64 + 32 + 16), experts of several tiles, and empty experts. Output rows and the
+    # atomic combine (per-piece scatter and routing weights) against float32; NaN-poisoned.
+    from mxfp4_moe.kernels import MatmulConfig, moe_matmul, to_fragment_order
+    from mxfp4_moe.reference import reference_moe_matmul
+    cfg = MatmulConfig(*config)
+    counts = [0, 1, 15, 16, 17, 31, 33, 40, 48, 49, 63, 64, 65, 80, 95, 97, 111, 113, 127, 128, 129, 200, 0, 300]
+    E, N, K = len(counts), 320, 640                    # 20 row groups: a partial 128-row weight tile at 8 warps
+    gen = torch.Generator(device="cuda").manual_seed(sum(config[:3]))
+    blocks = torch.randint(0, 256, (E, N, K // 2), generator=gen, device="cuda", dtype=torch.uint8)
+    scales = torch.randint(118, 124, (E, N, K // 32), generator=gen, device="cuda", dtype=torch.uint8)
+    bias = torch.randn(E, N, generator=gen, device="cuda")
+    tokens = sum(counts)
+    expert_of = torch.repeat_interleave(torch.arange(E, device="cuda"), torch.tensor(counts, device="cuda"))
+    topk_ids = expert_of[torch.randperm(tokens, generator=gen, device="cuda")].view(tokens, 1).to(torch.int32)
+    topk_w = torch.rand(tokens, 1, generator=gen, device="cuda") + 0.5
+    meta = routing_metadata(topk_ids, torch.arange(E, dtype=torch.int32), E, cfg.block_m, topk_w)
+    x = torch.randn(tokens, K, generator=gen, device="cuda").to(torch.bfloat16)
+    fragments = to_fragment_order(blocks, scales)
+    args = (x, blocks, scales, bias, meta)
+    rows = torch.full((tokens, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+    moe_matmul(*args, out=rows, config=cfg, fragments=fragments)
+    rows_ref = reference_moe_matmul(*args, compute_dtype=torch.float32)
+    combined = moe_matmul(*args, combine="atomic", apply_row_weight=True, config=cfg, fragments=fragments)
+    combined_ref = reference_moe_matmul(*args, combine="atomic", apply_row_weight=True, compute_dtype=torch.float32)
+    err_rows, err_combined = rel_err(rows, rows_ref), rel_err(combined, combined_ref)
+    print(f"{config}: rows {err_rows:.2e}, atomic combine {err_combined:.2e}")
+    assert not torch.isnan(rows).any()
+    assert err_rows < TOL_BF16 and err_combined < TOL_BF16
 
 
 @pytest.mark.parametrize("config", [(128, 128, 64, False, 8, 3, "sm90"), (16, 64, 256, True, 4, 4, "sm90"),

@@ -308,8 +308,13 @@ def test_gluon_configs_of_the_gpu_tests_compile_for_sm90():
     for rep in reports:
         assert rep["hgmma"] > 0, rep
         assert rep["local_bytes"] == 0 and rep["local_mem_ops"] == 0 and rep["stack_bytes"] == 0, rep
-        # The fragment-order kernel's wgmma reads registers: none may be rewritten while it runs.
+        # The fragment-order kernel's wgmma reads registers: none may be rewritten while it runs,
+        # in any of its K loops (one per tile width with width_step, the 11th field).
         assert rep["in_flight_overwrites"] == 0, rep
+        fields = rep["config"]
+        if fields[6] == "rs":
+            width_step = fields[10] if len(fields) > 10 else 0
+            assert rep["k_loops"] == (fields[0] // width_step if width_step else 1), rep
 
 
 def test_sm90_race_check_flags_pipelined_register_operand_wgmma():

@@ -77,7 +77,7 @@ _SPREAD_STEP: gl.constexpr = gl.constexpr(0x0101)
 def _decode_fragment(words, scale_words, dot_layout: gl.constexpr):
     """words [W, 32, J4, 4] int32 (J = 4 J4 words per lane) and scale_words [W, 32, J4] int32
     (4 stored scale bytes each, byte i for word 4 j4 + i) of one K step in fragment order (W
-    warps; `fragment_layout`) -> the wgmma A fragment [16 W, 16 J] bf16 in `dot_layout`, exact.
+    blocks of 16 weight rows; `fragment_layout`) -> the wgmma A fragment [16 W, 16 J] bf16 in `dot_layout`, exact.
     The layout change at the end moves no data (asserted)."""
     W: gl.constexpr = words.shape[0]
     J4: gl.constexpr = words.shape[2]
@@ -168,19 +168,21 @@ def _moe_matmul_rs_kernel(
         expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
         N, K_X, N_OUT,
         alpha, limit,
-        NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
-        STAGES: gl.constexpr, PREFETCH: gl.constexpr, SPLIT_K: gl.constexpr, PIPELINE_MMA: gl.constexpr,
+        NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, SPLIT_K: gl.constexpr, PIPELINE_MMA: gl.constexpr,
         EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, WIDTH_STEP: gl.constexpr,
         GATHER: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
         HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
         ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
-    """One program: BLOCK_M sorted rows of one expert x 16 * num_warps weight rows.
+    """One program: BLOCK_M sorted rows of one expert x BLOCK_N weight rows (16 * num_warps, or
+    a multiple: each warp then holds several 16-row blocks, every one a wgmma of its own on the
+    same x rows).
 
     words_ptr: int32 [E, row_groups, LAYOUT_STEPS, 32, 4], s_ptr: the uint8 [E, row_groups,
     LAYOUT_STEPS, 8, 4] scales read as int32 (`fragment_layout.FragmentWeights`, contiguous;
     steps of 64 k, so a step of BLOCK_K = 64 J4 reads J4 of them); row_groups = ceil(N / 16);
     NUM_K = ceil(K / BLOCK_K). EVEN_K: K_X == NUM_K * BLOCK_K (no column mask on x). ROW_MASK:
-    row_groups is not a multiple of num_warps. SPLIT_K (ATOMIC without SWIGLU only): program
+    row_groups is not a multiple of BLOCK_N / 16. SPLIT_K (ATOMIC without SWIGLU only): program
     (., ., s) sums K steps [s * STEPS, (s + 1) * STEPS) (STEPS = ceil(NUM_K / SPLIT_K)) into y by
     atomic adds, the bias from s = 0 only. WIDTH_STEP (> 0): a tile of r rows (fewer than
     BLOCK_M only in an expert's last tile) runs ceil(r / WIDTH_STEP) * WIDTH_STEP columns wide on
@@ -203,12 +205,13 @@ def _moe_matmul_rs_kernel(
         rows = gl.minimum(row_end - row_start, BLOCK_M)
         for c in gl.static_range(1, BLOCK_M // WIDTH_STEP + 1):
             if (rows > (c - 1) * WIDTH_STEP) & (rows <= c * WIDTH_STEP):
-                _rs_tile(*args, NUM_K, LAYOUT_STEPS, _width_pieces(c * WIDTH_STEP), BLOCK_K, STAGES, PREFETCH, STEPS,
-                         PIPELINE_MMA, EVEN_K, ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU,
-                         ROW_WEIGHT, num_warps)
+                _rs_tile(*args, NUM_K, LAYOUT_STEPS, _width_pieces(c * WIDTH_STEP), BLOCK_N, BLOCK_K, STAGES,
+                         PREFETCH, STEPS, PIPELINE_MMA, EVEN_K, ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS,
+                         HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, num_warps)
     else:
-        _rs_tile(*args, NUM_K, LAYOUT_STEPS, (BLOCK_M,), BLOCK_K, STAGES, PREFETCH, STEPS, PIPELINE_MMA, EVEN_K,
-                 ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, num_warps)
+        _rs_tile(*args, NUM_K, LAYOUT_STEPS, (BLOCK_M,), BLOCK_N, BLOCK_K, STAGES, PREFETCH, STEPS, PIPELINE_MMA,
+                 EVEN_K, ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT,
+                 num_warps)
 
 
 @gluon.constexpr_function
@@ -305,7 +308,8 @@ def _retire_mma(accs, a_used, num_outstanding: gl.constexpr):
 def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be, cs_ptr, stride_cse, y_ptr,
              stride_ym, gather_ptr, scatter_ptr, row_weight_ptr, N, K_X, N_OUT, alpha, limit, pid_n, split, expert,
              row_start, row_end,
-             NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, PIECES: gl.constexpr, BLOCK_K: gl.constexpr,
+             NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, PIECES: gl.constexpr, BLOCK_N: gl.constexpr,
+             BLOCK_K: gl.constexpr,
              STAGES: gl.constexpr, PREFETCH: gl.constexpr, STEPS: gl.constexpr, PIPELINE_MMA: gl.constexpr,
              EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, GATHER: gl.constexpr, SCATTER: gl.constexpr,
              ATOMIC: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
@@ -313,14 +317,15 @@ def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be
     """The K loop and epilogue of one program of `_moe_matmul_rs_kernel`, sum(PIECES) columns
     wide on the wgmma's N side: one accumulator per piece (a power of two), each K step's
     decoded fragment shared by the pieces' wgmmas."""
-    BLOCK_N: gl.constexpr = 16 * num_warps
+    ROW_BLOCKS: gl.constexpr = BLOCK_N // 16                  # 16-row blocks: warp w holds w, w + num_warps, ...
     J4: gl.constexpr = BLOCK_K // 16 // _BYTES_PER_WORD
     STEP_WORDS: gl.constexpr = J4 * _LANES * _BYTES_PER_WORD      # J4 layout steps of 64 k
     STEP_SCALES: gl.constexpr = J4 * _ROW_GROUPS
     STARTS: gl.constexpr = _piece_starts(PIECES)
     dot_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_mma_layout(PIECES[0], num_warps),
                                                    k_width=2)
-    # One warp per 16 weight rows, one lane per fragment slot, 4 words (16 bytes) per 64 k.
+    # A warp per 16 weight rows (wrapping round the warps, as the wgmma's operand does), a lane
+    # per fragment slot, 4 words (16 bytes) per 64 k.
     words_layout: gl.constexpr = gl.BlockedLayout([1, 1, J4, _BYTES_PER_WORD], [1, _LANES, 1, 1],
                                                   [num_warps, 1, 1, 1], [3, 2, 1, 0])
     x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
@@ -332,7 +337,7 @@ def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be
 
     # This thread's words and scale words of step 0; step s is + s * STEP_WORDS / STEP_SCALES.
     w3: gl.constexpr = gl.SliceLayout(3, words_layout)
-    group = pid_n * num_warps + gl.arange(0, num_warps, layout=gl.SliceLayout(1, gl.SliceLayout(2, w3)))
+    group = pid_n * ROW_BLOCKS + gl.arange(0, ROW_BLOCKS, layout=gl.SliceLayout(1, gl.SliceLayout(2, w3)))
     lane = gl.arange(0, _LANES, layout=gl.SliceLayout(0, gl.SliceLayout(2, w3)))
     word4 = gl.arange(0, J4, layout=gl.SliceLayout(0, gl.SliceLayout(1, w3)))
     byte = gl.arange(0, _BYTES_PER_WORD, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, words_layout))))

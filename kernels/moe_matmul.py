@@ -44,7 +44,7 @@ class MatmulConfig:
     the depth of the copy ring: num_stages - 1 K steps of weight words and x rows in flight.
     "rs" (`_moe_matmul_rs.py`: Hopper, bf16, weights in fragment order, passed as
     `moe_matmul(fragments=...)`): the decoded weights are the wgmma's register operand; swap_ab,
-    block_n = 16 * num_warps, block_k 64, 128 or 256, num_stages
+    block_n = 16 or 32 * num_warps (16 or 32 weight rows per warp, one wgmma per 16), block_k 64, 128 or 256, num_stages
     (>= 3) x buffers (num_stages - 2 steps in flight), prefetch (>= 1): K steps of weights in
     registers (prefetch - 1 loaded ahead), split_k: programs per tile along K ("rs" with combine
     "atomic" and no SwiGLU; their partial sums meet in the atomic adds), pipeline_mma: each K
@@ -330,7 +330,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
             STAGES=config.num_stages, PREFETCH=config.prefetch, SPLIT_K=config.split_k,
             PIPELINE_MMA=config.pipeline_mma, WIDTH_STEP=config.width_step,
             EVEN_K=x.shape[1] == steps * config.block_k and steps % config.split_k == 0,
-            ROW_MASK=fragments.row_groups % config.num_warps != 0,
+            ROW_MASK=fragments.row_groups % (config.block_n // 16) != 0, BLOCK_N=config.block_n,
             **{name: fused[name] for name in ("GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE",
                                               "SWIGLU", "ROW_WEIGHT", "num_warps")})
     elif config.kernel == "sm90":
@@ -416,8 +416,8 @@ def _rs_unsupported(x: torch.Tensor, fragments: FragmentWeights | None, n: int, 
         return f"fragments hold an [{fragments.n}, {fragments.k}] weight, blocks an [{n}, {k}] one"
     if config.block_k not in (64, 128, 256):
         return f"block_k must be 64, 128 or 256 (1, 2 or 4 steps of the fragment layout); got {config}"
-    if not config.swap_ab or config.block_n != 16 * config.num_warps:
-        return f"it needs swap_ab and block_n = 16 * num_warps (16 weight rows per warp); got {config}"
+    if not config.swap_ab or config.block_n not in (16 * config.num_warps, 32 * config.num_warps):
+        return f"it needs swap_ab and block_n = 16 or 32 * num_warps (16 or 32 weight rows per warp); got {config}"
     if config.num_stages < 3 or config.prefetch < 1 or config.split_k < 1:
         return f"num_stages must be >= 3, prefetch and split_k >= 1 (got {config})"
     step = config.width_step

@@ -110,7 +110,7 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
         row_groups = -(-n // 16)
         constexprs = {"NUM_K": -(-k // config.block_k), "LAYOUT_STEPS": -(-k // 256) * 4,
                       "SPLIT_K": config.split_k, "EVEN_K": k % config.block_k == 0 and config.split_k == 1,
-                      "ROW_MASK": row_groups % config.num_warps != 0, "STAGES": config.num_stages,
+                      "ROW_MASK": row_groups % (config.block_n // 16) != 0, "STAGES": config.num_stages,
                       "PREFETCH": config.prefetch, "PIPELINE_MMA": config.pipeline_mma,
                       "WIDTH_STEP": config.width_step, "num_warps": config.num_warps}
         return _compile(_moe_matmul_rs_kernel, GluonASTSource, signature, constexprs, config, k=k, n=n,

@@ -209,7 +209,10 @@ RS_CONFIGS = [(16, 64, 64, True, 4, 4, "rs", 3), (16, 64, 128, True, 4, 4, "rs",
               (64, 64, 64, True, 4, 4, "rs", 2, 1, False, 16), (128, 128, 64, True, 8, 4, "rs", 3, 1, False, 32),
               (64, 64, 64, True, 4, 4, "rs", 2, 1, False, 32), (128, 128, 64, True, 8, 4, "rs", 3, 1, False, 64),
               (128, 64, 64, True, 4, 4, "rs", 2, 1, False, 16), (128, 64, 64, True, 4, 3, "rs", 2, 1, False, 16),
-              (128, 128, 64, True, 8, 4, "rs", 3, 1, True, 32)]
+              (128, 128, 64, True, 8, 4, "rs", 3, 1, True, 32),
+              # block_n = 32 * num_warps: two 16-row blocks per warp, two wgmmas on each x tile
+              (16, 128, 128, True, 4, 4, "rs", 2), (32, 128, 128, True, 4, 4, "rs", 2, 4),
+              (64, 128, 64, True, 4, 4, "rs", 2, 1, False, 32), (128, 128, 64, True, 4, 4, "rs", 2, 1, False, 64)]
 
 
 @pytest.mark.parametrize("config", RS_CONFIGS, ids=lambda c: "rs-bm{}-bn{}-bk{}-w{}-s{}-p{}-split{}{}{}".format(
@@ -259,7 +262,8 @@ def test_rs_kernel_decodes_every_weight_exactly(block_k):
 @pytest.mark.parametrize("config", [(128, 64, 64, True, 4, 4, "rs", 2, 1, False, 16),
                                     (128, 128, 64, True, 8, 4, "rs", 3, 1, False, 32),
                                     (128, 128, 64, True, 8, 4, "rs", 3, 1, True, 32),
-                                    (64, 64, 64, True, 4, 4, "rs", 2, 1, False, 16)])
+                                    (64, 64, 64, True, 4, 4, "rs", 2, 1, False, 16),
+                                    (128, 128, 64, True, 4, 4, "rs", 2, 1, False, 16)])
 def test_rs_kernel_every_tile_width(config):
     # Experts with chosen row counts, so that with width_step every width code path runs: tiles
     # of 1..block_m rows, each rounded up to the step and split into power-of-two pieces (e.g.
@@ -269,7 +273,7 @@ def test_rs_kernel_every_tile_width(config):
     from mxfp4_moe.reference import reference_moe_matmul
     cfg = MatmulConfig(*config)
     counts = [0, 1, 15, 16, 17, 31, 33, 40, 48, 49, 63, 64, 65, 80, 95, 97, 111, 113, 127, 128, 129, 200, 0, 300]
-    E, N, K = len(counts), 320, 640                    # 20 row groups: a partial 128-row weight tile at 8 warps
+    E, N, K = len(counts), 320, 640                    # 20 row groups: a partial 128-row weight tile
     gen = torch.Generator(device="cuda").manual_seed(sum(config[:3]))
     blocks = torch.randint(0, 256, (E, N, K // 2), generator=gen, device="cuda", dtype=torch.uint8)
     scales = torch.randint(118, 124, (E, N, K // 32), generator=gen, device="cuda", dtype=torch.uint8)

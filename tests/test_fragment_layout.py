@@ -86,8 +86,12 @@ def test_rs_kernel_needs_fragments_and_a_matching_config():
                                                torch.bfloat16, {})
     assert "split_k > 1 needs" in _rs_unsupported(x, fw, 32, 64, MatmulConfig(16, 64, 64, True, 4, 4, "rs", 3, 2),
                                                   torch.bfloat16, {})
-    assert "16 * num_warps" in _rs_unsupported(x, fw, 32, 64, MatmulConfig(16, 128, 64, True, 4, 4, "rs", 3),
-                                               torch.bfloat16, {})
+    for block_n in (32, 96, 256):          # 16 or 32 weight rows per warp only: 64 or 128 at 4 warps
+        assert "16 or 32 * num_warps" in _rs_unsupported(x, fw, 32, 64,
+                                                         MatmulConfig(16, block_n, 64, True, 4, 4, "rs", 3),
+                                                         torch.bfloat16, {})
+    assert "Hopper" in _rs_unsupported(x, fw, 32, 64, MatmulConfig(16, 128, 64, True, 4, 4, "rs", 3),
+                                       torch.bfloat16, {})      # past the config checks: only the CPU stops it
     assert "Hopper" in _rs_unsupported(x, fw, 32, 64, cfg, torch.bfloat16, {})     # on this CPU
 
 

@@ -176,8 +176,7 @@ def bench_point(w, layer, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_refer
     rows = tokens * w.top_k
     mean_rows = rows / w.num_local_experts
     block_m = pick_block_m(rows, w.num_local_experts)
-    expert_map = layer.routing_expert_map        # as the layer routes (None: every expert local)
-    meta = routing_metadata(topk_ids, expert_map, w.num_local_experts, block_m, topk_w)
+    meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, block_m, topk_w)
     hit = int((meta.expert_counts > 0).sum())
     hp, ip, h, i = w.hidden_pad, w.inter_pad, w.hidden, w.inter
     swiglu = (w.swiglu_alpha, w.swiglu_limit)
@@ -197,7 +196,7 @@ def bench_point(w, layer, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_refer
     ab2 = rows * ip * 2 + tokens * h * 4
 
     act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu, fragments=fragments.get("w13"))
-    metas = {bm: meta if bm == block_m else routing_metadata(topk_ids, expert_map, w.num_local_experts, bm, topk_w)
+    metas = {bm: meta if bm == block_m else routing_metadata(topk_ids, w.expert_map, w.num_local_experts, bm, topk_w)
              for bm in (block_m_candidates(block_m) if sweep else [block_m])}
     res["tiles"] = {bm: int((m.tile_expert >= 0).sum()) for bm, m in metas.items()}
     best = {}
@@ -261,7 +260,7 @@ def bench_point(w, layer, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_refer
             res[op + "_best"]["vs_triton_kernels"] = FIELD_BEST_MS[op][tokens] / best_ms
     res["w2_slots_ms"] = time_graph(lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, gather=False,
                                                        apply_row_weight=True, combine="slots", n_out=h))
-    res["routing_metadata_ms"] = time_graph(lambda: routing_metadata(topk_ids, expert_map, w.num_local_experts,
+    res["routing_metadata_ms"] = time_graph(lambda: routing_metadata(topk_ids, w.expert_map, w.num_local_experts,
                                                                      block_m, topk_w))
     res["layer_combine"] = layer.combine_for(tokens)
     res["layer_fragment_order"] = layer.fragments is not None

@@ -4,8 +4,7 @@ searchsorted, the inverse scatter and the gathers were about a dozen launches: 0
 layer on an H100/H200). Launched by `expert_sort.py`; nothing else calls them.
 
 Keys: pair r (flat index t * k + j) of global expert g gets key expert_map[g] (or g), and key
-E_local when that is negative (another rank's expert): those sort after every local pair. Without an
-expert map (every pair local) there is no key E_local, and E_local key slots.
+E_local when that is negative (another rank's expert): those sort after every local pair.
 The pairs are cut into chunks of BLOCK_R; for chunk c and key e:
 
     histogram:  counts[c, e]  = pairs of chunk c with key e                    (one program a chunk)
@@ -52,14 +51,6 @@ def _store_sorted(r, pos, mask, weights_ptr, sorted_slot_ptr, sorted_token_ptr, 
 
 
 @triton.jit
-def _store_local_rows(offsets_ptr, totals, num_local, BLOCK_E: tl.constexpr):
-    """offsets[E_local] = the local rows, when the key slots are exactly the E_local local
-    experts (no slot E_local: no expert map, every pair local); otherwise the slots' cumsum
-    stored it."""
-    tl.store(offsets_ptr + num_local, tl.sum(totals, 0), mask=num_local == BLOCK_E)
-
-
-@triton.jit
 def _histogram_kernel(ids_ptr, map_ptr, counts_ptr, rows, num_local,
                       HAS_MAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
     chunk = tl.program_id(0)
@@ -82,7 +73,6 @@ def _scan_kernel(counts_ptr, start_ptr, offsets_ptr, num_chunks, num_local,
         totals += tl.sum(counts, axis=0)
     running = tl.cumsum(totals, 0) - totals                  # first sorted row of each key
     tl.store(offsets_ptr + e, running, mask=e <= num_local)
-    _store_local_rows(offsets_ptr, totals, num_local, BLOCK_E)
     for c0 in range(0, MAX_CHUNKS, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         mask = (c < num_chunks)[:, None]
@@ -127,7 +117,6 @@ def _sort_one_chunk_kernel(ids_ptr, map_ptr, weights_ptr, sorted_slot_ptr, sorte
     totals = tl.sum(one_hot, axis=0)
     first = tl.cumsum(totals, 0) - totals                    # first sorted row of each key
     tl.store(offsets_ptr + e, first, mask=e <= num_local)
-    _store_local_rows(offsets_ptr, totals, num_local, BLOCK_E)
     earlier = tl.cumsum(one_hot, 0) - one_hot                # same-key pairs before r
     pos = tl.sum(one_hot * (first[None, :] + earlier), axis=1)
     _store_sorted(r, pos, mask, weights_ptr, sorted_slot_ptr, sorted_token_ptr, sorted_weight_ptr, inverse_ptr,

@@ -22,11 +22,10 @@ _NUM_WARPS = 8
 _SCHEDULE_IN_SORT_MAX_KEYS = 64
 
 
-def _chunking(rows: int, num_local_experts: int, has_map: bool = True) -> tuple[int, int, int]:
-    """(key slots, pairs per chunk, chunks) of a sort of `rows` pairs: with an expert map, key
-    slot E_local holds the pairs of other ranks' experts; without one every pair is local, and
-    E_local slots do (at E = 128 that halves the slots: half the chunks, a quarter of the scan)."""
-    block_e = triton.next_power_of_2(num_local_experts + int(has_map))
+def _chunking(rows: int, num_local_experts: int) -> tuple[int, int, int]:
+    """(key slots, pairs per chunk, chunks) of a sort of `rows` pairs: key slot E_local holds
+    the pairs of other ranks' experts."""
+    block_e = triton.next_power_of_2(num_local_experts + 1)
     block_r = max(16, _TILE_ELEMENTS // block_e)       # pairs per chunk, and chunks per scan step
     return block_e, block_r, max(1, triton.cdiv(rows, block_r))
 
@@ -39,10 +38,10 @@ class _Sort:
         tokens, self.top_k = topk_ids.shape
         self.rows = tokens * self.top_k
         self.num_local = num_local_experts
-        self.has_map = expert_map is not None
-        self.block_e, self.block_r, self.num_chunks = _chunking(self.rows, num_local_experts, self.has_map)
+        self.block_e, self.block_r, self.num_chunks = _chunking(self.rows, num_local_experts)
         device = topk_ids.device
         self.ids = topk_ids.reshape(-1)
+        self.has_map = expert_map is not None
         self.map = expert_map.to(device) if self.has_map else self.ids   # any integer dtype; unread without a map
         self.weights = topk_weights.reshape(-1).float() if topk_weights is not None else None
         self.offsets = torch.empty(num_local_experts + 1, dtype=torch.int32, device=device)
@@ -96,8 +95,7 @@ def sort_and_schedule(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, n
     E_local = 128, 256 at 32: decode sizes), one launch sorts, and with up to 63 local experts
     also builds the schedule (else a second launch does); otherwise four launches. No host
     synchronisation either way."""
-    block_e, _, num_chunks = _chunking(topk_ids.shape[0] * topk_ids.shape[1], num_local_experts,
-                                       expert_map is not None)
+    block_e, _, num_chunks = _chunking(topk_ids.shape[0] * topk_ids.shape[1], num_local_experts)
     if num_chunks > 1:
         sorted_pairs = expert_sort(topk_ids, expert_map, num_local_experts, topk_weights)
         return (*sorted_pairs, *tile_schedule(sorted_pairs[4], num_tiles, block_m))

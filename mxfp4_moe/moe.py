@@ -73,11 +73,6 @@ class MXFP4MoE(torch.nn.Module):
             raise ValueError(f"MXFP4MoE: combine must be 'auto', 'atomic' or 'slots', got {combine!r}")
         self.combine = combine
         self.router_weight_bf16 = exact_bf16(weights.router_weight)   # None: route in float32
-        # Every expert local and in order: the routing metadata needs no expert map (its sort
-        # then has no key slot for other ranks' experts; E = 128, T = 8192: 256 -> 128 slots).
-        identity = torch.arange(weights.num_experts, device=weights.expert_map.device)
-        self.routing_expert_map = (None if weights.num_local_experts == weights.num_experts
-                                   and torch.equal(weights.expert_map.long(), identity) else weights.expert_map)
         self.fragments = self._fragments(fragment_order)    # {"w13": ..., "w2": ...} or None
 
     @classmethod
@@ -145,7 +140,7 @@ class MXFP4MoE(torch.nn.Module):
         if tokens == 0:
             return x.new_zeros((0, w.hidden))
         block_m = kernels.pick_block_m(tokens * w.top_k, w.num_local_experts)
-        meta = routing_metadata(topk_ids, self.routing_expert_map, w.num_local_experts, block_m, topk_weights)
+        meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, block_m, topk_weights)
         frag = self.fragments or {}
         act = kernels.moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta,
                                  channel_scale=w.w13_channel_scale, gather=True,

@@ -94,14 +94,3 @@ def test_auto_combine_is_atomic():
     assert MXFP4MoE(weights, backend="torch", combine="slots").combine_for(1) == "slots"
     with pytest.raises(ValueError, match="combine"):
         MXFP4MoE(weights, backend="torch", combine="sum")
-
-
-def test_routing_expert_map_only_where_some_expert_is_remote():
-    # Every expert local and in order: the layer's routing metadata runs without the map (one
-    # key slot fewer in its sort); under expert parallelism it keeps the map, whose -1 entries
-    # send other ranks' pairs last. Both layers match the torch backend (test above).
-    whole, _ = random_expert_weights(8, 64, 64, top_k=4, seed=1)
-    assert MXFP4MoE(whole, backend="torch").routing_expert_map is None
-    ep, _ = random_expert_weights(8, 64, 64, top_k=4, local_experts=[0, 3, 4], seed=1)
-    ep_map = MXFP4MoE(ep, backend="torch").routing_expert_map
-    assert ep_map is not None and torch.equal(ep_map, ep.expert_map)

@@ -136,10 +136,8 @@ def _random_routing(tokens: int, top_k: int, num_experts: int, local: list[int] 
 @pytest.mark.parametrize("tokens,top_k,num_experts,local,weights", [
     (0, 4, 8, None, True),            # no tokens
     (1, 4, 128, None, True),          # decode: one chunk, most experts empty
-    (300, 4, 32, None, False),        # several chunks (512 pairs each at 32 experts, no map)
-    (1100, 4, 128, None, True),       # 4400 pairs in 128-pair chunks (no map: 128 key slots)
-    (1100, 4, 128, list(range(128)), True),   # with a map, 129 keys in 256 slots: 64-pair chunks,
-                                              # 69 of them, two scan steps
+    (300, 4, 32, None, False),        # several chunks (128 pairs each at 32 experts)
+    (1100, 4, 128, None, True),       # 4400 pairs in 64-pair chunks: 69 chunks, two scan steps
     (257, 2, 12, [1, 4, 5, 11], True),  # expert parallelism: pairs of other ranks sort last
     (50, 3, 6, [], True),             # this rank holds no routed expert: every pair dropped
 ])
@@ -164,11 +162,9 @@ def test_expert_sort_kernel_matches_torch(tokens, top_k, num_experts, local, wei
 @pytest.mark.parametrize("tokens,num_experts,local,block_m,weights", [
     (0, 128, None, 16, True),           # no tokens: every tile idle
     (1, 128, None, 16, True),           # decode: 4 pairs, one launch
-    (32, 128, None, 16, False),         # 128 pairs: the most one chunk holds at 128 experts, no map
-    (33, 128, None, 16, True),          # 132 pairs: two chunks, the four-launch path
-    (16, 128, list(range(128)), 16, False),   # with a map (a key slot for other ranks' experts):
-    (17, 128, list(range(128)), 16, True),    # one chunk holds 64 pairs, 68 take two
-    (40, 32, None, 32, True),           # 160 pairs in one chunk (512 at 32 experts, no map)
+    (16, 128, None, 16, False),         # 64 pairs: the most one chunk holds at 128 experts
+    (17, 128, None, 16, True),          # 68 pairs: two chunks, the four-launch path
+    (40, 32, None, 32, True),           # 160 pairs in one chunk of 256 at 32 experts
     (9, 12, [1, 4, 5, 11], 16, True),   # expert parallelism: other ranks' pairs sort last
     (64, 6, [], 16, True),              # no local expert routed: all pairs dropped, 256 pairs
     (300, 1, None, 16, True),           # one expert, 1200 pairs: 76 tiles, several tile steps

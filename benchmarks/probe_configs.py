@@ -29,10 +29,8 @@ def parse_config(text: str) -> MatmulConfig:
     split_k = int(f[8]) if len(f) > 8 else 1
     pipeline_mma = bool(int(f[9])) if len(f) > 9 else False
     width_step = int(f[10]) if len(f) > 10 else 0
-    unroll_ring = bool(int(f[11])) if len(f) > 11 else False
-    max_registers = int(f[12]) if len(f) > 12 else 0
     return MatmulConfig(int(f[0]), int(f[1]), int(f[2]), bool(int(f[3])), int(f[4]), int(f[5]), f[6], prefetch,
-                        split_k, pipeline_mma, width_step, unroll_ring, max_registers)
+                        split_k, pipeline_mma, width_step)
 
 
 def main() -> int:
@@ -40,7 +38,7 @@ def main() -> int:
     p.add_argument("--points", default="128:1,128:8,32:1,32:8", help="E:T,...")
     p.add_argument("--configs", required=True,
                    help="';'-separated block_m,block_n,block_k,swap_ab(0/1),num_warps,num_stages,kernel"
-                        "[,prefetch[,split_k[,pipeline_mma(0/1)[,width_step[,unroll_ring(0/1)[,max_registers]]]]]]; kernel 'rs' gets the weights in fragment order; a config "
+                        "[,prefetch[,split_k[,pipeline_mma(0/1)[,width_step]]]]; kernel 'rs' gets the weights in fragment order; a config "
                         "with split_k > 1 runs for w2 only")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = p.parse_args()

@@ -136,31 +136,23 @@ def _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, load_step, NUM_K: gl
 
 
 @gluon.jit
-def _wait_x_step(STAGES: gl.constexpr, UNROLL_RING: gl.constexpr, num_warps: gl.constexpr):
+def _wait_x_step(STAGES: gl.constexpr):
     """This step's x rows in shared memory, visible to the wgmma: this thread's copies landed,
     proxy fence, then the barrier (everyone's landed; every warp is past the previous step's
-    wait, so the buffer two steps back is free). UNROLL_RING: the wait and the fence as one
-    inline-PTX statement, which the compiler's barrier pass does not follow with a barrier of
-    its own (it does after a wait_group op)."""
-    if UNROLL_RING:
-        one_per_thread: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-        gl.inline_asm_elementwise(
-            f"cp.async.wait_group {STAGES - 3};\nfence.proxy.async.shared::cta;\nmov.b32 $0, $1;", "=r,r",
-            [gl.full([32 * num_warps], 0, gl.int32, layout=one_per_thread)], dtype=gl.int32, is_pure=False, pack=1)
-    else:
-        async_copy.wait_group(STAGES - 3)
-        fence_async_shared()
+    wait, so the buffer two steps back is free)."""
+    async_copy.wait_group(STAGES - 3)
+    fence_async_shared()
     gl.thread_barrier()
 
 
 @gluon.jit
-def _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, kn, buffer, STEPS, LOOP_STEPS,
-                   BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr, UNROLL_RING: gl.constexpr):
-    """cp.async of local step kn's x rows (every piece of the tile) into `buffer` (kn %
-    STAGES: the one step kn - STAGES read), zeros for a step the loop runs past this program's
-    STEPS (kn < LOOP_STEPS), and one commit group either way."""
+def _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, kn, STEPS, LOOP_STEPS, STAGES: gl.constexpr,
+                   BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr):
+    """cp.async of local step kn's x rows (every piece of the tile) into the buffer step
+    kn - STAGES read, zeros for a step the loop runs past this program's STEPS (kn <
+    LOOP_STEPS), and one commit group either way."""
     if kn < LOOP_STEPS:
-        _copy_x_pieces(x_smems, x_ptrs, masks_xm, offs_xk, K_X, buffer, first + kn, BLOCK_K, EVEN_K, UNROLL_RING,
+        _copy_x_pieces(x_smems, x_ptrs, masks_xm, offs_xk, K_X, kn % STAGES, first + kn, BLOCK_K, EVEN_K,
                        kn < STEPS)
     async_copy.commit_group()
 
@@ -177,9 +169,8 @@ def _moe_matmul_rs_kernel(
         N, K_X, N_OUT,
         alpha, limit,
         NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, SPLIT_K: gl.constexpr,
-        PIPELINE_MMA: gl.constexpr, UNROLL_RING: gl.constexpr, EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr,
-        WIDTH_STEP: gl.constexpr,
+        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, SPLIT_K: gl.constexpr, PIPELINE_MMA: gl.constexpr,
+        EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, WIDTH_STEP: gl.constexpr,
         GATHER: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
         HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
         ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
@@ -215,11 +206,11 @@ def _moe_matmul_rs_kernel(
         for c in gl.static_range(1, BLOCK_M // WIDTH_STEP + 1):
             if (rows > (c - 1) * WIDTH_STEP) & (rows <= c * WIDTH_STEP):
                 _rs_tile(*args, NUM_K, LAYOUT_STEPS, _width_pieces(c * WIDTH_STEP), BLOCK_N, BLOCK_K, STAGES,
-                         PREFETCH, STEPS, PIPELINE_MMA, UNROLL_RING, EVEN_K, ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS,
+                         PREFETCH, STEPS, PIPELINE_MMA, EVEN_K, ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS,
                          HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, num_warps)
     else:
         _rs_tile(*args, NUM_K, LAYOUT_STEPS, (BLOCK_M,), BLOCK_N, BLOCK_K, STAGES, PREFETCH, STEPS, PIPELINE_MMA,
-                 UNROLL_RING, EVEN_K, ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT,
+                 EVEN_K, ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT,
                  num_warps)
 
 
@@ -256,18 +247,18 @@ def _zero_accumulator(BLOCK_N: gl.constexpr, WIDTH: gl.constexpr, num_warps: gl.
 
 @gluon.jit
 def _x_pieces(x_ptr, stride_xm, gather_ptr, row_start, row_end, PIECES: gl.constexpr, STAGES: gl.constexpr,
-              BLOCK_K: gl.constexpr, x_layout: gl.constexpr, GATHER: gl.constexpr, UNROLL_RING: gl.constexpr):
-    """Per piece of the tile (`_width_pieces`): its x ring in shared memory (one [STAGES,
-    piece, BLOCK_K] allocation; with UNROLL_RING a tuple of STAGES [piece, BLOCK_K] ones, so
-    that the compiler tells the buffers apart) and its rows' pointers and row mask
-    (`_x_row_pointers`), as three tuples; and the column offsets."""
+              BLOCK_K: gl.constexpr, x_layout: gl.constexpr, GATHER: gl.constexpr):
+    """Per piece of the tile (`_width_pieces`): its x ring in shared memory [STAGES, piece,
+    BLOCK_K] and its rows' pointers and row mask (`_x_row_pointers`), as three tuples; and the
+    column offsets."""
     STARTS: gl.constexpr = _piece_starts(PIECES)
     smems = ()
     ptrs = ()
     masks = ()
     offs_xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
     for i in gl.static_range(len(PIECES)):
-        smems = smems + (_allocate_x_ring(PIECES[i], STAGES, BLOCK_K, UNROLL_RING),)
+        smems = smems + (gl.allocate_shared_memory(gl.bfloat16, [STAGES, PIECES[i], BLOCK_K],
+                                                   _x_smem_layout(PIECES[i], BLOCK_K)),)
         piece_ptrs, piece_mask, offs_xk = _x_row_pointers(x_ptr, stride_xm, gather_ptr, row_start + STARTS[i],
                                                           row_end, PIECES[i], BLOCK_K, x_layout, GATHER)
         ptrs = ptrs + (piece_ptrs,)
@@ -276,33 +267,11 @@ def _x_pieces(x_ptr, stride_xm, gather_ptr, row_start, row_end, PIECES: gl.const
 
 
 @gluon.jit
-def _allocate_x_ring(WIDTH: gl.constexpr, STAGES: gl.constexpr, BLOCK_K: gl.constexpr, UNROLL_RING: gl.constexpr):
-    """One piece's x ring: [STAGES, WIDTH, BLOCK_K] bf16, or (UNROLL_RING) STAGES allocations."""
-    if UNROLL_RING:
-        ring = ()
-        for s in gl.static_range(STAGES):
-            ring = ring + (gl.allocate_shared_memory(gl.bfloat16, [WIDTH, BLOCK_K], _x_smem_layout(WIDTH, BLOCK_K)),)
-    else:
-        ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, WIDTH, BLOCK_K], _x_smem_layout(WIDTH, BLOCK_K))
-    return ring
-
-
-@gluon.jit
-def _x_buffer(ring, buffer, UNROLL_RING: gl.constexpr):
-    """Buffer `buffer` of a ring from `_allocate_x_ring` (with UNROLL_RING, a compile-time index)."""
-    if UNROLL_RING:
-        return ring[buffer]
-    else:
-        return ring.index(buffer)
-
-
-@gluon.jit
 def _copy_x_pieces(x_smems, x_ptrs, masks_xm, offs_xk, K_X, buffer, step, BLOCK_K: gl.constexpr,
-                   EVEN_K: gl.constexpr, UNROLL_RING: gl.constexpr, valid=True):
+                   EVEN_K: gl.constexpr, valid=True):
     """`_copy_x_step` for every piece of the tile, into ring buffer `buffer`."""
     for i in gl.static_range(len(x_smems)):
-        _copy_x_step(_x_buffer(x_smems[i], buffer, UNROLL_RING), x_ptrs[i], masks_xm[i], offs_xk, K_X, step,
-                     BLOCK_K, EVEN_K, valid)
+        _copy_x_step(x_smems[i].index(buffer), x_ptrs[i], masks_xm[i], offs_xk, K_X, step, BLOCK_K, EVEN_K, valid)
 
 
 @gluon.jit
@@ -317,14 +286,13 @@ def _fragment_per_piece(a, accs):
 
 
 @gluon.jit
-def _mma_pieces(a, x_smems, accs, buffer, UNROLL_RING: gl.constexpr):
+def _mma_pieces(a, x_smems, accs, buffer):
     """Start one wgmma per piece, accs[i] += a @ x_smems[i][buffer].T, all on the same A
     fragment: (the accumulators in flight, the fragments they read, for the wait's deps)."""
     a_used = _fragment_per_piece(a, accs)
     out = ()
     for i in gl.static_range(len(accs)):
-        x_t = _x_buffer(x_smems[i], buffer, UNROLL_RING).permute((1, 0))
-        out = out + (warpgroup_mma(a_used[i], x_t, accs[i], is_async=True),)
+        out = out + (warpgroup_mma(a_used[i], x_smems[i].index(buffer).permute((1, 0)), accs[i], is_async=True),)
     return out, a_used
 
 
@@ -337,32 +305,13 @@ def _retire_mma(accs, a_used, num_outstanding: gl.constexpr):
 
 
 @gluon.jit
-def _k_step(ki, buffer, accs, queue, x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, words_ptrs, scale_ptrs, row_mask,
-            NUM_K: gl.constexpr, STEPS: gl.constexpr, STEP_WORDS: gl.constexpr, STEP_SCALES: gl.constexpr,
-            STAGES: gl.constexpr, PREFETCH: gl.constexpr, BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr,
-            ROW_MASK: gl.constexpr, UNROLL_RING: gl.constexpr, dot_layout: gl.constexpr, num_warps: gl.constexpr):
-    """Local K step ki, its x rows in ring buffer `buffer` (ki % STAGES): decode, wgmma, and
-    the refill of the buffer two steps back. Returns (accumulators, weight queue)."""
-    a, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH - 1, NUM_K,
-                              STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
-    _wait_x_step(STAGES, UNROLL_RING, num_warps)
-    accs, a_used = _mma_pieces(a, x_smems, accs, buffer, UNROLL_RING)
-    # Retire them before the next step's decode: ptxas 12.8 would reuse the registers of `a`
-    # while they run (triton#9433; a wait of 1 gave 44-80 such writes per step in the SASS).
-    accs, a_used = _retire_mma(accs, a_used, 0)
-    _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 2, (buffer + STAGES - 2) % STAGES,
-                   STEPS, STEPS, BLOCK_K, EVEN_K, UNROLL_RING)
-    return accs, queue
-
-
-@gluon.jit
 def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be, cs_ptr, stride_cse, y_ptr,
              stride_ym, gather_ptr, scatter_ptr, row_weight_ptr, N, K_X, N_OUT, alpha, limit, pid_n, split, expert,
              row_start, row_end,
              NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, PIECES: gl.constexpr, BLOCK_N: gl.constexpr,
              BLOCK_K: gl.constexpr,
              STAGES: gl.constexpr, PREFETCH: gl.constexpr, STEPS: gl.constexpr, PIPELINE_MMA: gl.constexpr,
-             UNROLL_RING: gl.constexpr, EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, GATHER: gl.constexpr, SCATTER: gl.constexpr,
+             EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, GATHER: gl.constexpr, SCATTER: gl.constexpr,
              ATOMIC: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
              ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
     """The K loop and epilogue of one program of `_moe_matmul_rs_kernel`, sum(PIECES) columns
@@ -383,7 +332,7 @@ def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be
 
     first = split * STEPS                          # this program's first K step
     x_smems, x_ptrs, masks_xm, offs_xk = _x_pieces(x_ptr, stride_xm, gather_ptr, row_start, row_end, PIECES, STAGES,
-                                                   BLOCK_K, x_layout, GATHER, UNROLL_RING)
+                                                   BLOCK_K, x_layout, GATHER)
     expert64 = expert.to(gl.int64)
 
     # This thread's words and scale words of step 0; step s is + s * STEP_WORDS / STEP_SCALES.
@@ -404,7 +353,7 @@ def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be
     # past the last step); the weights of the first PREFETCH - 1 steps in registers.
     for st in gl.static_range(STAGES - 2):
         if st < STEPS:
-            _copy_x_pieces(x_smems, x_ptrs, masks_xm, offs_xk, K_X, st, first + st, BLOCK_K, EVEN_K, UNROLL_RING)
+            _copy_x_pieces(x_smems, x_ptrs, masks_xm, offs_xk, K_X, st, first + st, BLOCK_K, EVEN_K)
         async_copy.commit_group()
     queue = ()
     for st in gl.static_range(PREFETCH - 1):
@@ -424,33 +373,30 @@ def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be
             ki = 2 * kp
             a0, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH - 1,
                                        NUM_K, STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
-            _wait_x_step(STAGES, False, num_warps)
-            accs, a0_used = _mma_pieces(a0, x_smems, accs, ki % STAGES, False)
+            _wait_x_step(STAGES)
+            accs, a0_used = _mma_pieces(a0, x_smems, accs, ki % STAGES)
             accs, a1_used = _retire_mma(accs, a1_used, 1)
-            _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 2, (ki + STAGES - 2) % STAGES,
-                           STEPS, LOOP_STEPS, BLOCK_K, EVEN_K, False)
+            _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 2, STEPS, LOOP_STEPS,
+                           STAGES, BLOCK_K, EVEN_K)
             a1, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH, NUM_K,
                                        STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
-            _wait_x_step(STAGES, False, num_warps)
-            accs, a1_used = _mma_pieces(a1, x_smems, accs, (ki + 1) % STAGES, False)
+            _wait_x_step(STAGES)
+            accs, a1_used = _mma_pieces(a1, x_smems, accs, (ki + 1) % STAGES)
             accs, a0_used = _retire_mma(accs, a0_used, 1)
-            _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 1, (ki + STAGES - 1) % STAGES,
-                           STEPS, LOOP_STEPS, BLOCK_K, EVEN_K, False)
+            _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 1, STEPS, LOOP_STEPS,
+                           STAGES, BLOCK_K, EVEN_K)
         accs, a1_used = _retire_mma(accs, a1_used, 0)
-    elif UNROLL_RING:
-        # STAGES steps per iteration, each on its own x buffer (a compile-time index): the
-        # compiler's barrier pass sees that a step's refill and its wgmma touch different buffers.
-        for k0 in range(0, STEPS, STAGES):
-            for st in gl.static_range(STAGES):
-                if k0 + st < STEPS:
-                    accs, queue = _k_step(k0 + st, st, accs, queue, x_smems, x_ptrs, masks_xm, offs_xk, K_X, first,
-                                          words_ptrs, scale_ptrs, row_mask, NUM_K, STEPS, STEP_WORDS, STEP_SCALES,
-                                          STAGES, PREFETCH, BLOCK_K, EVEN_K, ROW_MASK, True, dot_layout, num_warps)
     else:
         for ki in range(STEPS):
-            accs, queue = _k_step(ki, ki % STAGES, accs, queue, x_smems, x_ptrs, masks_xm, offs_xk, K_X, first,
-                                  words_ptrs, scale_ptrs, row_mask, NUM_K, STEPS, STEP_WORDS, STEP_SCALES, STAGES,
-                                  PREFETCH, BLOCK_K, EVEN_K, ROW_MASK, False, dot_layout, num_warps)
+            a, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH - 1, NUM_K,
+                                      STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
+            _wait_x_step(STAGES)
+            accs, a_used = _mma_pieces(a, x_smems, accs, ki % STAGES)
+            # Retire them before the next step's decode: ptxas 12.8 would reuse the registers of `a`
+            # while they run (triton#9433; a wait of 1 gave 44-80 such writes per step in the SASS).
+            accs, a_used = _retire_mma(accs, a_used, 0)
+            _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 2, STEPS, STEPS, STAGES,
+                           BLOCK_K, EVEN_K)
     async_copy.wait_group(0)
 
     for i in gl.static_range(len(PIECES)):

@@ -55,12 +55,7 @@ class MatmulConfig:
     ("rs", 0 = off): a tile of r rows (fewer than block_m only in an expert's last tile) runs
     ceil(r / width_step) * width_step columns wide on the wgmma's N side instead of block_m, in
     pieces of powers of two (80 = 64 + 16: one decode, two wgmmas per K step); a power of two in
-    [4 * num_warps, block_m), and block_m / width_step code paths in the kernel. unroll_ring
-    ("rs", not with pipeline_mma): the K loop unrolled by num_stages, each x buffer its own
-    shared-memory allocation, and the cp.async wait and proxy fence in one PTX statement, so
-    that the compiler inserts no barriers of its own (1 per K step instead of 3). max_registers
-    ("rs", 0 = the compiler's choice): ptxas' register cap per thread (`maxnreg`), to keep as
-    many programs per SM as the rolled loop (its unrolled code asks for more).
+    [4 * num_warps, block_m), and block_m / width_step code paths in the kernel.
     """
     block_m: int
     block_n: int
@@ -73,8 +68,6 @@ class MatmulConfig:
     split_k: int = 1
     pipeline_mma: bool = False
     width_step: int = 0
-    unroll_ring: bool = False
-    max_registers: int = 0
 
 
 def pick_block_m(num_rows: int, num_local_experts: int) -> int:
@@ -337,8 +330,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
             y, y.stride(0),
             *routing, NUM_K=steps, LAYOUT_STEPS=fragments.k_steps, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
             STAGES=config.num_stages, PREFETCH=config.prefetch, SPLIT_K=config.split_k,
-            PIPELINE_MMA=config.pipeline_mma, UNROLL_RING=config.unroll_ring, WIDTH_STEP=config.width_step,
-            **({"maxnreg": config.max_registers} if config.max_registers else {}),
+            PIPELINE_MMA=config.pipeline_mma, WIDTH_STEP=config.width_step,
             EVEN_K=x.shape[1] == steps * config.block_k and steps % config.split_k == 0,
             ROW_MASK=fragments.row_groups % (config.block_n // 16) != 0, BLOCK_N=config.block_n,
             **{name: fused[name] for name in ("GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE",
@@ -433,10 +425,6 @@ def _rs_unsupported(x: torch.Tensor, fragments: FragmentWeights | None, n: int, 
     step = config.width_step
     if step and (step & (step - 1) or not 4 * config.num_warps <= step < config.block_m):
         return f"width_step must be 0 or a power of two in [4 * num_warps, block_m) (got {config})"
-    if config.max_registers and not 24 <= config.max_registers <= 255:
-        return f"max_registers must be 0 or in 24..255 (got {config})"
-    if config.unroll_ring and config.pipeline_mma:
-        return f"unroll_ring is not implemented with pipeline_mma (got {config})"
     if config.split_k > 1 and not split_k_ok:
         return f"split_k > 1 needs combine='atomic' without SwiGLU (got {config})"
     if fragments.words.device != x.device or not (fragments.words.is_contiguous() and fragments.scales.is_contiguous()):

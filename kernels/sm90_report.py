@@ -111,12 +111,10 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
         constexprs = {"NUM_K": -(-k // config.block_k), "LAYOUT_STEPS": -(-k // 256) * 4,
                       "SPLIT_K": config.split_k, "EVEN_K": k % config.block_k == 0 and config.split_k == 1,
                       "ROW_MASK": row_groups % (config.block_n // 16) != 0, "STAGES": config.num_stages,
-                      "PREFETCH": config.prefetch, "PIPELINE_MMA": config.pipeline_mma, "UNROLL_RING": config.unroll_ring,
+                      "PREFETCH": config.prefetch, "PIPELINE_MMA": config.pipeline_mma,
                       "WIDTH_STEP": config.width_step, "num_warps": config.num_warps}
         return _compile(_moe_matmul_rs_kernel, GluonASTSource, signature, constexprs, config, k=k, n=n,
-                        swiglu=swiglu, atomic=atomic,
-                        options={"num_warps": config.num_warps,
-                                 **({"maxnreg": config.max_registers} if config.max_registers else {})})
+                        swiglu=swiglu, atomic=atomic, options={"num_warps": config.num_warps})
     if config.kernel == "sm90":
         from triton.experimental.gluon._runtime import GluonASTSource
         from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel

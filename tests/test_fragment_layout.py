@@ -90,11 +90,6 @@ def test_rs_kernel_needs_fragments_and_a_matching_config():
         assert "16 or 32 * num_warps" in _rs_unsupported(x, fw, 32, 64,
                                                          MatmulConfig(16, block_n, 64, True, 4, 4, "rs", 3),
                                                          torch.bfloat16, {})
-    assert "not implemented with pipeline_mma" in _rs_unsupported(
-        x, fw, 32, 64, MatmulConfig(16, 64, 64, True, 4, 4, "rs", 3, pipeline_mma=True, unroll_ring=True),
-        torch.bfloat16, {})
-    assert "max_registers" in _rs_unsupported(x, fw, 32, 64, MatmulConfig(16, 64, 64, True, 4, 4, "rs", 3,
-                                                                          max_registers=300), torch.bfloat16, {})
     assert "Hopper" in _rs_unsupported(x, fw, 32, 64, MatmulConfig(16, 128, 64, True, 4, 4, "rs", 3),
                                        torch.bfloat16, {})      # past the config checks: only the CPU stops it
     assert "Hopper" in _rs_unsupported(x, fw, 32, 64, cfg, torch.bfloat16, {})     # on this CPU

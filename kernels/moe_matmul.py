@@ -95,7 +95,7 @@ def pick_block_m(num_rows: int, num_local_experts: int) -> int:
 # (4-11% faster than 64 there, 5-7% slower at 64 rows). From 64 rows, width_step half the tile:
 # an expert's last tile with at most half the rows runs half as wide (E = 128, T = 8192: w13 6%,
 # w2 8% faster); finer steps (16 at 64 rows, 32 at 128) measured -4..+10%, and 32 weight rows
-# per warp (block_n = 128 at 4 warps) -1..+18% against these (RESULTS.md section 3.2).
+# per warp (block_n = 128 at 4 warps) -1..+18% against these (RESULTS.md section 3.7).
 # At 1-2 tokens (<= 8 routed rows, a few hundred programs) the K loop's length bounds the time:
 # w13 takes 256-wide K steps (0.027 vs 0.029 ms at T = 1), w2 splits K in 4 (0.017 vs 0.024).
 _RS_FEW_ROWS = 8

@@ -22,7 +22,9 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     or, given router_weight_bf16 (the same weight, exactly representable in bf16: see
     `exact_bf16`) with bf16 x on a GPU, one bf16 tensor-core GEMM with float32 output (the same
     products; only the order of the float32 sums differs). At T = 8192 the float32 GEMM and the
-    copy of x took about 0.2 ms of an E = 128 layer's 4.8 ms (H200).
+    copy of x took about 0.2 ms of an E = 128 layer's 4.8 ms (H200). Then the bias, the top-k and
+    the softmax: one Triton launch on CUDA and under the interpreter (`kernels.router_topk`;
+    among equal logits the lower expert id first), torch.topk and torch.softmax elsewhere.
     """
     if x.dim() != 2:
         raise ValueError(f"route expects x as [tokens, hidden], got shape {tuple(x.shape)}")
@@ -34,10 +36,14 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
         raise ValueError(f"x has hidden size {hidden} but the router weight only {router_weight.shape[1]}")
     # Padded router columns are zero, so narrowing the weight to x's width changes nothing.
     if router_weight_bf16 is not None and x.dtype == torch.bfloat16 and _bf16_gemm_fp32_out(x.device):
-        logits = torch.mm(x, router_weight_bf16[:, :hidden].T, out_dtype=torch.float32) + router_bias.float()
+        logits = torch.mm(x, router_weight_bf16[:, :hidden].T, out_dtype=torch.float32)
     else:
-        logits = x.float() @ router_weight[:, :hidden].float().T + router_bias.float()
-    top_logits, topk_ids = torch.topk(logits, top_k, dim=-1)
+        logits = x.float() @ router_weight[:, :hidden].float().T
+    if _use_triton(x.device):
+        # bias, top-k and softmax in one launch (`kernels.router_topk`; ties: the lower expert id)
+        from mxfp4_moe.kernels.router_topk import router_topk
+        return router_topk(logits, router_bias.float(), top_k)
+    top_logits, topk_ids = torch.topk(logits + router_bias.float(), top_k, dim=-1)
     topk_weights = torch.softmax(top_logits, dim=-1)
     return topk_weights, topk_ids
 
@@ -123,8 +129,8 @@ def max_tiles(num_rows: int, num_local_experts: int, block_m: int) -> int:
 
 
 def _use_triton(device: torch.device) -> bool:
-    """The Triton expert sort and tile schedule (four launches, one at decode sizes) on CUDA,
-    and under Triton's interpreter so that the CPU tests run them; their torch twins elsewhere."""
+    """The Triton router top-k, expert sort and tile schedule on CUDA, and under Triton's
+    interpreter so that the CPU tests run them; their torch twins elsewhere."""
     if device.type == "cuda":
         return True
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

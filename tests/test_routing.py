@@ -229,6 +229,74 @@ def test_routing_kernels_compile_for_sm90():
         "        sig = {n: 'constexpr' if n in const else types.get(n, '*i32') for n in k.arg_names}\n"
         "        triton.compile(ASTSource(fn=k, signature=sig, constexprs=const), target=GPUTarget('cuda', 90, 32),\n"
         "                       options={'num_warps': 8})\n"
-        "        print(k.__name__, block_e)\n")
+        "        print(k.__name__, block_e)\n"
+        "from mxfp4_moe.kernels import _router_topk as r\n"
+        "k = r._router_topk_kernel\n"
+        "for block_e, block_t in ((128, 32), (32, 128)):\n"
+        "    const = dict(TOP_K=4, BLOCK_K=4, BLOCK_T=block_t, BLOCK_E=block_e)\n"
+        "    types = {'ids_ptr': '*i64', 'tokens': 'i32', 'num_experts': 'i32', 'stride_t': 'i32'}\n"
+        "    sig = {n: 'constexpr' if n in const else types.get(n, '*fp32') for n in k.arg_names}\n"
+        "    triton.compile(ASTSource(fn=k, signature=sig, constexprs=const), target=GPUTarget('cuda', 90, 32),\n"
+        "                   options={'num_warps': 4})\n"
+        "    print(k.__name__, block_e)\n")
     stdout = run_compiler_script("-c", script)
-    assert len(stdout.split()) == 2 * 2 * 5, stdout
+    assert len(stdout.split()) == 2 * 2 * 5 + 2 * 2, stdout
+
+
+def _torch_topk_softmax(logits, bias, k):
+    top, ids = torch.topk(logits + bias, k, dim=-1)
+    return torch.softmax(top, dim=-1), ids
+
+
+@pytest.mark.parametrize("tokens,num_experts,top_k", [(0, 8, 2), (1, 128, 4), (7, 6, 6), (33, 32, 4),
+                                                      (300, 128, 4), (65, 12, 1), (9, 5, 3)])
+def test_router_topk_kernel_matches_torch(tokens, num_experts, top_k):
+    # The fused bias + top-k + softmax (run here by the interpreter) against torch.topk and
+    # torch.softmax on random logits (no ties): the same experts in the same order, the same
+    # weights to float32 rounding; outputs poisoned first (a row the kernel skips fails).
+    from mxfp4_moe.kernels.router_topk import router_topk
+    gen = torch.Generator().manual_seed(tokens + num_experts)
+    logits = torch.randn(tokens, num_experts + 3, generator=gen)[:, :num_experts]    # a row stride != E
+    bias = torch.randn(num_experts, generator=gen)
+    out = (torch.full((tokens, top_k), float("nan")), torch.full((tokens, top_k), -1, dtype=torch.int64))
+    weights, ids = router_topk(logits, bias, top_k, out=out)
+    assert weights is out[0] and ids is out[1]
+    want_weights, want_ids = _torch_topk_softmax(logits, bias, top_k)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_weights, rtol=1e-6, atol=1e-7)
+
+
+def test_router_topk_kernel_ties_infinities_and_nan():
+    # Equal logits: the lower expert id first. A row of -inf: still k distinct experts (NaN
+    # weights, as torch.softmax gives). A NaN logit: chosen first, as torch.topk does, and the
+    # row's weights NaN, so it cannot pass for a routing. No id is ever out of range.
+    from mxfp4_moe.kernels.router_topk import router_topk
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, -1.0],
+                           [float("-inf")] * 6,
+                           [0.5, 2.0, float("nan"), 1.0, -2.0, 0.0],
+                           [2.0, 2.0, 2.0, 2.0, 2.0, 2.0]])
+    bias = torch.zeros(6)
+    weights, ids = router_topk(logits, bias, 3)
+    assert ids[0].tolist() == [1, 2, 4] and torch.allclose(weights[0], torch.full((3,), 1 / 3))
+    assert sorted(ids[1].tolist()) == [0, 1, 2] and torch.isnan(weights[1]).all()
+    assert ids[2, 0].item() == 2 and len(set(ids[2].tolist())) == 3 and torch.isnan(weights[2]).all()
+    assert ids[3].tolist() == [0, 1, 2]
+    assert bool(((ids >= 0) & (ids < 6)).all())
+    with pytest.raises(ValueError, match="top_k"):
+        router_topk(logits, bias, 7)
+    with pytest.raises(ValueError, match="float32"):
+        router_topk(logits.double(), bias, 2)
+
+
+def test_route_uses_the_fused_topk_where_triton_runs():
+    # Under the interpreter (and on CUDA) route takes the fused kernel; its result equals the
+    # torch path's on the same logits.
+    from mxfp4_moe.routing import _use_triton
+    gen = torch.Generator().manual_seed(3)
+    x, weight, bias = torch.randn(20, 64, generator=gen), torch.randn(8, 64, generator=gen), torch.randn(8, generator=gen)
+    weights, ids = route(x, weight, bias, 4)
+    want_weights, want_ids = _torch_topk_softmax(x @ weight.T, bias, 4)
+    assert _use_triton(x.device)              # the CPU tests run under TRITON_INTERPRET=1
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_weights, rtol=1e-6, atol=1e-7)

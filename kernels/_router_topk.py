@@ -1,0 +1,48 @@
+"""Triton kernel: the gpt-oss router's top-k after its GEMM, in one launch (router bias, top-k of
+the E logits, softmax over the k chosen). torch.topk, the bias add and the softmax were three
+launches, and torch.topk alone 0.058 ms of an E = 128, T = 8192 layer on an H200. Launched by
+`router_topk.py`.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _router_topk_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, tokens, num_experts, stride_t,
+                        TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_E: tl.constexpr):
+    """Program i: tokens i * BLOCK_T .. + BLOCK_T. logits [tokens, E] float32 (row stride
+    stride_t, unit column stride) + bias [E] -> ids [tokens, TOP_K] int64 (largest first; the
+    lowest expert id among equal logits) and weights [tokens, TOP_K] float32 (softmax over the
+    TOP_K chosen logits). A NaN logit counts as the largest, as in torch.topk, and makes its
+    token's weights NaN; every id is a distinct expert < E whatever the logits."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)
+    mask_t = t < tokens
+    mask_e = e < num_experts
+    logits = tl.load(logits_ptr + t[:, None].to(tl.int64) * stride_t + e[None, :],
+                     mask=mask_t[:, None] & mask_e[None, :], other=0.0)
+    logits += tl.load(bias_ptr + e, mask=mask_e, other=0.0)[None, :]
+    # Selection key: NaN above everything; experts past E and experts already chosen never win.
+    key = tl.where(logits != logits, float("inf"), logits)
+    open_slot = mask_e[None, :] & (t >= 0)[:, None]          # [BLOCK_T, BLOCK_E]
+    k = tl.arange(0, BLOCK_K)
+    chosen_ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    chosen = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(tl.where(open_slot, key, float("-inf")), axis=1)
+        # the lowest open expert holding the best key (one always does: E - j >= 1 are open)
+        winner = tl.min(tl.where(open_slot & (key == best[:, None]), e[None, :], BLOCK_E), axis=1)
+        is_winner = e[None, :] == winner[:, None]
+        value = tl.sum(tl.where(is_winner, logits, 0.0), axis=1)
+        chosen_ids = tl.where(k[None, :] == j, winner[:, None], chosen_ids)
+        chosen = tl.where(k[None, :] == j, value[:, None], chosen)
+        open_slot = open_slot & ~is_winner
+    top = tl.sum(tl.where(k[None, :] == 0, chosen, 0.0), axis=1)           # the largest chosen logit
+    p = tl.where(k[None, :] < TOP_K, tl.exp(chosen - top[:, None]), 0.0)
+    weights = p / tl.sum(p, axis=1)[:, None]
+    out = t[:, None].to(tl.int64) * TOP_K + k[None, :]
+    mask_out = mask_t[:, None] & (k[None, :] < TOP_K)
+    tl.store(ids_ptr + out, chosen_ids.to(tl.int64), mask=mask_out)
+    tl.store(weights_ptr + out, weights, mask=mask_out)

@@ -3,8 +3,10 @@ wgmma's register operand, read from weights re-arranged once into fragment order
 (`fragment_layout.py`). Same fused gather / bias / scale / SwiGLU / routing weight / scatter
 as `_moe_matmul.py` (the epilogue is `_moe_matmul_sm90._store_tile`).
 
-It computes y.T = W @ x.T: each warp owns 16 weight rows (a warpgroup 64, the wgmma's M side)
-and the tile's tokens are the wgmma's N side (16..256). In fragment order, the 16 bytes a thread
+It computes y.T = W @ x.T: each warp owns 16 weight rows (a warpgroup 64, the wgmma's M side;
+or 32, two wgmmas on the same x rows) and the tile's tokens are the wgmma's N side (16..256; an
+expert's last tile can run narrower, as power-of-two pieces sharing one decoded fragment: see
+WIDTH_STEP). In fragment order, the 16 bytes a thread
 loads for one K step of 64 are exactly the codes of its A fragment (rows g and g + 8 of its
 warp's 16, k = 2 t + {0, 1, 8, 9} + 16 i), so the weights go global memory -> registers ->
 decode -> wgmma with no shared-memory round trip, no layout change and no CTA barrier for them.
@@ -77,8 +79,8 @@ _SPREAD_STEP: gl.constexpr = gl.constexpr(0x0101)
 def _decode_fragment(words, scale_words, dot_layout: gl.constexpr):
     """words [W, 32, J4, 4] int32 (J = 4 J4 words per lane) and scale_words [W, 32, J4] int32
     (4 stored scale bytes each, byte i for word 4 j4 + i) of one K step in fragment order (W
-    blocks of 16 weight rows; `fragment_layout`) -> the wgmma A fragment [16 W, 16 J] bf16 in `dot_layout`, exact.
-    The layout change at the end moves no data (asserted)."""
+    blocks of 16 weight rows; `fragment_layout`) -> the wgmma A fragment [16 W, 16 J] bf16 in
+    `dot_layout`, exact. The layout change at the end moves no data (asserted)."""
     W: gl.constexpr = words.shape[0]
     J4: gl.constexpr = words.shape[2]
     u = words.to(gl.uint32, bitcast=True)
@@ -169,8 +171,8 @@ def _moe_matmul_rs_kernel(
         N, K_X, N_OUT,
         alpha, limit,
         NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, SPLIT_K: gl.constexpr, PIPELINE_MMA: gl.constexpr,
-        EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, WIDTH_STEP: gl.constexpr,
+        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, SPLIT_K: gl.constexpr,
+        PIPELINE_MMA: gl.constexpr, EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, WIDTH_STEP: gl.constexpr,
         GATHER: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
         HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
         ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
@@ -242,6 +244,8 @@ def _x_smem_layout(width, block_k):
 
 @gluon.jit
 def _zero_accumulator(BLOCK_N: gl.constexpr, WIDTH: gl.constexpr, num_warps: gl.constexpr):
+    """A zero fp32 accumulator of a piece [BLOCK_N, WIDTH] (WIDTH as a constexpr, which a
+    tuple element is not)."""
     return gl.zeros((BLOCK_N, WIDTH), dtype=gl.float32, layout=_mma_layout(WIDTH, num_warps))
 
 

@@ -1,0 +1,67 @@
+"""Probe (GPU): the router's fused bias + top-k + softmax (`kernels.router_topk`, what `route`
+runs on CUDA) against torch.topk + torch.softmax on the same logits, and the whole layer, same
+run, gpt-oss shapes (H = I = 2880, top-4; CUDA-graph replay, L2 flushed).
+
+    python benchmarks/probe_router_topk.py --out DIR        # writes DIR/probe_router_topk.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_moe import git_commit, record, time_graph  # noqa: E402
+
+from mxfp4_moe.kernels.router_topk import router_topk  # noqa: E402
+from mxfp4_moe.moe import MXFP4MoE, random_expert_weights  # noqa: E402
+
+
+def probe_experts(experts: int, token_counts: list[int], rows: list[dict], path: Path, header: dict) -> None:
+    """The rows of one expert count (its weights are freed on return)."""
+    w, _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda", dense=False)
+    layer = MXFP4MoE(w, backend="triton")
+    router_bf16 = w.router_weight.bfloat16()
+    bias = w.router_bias
+    for tokens in token_counts:
+        x = torch.randn(tokens, 2880, generator=torch.Generator(device="cuda").manual_seed(tokens),
+                        device="cuda").to(torch.bfloat16)
+        logits = torch.mm(x, router_bf16.T, out_dtype=torch.float32)
+
+        def torch_path():
+            top, ids = torch.topk(logits + bias, 4, dim=-1)
+            return torch.softmax(top, dim=-1), ids
+
+        fused, plain = router_topk(logits, bias, 4), torch_path()
+        row = {"experts": experts, "tokens": tokens,
+               "fused_ms": time_graph(lambda: router_topk(logits, bias, 4)),
+               "torch_ms": time_graph(torch_path),
+               "same_ids": float((fused[1] == plain[1]).all(-1).float().mean()),
+               "max_weight_diff": float((fused[0] - plain[0]).abs().max()),
+               "layer_ms": time_graph(lambda: layer(x))}
+        record(row, rows, path, header)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--experts", default="128,32")
+    p.add_argument("--tokens", default="8192,2048,512,1")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = {"device": torch.cuda.get_device_name(), "commit": git_commit()}
+    print(json.dumps(header), flush=True)
+    rows: list[dict] = []
+    for experts in map(int, args.experts.split(",")):
+        probe_experts(experts, [int(t) for t in args.tokens.split(",")], rows, args.out / "probe_router_topk.json",
+                      header)
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

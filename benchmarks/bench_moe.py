@@ -92,6 +92,14 @@ def routed_points(spec: str):
         yield experts, tokens, w, x, topk_w, topk_ids
 
 
+def start_probe(out: Path, **extra) -> dict:
+    """For probes: create `out`, print the header (device, commit, `extra`) and return it."""
+    out.mkdir(parents=True, exist_ok=True)
+    header = {"device": torch.cuda.get_device_name(), "commit": git_commit(), **extra}
+    print(json.dumps(header), flush=True)
+    return header
+
+
 def record(row: dict, rows: list[dict], path: Path, header: dict) -> None:
     """For probes: print one result row, keep it, and rewrite `path` with every row so far (a
     run cut short still leaves its rows)."""

@@ -10,14 +10,11 @@ Lighter than `bench_moe.py`'s full sweep when only a handful of configs is in qu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe import SWEEP_AGREEMENT, git_commit, record, routed_points, time_graph  # noqa: E402
+from bench_moe import SWEEP_AGREEMENT, record, routed_points, start_probe, time_graph  # noqa: E402
 
 from mxfp4_moe.kernels import MatmulConfig, moe_matmul, pick_block_m, to_fragment_order  # noqa: E402
 from mxfp4_moe.routing import routing_metadata  # noqa: E402
@@ -38,14 +35,13 @@ def main() -> int:
     p.add_argument("--points", default="128:1,128:8,32:1,32:8", help="E:T,...")
     p.add_argument("--configs", required=True,
                    help="';'-separated block_m,block_n,block_k,swap_ab(0/1),num_warps,num_stages,kernel"
-                        "[,prefetch[,split_k[,pipeline_mma(0/1)[,width_step]]]]; kernel 'rs' gets the weights in fragment order; a config "
+                        "[,prefetch[,split_k[,pipeline_mma(0/1)[,width_step]]]]; kernel 'rs' gets the weights in fragment "
+                        "order; a config "
                         "with split_k > 1 runs for w2 only")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     configs = [parse_config(c) for c in args.configs.split(";") if c.strip()]
-    header = {"device": torch.cuda.get_device_name(), "commit": git_commit()}
-    print(json.dumps(header), flush=True)
+    header = start_probe(args.out)
     rows = []
     fragments = {}
     for experts, tokens, w, x, topk_w, topk_ids in routed_points(args.points):

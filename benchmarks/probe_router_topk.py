@@ -8,14 +8,13 @@ run, gpt-oss shapes (H = I = 2880, top-4; CUDA-graph replay, L2 flushed).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe import git_commit, record, time_graph  # noqa: E402
+from bench_moe import record, start_probe, time_graph  # noqa: E402
 
 from mxfp4_moe.kernels.router_topk import router_topk  # noqa: E402
 from mxfp4_moe.moe import MXFP4MoE, random_expert_weights  # noqa: E402
@@ -52,9 +51,7 @@ def main() -> int:
     p.add_argument("--tokens", default="8192,2048,512,1")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    header = {"device": torch.cuda.get_device_name(), "commit": git_commit()}
-    print(json.dumps(header), flush=True)
+    header = start_probe(args.out)
     rows: list[dict] = []
     for experts in map(int, args.experts.split(",")):
         probe_experts(experts, [int(t) for t in args.tokens.split(",")], rows, args.out / "probe_router_topk.json",

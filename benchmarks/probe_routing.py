@@ -8,14 +8,11 @@ the whole layer, same run, gpt-oss shapes (H = I = 2880, top-4).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe import git_commit, record, routed_points, time_graph  # noqa: E402
+from bench_moe import record, routed_points, start_probe, time_graph  # noqa: E402
 
 from mxfp4_moe.kernels import pick_block_m  # noqa: E402
 from mxfp4_moe.kernels.expert_sort import expert_sort  # noqa: E402
@@ -29,9 +26,7 @@ def main() -> int:
     p.add_argument("--points", default="128:1,128:8,128:16,128:32,32:1,32:8,32:64,32:128")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    header = {"device": torch.cuda.get_device_name(), "commit": git_commit()}
-    print(json.dumps(header), flush=True)
+    header = start_probe(args.out)
     rows = []
     for experts, tokens, w, x, topk_w, topk_ids in routed_points(args.points):
         block_m = pick_block_m(tokens * 4, experts)

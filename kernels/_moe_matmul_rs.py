@@ -259,7 +259,6 @@ def _x_pieces(x_ptr, stride_xm, gather_ptr, row_start, row_end, PIECES: gl.const
     smems = ()
     ptrs = ()
     masks = ()
-    offs_xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
     for i in gl.static_range(len(PIECES)):
         smems = smems + (gl.allocate_shared_memory(gl.bfloat16, [STAGES, PIECES[i], BLOCK_K],
                                                    _x_smem_layout(PIECES[i], BLOCK_K)),)

@@ -89,6 +89,11 @@ class FragmentWeights:
         return self.words.shape[2]
 
 
+def layout_shape(n: int, k: int) -> tuple[int, int]:
+    """(row_groups, k_steps) of an [n, k] weight in fragment order (module docstring)."""
+    return -(-n // ROWS_PER_GROUP), -(-k // (K_STEP * STEP_ALIGN)) * STEP_ALIGN
+
+
 def fragment_order_problem(scales_e8m0: torch.Tensor) -> str:
     """Why weights with these E8M0 scales cannot go into fragment order ("" when they can)."""
     top = int(scales_e8m0.max()) if scales_e8m0.numel() else 0
@@ -114,8 +119,7 @@ def to_fragment_order(blocks: torch.Tensor, scales_e8m0: torch.Tensor) -> Fragme
     problem = fragment_order_problem(scales_e8m0)
     if problem:
         raise ValueError(f"to_fragment_order: {problem}")
-    groups = -(-n // ROWS_PER_GROUP)
-    steps = -(-k // (K_STEP * STEP_ALIGN)) * STEP_ALIGN
+    groups, steps = layout_shape(n, k)
     kblocks = K_STEP // BLOCK_SIZE
     n_pad, k_pad = groups * ROWS_PER_GROUP, steps * K_STEP
     device = blocks.device

@@ -321,18 +321,13 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                  SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, num_warps=config.num_warps)
     if config.kernel == "rs":
         from ._moe_matmul_rs import _moe_matmul_rs_kernel
-        steps = -(-k // config.block_k)
         _moe_matmul_rs_kernel[grid + (config.split_k,)](             # unit strides along the last dims (checked above)
             x, x.stride(0),
             fragments.words, fragments.scales, fragments.row_groups,
             bias_t, bias_t.stride(0),
             cs_t, cs_t.stride(0),
             y, y.stride(0),
-            *routing, NUM_K=steps, LAYOUT_STEPS=fragments.k_steps, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
-            STAGES=config.num_stages, PREFETCH=config.prefetch, SPLIT_K=config.split_k,
-            PIPELINE_MMA=config.pipeline_mma, WIDTH_STEP=config.width_step,
-            EVEN_K=x.shape[1] == steps * config.block_k and steps % config.split_k == 0,
-            ROW_MASK=fragments.row_groups % (config.block_n // 16) != 0, BLOCK_N=config.block_n,
+            *routing, **rs_constexprs(config, fragments.row_groups, fragments.k_steps, k, x.shape[1]),
             **{name: fused[name] for name in ("GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE",
                                               "SWIGLU", "ROW_WEIGHT", "num_warps")})
     elif config.kernel == "sm90":
@@ -367,6 +362,18 @@ def on_hopper(device: torch.device) -> bool:
     """Whether `device` is a Hopper GPU (sm_90) outside the interpreter: where the Gluon kernel runs."""
     return (device.type == "cuda" and not interpreting()
             and torch.cuda.get_device_capability(device)[0] == 9)
+
+
+def rs_constexprs(config: MatmulConfig, row_groups: int, k_steps: int, k: int, k_x: int) -> dict:
+    """The "rs" kernel's tiling constexprs for a weight of K = k in fragment order (row_groups,
+    k_steps: `FragmentWeights`) and x with k_x columns: what `moe_matmul` launches and what
+    `sm90_report` compiles."""
+    steps = -(-k // config.block_k)
+    return dict(NUM_K=steps, LAYOUT_STEPS=k_steps, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                BLOCK_K=config.block_k, STAGES=config.num_stages, PREFETCH=config.prefetch, SPLIT_K=config.split_k,
+                PIPELINE_MMA=config.pipeline_mma, WIDTH_STEP=config.width_step,
+                EVEN_K=k_x == steps * config.block_k and steps % config.split_k == 0,
+                ROW_MASK=row_groups % (config.block_n // 16) != 0)
 
 
 def _gluon_call_problem(x: torch.Tensor, compute_dtype: torch.dtype, other: dict[str, torch.Tensor | None]) -> str:

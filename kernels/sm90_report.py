@@ -106,13 +106,10 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
     if config.kernel == "rs":
         from triton.experimental.gluon._runtime import GluonASTSource
         from ._moe_matmul_rs import _moe_matmul_rs_kernel
+        from .fragment_layout import layout_shape
+        from .moe_matmul import rs_constexprs
         signature = {**_signature("*bf16", "*fp32" if atomic else "*bf16"), "words_ptr": "*i32", "row_groups": "i32"}
-        row_groups = -(-n // 16)
-        constexprs = {"NUM_K": -(-k // config.block_k), "LAYOUT_STEPS": -(-k // 256) * 4,
-                      "SPLIT_K": config.split_k, "EVEN_K": k % config.block_k == 0 and config.split_k == 1,
-                      "ROW_MASK": row_groups % (config.block_n // 16) != 0, "STAGES": config.num_stages,
-                      "PREFETCH": config.prefetch, "PIPELINE_MMA": config.pipeline_mma,
-                      "WIDTH_STEP": config.width_step, "num_warps": config.num_warps}
+        constexprs = {**rs_constexprs(config, *layout_shape(n, k), k, k), "num_warps": config.num_warps}
         return _compile(_moe_matmul_rs_kernel, GluonASTSource, signature, constexprs, config, k=k, n=n,
                         swiglu=swiglu, atomic=atomic, options={"num_warps": config.num_warps})
     if config.kernel == "sm90":

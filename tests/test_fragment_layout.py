@@ -187,3 +187,21 @@ def test_launcher_picks_the_rs_kernel_and_drops_split_k_where_it_cannot_sum(monk
     with pytest.raises(ValueError, match="kernel 'rs' cannot run this call: split_k > 1 needs"):
         launcher.moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, combine="none",
                             config=launcher.MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2, split_k=4), **common)
+
+
+def test_rs_constexprs_name_every_tiling_constexpr_of_the_kernel():
+    # moe_matmul launches the "rs" kernel with rs_constexprs plus the fused-step flags, and
+    # sm90_report compiles the same dict: together they must be exactly the kernel's constexprs.
+    from mxfp4_moe.kernels._moe_matmul_rs import _moe_matmul_rs_kernel
+    from mxfp4_moe.kernels.fragment_layout import layout_shape
+    from mxfp4_moe.kernels.moe_matmul import MatmulConfig, rs_constexprs
+    fused = {"GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE", "SWIGLU", "ROW_WEIGHT", "num_warps"}
+    kernel_constexprs = {p.name for p in _moe_matmul_rs_kernel.params if p.is_constexpr}
+    cfg = MatmulConfig(128, 128, 64, True, 8, 4, "rs", 3, width_step=64)
+    got = rs_constexprs(cfg, *layout_shape(2880, 2880), 2880, 2880)
+    assert set(got) | fused == kernel_constexprs and not set(got) & fused
+    assert layout_shape(2880, 2880) == (180, 48)
+    assert (got["NUM_K"], got["LAYOUT_STEPS"], got["EVEN_K"], got["ROW_MASK"]) == (45, 48, True, True)  # 180 % 8
+    split = rs_constexprs(MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2, split_k=4), 180, 48, 2880, 2880)
+    assert (split["NUM_K"], split["EVEN_K"], split["ROW_MASK"]) == (23, False, False)   # 23 steps, 4 splits
+    assert not rs_constexprs(cfg, 180, 48, 2880, 2816)["EVEN_K"]         # x narrower than K: masked columns

@@ -5,8 +5,8 @@ the launchers here validate, allocate, pick the kernel and grid, and launch. Imp
 package needs triton, not a GPU.
 """
 
-from .fragment_layout import FragmentWeights, fragment_order_problem, to_fragment_order
+from .fragment_layout import FragmentWeights, fragment_order_problem, from_fragment_order, to_fragment_order
 from .moe_matmul import MatmulConfig, default_config, interpreting, moe_matmul, pick_block_m
 
-__all__ = ["FragmentWeights", "MatmulConfig", "default_config", "fragment_order_problem", "interpreting",
-           "moe_matmul", "pick_block_m", "to_fragment_order"]
+__all__ = ["FragmentWeights", "MatmulConfig", "default_config", "fragment_order_problem", "from_fragment_order",
+           "interpreting", "moe_matmul", "pick_block_m", "to_fragment_order"]

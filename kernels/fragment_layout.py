@@ -151,6 +151,39 @@ def to_fragment_order(blocks: torch.Tensor, scales_e8m0: torch.Tensor) -> Fragme
     return FragmentWeights(words=words, scales=scales.contiguous(), n=n, k=k)
 
 
+def from_fragment_order(fw: FragmentWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `to_fragment_order`: `fw` -> (blocks [E, N, K // 2] uint8, low nibble =
+    even k; scales_e8m0 [E, N, K // 32] uint8), byte for byte what it was built from (the layout's
+    own row and K padding dropped). Rebuilds checkpoint order for a layer that keeps only the
+    fragment copy. Runs where `fw` is, a few experts at a time."""
+    n_experts, groups, steps, lanes, j = fw.words.shape
+    kblocks = j // 2
+    if lanes != LANES or kblocks != K_STEP // BLOCK_SIZE or (groups, steps) != layout_shape(fw.n, fw.k):
+        raise ValueError(f"from_fragment_order: words {tuple(fw.words.shape)} are not the layout of an "
+                         f"[{fw.n}, {fw.k}] weight")
+    n_pad, k_pad = groups * ROWS_PER_GROUP, steps * K_STEP
+    device = fw.words.device
+    blocks = torch.empty(n_experts, fw.n, fw.k // 2, dtype=torch.uint8, device=device)
+    chunk = max(1, _CHUNK_BYTES // max(1, n_pad * k_pad))
+    for e0 in range(0, n_experts, chunk):
+        e1 = min(n_experts, e0 + chunk)
+        words = fw.words[e0:e1].view(e1 - e0, groups, steps, 8, 4, kblocks, 2)    # [.., g, t, kblock, half]
+        codes = torch.zeros(words.shape + (PAIRS_PER_WORD, 2), dtype=torch.uint8, device=device)
+        for pair in range(PAIRS_PER_WORD):
+            for high in range(2):
+                code = torch.zeros(words.shape, dtype=torch.int32, device=device)
+                for bit in range(4):
+                    code |= ((words >> word_bit(pair, high, bit)) & 1) << bit
+                codes[..., pair, high] = code.to(torch.uint8)
+        # [e, group, step, g, t, kblock, half, pair, p] -> [e, group, half, g, step, kblock, pair, t, p]
+        codes = codes.permute(0, 1, 6, 3, 2, 5, 7, 4, 8).reshape(e1 - e0, n_pad, k_pad)[:, :fw.n, :fw.k]
+        blocks[e0:e1] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    # [E, group, step, g, kblock, half] -> [E, group, half, g, step, kblock]
+    biased = fw.scales.view(n_experts, groups, steps, 8, kblocks, 2).permute(0, 1, 5, 3, 2, 4)
+    biased = biased.reshape(n_experts, n_pad, steps * kblocks)[:, :fw.n, :fw.k // BLOCK_SIZE]
+    return blocks, (biased - SCALE_BIAS).contiguous()
+
+
 def _rotl(words: torch.Tensor, r: int) -> torch.Tensor:
     return ((words << r) | (words >> (32 - r))) & 0xFFFFFFFF if r else words
 

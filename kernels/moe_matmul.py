@@ -190,7 +190,9 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     x: [T, K_x] (gather=True: row src(r) = meta.sorted_token[r]) or [R, K_x] in sorted row order
        (gather=False); K_x <= K, columns past K_x count as zero (padded hidden). Any float dtype;
        converted to `compute_dtype` in the kernel.
-    blocks: [E_local, N, K // 2] uint8, low nibble = even k; scales_e8m0: [E_local, N, K // 32] uint8
+    blocks: [E_local, N, K // 2] uint8, low nibble = even k; scales_e8m0: [E_local, N, K // 32] uint8.
+       With `fragments`, both may be shape-only stand-ins on the meta device (a layer that keeps
+       only the fragment-order copy); the call then raises if the "rs" kernel cannot run it.
     bias, channel_scale: [E_local, N] float32 or None
     swiglu: (alpha, limit) on interleaved gate/up columns (2j gate, 2j + 1 up), or None
     apply_row_weight: multiply row r by meta.sorted_weight[r]
@@ -225,14 +227,22 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     if blocks.dim() != 3:
         raise ValueError(f"moe_matmul: blocks must be [E_local, N, K // 2], got {tuple(blocks.shape)}")
     device = x.device
+    shape_only = blocks.is_meta          # checkpoint order dropped: only `fragments` hold the weights
+    if shape_only and fragments is None:
+        raise ValueError("moe_matmul: blocks is a shape-only (meta) tensor, so the weights must come as "
+                         "fragments= (fragment order, read by the 'rs' kernel)")
+    if scales_e8m0.is_meta != shape_only:
+        raise ValueError(f"moe_matmul: blocks is on {blocks.device} but scales_e8m0 on {scales_e8m0.device}: "
+                         "both hold the weights, or both are shape-only (meta) stand-ins")
+    weight_device = torch.device("meta") if shape_only else device
     n_experts, n, k_half = blocks.shape
     k = 2 * k_half
     if n_experts != meta.num_local_experts:
         raise ValueError(f"moe_matmul: blocks hold {n_experts} experts, routing metadata {meta.num_local_experts}")
     if k % BLOCK_SIZE:
         raise ValueError(f"moe_matmul: K = {k} (from blocks' last dim {k_half}) must be a multiple of {BLOCK_SIZE}")
-    _check_weight("blocks", blocks, (n_experts, n, k_half), torch.uint8, device)
-    _check_weight("scales_e8m0", scales_e8m0, (n_experts, n, k // BLOCK_SIZE), torch.uint8, device)
+    _check_weight("blocks", blocks, (n_experts, n, k_half), torch.uint8, weight_device)
+    _check_weight("scales_e8m0", scales_e8m0, (n_experts, n, k // BLOCK_SIZE), torch.uint8, weight_device)
     if bias is not None:
         _check_weight("bias", bias, (n_experts, n), torch.float32, device)
     if channel_scale is not None:
@@ -261,8 +271,12 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                                 fragments=fragments is not None, rows=meta.num_rows)
         if config.split_k > 1 and not split_k_ok:
             config = dataclasses.replace(config, split_k=1)
-        if config.kernel == "rs" and _rs_unsupported(x, fragments, n, k, config, compute_dtype, sm90_other,
-                                                     split_k_ok=split_k_ok):
+        rs_problem = _rs_unsupported(x, fragments, n, k, config, compute_dtype, sm90_other,
+                                     split_k_ok=split_k_ok) if config.kernel == "rs" else ""
+        if rs_problem and shape_only:
+            raise ValueError(f"moe_matmul: the weights are in fragment order only (blocks is a shape-only meta "
+                             f"tensor), and the 'rs' kernel cannot run this call: {rs_problem}")
+        if rs_problem:
             config = default_config(meta.block_m, n, k, swiglu=swiglu is not None, mean_rows=mean_rows, sm90=sm90)
         if config.kernel == "sm90" and _sm90_unsupported(x, blocks, config, compute_dtype, sm90_dequant, sm90_other):
             config = default_config(meta.block_m, n, k, swiglu=swiglu is not None)   # the Triton kernel
@@ -276,6 +290,10 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
             raise ValueError(f"moe_matmul: kernel 'rs' cannot run this call: {problem}")
     elif config.kernel != "triton":
         raise ValueError(f"moe_matmul: config.kernel must be 'triton', 'sm90' or 'rs', got {config.kernel!r}")
+    if shape_only and config.kernel != "rs":
+        raise ValueError(f"moe_matmul: the weights are in fragment order only (blocks is a shape-only meta tensor), "
+                         f"which only the 'rs' kernel reads (bf16 on a Hopper GPU); this call would run "
+                         f"{config.kernel!r} ({config})")
     if dequant == "auto":
         dequant = pick_dequant(compute_dtype, blocks)
     elif dequant not in DEQUANT_MODES:
@@ -306,7 +324,8 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
 
     scatter = {"none": None, "atomic": meta.sorted_token, "slots": meta.sorted_slot}[combine]
     alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
-    dummy = blocks  # any tensor: its pointer is never read when the matching flag is off
+    # any tensor on the device: its pointer is never read when the matching flag is off
+    dummy = fragments.words if config.kernel == "rs" else blocks
     bias_t = bias if bias is not None else dummy
     cs_t = channel_scale if channel_scale is not None else dummy
     grid = (triton.cdiv(n, config.block_n), meta.max_tiles)

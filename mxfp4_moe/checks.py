@@ -29,7 +29,7 @@ ORACLE_MAX_EXPERTS_X_SIZE = 64 * 1024 * 1024   # transformers holds float32 expe
 @dataclass
 class CheckResult:
     """One row of the report."""
-    check: str                     # format | sharding | kernels | consistency | oracle | throughput
+    check: str                     # format | sharding | kernels | fragment order | consistency | oracle | throughput
     layer: int | None
     rank: int | None
     passed: bool
@@ -189,6 +189,25 @@ def check_kernels(got: torch.Tensor, ref: torch.Tensor, backend: str, layer: int
                        f"(<= {tol:.0e}), max abs {max_abs:.2e}",
                        {"rel_err": err, "max_abs_err": max_abs, "tolerance": tol, "backend": backend,
                         "dtype": str(got.dtype), "tokens": got.shape[0], "fragment_order": fragment_order})
+
+
+def check_fragment_order(layer_module, weights, layer: int) -> CheckResult:
+    """The expert blocks and scales rebuilt from the layer's fragment-order copy (what its Hopper
+    kernel reads; `MXFP4MoE.checkpoint_weights`) against the loaded checkpoint-order `weights`,
+    byte for byte, padding included."""
+    rebuilt = layer_module.checkpoint_weights()
+    problems = []
+    for name in ("w13_blocks", "w13_scales", "w2_blocks", "w2_scales"):
+        got, expected = getattr(rebuilt, name), getattr(weights, name)
+        if got.shape != expected.shape:
+            problems.append(f"{name}: shape {tuple(got.shape)}, loaded {tuple(expected.shape)}")
+        elif not torch.equal(got, expected):
+            problems.append(f"{name}: {int((got != expected).sum())} of {expected.numel()} bytes differ")
+    held = "both orders held" if layer_module.holds_checkpoint_order else "only the fragment copy held"
+    return CheckResult("fragment order", layer, None, not problems,
+                       "; ".join(problems) or f"w13 and w2 blocks and scales rebuilt from the fragment-order "
+                                               f"copy equal the loaded ones exactly ({held})",
+                       {"problems": problems, "holds_checkpoint_order": layer_module.holds_checkpoint_order})
 
 
 def check_oracle(layer_module, weights, x: torch.Tensor, config) -> CheckResult:

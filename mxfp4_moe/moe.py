@@ -5,6 +5,7 @@ between the Triton kernels (`mxfp4_moe.kernels`) and the pure-torch reference (`
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +16,8 @@ from .routing import exact_bf16, route, routing_metadata
 from .weights import ExpertWeights
 
 Backend = Literal["auto", "triton", "torch"]
+# The ExpertWeights fields a layer with a fragment-order copy need not keep (`keep_checkpoint_order`).
+_CHECKPOINT_ORDER_TENSORS = ("w13_blocks", "w13_scales", "w2_blocks", "w2_scales")
 Combine = Literal["auto", "atomic", "slots"]
 
 
@@ -49,11 +52,18 @@ class MXFP4MoE(torch.nn.Module):
       (the default: atomic, measured faster at every T, e.g. w2 at T = 8192 1.51 vs 1.66 ms at
       E = 128 and 1.29 vs 1.46 ms at E = 32 on an H100; benchmarks/RESULTS.md section 3).
 
-    fragment_order: also keep the expert weights in fragment order (`kernels.fragment_layout`),
+    fragment_order: build a copy of the expert weights in fragment order (`kernels.fragment_layout`),
       which the Hopper kernel that feeds decoded weights to the tensor cores from registers reads
       (1.2-1.9x faster than the checkpoint-order kernels on an H200, benchmarks/RESULTS.md).
-      Costs a second copy of the expert weights. None (default): on a Hopper GPU with the triton
-      backend and bf16, when every scale byte is within the layout's range.
+      None (default): on a Hopper GPU with the triton backend and bf16, when every scale byte is
+      within the layout's range.
+    keep_checkpoint_order: whether the layer also holds the checkpoint-order expert weights
+      (blocks and scales) once a fragment-order copy exists. None (default): only when there is
+      no fragment copy, so on Hopper the layer holds one copy of the expert weights, not two
+      (gpt-oss-120b: about 61 GB instead of 123 at TP 1). The layer never changes `weights`
+      itself: the dropped tensors are freed when the caller lets go of its own references (as
+      `from_checkpoint` does). `self.weights` then holds shape-only (meta device) stand-ins for
+      them, and `checkpoint_weights()` rebuilds them exactly from the fragment copy.
 
     forward(x [T, H] or [T, H_pad]) -> [T, H] in x's dtype. Under TP it is this rank's partial sum
     (w2 bias only on rank 0); under EP, pairs routed to other ranks' experts contribute nothing.
@@ -61,7 +71,7 @@ class MXFP4MoE(torch.nn.Module):
 
     def __init__(self, weights: ExpertWeights, backend: Backend = "auto",
                  compute_dtype: torch.dtype | None = None, combine: Combine = "auto",
-                 fragment_order: bool | None = None):
+                 fragment_order: bool | None = None, keep_checkpoint_order: bool | None = None):
         super().__init__()
         weights.validate()
         self.weights = weights
@@ -74,6 +84,31 @@ class MXFP4MoE(torch.nn.Module):
         self.combine = combine
         self.router_weight_bf16 = exact_bf16(weights.router_weight)   # None: route in float32
         self.fragments = self._fragments(fragment_order)    # {"w13": ..., "w2": ...} or None
+        if keep_checkpoint_order is False and self.fragments is None:
+            raise ValueError("MXFP4MoE: keep_checkpoint_order=False needs the fragment-order copy (fragment_order "
+                             "True, or None on a Hopper GPU with the triton backend and bf16); without it the "
+                             "checkpoint-order weights are the only copy")
+        if self.fragments is not None and not keep_checkpoint_order:
+            self.weights = replace(weights, **{name: torch.empty(getattr(weights, name).shape, dtype=torch.uint8,
+                                                                 device="meta")
+                                               for name in _CHECKPOINT_ORDER_TENSORS})
+
+    @property
+    def holds_checkpoint_order(self) -> bool:
+        """Whether `weights` holds the checkpoint-order blocks and scales (else meta stand-ins)."""
+        return not self.weights.w13_blocks.is_meta
+
+    def checkpoint_weights(self) -> ExpertWeights:
+        """This layer's weights with the expert blocks and scales in checkpoint order: `weights`
+        itself, or when the layer keeps only the fragment copy, a new `ExpertWeights` with them
+        rebuilt from it (exact; a new copy of the expert weights in memory)."""
+        if self.holds_checkpoint_order:
+            return self.weights
+        from .kernels import from_fragment_order
+        w13_blocks, w13_scales = from_fragment_order(self.fragments["w13"])
+        w2_blocks, w2_scales = from_fragment_order(self.fragments["w2"])
+        return replace(self.weights, w13_blocks=w13_blocks, w13_scales=w13_scales,
+                       w2_blocks=w2_blocks, w2_scales=w2_scales)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, layer: int, plan=None, device: torch.device | str = "cpu",
@@ -139,6 +174,8 @@ class MXFP4MoE(torch.nn.Module):
         tokens = x.shape[0]
         if tokens == 0:
             return x.new_zeros((0, w.hidden))
+        if self.fragments is not None:
+            x = _fragment_kernel_input(x, self.compute_dtype)
         block_m = kernels.pick_block_m(tokens * w.top_k, w.num_local_experts)
         meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, block_m, topk_weights)
         frag = self.fragments or {}
@@ -151,6 +188,13 @@ class MXFP4MoE(torch.nn.Module):
                                combine=self.combine_for(tokens), n_out=w.hidden, compute_dtype=self.compute_dtype,
                                fragments=frag.get("w2"))
         return y.to(x.dtype)
+
+
+def _fragment_kernel_input(x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """x [T, H or H_pad] as the fragment-order ("rs") kernel reads it: compute_dtype, contiguous
+    (H and H_pad are multiples of 32, as MXFP4 blocks are). With the checkpoint order dropped no
+    other kernel could take x as it came."""
+    return x.to(compute_dtype).contiguous()
 
 
 def random_expert_weights(num_experts: int, hidden: int, inter: int, *, top_k: int = 4,

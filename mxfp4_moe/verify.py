@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checks import (SHARD_SUM_TOLERANCE, CheckResult, check_coverage, check_format,
+from .checks import (SHARD_SUM_TOLERANCE, CheckResult, check_coverage, check_format, check_fragment_order,
                      check_kernels, check_oracle, check_shard, kernel_tolerance, measure_throughput, rel_err)
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -227,6 +227,8 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
         module = MXFP4MoE(full, backend=backend, compute_dtype=dtype)
         results.append(check_kernels(module(x_compute), ref_full, module.backend, layer,
                                      fragment_order=module.fragments is not None))
+        if module.fragments is not None:
+            results.append(check_fragment_order(module, full, layer))
         tol = kernel_tolerance(dtype, device, module.backend)
         if args.oracle and oracle_layer is None:
             oracle_layer = (module, full, x_compute)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .checks import (CheckResult, SHARD_SUM_TOLERANCE, check_coverage,
-                     check_format, check_kernels, check_oracle, check_shard, kernel_tolerance,
+                     check_format, check_fragment_order, check_kernels, check_oracle, check_shard, kernel_tolerance,
                      median_ms, rel_err)
 from .verify import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, Progress, UsageError, _rank_label,
                      _resolve_compute, environment, make_plans, parse_align, parse_layers, report,
@@ -110,17 +110,21 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
         plan = moe.plan
         assert plan == plans[rank], (plan, plans[rank])
         y = moe(x_compute)                                  # combined output, the same on every rank
+        # This rank's shard in checkpoint order (rebuilt from the fragment copy where the layer
+        # keeps only that one on a Hopper GPU, so the shard check reads what the kernel reads).
+        shard = moe.local.checkpoint_weights()
         topk_weights, topk_ids = route(x_compute, moe.weights.router_weight, moe.weights.router_bias,
                                        cfg.experts_per_token)
         # Collectives need contiguous tensors: with H padded, the MoE's outputs are column views
         # of [T, H_pad] buffers, and torch 2.13's gloo reduces/broadcasts their storage without a
         # word (wrong values), so every tensor sent is made contiguous first.
-        ref_sum = reference_moe(x_compute.double(), moe.weights, topk_weights, topk_ids, torch.float64).contiguous()
+        ref_sum = reference_moe(x_compute.double(), shard, topk_weights, topk_ids, torch.float64).contiguous()
         dist.all_reduce(ref_sum)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         peak_bytes, peak_kind = D.peak_memory(device)
-        problems = check_shard(tensors, plan, moe.weights)
+        problems = check_shard(tensors, plan, shard)
+        del shard
 
         progress.step(f"layer {layer}: single-process output")
         if rank0:
@@ -130,6 +134,8 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
             single = module(x_compute).contiguous()
             results.append(check_kernels(single, ref_full, module.backend, layer,
                                          fragment_order=module.fragments is not None))
+            if module.fragments is not None:
+                results.append(check_fragment_order(module, full, layer))
         else:
             ref_full, single = torch.empty_like(ref_sum), torch.empty_like(y)
         dist.broadcast(ref_full, 0)

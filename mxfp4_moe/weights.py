@@ -83,7 +83,9 @@ class ExpertWeights:
 
     @property
     def device(self) -> torch.device:
-        return self.w13_blocks.device
+        # (the bias, not the blocks: a layer that keeps only its fragment-order copy of the expert
+        # weights holds shape-only meta tensors for the blocks and scales; `MXFP4MoE`)
+        return self.w13_bias.device
 
     def validate(self) -> None:
         """Check the shapes and dtypes against each other; raise ValueError naming the tensor."""

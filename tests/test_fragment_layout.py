@@ -150,6 +150,61 @@ def test_layer_keeps_fragment_order_only_where_its_kernel_runs():
     assert MXFP4MoE(w, backend="torch", fragment_order=False).fragments is None
 
 
+@pytest.mark.parametrize("shape", [(2, 40, 96), (1, 17, 64), (2, 50, 192), (1, 16, 320)])
+def test_from_fragment_order_rebuilds_the_checkpoint_bytes(shape, monkeypatch):
+    # Every code and scale byte of the supported range, N and K off the layout's 16-row and
+    # 256-k grid: the inverse gives back exactly the bytes the layout was built from, in one
+    # pass and one expert at a time.
+    E, N, K = shape
+    gen = torch.Generator().manual_seed(3 * N + K)
+    blocks = torch.randint(0, 256, (E, N, K // 2), generator=gen, dtype=torch.uint8)
+    scales = torch.randint(0, fl.MAX_SCALE_BYTE + 1, (E, N, K // 32), generator=gen, dtype=torch.uint8)
+    fw = to_fragment_order(blocks, scales)
+    for chunk_bytes in (fl._CHUNK_BYTES, 1):
+        monkeypatch.setattr(fl, "_CHUNK_BYTES", chunk_bytes)
+        got_blocks, got_scales = fl.from_fragment_order(fw)
+        assert got_blocks.shape == blocks.shape and got_scales.shape == scales.shape
+        assert torch.equal(got_blocks, blocks) and torch.equal(got_scales, scales)
+
+
+def test_from_fragment_order_refuses_words_of_another_shape():
+    fw = to_fragment_order(torch.zeros(1, 32, 64, dtype=torch.uint8), torch.full((1, 32, 4), 127, dtype=torch.uint8))
+    wrong = fl.FragmentWeights(words=fw.words, scales=fw.scales, n=48, k=fw.k)      # 3 row groups, 2 held
+    with pytest.raises(ValueError, match=r"not the layout of an \[48, 128\] weight"):
+        fl.from_fragment_order(wrong)
+
+
+def test_shape_only_weights_need_fragments_and_the_rs_kernel():
+    # A layer that keeps only the fragment copy passes meta-device blocks and scales: without
+    # fragments, or where the "rs" kernel cannot run (here: the interpreter), the call says so
+    # instead of reading weights that are not there.
+    from mxfp4_moe.kernels import moe_matmul
+    from mxfp4_moe.moe import random_expert_weights
+    from mxfp4_moe.routing import routing_metadata
+    w, _ = random_expert_weights(4, 64, 64, top_k=2, dense=False)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2]])
+    meta = routing_metadata(ids, w.expert_map, 4, 16, torch.full((3, 2), 0.5))
+    x = torch.randn(3, 64)
+    shape_only = [torch.empty(t.shape, dtype=torch.uint8, device="meta") for t in (w.w13_blocks, w.w13_scales)]
+    with pytest.raises(ValueError, match="must come as fragments="):
+        moe_matmul(x, *shape_only, w.w13_bias, meta, compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="both are shape-only"):
+        moe_matmul(x, shape_only[0], w.w13_scales, w.w13_bias, meta, compute_dtype=torch.float32,
+                   fragments=to_fragment_order(w.w13_blocks, w.w13_scales))
+    with pytest.raises(ValueError, match="fragment order only.*'triton'"):
+        moe_matmul(x, *shape_only, w.w13_bias, meta, compute_dtype=torch.float32,
+                   fragments=to_fragment_order(w.w13_blocks, w.w13_scales))
+
+
+def test_layer_cannot_drop_its_only_copy():
+    from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+    w, _ = random_expert_weights(4, 64, 64, top_k=2, dense=False)
+    with pytest.raises(ValueError, match="keep_checkpoint_order=False needs the fragment-order copy"):
+        MXFP4MoE(w, backend="torch", keep_checkpoint_order=False)
+    layer = MXFP4MoE(w, backend="torch")
+    assert layer.holds_checkpoint_order and layer.checkpoint_weights() is layer.weights
+
+
 class _RecordingKernel:
     """Stands in for a Gluon kernel on the CPU: records the grid and keyword arguments of each launch."""
 
@@ -205,3 +260,33 @@ def test_rs_constexprs_name_every_tiling_constexpr_of_the_kernel():
     split = rs_constexprs(MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2, split_k=4), 180, 48, 2880, 2880)
     assert (split["NUM_K"], split["EVEN_K"], split["ROW_MASK"]) == (23, False, False)   # 23 steps, 4 splits
     assert not rs_constexprs(cfg, 180, 48, 2880, 2816)["EVEN_K"]         # x narrower than K: masked columns
+
+
+def test_layer_with_only_the_fragment_copy_launches_from_it(monkeypatch):
+    # As on a Hopper GPU (the Gluon kernel replaced by a recorder): by default the layer builds
+    # the fragment copy and drops checkpoint order, leaving the caller's weights as they were;
+    # checkpoint_weights() rebuilds them exactly, and forward, even on float32 tokens with an
+    # odd row stride, launches the "rs" kernel on the fragments for both matmuls.
+    import importlib
+    launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
+    rs_module = importlib.import_module("mxfp4_moe.kernels._moe_matmul_rs")
+    from mxfp4_moe.moe import _CHECKPOINT_ORDER_TENSORS, MXFP4MoE, random_expert_weights
+    recorder = _RecordingKernel()
+    monkeypatch.setattr(rs_module, "_moe_matmul_rs_kernel", recorder)
+    monkeypatch.setattr(launcher, "on_hopper", lambda device: True)
+    monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    w, _ = random_expert_weights(4, 64, 64, top_k=2, dense=False)
+    originals = {name: getattr(w, name).clone() for name in _CHECKPOINT_ORDER_TENSORS}
+    layer = MXFP4MoE(w, backend="triton", compute_dtype=torch.bfloat16)
+    assert layer.fragments is not None and not layer.holds_checkpoint_order
+    assert all(getattr(layer.weights, name).is_meta for name in _CHECKPOINT_ORDER_TENSORS)
+    assert layer.weights.device == w.device and layer.weights.num_local_experts == 4
+    rebuilt = layer.checkpoint_weights()
+    for name, original in originals.items():
+        assert torch.equal(getattr(w, name), original), name          # the caller's copy untouched
+        assert torch.equal(getattr(rebuilt, name), original), name
+    layer(torch.randn(5, 67)[:, :64])
+    (_, w13), (_, w2) = recorder.launches
+    assert w13["SWIGLU"] and w13["GATHER"] and w2["ATOMIC"] and not w2["GATHER"]
+    kept = MXFP4MoE(w, backend="triton", compute_dtype=torch.bfloat16, keep_checkpoint_order=True)
+    assert kept.fragments is not None and kept.holds_checkpoint_order and kept.checkpoint_weights() is kept.weights

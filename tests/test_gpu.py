@@ -359,6 +359,45 @@ def test_layer_cuda_graph_replay_matches_eager():
     assert rel_err(captured, eager) > 1e-2      # new input really used
 
 
+def test_layer_keeps_one_copy_of_the_expert_weights_on_hopper():
+    # The default on Hopper: only the fragment-order copy stays (the checkpoint-order tensors are
+    # freed once the caller drops them), the layer computes the same as one that keeps both,
+    # and checkpoint_weights() rebuilds the checkpoint bytes exactly.
+    from mxfp4_moe.moe import _CHECKPOINT_ORDER_TENSORS
+    from mxfp4_moe.reference import reference_moe
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the fragment-order copy is built on Hopper only")
+    E, H, I = 32, 2880, 2880
+
+    def build(keep):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        weights, _ = random_expert_weights(E, H, I, top_k=4, seed=11, device="cuda", dense=False)
+        layer = MXFP4MoE(weights, backend="triton", keep_checkpoint_order=keep)
+        del weights
+        torch.cuda.synchronize()
+        return layer, torch.cuda.memory_allocated() - before
+
+    lean, lean_bytes = build(None)
+    both, both_bytes = build(True)
+    assert lean.fragments is not None and not lean.holds_checkpoint_order and both.holds_checkpoint_order
+    checkpoint_bytes = sum(getattr(both.weights, name).numel() for name in _CHECKPOINT_ORDER_TENSORS)
+    print(f"layer memory: {lean_bytes / 2**20:.0f} MiB (fragment copy only) vs {both_bytes / 2**20:.0f} MiB "
+          f"(both); checkpoint-order tensors {checkpoint_bytes / 2**20:.0f} MiB")
+    assert abs((both_bytes - lean_bytes) - checkpoint_bytes) < 0.01 * checkpoint_bytes
+    rebuilt = lean.checkpoint_weights()
+    for name in _CHECKPOINT_ORDER_TENSORS:
+        assert torch.equal(getattr(rebuilt, name), getattr(both.weights, name)), name
+    x = torch.randn(512, H, generator=torch.Generator(device="cuda").manual_seed(2), device="cuda")
+    y_lean, y_both = lean(x), both(x)                 # float32 tokens: the lean layer casts them to bf16
+    assert y_lean.dtype == torch.float32
+    assert rel_err(y_lean, y_both) < 1e-3            # the same kernels; fp32 atomic order differs
+    topk_w, topk_ids = route(x, both.weights.router_weight, both.weights.router_bias, 4,
+                             router_weight_bf16=lean.router_weight_bf16)     # as forward routes
+    ref = reference_moe(x.bfloat16().float(), rebuilt, topk_w, topk_ids, torch.float32)
+    assert rel_err(y_lean, ref) < TOL_BF16
+
+
 @pytest.mark.parametrize("config", [(128, 128, 64, True, 8, 3), (64, 128, 64, True, 4, 3)],
                          ids=["bm128-swap-8warps", "bm64-swap-4warps"])
 @pytest.mark.parametrize("dequant", ["ptx", "words"])

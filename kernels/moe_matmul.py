@@ -379,8 +379,19 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
 
 def on_hopper(device: torch.device) -> bool:
     """Whether `device` is a Hopper GPU (sm_90) outside the interpreter: where the Gluon kernel runs."""
-    return (device.type == "cuda" and not interpreting()
-            and torch.cuda.get_device_capability(device)[0] == 9)
+    return device.type == "cuda" and not interpreting() and _cuda_major(device) == 9
+
+
+_CUDA_MAJOR: dict[int, int] = {}
+
+
+def _cuda_major(device: torch.device) -> int:
+    """The compute capability's major number of CUDA `device`, asked once per device (the layer
+    asks four times per forward; torch's query costs microseconds of an eager call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CUDA_MAJOR:
+        _CUDA_MAJOR[index] = torch.cuda.get_device_capability(index)[0]
+    return _CUDA_MAJOR[index]
 
 
 def rs_constexprs(config: MatmulConfig, row_groups: int, k_steps: int, k: int, k_x: int) -> dict:

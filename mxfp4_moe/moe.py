@@ -171,7 +171,7 @@ class MXFP4MoE(torch.nn.Module):
         if self.backend == "torch":
             return reference_moe(x, w, topk_weights, topk_ids, torch.float32).to(x.dtype)
         from . import kernels
-        tokens = x.shape[0]
+        tokens, out_dtype = x.shape[0], x.dtype
         if tokens == 0:
             return x.new_zeros((0, w.hidden))
         if self.fragments is not None:
@@ -187,7 +187,7 @@ class MXFP4MoE(torch.nn.Module):
                                channel_scale=w.w2_channel_scale, gather=False, apply_row_weight=True,
                                combine=self.combine_for(tokens), n_out=w.hidden, compute_dtype=self.compute_dtype,
                                fragments=frag.get("w2"))
-        return y.to(x.dtype)
+        return y.to(out_dtype)
 
 
 def _fragment_kernel_input(x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:

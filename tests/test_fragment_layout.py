@@ -285,7 +285,8 @@ def test_layer_with_only_the_fragment_copy_launches_from_it(monkeypatch):
     for name, original in originals.items():
         assert torch.equal(getattr(w, name), original), name          # the caller's copy untouched
         assert torch.equal(getattr(rebuilt, name), original), name
-    layer(torch.randn(5, 67)[:, :64])
+    y = layer(torch.randn(5, 67)[:, :64])
+    assert y.dtype == torch.float32 and y.shape == (5, 64)           # x's dtype, whatever the kernels ran in
     (_, w13), (_, w2) = recorder.launches
     assert w13["SWIGLU"] and w13["GATHER"] and w2["ATOMIC"] and not w2["GATHER"]
     kept = MXFP4MoE(w, backend="triton", compute_dtype=torch.bfloat16, keep_checkpoint_order=True)

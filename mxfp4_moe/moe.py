@@ -60,8 +60,8 @@ class MXFP4MoE(torch.nn.Module):
     keep_checkpoint_order: whether the layer also holds the checkpoint-order expert weights
       (blocks and scales) once a fragment-order copy exists. None (default): only when there is
       no fragment copy, so on Hopper the layer holds one copy of the expert weights, not two
-      (gpt-oss-120b: about 61 GB instead of 123 at TP 1). The layer never changes `weights`
-      itself: the dropped tensors are freed when the caller lets go of its own references (as
+      (gpt-oss-120b at TP 1: about 65 GB instead of 126, benchmarks/RESULTS.md 3.8). The layer
+      never changes `weights` itself: the dropped tensors are freed when the caller lets go of its own references (as
       `from_checkpoint` does). `self.weights` then holds shape-only (meta device) stand-ins for
       them, and `checkpoint_weights()` rebuilds them exactly from the fragment copy.
 

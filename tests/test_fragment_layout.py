@@ -215,19 +215,27 @@ class _RecordingKernel:
         return lambda *args, **kwargs: self.launches.append((grid, kwargs))
 
 
-def test_launcher_picks_the_rs_kernel_and_drops_split_k_where_it_cannot_sum(monkeypatch):
-    # The launch moe_matmul would make on a Hopper GPU with fragments, as the kernel sees it: the
-    # few-rows w2 config splits K over the grid's third axis with atomic combine, and runs
-    # unsplit (one program per tile) when writing rows; an explicit split config there raises.
+@pytest.fixture
+def rs_launches(monkeypatch):
+    """The launcher as on a Hopper GPU, with the "rs" Gluon kernel replaced by a recorder:
+    returns (the launcher module, the recorder)."""
     import importlib
     launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
     rs_module = importlib.import_module("mxfp4_moe.kernels._moe_matmul_rs")
-    from mxfp4_moe.moe import random_expert_weights
-    from mxfp4_moe.routing import routing_metadata
     recorder = _RecordingKernel()
     monkeypatch.setattr(rs_module, "_moe_matmul_rs_kernel", recorder)
     monkeypatch.setattr(launcher, "on_hopper", lambda device: True)
     monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    return launcher, recorder
+
+
+def test_launcher_picks_the_rs_kernel_and_drops_split_k_where_it_cannot_sum(rs_launches):
+    # The launch moe_matmul would make on a Hopper GPU with fragments, as the kernel sees it: the
+    # few-rows w2 config splits K over the grid's third axis with atomic combine, and runs
+    # unsplit (one program per tile) when writing rows; an explicit split config there raises.
+    from mxfp4_moe.moe import random_expert_weights
+    from mxfp4_moe.routing import routing_metadata
+    launcher, recorder = rs_launches
     w, _ = random_expert_weights(8, 128, 128, top_k=4, dense=False)
     act = torch.zeros(4, w.inter_pad, dtype=torch.bfloat16)
     meta = routing_metadata(torch.tensor([[0, 1, 2, 3]]), w.expert_map, 8, 16, torch.full((1, 4), 0.25))
@@ -262,19 +270,13 @@ def test_rs_constexprs_name_every_tiling_constexpr_of_the_kernel():
     assert not rs_constexprs(cfg, 180, 48, 2880, 2816)["EVEN_K"]         # x narrower than K: masked columns
 
 
-def test_layer_with_only_the_fragment_copy_launches_from_it(monkeypatch):
+def test_layer_with_only_the_fragment_copy_launches_from_it(rs_launches):
     # As on a Hopper GPU (the Gluon kernel replaced by a recorder): by default the layer builds
     # the fragment copy and drops checkpoint order, leaving the caller's weights as they were;
     # checkpoint_weights() rebuilds them exactly, and forward, even on float32 tokens with an
     # odd row stride, launches the "rs" kernel on the fragments for both matmuls.
-    import importlib
-    launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
-    rs_module = importlib.import_module("mxfp4_moe.kernels._moe_matmul_rs")
     from mxfp4_moe.moe import _CHECKPOINT_ORDER_TENSORS, MXFP4MoE, random_expert_weights
-    recorder = _RecordingKernel()
-    monkeypatch.setattr(rs_module, "_moe_matmul_rs_kernel", recorder)
-    monkeypatch.setattr(launcher, "on_hopper", lambda device: True)
-    monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    _, recorder = rs_launches
     w, _ = random_expert_weights(4, 64, 64, top_k=2, dense=False)
     originals = {name: getattr(w, name).clone() for name in _CHECKPOINT_ORDER_TENSORS}
     layer = MXFP4MoE(w, backend="triton", compute_dtype=torch.bfloat16)

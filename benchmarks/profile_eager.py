@@ -1,7 +1,9 @@
 """Profile (GPU): where an eager forward's host time goes. For each point it prints the wall time
 of an eager forward, the host time to issue one (no synchronisation: what Python and the
-launches cost), the GPU time of the same forward (CUDA-graph replay), and the functions that
-take the host time (cProfile, own time and cumulative). gpt-oss shapes (H = I = 2880, top-4).
+launches cost), the GPU time of the same forward (CUDA-graph replay), the same two times for
+`CUDAGraphMoE` (the layer replayed from a graph per token bucket, input and output copies
+included), and the functions that take the eager host time (cProfile, own time and
+cumulative). gpt-oss shapes (H = I = 2880, top-4).
 
     python benchmarks/profile_eager.py --experts 32 --tokens 1,512
 """
@@ -17,6 +19,7 @@ import time
 import torch
 from triton.testing import do_bench_cudagraph
 
+from mxfp4_moe.graphs import CUDAGraphMoE
 from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
 
 
@@ -32,14 +35,17 @@ def host_and_wall_ms(fn, calls: int) -> tuple[float, float]:
     return (issued - start) * 1e3 / calls, (done - start) * 1e3 / calls
 
 
-def profile_point(layer: MXFP4MoE, tokens: int, calls: int, top: int) -> None:
+def profile_point(layer: MXFP4MoE, graphed: CUDAGraphMoE, tokens: int, calls: int, top: int) -> None:
     x = torch.randn(tokens, 2880, device="cuda").to(torch.bfloat16)
     for _ in range(5):
         layer(x)
+        graphed(x)
     host_ms, wall_ms = host_and_wall_ms(lambda: layer(x), calls)
     graph_ms = do_bench_cudagraph(lambda: layer(x), rep=100)
+    graphed_host_ms, graphed_wall_ms = host_and_wall_ms(lambda: graphed(x), calls)
     print(f"\nE={layer.weights.num_local_experts} T={tokens}: eager {wall_ms:.3f} ms per forward, host "
-          f"{host_ms:.3f} ms to issue one, GPU {graph_ms:.3f} ms (CUDA graph)", flush=True)
+          f"{host_ms:.3f} ms to issue one, GPU {graph_ms:.3f} ms (CUDA graph); CUDAGraphMoE {graphed_wall_ms:.3f} "
+          f"ms per forward, host {graphed_host_ms:.3f} ms to issue one", flush=True)
     profiler = cProfile.Profile()
     torch.cuda.synchronize()
     profiler.enable()
@@ -67,9 +73,10 @@ def main() -> int:
         w, _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda", dense=False)
         layer = MXFP4MoE(w, backend="triton")
         del w
+        graphed = CUDAGraphMoE(layer, max_tokens=max(map(int, args.tokens.split(","))))
         for tokens in map(int, args.tokens.split(",")):
-            profile_point(layer, tokens, args.calls, args.top)
-        del layer
+            profile_point(layer, graphed, tokens, args.calls, args.top)
+        del layer, graphed
         torch.cuda.empty_cache()
     return 0
 

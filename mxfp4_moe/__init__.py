@@ -16,7 +16,7 @@ _EXPORTS = {
     "make_synthetic_checkpoint": "synthetic", "write_checkpoint": "synthetic",
     "ShardPlan": "sharding", "load_layer": "loader", "narrow_to_source": "loader",
     "ExpertWeights": "weights", "route": "routing", "reference_moe": "reference",
-    "MXFP4MoE": "moe",
+    "MXFP4MoE": "moe", "CUDAGraphMoE": "graphs",
 }
 
 __all__ = ["__version__", *_EXPORTS]

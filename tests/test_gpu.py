@@ -398,6 +398,35 @@ def test_layer_keeps_one_copy_of_the_expert_weights_on_hopper():
     assert rel_err(y_lean, ref) < TOL_BF16
 
 
+def test_graphed_layer_matches_the_layer_and_returns_fresh_tensors():
+    # CUDAGraphMoE at bucket edges and past them (eager there), against the layer itself and a
+    # float32 reference on the same routing; outputs must not alias the graph's buffer.
+    from mxfp4_moe.graphs import CUDAGraphMoE
+    from mxfp4_moe.reference import reference_moe
+    weights, _ = random_expert_weights(32, 2880, 2880, top_k=4, seed=7, device="cuda", dense=False)
+    layer = MXFP4MoE(weights, backend="triton", combine="slots")     # deterministic sum
+    graphed = CUDAGraphMoE(layer, max_tokens=64)
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for tokens in (1, 3, 16, 17, 64, 65):
+        x = torch.randn(tokens, 2880, generator=gen, device="cuda").to(torch.bfloat16)
+        got = graphed(x)
+        assert got.shape == (tokens, 2880) and got.dtype == torch.bfloat16
+        topk_w, topk_ids = route(x, weights.router_weight, weights.router_bias, 4,
+                                 router_weight_bf16=layer.router_weight_bf16)
+        ref = reference_moe(x.float(), layer.checkpoint_weights(), topk_w, topk_ids, torch.float32)
+        assert rel_err(got, ref) < TOL_BF16, tokens
+        assert rel_err(got, layer(x)) < 5e-3, tokens        # other bucket size: other tiles, same sums
+        if tokens > 64:
+            assert torch.equal(got, layer(x))                  # past the buckets: the layer itself
+    assert graphed.captured == (1, 4, 16, 32, 64)
+    first_x = torch.randn(5, 2880, generator=gen, device="cuda").to(torch.bfloat16)
+    first = graphed(first_x)
+    kept = first.clone()
+    graphed(torch.randn(6, 2880, generator=gen, device="cuda").to(torch.bfloat16))    # same bucket (8)
+    assert torch.equal(first, kept)
+    assert torch.equal(graphed(first_x), kept)               # zeroed tail rows: the same answer again
+
+
 @pytest.mark.parametrize("config", [(128, 128, 64, True, 8, 3), (64, 128, 64, True, 4, 3)],
                          ids=["bm128-swap-8warps", "bm64-swap-4warps"])
 @pytest.mark.parametrize("dequant", ["ptx", "words"])

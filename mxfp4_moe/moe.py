@@ -61,9 +61,10 @@ class MXFP4MoE(torch.nn.Module):
       (blocks and scales) once a fragment-order copy exists. None (default): only when there is
       no fragment copy, so on Hopper the layer holds one copy of the expert weights, not two
       (gpt-oss-120b at TP 1: about 65 GB instead of 126, benchmarks/RESULTS.md 3.8). The layer
-      never changes `weights` itself: the dropped tensors are freed when the caller lets go of its own references (as
-      `from_checkpoint` does). `self.weights` then holds shape-only (meta device) stand-ins for
-      them, and `checkpoint_weights()` rebuilds them exactly from the fragment copy.
+      never changes `weights` itself: the dropped tensors are freed when the caller lets go of
+      its own references (as `from_checkpoint` does). `self.weights` then holds shape-only (meta
+      device) stand-ins for them, and `checkpoint_weights()` rebuilds them exactly from the
+      fragment copy.
 
     forward(x [T, H] or [T, H_pad]) -> [T, H] in x's dtype. Under TP it is this rank's partial sum
     (w2 bias only on rank 0); under EP, pairs routed to other ranks' experts contribute nothing.

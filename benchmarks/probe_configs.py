@@ -5,11 +5,15 @@ Lighter than `bench_moe.py`'s full sweep when only a handful of configs is in qu
 
     python benchmarks/probe_configs.py --points 128:1,128:8 \\
         --configs "16,64,256,1,4,3,triton;16,64,128,1,4,4,triton" --out DIR    # DIR/probe_configs.json
+
+--rs-maxnreg N caps the registers per thread of the listed "rs" configs (ptxas maxnreg; the
+default config runs uncapped), to trade spills for programs per SM.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -38,8 +42,11 @@ def main() -> int:
                         "[,prefetch[,split_k[,pipeline_mma(0/1)[,width_step]]]]; kernel 'rs' gets the weights in fragment "
                         "order; a config "
                         "with split_k > 1 runs for w2 only")
+    p.add_argument("--rs-maxnreg", type=int, default=0,
+                   help="registers per thread for the listed 'rs' configs (0: as the compiler picks)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = p.parse_args()
+    capped = _register_cap(args.rs_maxnreg)
     configs = [parse_config(c) for c in args.configs.split(";") if c.strip()]
     header = start_probe(args.out)
     rows = []
@@ -85,14 +92,39 @@ def main() -> int:
                     continue
                 name = ",".join(str(v) for v in cfg.__dict__.values())
                 try:
-                    fn = launch(op, meta_for(cfg.block_m), cfg)
+                    fn = capped(launch(op, meta_for(cfg.block_m), cfg))
                     out = fn().float()
                     diff = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
                     row[name] = time_graph(fn) if diff <= SWEEP_AGREEMENT else f"disagrees: {diff:.2e}"
                 except Exception as exc:
                     row[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            if args.rs_maxnreg:
+                row["rs_maxnreg"] = args.rs_maxnreg
             record(row, rows, args.out / "probe_configs.json", header)
     return 0
+
+
+def _register_cap(maxnreg: int):
+    """A wrapper for launch closures: while one runs, the "rs" kernel launches with ptxas'
+    maxnreg = `maxnreg` (a Triton compile option passed at launch); identity for 0."""
+    if not maxnreg:
+        return lambda fn: fn
+    rs_module = importlib.import_module("mxfp4_moe.kernels._moe_matmul_rs")
+    uncapped = rs_module._moe_matmul_rs_kernel
+
+    class Capped:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: uncapped[grid](*args, **kwargs, maxnreg=maxnreg)
+
+    def wrap(fn):
+        def run():
+            rs_module._moe_matmul_rs_kernel = Capped()
+            try:
+                return fn()
+            finally:
+                rs_module._moe_matmul_rs_kernel = uncapped
+        return run
+    return wrap
 
 
 if __name__ == "__main__":

@@ -104,10 +104,21 @@ def fragment_order_problem(scales_e8m0: torch.Tensor) -> str:
     return ""
 
 
+def _placed_byte_bits(device: torch.device) -> torch.Tensor:
+    """[PAIRS_PER_WORD, 256] int32: the bits of a fragment word that checkpoint byte b sets in
+    pair slot i (its low nibble, the even k, is the pair's low half), for every byte b (bit 31
+    as int32's sign bit)."""
+    def bits(pair: int, byte: int) -> int:
+        codes = (byte & 0xF, byte >> 4)
+        return sum(((codes[high] >> bit) & 1) << word_bit(pair, high, bit) for high in range(2) for bit in range(4))
+    table = [[bits(pair, byte) for byte in range(256)] for pair in range(PAIRS_PER_WORD)]
+    return torch.tensor(table, dtype=torch.int64).to(torch.int32).to(device)     # (wraps 2 ** 31 to int32)
+
+
 def to_fragment_order(blocks: torch.Tensor, scales_e8m0: torch.Tensor) -> FragmentWeights:
     """blocks [E, N, K // 2] uint8 (low nibble = even k), scales_e8m0 [E, N, K // 32] uint8 ->
     `FragmentWeights`. Runs where the tensors are, a few experts at a time (temporaries of about
-    8 x _CHUNK_BYTES)."""
+    6 x _CHUNK_BYTES)."""
     if blocks.dim() != 3 or blocks.dtype != torch.uint8:
         raise ValueError(f"to_fragment_order: blocks must be [E, N, K // 2] uint8, got {tuple(blocks.shape)} "
                          f"{blocks.dtype}")
@@ -125,23 +136,20 @@ def to_fragment_order(blocks: torch.Tensor, scales_e8m0: torch.Tensor) -> Fragme
     device = blocks.device
 
     words = torch.empty(n_experts, groups, steps, LANES, 2 * kblocks, dtype=torch.int32, device=device)
+    placed = _placed_byte_bits(device)
     # A few experts at a time: the temporaries stay near _CHUNK_BYTES whatever the layer's size.
     chunk = max(1, _CHUNK_BYTES // max(1, n_pad * k_pad))
     for e0 in range(0, n_experts, chunk):
         e1 = min(n_experts, e0 + chunk)
-        codes = torch.zeros(e1 - e0, n_pad, k_pad, dtype=torch.uint8, device=device)
-        codes[:, :n, 0:k:2] = blocks[e0:e1] & 0xF
-        codes[:, :n, 1:k:2] = blocks[e0:e1] >> 4
-        # [e, group, half, g, step, kblock, pair, t, p] -> [e, group, step, g, t, kblock, half, pair, p]
-        codes = codes.view(e1 - e0, groups, 2, 8, steps, kblocks, PAIRS_PER_WORD, 4, 2)
-        codes = codes.permute(0, 1, 4, 3, 7, 5, 2, 6, 8)
-        chunk_words = torch.zeros(codes.shape[:-2], dtype=torch.int32, device=device)
-        for pair in range(PAIRS_PER_WORD):
-            for high in range(2):
-                code = codes[..., pair, high].to(torch.int32)
-                for bit in range(4):          # (bit 31 wraps to the sign: the word's bits are what count)
-                    chunk_words |= ((code >> bit) & 1) << word_bit(pair, high, bit)
-        words[e0:e1] = chunk_words.view(e1 - e0, groups, steps, LANES, 2 * kblocks)
+        packed = torch.zeros(e1 - e0, n_pad, k_pad // 2, dtype=torch.uint8, device=device)
+        packed[:, :n, :k_half] = blocks[e0:e1]
+        # A pair (k, k + 1) is one checkpoint byte: byte 16 kblock + 4 pair + t of a step.
+        # [e, group, half, g, step, kblock, pair, t] -> [e, group, step, g, t, kblock, half, pair]
+        packed = packed.view(e1 - e0, groups, 2, 8, steps, kblocks, PAIRS_PER_WORD, 4).permute(0, 1, 4, 3, 7, 5, 2, 6)
+        chunk_words = placed[0][packed[..., 0].int()]
+        for pair in range(1, PAIRS_PER_WORD):      # each byte's word bits, looked up
+            chunk_words |= placed[pair][packed[..., pair].int()]
+        words[e0:e1] = chunk_words.reshape(e1 - e0, groups, steps, LANES, 2 * kblocks)
 
     biased = torch.zeros(n_experts, n_pad, steps * kblocks, dtype=torch.uint8, device=device)
     biased[:, :n, :k // BLOCK_SIZE] = scales_e8m0 + SCALE_BIAS

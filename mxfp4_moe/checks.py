@@ -195,9 +195,10 @@ def check_fragment_order(layer_module, weights, layer: int) -> CheckResult:
     """The expert blocks and scales rebuilt from the layer's fragment-order copy (what its Hopper
     kernel reads; `MXFP4MoE.checkpoint_weights`) against the loaded checkpoint-order `weights`,
     byte for byte, padding included."""
+    from .moe import CHECKPOINT_ORDER_TENSORS
     rebuilt = layer_module.checkpoint_weights()
     problems = []
-    for name in ("w13_blocks", "w13_scales", "w2_blocks", "w2_scales"):
+    for name in CHECKPOINT_ORDER_TENSORS:
         got, expected = getattr(rebuilt, name), getattr(weights, name)
         if got.shape != expected.shape:
             problems.append(f"{name}: shape {tuple(got.shape)}, loaded {tuple(expected.shape)}")

@@ -17,7 +17,7 @@ from .weights import ExpertWeights
 
 Backend = Literal["auto", "triton", "torch"]
 # The ExpertWeights fields a layer with a fragment-order copy need not keep (`keep_checkpoint_order`).
-_CHECKPOINT_ORDER_TENSORS = ("w13_blocks", "w13_scales", "w2_blocks", "w2_scales")
+CHECKPOINT_ORDER_TENSORS = ("w13_blocks", "w13_scales", "w2_blocks", "w2_scales")
 Combine = Literal["auto", "atomic", "slots"]
 
 
@@ -92,7 +92,7 @@ class MXFP4MoE(torch.nn.Module):
         if self.fragments is not None and not keep_checkpoint_order:
             self.weights = replace(weights, **{name: torch.empty(getattr(weights, name).shape, dtype=torch.uint8,
                                                                  device="meta")
-                                               for name in _CHECKPOINT_ORDER_TENSORS})
+                                               for name in CHECKPOINT_ORDER_TENSORS})
 
     @property
     def holds_checkpoint_order(self) -> bool:

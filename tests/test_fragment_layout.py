@@ -275,13 +275,13 @@ def test_layer_with_only_the_fragment_copy_launches_from_it(rs_launches):
     # the fragment copy and drops checkpoint order, leaving the caller's weights as they were;
     # checkpoint_weights() rebuilds them exactly, and forward, even on float32 tokens with an
     # odd row stride, launches the "rs" kernel on the fragments for both matmuls.
-    from mxfp4_moe.moe import _CHECKPOINT_ORDER_TENSORS, MXFP4MoE, random_expert_weights
+    from mxfp4_moe.moe import CHECKPOINT_ORDER_TENSORS, MXFP4MoE, random_expert_weights
     _, recorder = rs_launches
     w, _ = random_expert_weights(4, 64, 64, top_k=2, dense=False)
-    originals = {name: getattr(w, name).clone() for name in _CHECKPOINT_ORDER_TENSORS}
+    originals = {name: getattr(w, name).clone() for name in CHECKPOINT_ORDER_TENSORS}
     layer = MXFP4MoE(w, backend="triton", compute_dtype=torch.bfloat16)
     assert layer.fragments is not None and not layer.holds_checkpoint_order
-    assert all(getattr(layer.weights, name).is_meta for name in _CHECKPOINT_ORDER_TENSORS)
+    assert all(getattr(layer.weights, name).is_meta for name in CHECKPOINT_ORDER_TENSORS)
     assert layer.weights.device == w.device and layer.weights.num_local_experts == 4
     rebuilt = layer.checkpoint_weights()
     for name, original in originals.items():

@@ -363,7 +363,7 @@ def test_layer_keeps_one_copy_of_the_expert_weights_on_hopper():
     # The default on Hopper: only the fragment-order copy stays (the checkpoint-order tensors are
     # freed once the caller drops them), the layer computes the same as one that keeps both,
     # and checkpoint_weights() rebuilds the checkpoint bytes exactly.
-    from mxfp4_moe.moe import _CHECKPOINT_ORDER_TENSORS
+    from mxfp4_moe.moe import CHECKPOINT_ORDER_TENSORS
     from mxfp4_moe.reference import reference_moe
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the fragment-order copy is built on Hopper only")
@@ -381,12 +381,12 @@ def test_layer_keeps_one_copy_of_the_expert_weights_on_hopper():
     lean, lean_bytes = build(None)
     both, both_bytes = build(True)
     assert lean.fragments is not None and not lean.holds_checkpoint_order and both.holds_checkpoint_order
-    checkpoint_bytes = sum(getattr(both.weights, name).numel() for name in _CHECKPOINT_ORDER_TENSORS)
+    checkpoint_bytes = sum(getattr(both.weights, name).numel() for name in CHECKPOINT_ORDER_TENSORS)
     print(f"layer memory: {lean_bytes / 2**20:.0f} MiB (fragment copy only) vs {both_bytes / 2**20:.0f} MiB "
           f"(both); checkpoint-order tensors {checkpoint_bytes / 2**20:.0f} MiB")
     assert abs((both_bytes - lean_bytes) - checkpoint_bytes) < 0.01 * checkpoint_bytes
     rebuilt = lean.checkpoint_weights()
-    for name in _CHECKPOINT_ORDER_TENSORS:
+    for name in CHECKPOINT_ORDER_TENSORS:
         assert torch.equal(getattr(rebuilt, name), getattr(both.weights, name)), name
     x = torch.randn(512, H, generator=torch.Generator(device="cuda").manual_seed(2), device="cuda")
     y_lean, y_both = lean(x), both(x)                 # float32 tokens: the lean layer casts them to bf16

@@ -95,12 +95,13 @@ def _compile(kernel, source_type, signature: dict, constexprs: dict, config: Mat
 
 def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool, n: int = 2880,
                     compute: str = "bfloat16", x_dtype: str = "bfloat16", dequant: str | None = None,
-                    retire_mma_each_step: bool | None = None):
+                    retire_mma_each_step: bool | None = None, rs_kernel=None):
     """Compile the kernel `config` names for sm_90 as a launch on contiguous tensors of an [n, k]
     weight would specialize it; returns triton's CompiledKernel. For the Triton kernel: dequant, its DEQUANT
     (default: what the launcher picks on a GPU, "ptx" for bf16, else "bytes");
     retire_mma_each_step, its RETIRE_MMA_EACH_STEP (default: as the launcher sets it on a GPU,
-    i.e. config.swap_ab). The Gluon kernels ("sm90", "rs") are bf16 only."""
+    i.e. config.swap_ab). The Gluon kernels ("sm90", "rs") are bf16 only. rs_kernel: compile this
+    variant of the "rs" kernel (same arguments) in its place (`benchmarks/probe_rs_parts.py`)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("sm90_report needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
     if config.kernel == "rs":
@@ -110,7 +111,7 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
         from .moe_matmul import rs_constexprs
         signature = {**_signature("*bf16", "*fp32" if atomic else "*bf16"), "words_ptr": "*i32", "row_groups": "i32"}
         constexprs = {**rs_constexprs(config, *layout_shape(n, k), k, k), "num_warps": config.num_warps}
-        return _compile(_moe_matmul_rs_kernel, GluonASTSource, signature, constexprs, config, k=k, n=n,
+        return _compile(rs_kernel or _moe_matmul_rs_kernel, GluonASTSource, signature, constexprs, config, k=k, n=n,
                         swiglu=swiglu, atomic=atomic, options={"num_warps": config.num_warps})
     if config.kernel == "sm90":
         from triton.experimental.gluon._runtime import GluonASTSource

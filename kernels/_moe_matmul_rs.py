@@ -10,7 +10,8 @@ WIDTH_STEP). In fragment order, the 16 bytes a thread
 loads for one K step of 64 are exactly the codes of its A fragment (rows g and g + 8 of its
 warp's 16, k = 2 t + {0, 1, 8, 9} + 16 i), so the weights go global memory -> registers ->
 decode -> wgmma with no shared-memory round trip, no layout change and no CTA barrier for them.
-Only the tile's x rows pass through shared memory (cp.async, a ring of STAGES buffers):
+Only the tile's x rows pass through shared memory (a ring of STAGES buffers; cp.async, or
+TMA where the rows need no gather and the K step is 64: X_TMA, w2 from 64-row tiles):
 
     step k:  words and scale words of step k + PREFETCH - 1: plain loads into registers
              decode step k's words (loaded PREFETCH - 1 steps ago) into the A fragment
@@ -32,7 +33,8 @@ steps of a tile over programs (w2's atomic combine adds their partial sums). bf1
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 
 from ._moe_matmul import _BLOCK_SIZE
 from ._moe_matmul_sm90 import _store_tile, _tile_rows, _x_row_pointers
@@ -161,7 +163,7 @@ def _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, kn, STEPS, LO
 
 @gluon.jit
 def _moe_matmul_rs_kernel(
-        x_ptr, stride_xm,
+        x_ptr, stride_xm, x_desc,
         words_ptr, s_ptr, row_groups,
         bias_ptr, stride_be,
         cs_ptr, stride_cse,
@@ -175,7 +177,7 @@ def _moe_matmul_rs_kernel(
         PIPELINE_MMA: gl.constexpr, EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, WIDTH_STEP: gl.constexpr,
         GATHER: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
         HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
-        ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
+        ROW_WEIGHT: gl.constexpr, X_TMA: gl.constexpr, num_warps: gl.constexpr):
     """One program: BLOCK_M sorted rows of one expert x BLOCK_N weight rows (16 * num_warps, or
     a multiple: each warp then holds several 16-row blocks, every one a wgmma of its own on the
     same x rows).
@@ -189,8 +191,10 @@ def _moe_matmul_rs_kernel(
     atomic adds, the bias from s = 0 only. WIDTH_STEP (> 0): a tile of r rows (fewer than
     BLOCK_M only in an expert's last tile) runs ceil(r / WIDTH_STEP) * WIDTH_STEP columns wide on
     the wgmma's N side, in pieces of powers of two (80 = 64 + 16: one decode, two wgmmas per K
-    step), instead of BLOCK_M. Unit strides along K (x), along N (bias, channel scale) and along the
-    output columns; the launcher checks."""
+    step), instead of BLOCK_M. X_TMA (no GATHER, not PIPELINE_MMA): the x rows come by TMA through
+    x_desc (a box of [BLOCK_M, BLOCK_K] per step, the pieces read its rows), else x_desc is unused
+    (None) and they come by cp.async. Unit strides along K (x), along N (bias, channel scale) and
+    along the output columns; the launcher checks."""
     STEPS: gl.constexpr = (NUM_K + SPLIT_K - 1) // SPLIT_K
     pid_n = gl.program_id(0)
     tile = gl.program_id(1)
@@ -199,7 +203,7 @@ def _moe_matmul_rs_kernel(
     if expert < 0:
         return  # past the last real tile
     row_start, row_end = _tile_rows(expert_offsets_ptr, tile_row_start_ptr, tile, expert)
-    args = (x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be, cs_ptr, stride_cse, y_ptr,
+    args = (x_ptr, stride_xm, x_desc, words_ptr, s_ptr, row_groups, bias_ptr, stride_be, cs_ptr, stride_cse, y_ptr,
             stride_ym, gather_ptr, scatter_ptr, row_weight_ptr, N, K_X, N_OUT, alpha, limit, pid_n, split, expert,
             row_start, row_end)
     if WIDTH_STEP > 0:
@@ -209,11 +213,11 @@ def _moe_matmul_rs_kernel(
             if (rows > (c - 1) * WIDTH_STEP) & (rows <= c * WIDTH_STEP):
                 _rs_tile(*args, NUM_K, LAYOUT_STEPS, _width_pieces(c * WIDTH_STEP), BLOCK_N, BLOCK_K, STAGES,
                          PREFETCH, STEPS, PIPELINE_MMA, EVEN_K, ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS,
-                         HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, num_warps)
+                         HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, X_TMA, num_warps)
     else:
         _rs_tile(*args, NUM_K, LAYOUT_STEPS, (BLOCK_M,), BLOCK_N, BLOCK_K, STAGES, PREFETCH, STEPS, PIPELINE_MMA,
                  EVEN_K, ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT,
-                 num_warps)
+                 X_TMA, num_warps)
 
 
 @gluon.constexpr_function
@@ -278,6 +282,37 @@ def _copy_x_pieces(x_smems, x_ptrs, masks_xm, offs_xk, K_X, buffer, step, BLOCK_
 
 
 @gluon.jit
+def _x_buffers(x_smems, buffer):
+    """Each piece's x rows in ring buffer `buffer` (cp.async path: a ring per piece)."""
+    out = ()
+    for i in gl.static_range(len(x_smems)):
+        out = out + (x_smems[i].index(buffer),)
+    return out
+
+
+@gluon.jit
+def _x_ring_buffers(x_ring, buffer, PIECES: gl.constexpr):
+    """Each piece's x rows in ring buffer `buffer` (TMA path: one ring of [BLOCK_M, BLOCK_K]
+    buffers, the pieces its consecutive rows)."""
+    STARTS: gl.constexpr = _piece_starts(PIECES)
+    out = ()
+    for i in gl.static_range(len(PIECES)):
+        out = out + (x_ring.index(buffer).slice(STARTS[i], PIECES[i]),)
+    return out
+
+
+@gluon.jit
+def _tma_x_step(x_desc, x_ring, x_ready, row_start, buffer, step, BLOCK_K: gl.constexpr):
+    """One TMA copy of the tile's x rows (sorted rows, no gather: BLOCK_M of them from row_start,
+    whatever the tile's width) for K step `step` into ring buffer `buffer`, counted on
+    x_ready[buffer]. Rows and columns past x's end arrive as zeros; rows of the next expert land
+    in wgmma columns that the epilogue never stores."""
+    bar = x_ready.index(buffer)
+    mbarrier.expect(bar, x_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(x_desc, [row_start, step * BLOCK_K], bar, x_ring.index(buffer))
+
+
+@gluon.jit
 def _fragment_per_piece(a, accs):
     """The A fragment `a` in each piece's operand layout: the same registers (asserted), one
     value per wgmma for the wait's deps."""
@@ -289,13 +324,13 @@ def _fragment_per_piece(a, accs):
 
 
 @gluon.jit
-def _mma_pieces(a, x_smems, accs, buffer):
-    """Start one wgmma per piece, accs[i] += a @ x_smems[i][buffer].T, all on the same A
-    fragment: (the accumulators in flight, the fragments they read, for the wait's deps)."""
+def _mma_pieces(a, x_buffers, accs):
+    """Start one wgmma per piece, accs[i] += a @ x_buffers[i].T, all on the same A fragment:
+    (the accumulators in flight, the fragments they read, for the wait's deps)."""
     a_used = _fragment_per_piece(a, accs)
     out = ()
     for i in gl.static_range(len(accs)):
-        out = out + (warpgroup_mma(a_used[i], x_smems[i].index(buffer).permute((1, 0)), accs[i], is_async=True),)
+        out = out + (warpgroup_mma(a_used[i], x_buffers[i].permute((1, 0)), accs[i], is_async=True),)
     return out, a_used
 
 
@@ -308,7 +343,7 @@ def _retire_mma(accs, a_used, num_outstanding: gl.constexpr):
 
 
 @gluon.jit
-def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be, cs_ptr, stride_cse, y_ptr,
+def _rs_tile(x_ptr, stride_xm, x_desc, words_ptr, s_ptr, row_groups, bias_ptr, stride_be, cs_ptr, stride_cse, y_ptr,
              stride_ym, gather_ptr, scatter_ptr, row_weight_ptr, N, K_X, N_OUT, alpha, limit, pid_n, split, expert,
              row_start, row_end,
              NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, PIECES: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -316,7 +351,7 @@ def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be
              STAGES: gl.constexpr, PREFETCH: gl.constexpr, STEPS: gl.constexpr, PIPELINE_MMA: gl.constexpr,
              EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, GATHER: gl.constexpr, SCATTER: gl.constexpr,
              ATOMIC: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
-             ROW_WEIGHT: gl.constexpr, num_warps: gl.constexpr):
+             ROW_WEIGHT: gl.constexpr, X_TMA: gl.constexpr, num_warps: gl.constexpr):
     """The K loop and epilogue of one program of `_moe_matmul_rs_kernel`, sum(PIECES) columns
     wide on the wgmma's N side: one accumulator per piece (a power of two), each K step's
     decoded fragment shared by the pieces' wgmmas."""
@@ -334,8 +369,11 @@ def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be
     x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
 
     first = split * STEPS                          # this program's first K step
-    x_smems, x_ptrs, masks_xm, offs_xk = _x_pieces(x_ptr, stride_xm, gather_ptr, row_start, row_end, PIECES, STAGES,
-                                                   BLOCK_K, x_layout, GATHER)
+    if X_TMA:
+        x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    else:
+        x_smems, x_ptrs, masks_xm, offs_xk = _x_pieces(x_ptr, stride_xm, gather_ptr, row_start, row_end, PIECES,
+                                                       STAGES, BLOCK_K, x_layout, GATHER)
     expert64 = expert.to(gl.int64)
 
     # This thread's words and scale words of step 0; step s is + s * STEP_WORDS / STEP_SCALES.
@@ -352,12 +390,22 @@ def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be
                   + (lane // _K_PAIRS)[None, :, None] + (word4 * _ROW_GROUPS)[None, None, :])
     row_mask = (group < row_groups)[:, None, None]
 
-    # Prologue: x rows of the first STAGES - 2 steps in flight (one commit group per step, empty
-    # past the last step); the weights of the first PREFETCH - 1 steps in registers.
+    # Prologue: x rows of the first STAGES - 2 steps in flight (cp.async: one commit group per
+    # step, empty past the last step; TMA: counted on the step's mbarrier); the weights of the
+    # first PREFETCH - 1 steps in registers.
+    if X_TMA:
+        x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(x_ready.index(st), count=1)
+        fence_async_shared()
     for st in gl.static_range(STAGES - 2):
-        if st < STEPS:
-            _copy_x_pieces(x_smems, x_ptrs, masks_xm, offs_xk, K_X, st, first + st, BLOCK_K, EVEN_K)
-        async_copy.commit_group()
+        if X_TMA:
+            if st < STEPS:
+                _tma_x_step(x_desc, x_ring, x_ready, row_start, st, first + st, BLOCK_K)
+        else:
+            if st < STEPS:
+                _copy_x_pieces(x_smems, x_ptrs, masks_xm, offs_xk, K_X, st, first + st, BLOCK_K, EVEN_K)
+            async_copy.commit_group()
     queue = ()
     for st in gl.static_range(PREFETCH - 1):
         queue = queue + (_load_step(words_ptrs, scale_ptrs, row_mask, first + st, NUM_K, STEP_WORDS, STEP_SCALES,
@@ -377,14 +425,14 @@ def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be
             a0, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH - 1,
                                        NUM_K, STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
             _wait_x_step(STAGES)
-            accs, a0_used = _mma_pieces(a0, x_smems, accs, ki % STAGES)
+            accs, a0_used = _mma_pieces(a0, _x_buffers(x_smems, ki % STAGES), accs)
             accs, a1_used = _retire_mma(accs, a1_used, 1)
             _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 2, STEPS, LOOP_STEPS,
                            STAGES, BLOCK_K, EVEN_K)
             a1, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH, NUM_K,
                                        STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
             _wait_x_step(STAGES)
-            accs, a1_used = _mma_pieces(a1, x_smems, accs, (ki + 1) % STAGES)
+            accs, a1_used = _mma_pieces(a1, _x_buffers(x_smems, (ki + 1) % STAGES), accs)
             accs, a0_used = _retire_mma(accs, a0_used, 1)
             _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 1, STEPS, LOOP_STEPS,
                            STAGES, BLOCK_K, EVEN_K)
@@ -393,14 +441,31 @@ def _rs_tile(x_ptr, stride_xm, words_ptr, s_ptr, row_groups, bias_ptr, stride_be
         for ki in range(STEPS):
             a, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH - 1, NUM_K,
                                       STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
-            _wait_x_step(STAGES)
-            accs, a_used = _mma_pieces(a, x_smems, accs, ki % STAGES)
+            if X_TMA:
+                # Step ki's rows have landed; the barrier: every warp is past step ki - 1, whose
+                # wgmma it retired, so the buffer of step ki - 2 is free for the refill below.
+                mbarrier.wait(x_ready.index(ki % STAGES), (ki // STAGES) & 1)
+                gl.thread_barrier()
+                x_buffers = _x_ring_buffers(x_ring, ki % STAGES, PIECES)
+            else:
+                _wait_x_step(STAGES)
+                x_buffers = _x_buffers(x_smems, ki % STAGES)
+            accs, a_used = _mma_pieces(a, x_buffers, accs)
             # Retire them before the next step's decode: ptxas 12.8 would reuse the registers of `a`
             # while they run (triton#9433; a wait of 1 gave 44-80 such writes per step in the SASS).
             accs, a_used = _retire_mma(accs, a_used, 0)
-            _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 2, STEPS, STEPS, STAGES,
-                           BLOCK_K, EVEN_K)
-    async_copy.wait_group(0)
+            if X_TMA:
+                kn = ki + STAGES - 2
+                if kn < STEPS:
+                    _tma_x_step(x_desc, x_ring, x_ready, row_start, kn % STAGES, first + kn, BLOCK_K)
+            else:
+                _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 2, STEPS, STEPS, STAGES,
+                               BLOCK_K, EVEN_K)
+    if X_TMA:
+        for st in gl.static_range(STAGES):
+            mbarrier.invalidate(x_ready.index(st))
+    else:
+        async_copy.wait_group(0)
 
     for i in gl.static_range(len(PIECES)):
         _store_tile(gl.permute(accs[i], (1, 0)), pid_n, expert64, row_start + STARTS[i], row_end, bias_ptr, stride_be,

@@ -340,13 +340,15 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                  SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, num_warps=config.num_warps)
     if config.kernel == "rs":
         from ._moe_matmul_rs import _moe_matmul_rs_kernel
+        x_desc = rs_x_descriptor(x, config) if not gather else None
         _moe_matmul_rs_kernel[grid + (config.split_k,)](             # unit strides along the last dims (checked above)
-            x, x.stride(0),
+            x, x.stride(0), x_desc,
             fragments.words, fragments.scales, fragments.row_groups,
             bias_t, bias_t.stride(0),
             cs_t, cs_t.stride(0),
             y, y.stride(0),
             *routing, **rs_constexprs(config, fragments.row_groups, fragments.k_steps, k, x.shape[1]),
+            X_TMA=x_desc is not None,
             **{name: fused[name] for name in ("GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE",
                                               "SWIGLU", "ROW_WEIGHT", "num_warps")})
     elif config.kernel == "sm90":
@@ -404,6 +406,30 @@ def rs_constexprs(config: MatmulConfig, row_groups: int, k_steps: int, k: int, k
                 PIPELINE_MMA=config.pipeline_mma, WIDTH_STEP=config.width_step,
                 EVEN_K=k_x == steps * config.block_k and steps % config.split_k == 0,
                 ROW_MASK=row_groups % (config.block_n // 16) != 0)
+
+
+def rs_x_tma_block(config: MatmulConfig):
+    """The box of x rows one TMA copy of the "rs" kernel moves per K step when the rows need no
+    gather, [block_m, block_k], and its shared-memory layout: (box, layout); None where the kernel
+    copies x by cp.async whatever the gather (block_k != 64, whose rows would outgrow TMA's
+    128-byte swizzle, or pipeline_mma)."""
+    if config.block_k != 64 or config.pipeline_mma:
+        return None
+    from triton.experimental.gluon import language as gl
+    box = [config.block_m, config.block_k]
+    return box, gl.NVMMASharedLayout.get_default_for(box, gl.bfloat16)
+
+
+def rs_x_descriptor(x: torch.Tensor, config: MatmulConfig):
+    """The "rs" kernel's TMA descriptor over x [rows, K_x] bf16 read without a gather (w2's
+    sorted rows), or None where it copies x by cp.async (`rs_x_tma_block`). `_gluon_call_problem`
+    has checked what TMA needs: unit stride along K, 16-byte aligned pointer and row stride."""
+    block = rs_x_tma_block(config)
+    if block is None:
+        return None
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    box, layout = block
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), box, layout)
 
 
 def _gluon_call_problem(x: torch.Tensor, compute_dtype: torch.dtype, other: dict[str, torch.Tensor | None]) -> str:

@@ -108,9 +108,17 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
         from triton.experimental.gluon._runtime import GluonASTSource
         from ._moe_matmul_rs import _moe_matmul_rs_kernel
         from .fragment_layout import layout_shape
-        from .moe_matmul import rs_constexprs
+        from .moe_matmul import rs_constexprs, rs_x_tma_block
         signature = {**_signature("*bf16", "*fp32" if atomic else "*bf16"), "words_ptr": "*i32", "row_groups": "i32"}
         constexprs = {**rs_constexprs(config, *layout_shape(n, k), k, k), "num_warps": config.num_warps}
+        # As the launcher: w2 (atomic, no gather) reads x by TMA where `rs_x_tma_block` allows.
+        x_tma = rs_x_tma_block(config) if atomic else None
+        if x_tma is None:
+            constexprs.update(x_desc=None, X_TMA=False)
+        else:
+            (rows, cols), x_layout = x_tma
+            signature["x_desc"] = f"tensordesc<bf16[{rows}, {cols}],{x_layout!r}>"
+            constexprs["X_TMA"] = True
         return _compile(rs_kernel or _moe_matmul_rs_kernel, GluonASTSource, signature, constexprs, config, k=k, n=n,
                         swiglu=swiglu, atomic=atomic, options={"num_warps": config.num_warps})
     if config.kernel == "sm90":

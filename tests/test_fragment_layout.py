@@ -2,6 +2,8 @@
 code lands, the kernel's bit-level decode (emulated in torch) against `mxfp4.dequantize`, and the
 errors. The kernel that reads it runs only on a Hopper GPU (tests/test_gpu.py)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -212,7 +214,7 @@ class _RecordingKernel:
         self.launches = []
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((grid, kwargs))
+        return lambda *args, **kwargs: self.launches.append((grid, {**kwargs, "args": args}))
 
 
 @pytest.fixture
@@ -252,13 +254,45 @@ def test_launcher_picks_the_rs_kernel_and_drops_split_k_where_it_cannot_sum(rs_l
                             config=launcher.MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2, split_k=4), **common)
 
 
+def test_launcher_reads_sorted_rows_by_tma_from_64_wide_k_steps(rs_launches):
+    # w2 reads its x rows in sorted order (no gather): with K steps of 64 the "rs" kernel takes
+    # them by TMA, one [block_m, 64] box per step over x as it is; w13 gathers token rows and
+    # keeps cp.async (no descriptor), as does w2 at K steps of 128.
+    from mxfp4_moe.moe import random_expert_weights
+    from mxfp4_moe.routing import routing_metadata
+    launcher, recorder = rs_launches
+    w, _ = random_expert_weights(8, 128, 128, top_k=4, dense=False)
+    tokens = 600
+    ids = torch.arange(tokens * 4).remainder(8).view(tokens, 4)
+    meta = routing_metadata(ids, w.expert_map, 8, 64, torch.full((tokens, 4), 0.25))
+    x = torch.zeros(tokens, w.hidden, dtype=torch.bfloat16)
+    act = torch.zeros(tokens * 4, w.inter_pad, dtype=torch.bfloat16)
+    config = launcher.default_config(64, w.hidden, w.inter_pad, sm90=True, fragments=True)
+    assert config.block_k == 64 and not config.pipeline_mma
+    launcher.moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=(1.702, 7.0),
+                        fragments=to_fragment_order(w.w13_blocks, w.w13_scales))
+    w2_fragments = to_fragment_order(w.w2_blocks, w.w2_scales)
+    for block_k in (64, 128):
+        launcher.moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, gather=False, combine="atomic",
+                            apply_row_weight=True, fragments=w2_fragments,
+                            config=dataclasses.replace(config, block_k=block_k))
+    (_, w13), (_, w2), (_, w2_bk128) = recorder.launches
+    assert not w13["X_TMA"] and w13["GATHER"] and not w2_bk128["X_TMA"]
+    assert w2["X_TMA"] and not w2["GATHER"]
+    descriptors = [arg for arg in w2["args"] if type(arg).__name__ == "TensorDescriptor"]
+    assert len(descriptors) == 1 and descriptors[0].base is act
+    assert list(descriptors[0].block_shape) == [64, 64] and list(descriptors[0].shape) == list(act.shape)
+
+
 def test_rs_constexprs_name_every_tiling_constexpr_of_the_kernel():
-    # moe_matmul launches the "rs" kernel with rs_constexprs plus the fused-step flags, and
-    # sm90_report compiles the same dict: together they must be exactly the kernel's constexprs.
+    # moe_matmul launches the "rs" kernel with rs_constexprs plus the fused-step flags and X_TMA
+    # (set by the call: w2's sorted rows, no gather), and sm90_report compiles the same dict:
+    # together they must be exactly the kernel's constexprs.
     from mxfp4_moe.kernels._moe_matmul_rs import _moe_matmul_rs_kernel
     from mxfp4_moe.kernels.fragment_layout import layout_shape
     from mxfp4_moe.kernels.moe_matmul import MatmulConfig, rs_constexprs
-    fused = {"GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE", "SWIGLU", "ROW_WEIGHT", "num_warps"}
+    fused = {"GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE", "SWIGLU", "ROW_WEIGHT", "X_TMA",
+             "num_warps"}
     kernel_constexprs = {p.name for p in _moe_matmul_rs_kernel.params if p.is_constexpr}
     cfg = MatmulConfig(128, 128, 64, True, 8, 4, "rs", 3, width_step=64)
     got = rs_constexprs(cfg, *layout_shape(2880, 2880), 2880, 2880)

@@ -268,7 +268,8 @@ def test_rs_kernel_every_tile_width(config):
     # Experts with chosen row counts, so that with width_step every width code path runs: tiles
     # of 1..block_m rows, each rounded up to the step and split into power-of-two pieces (e.g.
     # 112 = 64 + 32 + 16), experts of several tiles, and empty experts. Output rows and the
-    # atomic combine (per-piece scatter and routing weights) against float32; NaN-poisoned.
+    # atomic combine (per-piece scatter and routing weights) against float32; NaN-poisoned. Both
+    # with gathered token rows and with rows already sorted (TMA copies of whole tiles).
     from mxfp4_moe.kernels import MatmulConfig, moe_matmul, to_fragment_order
     from mxfp4_moe.reference import reference_moe_matmul
     cfg = MatmulConfig(*config)
@@ -292,9 +293,19 @@ def test_rs_kernel_every_tile_width(config):
     combined = moe_matmul(*args, combine="atomic", apply_row_weight=True, config=cfg, fragments=fragments)
     combined_ref = reference_moe_matmul(*args, combine="atomic", apply_row_weight=True, compute_dtype=torch.float32)
     err_rows, err_combined = rel_err(rows, rows_ref), rel_err(combined, combined_ref)
-    print(f"{config}: rows {err_rows:.2e}, atomic combine {err_combined:.2e}")
+    # The same rows already in sorted order (as w2 reads them: no gather, by TMA from 64-wide K
+    # steps): the same products, so the same rows bit for bit.
+    x_sorted = x[meta.sorted_token.long()]
+    sorted_args = (x_sorted, blocks, scales, bias, meta)
+    rows_sorted = torch.full((tokens, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+    moe_matmul(*sorted_args, gather=False, out=rows_sorted, config=cfg, fragments=fragments)
+    combined_sorted = moe_matmul(*sorted_args, gather=False, combine="atomic", apply_row_weight=True, config=cfg,
+                                 fragments=fragments)
+    err_sorted = rel_err(combined_sorted, combined_ref)
+    print(f"{config}: rows {err_rows:.2e}, atomic combine {err_combined:.2e}, sorted rows' combine {err_sorted:.2e}")
     assert not torch.isnan(rows).any()
-    assert err_rows < TOL_BF16 and err_combined < TOL_BF16
+    assert err_rows < TOL_BF16 and err_combined < TOL_BF16 and err_sorted < TOL_BF16
+    assert torch.equal(rows_sorted, rows)
 
 
 @pytest.mark.parametrize("config", [(128, 128, 64, False, 8, 3, "sm90"), (16, 64, 256, True, 4, 4, "sm90"),

@@ -1,0 +1,64 @@
+"""Probe (GPU): the "rs" kernel's w2 + atomic combine with its x rows (w2 reads them in sorted
+order, no gather) copied by TMA, as the launcher does from 64-wide K steps, against the same
+launch with the cp.async ring the gathered w13 uses; same run, outputs checked to agree.
+
+    python benchmarks/probe_rs_x_tma.py --points 32:512,128:2048 --out DIR    # DIR/probe_rs_x_tma.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_moe import record, routed_points, start_probe, time_graph  # noqa: E402
+
+from mxfp4_moe.kernels import moe_matmul, pick_block_m, to_fragment_order  # noqa: E402
+from mxfp4_moe.routing import routing_metadata  # noqa: E402
+
+launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--points", default="32:512,32:2048,32:8192,128:512,128:2048,128:8192", help="E:T,...")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    args = p.parse_args()
+    header = start_probe(args.out)
+    rows = []
+    tma_descriptor = launcher.rs_x_descriptor
+    fragments = {}
+    for experts, tokens, w, x, topk_w, topk_ids in routed_points(args.points):
+        if experts not in fragments:
+            fragments = {experts: (to_fragment_order(w.w13_blocks, w.w13_scales),
+                                   to_fragment_order(w.w2_blocks, w.w2_scales))}
+        frag13, frag2 = fragments[experts]
+        meta = routing_metadata(topk_ids, w.expert_map, experts, pick_block_m(tokens * 4, experts), topk_w)
+        act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=(w.swiglu_alpha, w.swiglu_limit),
+                         fragments=frag13)
+
+        def w2():
+            return moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, gather=False, apply_row_weight=True,
+                              combine="atomic", n_out=2880, fragments=frag2)
+
+        row = {"experts": experts, "tokens": tokens, "block_m": meta.block_m,
+               "x_tma": tma_descriptor(act, launcher.default_config(meta.block_m, 2880, 2880, sm90=True,
+                                                                    fragments=True)) is not None}
+        out_tma = w2()
+        row["tma_ms"] = time_graph(w2)
+        launcher.rs_x_descriptor = lambda x, config: None          # the cp.async ring
+        try:
+            out_cp = w2()
+            row["cp_async_ms"] = time_graph(w2)
+        finally:
+            launcher.rs_x_descriptor = tma_descriptor
+        row["rel_diff"] = ((out_tma - out_cp).norm() / out_cp.norm()).item()
+        row["speedup"] = row["cp_async_ms"] / row["tma_ms"]
+        record(row, rows, args.out / "probe_rs_x_tma.json", header)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

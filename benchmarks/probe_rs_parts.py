@@ -10,7 +10,8 @@ computes wrong results on purpose: only its time counts):
     no_x_sync   no proxy fence and CTA barrier before each step's wgmma (the copies stay;
                 racy, timing only)
 and their combinations ("+"). With every part but the weight loads and the wgmma taken out,
-what is left is the floor of this loop structure.
+what is left is the floor of this loop structure. Every launch copies x by cp.async, the path
+these edits take apart (w2 otherwise reads its sorted rows by TMA from 64-wide K steps).
 
     python benchmarks/probe_rs_parts.py --out DIR               # GPU: DIR/probe_rs_parts.json
     python benchmarks/probe_rs_parts.py --sass                  # any machine: registers and K-loop
@@ -108,6 +109,9 @@ def main() -> int:
     p.add_argument("--sass", action="store_true", help="compile for sm_90 and report; no GPU needed")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = p.parse_args()
+    launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
+    launcher.rs_x_descriptor = lambda x, config: None          # launches: the cp.async x ring
+    launcher.rs_x_tma_block = lambda config: None              # --sass compiles: the same
     kernels = variant_kernels(Path(tempfile.mkdtemp(prefix="probe_rs_parts_")))
     if args.sass:
         return sass_report(kernels)

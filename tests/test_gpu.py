@@ -462,7 +462,8 @@ def test_swapped_configs_that_raced_are_right(config, dequant):
     assert ((got[:rows] - ref[:rows]).norm() / ref[:rows].norm()).item() < 5e-3
 
 
-@pytest.mark.parametrize("tokens,num_experts,local", [(1, 128, None), (16, 128, None), (64, 32, None),
+@pytest.mark.parametrize("tokens,num_experts,local", [(1, 128, None), (4, 128, None), (5, 128, None),
+                                                      (16, 128, None), (64, 32, None),
                                                       (8192, 128, None), (8192, 32, None),
                                                       (3000, 128, list(range(0, 128, 3)))])
 def test_expert_sort_matches_torch_on_gpu(tokens, num_experts, local):
@@ -482,7 +483,8 @@ def test_expert_sort_matches_torch_on_gpu(tokens, num_experts, local):
     want = expert_sort_torch(topk_ids, expert_map, num_local, topk_w.softmax(-1))
     for name, g, w in zip(("sorted_slot", "sorted_token", "sorted_weight", "inverse", "offsets"), got, want):
         assert g.dtype == w.dtype and torch.equal(g, w), name
-    # routing_metadata's path: at T = 1 the sort and the tile schedule in one launch.
+    # routing_metadata's path: up to 4 tokens at 128 experts (16 tiles) and up to 64 at 32, the
+    # sort and the tile schedule in one launch; at 5 and 16 tokens and 128 experts, two.
     n_tiles = max_tiles(tokens * 4, num_local, 16)
     got = sort_and_schedule(topk_ids, expert_map, num_local, topk_w.softmax(-1), n_tiles, 16)
     want = (*want, *tile_schedule_torch(want[4], n_tiles, 16))

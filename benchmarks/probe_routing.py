@@ -1,8 +1,6 @@
 """Probe (GPU): routing metadata at decode sizes, the sort and tile schedule in one launch
 (`routing_metadata` now) against the four-launch path (`expert_sort` + `tile_schedule`), and
-the whole layer, same run, gpt-oss shapes (H = I = 2880, top-4). Where every pair fits one
-chunk, also the one-chunk sort with the schedule forced into its program (`in_sort_ms`) and
-forced into a second launch (`second_launch_ms`), whatever `expert_sort._schedule_in_sort` picks.
+the whole layer, same run, gpt-oss shapes (H = I = 2880, top-4).
 
     python benchmarks/probe_routing.py --out DIR        # writes DIR/probe_routing.json
 """
@@ -10,7 +8,6 @@ forced into a second launch (`second_launch_ms`), whatever `expert_sort._schedul
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -22,8 +19,6 @@ from mxfp4_moe.kernels.expert_sort import expert_sort  # noqa: E402
 from mxfp4_moe.kernels.tile_schedule import tile_schedule  # noqa: E402
 from mxfp4_moe.moe import MXFP4MoE  # noqa: E402
 from mxfp4_moe.routing import max_tiles, routing_metadata  # noqa: E402
-
-sort_module = importlib.import_module("mxfp4_moe.kernels.expert_sort")
 
 
 def main() -> int:
@@ -46,19 +41,9 @@ def main() -> int:
 
         layer = MXFP4MoE(w, backend="triton")
         row = {"experts": experts, "tokens": tokens, "tiles": n_tiles,
-               "schedule_in_sort": sort_module._schedule_in_sort(sort_module._chunking(tokens * 4, experts)[0],
-                                                                 n_tiles),
                "routing_metadata_ms": time_graph(metadata),
                "four_launches_ms": time_graph(four_launches),
                "layer_ms": time_graph(lambda: layer(x))}
-        if sort_module._chunking(tokens * 4, experts)[2] == 1:
-            default = sort_module._schedule_in_sort
-            for name, forced in (("in_sort_ms", True), ("second_launch_ms", False)):
-                sort_module._schedule_in_sort = lambda block_e, num_tiles, forced=forced: forced
-                try:
-                    row[name] = time_graph(metadata)
-                finally:
-                    sort_module._schedule_in_sort = default
         record(row, rows, args.out / "probe_routing.json", header)
     return 0
 

@@ -13,9 +13,9 @@ The pairs are cut into chunks of BLOCK_R; for chunk c and key e:
     scatter:    pair r of chunk c with key e goes to start[c, e] + (pairs of key e before r in
                 chunk c): a stable counting sort                               (one program a chunk)
 
-When every pair fits in one chunk (decode sizes), `_sort_one_chunk_kernel` does all three in one
-launch, and with few key slots the tile schedule (`_tile_schedule._schedule_tiles`) too:
-routing metadata is then one kernel (two with many experts) instead of four.
+When every pair fits in one chunk (decode sizes), `_sort_one_chunk_kernel` does all three and
+the tile schedule (`_tile_schedule._schedule_tiles`) in one launch: routing metadata is then one
+kernel instead of four.
 """
 
 import triton
@@ -105,11 +105,10 @@ def _sort_one_chunk_kernel(ids_ptr, map_ptr, weights_ptr, sorted_slot_ptr, sorte
                            HAS_MAP: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
                            TILE_STEPS: tl.constexpr):
-    """rows <= BLOCK_R: histogram, scan and scatter of the one chunk, then (TILE_STEPS > 0) the
-    tile schedule, in one program: the outputs of `_histogram_kernel` .. `_scatter_kernel` and
+    """rows <= BLOCK_R: histogram, scan and scatter of the one chunk, then the tile schedule, in
+    one program: the outputs of `_histogram_kernel` .. `_scatter_kernel` and
     `_tile_schedule_kernel`, the same values. TILE_STEPS: a power of two >= num_tiles / BLOCK_T
-    (a compile-time loop bound, as the interpreter needs), or 0 to leave the schedule to
-    `_tile_schedule_kernel`."""
+    (a compile-time loop bound, as the interpreter needs)."""
     r, key = _chunk_keys(ids_ptr, map_ptr, rows, num_local, 0, HAS_MAP, BLOCK_R)
     mask = r < rows
     e = tl.arange(0, BLOCK_E)
@@ -123,7 +122,7 @@ def _sort_one_chunk_kernel(ids_ptr, map_ptr, weights_ptr, sorted_slot_ptr, sorte
                   top_k, HAS_WEIGHTS)
     local = e < num_local
     counts = tl.where(local, totals, 0)
-    tl.store(counts_ptr + e, counts, mask=local & (TILE_STEPS > 0))
+    tl.store(counts_ptr + e, counts, mask=local)
     for step in range(TILE_STEPS):
         _schedule_tiles(first, counts, local, tile_expert_ptr, tile_row_start_ptr, num_local, num_tiles,
                         step * BLOCK_T, BLOCK_M, BLOCK_E, BLOCK_T)

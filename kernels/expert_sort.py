@@ -16,21 +16,6 @@ from .tile_schedule import TILES_PER_PROGRAM, tile_schedule
 # took 0.111 ms there against 0.033 ms at E = 32 (H200): 1024 chunks for its one-program scan.
 _TILE_ELEMENTS = 16384
 _NUM_WARPS = 8
-# Key slots up to which one program also builds the tile schedule. Above, the schedule's
-# [tiles x key slots] search costs one program more than a separate launch (H200: E = 32 one
-# launch 0.012 ms vs four 0.016; E = 128 one launch 0.030 vs four 0.023, with a search over 128
-# tiles whatever their count).
-_SCHEDULE_IN_SORT_MAX_KEYS = 64
-# Tiles up to which the one program builds the schedule whatever the key slots: its search then
-# spans the next power of two of the tiles, not 128 (E = 128, T <= 4: at most 16 tiles).
-_SCHEDULE_IN_SORT_MAX_TILES = 16
-
-
-def _schedule_in_sort(block_e: int, num_tiles: int) -> bool:
-    """Whether the one-chunk sort's program also builds the tile schedule (else a second launch)."""
-    return block_e <= _SCHEDULE_IN_SORT_MAX_KEYS or num_tiles <= _SCHEDULE_IN_SORT_MAX_TILES
-
-
 def _chunking(rows: int, num_local_experts: int) -> tuple[int, int, int]:
     """(key slots, pairs per chunk, chunks) of a sort of `rows` pairs: key slot E_local holds
     the pairs of other ranks' experts."""
@@ -101,31 +86,27 @@ def sort_and_schedule(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, n
     """`expert_sort`, then `tile_schedule.tile_schedule(offsets, num_tiles, block_m)`: returns
     (sorted_slot, sorted_token, sorted_weight, inverse, offsets, counts, tile_expert,
     tile_row_start). When every pair fits in one chunk of the sort (T * k <= 64 pairs at
-    E_local = 128, 256 at 32: decode sizes), one launch sorts, and with up to 63 local experts or
-    up to 16 tiles also builds the schedule (else a second launch does); otherwise four launches.
-    No host synchronisation either way."""
-    block_e, _, num_chunks = _chunking(topk_ids.shape[0] * topk_ids.shape[1], num_local_experts)
+    E_local = 128, 256 at 32: decode sizes), one launch sorts and builds the schedule; otherwise
+    four launches. No host synchronisation either way."""
+    num_chunks = _chunking(topk_ids.shape[0] * topk_ids.shape[1], num_local_experts)[2]
     if num_chunks > 1:
         sorted_pairs = expert_sort(topk_ids, expert_map, num_local_experts, topk_weights)
         return (*sorted_pairs, *tile_schedule(sorted_pairs[4], num_tiles, block_m))
     s = _Sort(topk_ids, expert_map, num_local_experts, topk_weights)
 
-    # The schedule's tiles per step: at most TILES_PER_PROGRAM, fewer when there are fewer tiles.
+    # The schedule's tiles per step: the tiles' next power of two, up to TILES_PER_PROGRAM. A
+    # search over 128 tiles whatever their count made one launch slower than two at E = 128
+    # (0.030 vs 0.018 ms at T = 1); sized to the tiles it is faster at every one-chunk size
+    # (H200: 0.011 vs 0.018 ms at T = 1, 0.015 vs 0.019 at T = 16; benchmarks/RESULTS.md 3.9).
     block_t = min(TILES_PER_PROGRAM, max(16, triton.next_power_of_2(num_tiles)))
-
-    def sort_one_chunk(counts, tile_expert, tile_row_start, tile_steps: int) -> None:
-        _sort_one_chunk_kernel[(1,)](
-            *s.scatter_pointers(), s.inverse, s.offsets, counts, tile_expert, tile_row_start,
-            s.rows, s.num_local, s.top_k, num_tiles,
-            HAS_MAP=s.has_map, HAS_WEIGHTS=s.weights is not None, BLOCK_R=s.block_r, BLOCK_E=s.block_e,
-            BLOCK_M=block_m, BLOCK_T=block_t, TILE_STEPS=tile_steps, num_warps=_NUM_WARPS)
-
-    if not _schedule_in_sort(block_e, num_tiles):
-        sort_one_chunk(s.offsets, s.offsets, s.offsets, 0)     # no schedule: its pointers are never written
-        return (*s.outputs(), *tile_schedule(s.offsets, num_tiles, block_m))
     device = s.ids.device
-    schedule = (torch.empty(num_local_experts, dtype=torch.int32, device=device),
-                torch.empty(num_tiles, dtype=torch.int32, device=device),
-                torch.empty(num_tiles, dtype=torch.int32, device=device))
-    sort_one_chunk(*schedule, triton.next_power_of_2(triton.cdiv(num_tiles, block_t)))
-    return (*s.outputs(), *schedule)
+    counts, tile_expert, tile_row_start = (torch.empty(num_local_experts, dtype=torch.int32, device=device),
+                                           torch.empty(num_tiles, dtype=torch.int32, device=device),
+                                           torch.empty(num_tiles, dtype=torch.int32, device=device))
+    _sort_one_chunk_kernel[(1,)](
+        *s.scatter_pointers(), s.inverse, s.offsets, counts, tile_expert, tile_row_start,
+        s.rows, s.num_local, s.top_k, num_tiles,
+        HAS_MAP=s.has_map, HAS_WEIGHTS=s.weights is not None, BLOCK_R=s.block_r, BLOCK_E=s.block_e,
+        BLOCK_M=block_m, BLOCK_T=block_t, TILE_STEPS=triton.next_power_of_2(triton.cdiv(num_tiles, block_t)),
+        num_warps=_NUM_WARPS)
+    return (*s.outputs(), counts, tile_expert, tile_row_start)

@@ -483,8 +483,8 @@ def test_expert_sort_matches_torch_on_gpu(tokens, num_experts, local):
     want = expert_sort_torch(topk_ids, expert_map, num_local, topk_w.softmax(-1))
     for name, g, w in zip(("sorted_slot", "sorted_token", "sorted_weight", "inverse", "offsets"), got, want):
         assert g.dtype == w.dtype and torch.equal(g, w), name
-    # routing_metadata's path: up to 4 tokens at 128 experts (16 tiles) and up to 64 at 32, the
-    # sort and the tile schedule in one launch; at 5 and 16 tokens and 128 experts, two.
+    # routing_metadata's path: up to 16 tokens at 128 experts and 64 at 32, the sort and the
+    # tile schedule in one launch (a schedule step of 16, 32 or 64 tiles).
     n_tiles = max_tiles(tokens * 4, num_local, 16)
     got = sort_and_schedule(topk_ids, expert_map, num_local, topk_w.softmax(-1), n_tiles, 16)
     want = (*want, *tile_schedule_torch(want[4], n_tiles, 16))

@@ -161,9 +161,8 @@ def test_expert_sort_kernel_matches_torch(tokens, top_k, num_experts, local, wei
 
 @pytest.mark.parametrize("tokens,num_experts,local,block_m,weights", [
     (0, 128, None, 16, True),           # no tokens: every tile idle
-    (1, 128, None, 16, True),           # decode: 4 pairs, one launch with the schedule
-    (4, 128, None, 16, False),          # 16 tiles: the most whose schedule the sort builds at 128
-    (5, 128, None, 16, True),           # 20 tiles: the schedule a second launch
+    (1, 128, None, 16, True),           # decode: 4 pairs, one launch (a 16-tile schedule step)
+    (5, 128, None, 16, True),           # 20 tiles: a 32-tile schedule step
     (16, 128, None, 16, False),         # 64 pairs: the most one chunk holds at 128 experts
     (17, 128, None, 16, True),          # 68 pairs: two chunks, the four-launch path
     (40, 32, None, 32, True),           # 160 pairs in one chunk of 256 at 32 experts
@@ -173,9 +172,8 @@ def test_expert_sort_kernel_matches_torch(tokens, top_k, num_experts, local, wei
 ])
 def test_sort_and_schedule_matches_torch(tokens, num_experts, local, block_m, weights):
     # routing_metadata's Triton path (run here by the interpreter), on both sides of the switch
-    # to one sort launch (with the tile schedule in it at <= 63 local experts or <= 16 tiles,
-    # after it otherwise), against the torch twins: every field equal, exactly.
-    from mxfp4_moe.kernels.expert_sort import _chunking, _schedule_in_sort, sort_and_schedule
+    # to one launch (sort and tile schedule), against the torch twins: every field equal, exactly.
+    from mxfp4_moe.kernels.expert_sort import _chunking, sort_and_schedule
     from mxfp4_moe.routing import expert_sort_torch, tile_schedule_torch
     top_k = min(4, num_experts)
     topk_ids, topk_w, expert_map, num_local = _random_routing(tokens, top_k, num_experts, local, weights)
@@ -191,10 +189,8 @@ def test_sort_and_schedule_matches_torch(tokens, num_experts, local, block_m, we
             assert g is None, name
             continue
         assert g.dtype == w.dtype and torch.equal(g, w), name
-    block_e, _, chunks = _chunking(rows, num_local)
-    assert (chunks == 1) == (rows <= {128: 64, 32: 256}.get(num_local, rows)), (rows, num_local)
-    if num_local == 128:
-        assert _schedule_in_sort(block_e, n_tiles) == (tokens <= 4), (tokens, n_tiles)
+    one_chunk = _chunking(rows, num_local)[2] == 1
+    assert one_chunk == (rows <= {128: 64, 32: 256}.get(num_local, rows)), (rows, num_local)
 
 
 def test_exact_bf16_and_the_cpu_route_ignore_inexact_weights():

@@ -99,6 +99,9 @@ def sort_and_schedule(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, n
     # (0.030 vs 0.018 ms at T = 1); sized to the tiles it is faster at every one-chunk size
     # (H200: 0.011 vs 0.018 ms at T = 1, 0.015 vs 0.019 at T = 16; benchmarks/RESULTS.md 3.9).
     block_t = min(TILES_PER_PROGRAM, max(16, triton.next_power_of_2(num_tiles)))
+    # Likewise the pairs: the one-hot [pairs x key slots] the program scans spans the pairs' next
+    # power of two, not the chunk's (T = 1 at E = 128: 16 x 256 instead of 64 x 256).
+    block_r = min(s.block_r, max(16, triton.next_power_of_2(s.rows)))
     device = s.ids.device
     counts, tile_expert, tile_row_start = (torch.empty(num_local_experts, dtype=torch.int32, device=device),
                                            torch.empty(num_tiles, dtype=torch.int32, device=device),
@@ -106,7 +109,7 @@ def sort_and_schedule(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, n
     _sort_one_chunk_kernel[(1,)](
         *s.scatter_pointers(), s.inverse, s.offsets, counts, tile_expert, tile_row_start,
         s.rows, s.num_local, s.top_k, num_tiles,
-        HAS_MAP=s.has_map, HAS_WEIGHTS=s.weights is not None, BLOCK_R=s.block_r, BLOCK_E=s.block_e,
+        HAS_MAP=s.has_map, HAS_WEIGHTS=s.weights is not None, BLOCK_R=block_r, BLOCK_E=s.block_e,
         BLOCK_M=block_m, BLOCK_T=block_t, TILE_STEPS=triton.next_power_of_2(triton.cdiv(num_tiles, block_t)),
         num_warps=_NUM_WARPS)
     return (*s.outputs(), counts, tile_expert, tile_row_start)

@@ -16,6 +16,8 @@ from .tile_schedule import TILES_PER_PROGRAM, tile_schedule
 # took 0.111 ms there against 0.033 ms at E = 32 (H200): 1024 chunks for its one-program scan.
 _TILE_ELEMENTS = 16384
 _NUM_WARPS = 8
+
+
 def _chunking(rows: int, num_local_experts: int) -> tuple[int, int, int]:
     """(key slots, pairs per chunk, chunks) of a sort of `rows` pairs: key slot E_local holds
     the pairs of other ranks' experts."""

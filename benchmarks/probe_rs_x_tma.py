@@ -45,9 +45,9 @@ def main() -> int:
             return moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, gather=False, apply_row_weight=True,
                               combine="atomic", n_out=2880, fragments=frag2)
 
+        config = launcher.default_config(meta.block_m, 2880, 2880, sm90=True, fragments=True, rows=meta.num_rows)
         row = {"experts": experts, "tokens": tokens, "block_m": meta.block_m,
-               "x_tma": tma_descriptor(act, launcher.default_config(meta.block_m, 2880, 2880, sm90=True,
-                                                                    fragments=True)) is not None}
+               "x_tma": launcher.rs_x_tma_block(config) is not None}      # the launch w2 makes by default
         times = {"tma": [], "cp_async": []}
         outs = {}
         for rep in range(args.repeats):              # alternate which path goes first

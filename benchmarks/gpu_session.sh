@@ -4,6 +4,7 @@
 # (default configs only). Logs and JSON go to $OUT (or ./gpu_out).
 #   bash benchmarks/gpu_session.sh                 # nvidia-h100-x2: tests, verify, torchrun, distributed
 #   BENCH_MOE=1 bash benchmarks/gpu_session.sh     # one GPU: tests, verify, bench_moe --no-sweep
+#   GPU_TESTS_K=small_shapes SKIP_20B=1 bash benchmarks/gpu_session.sh   # some GPU tests, then the verify runs
 # Set MXFP4_COMMIT=<hash of your checkout> in the command: the device's copy of .git can be stale
 # (seen on 2026-11-28: it named the session's first commit), and the JSON records this value.
 set -uo pipefail
@@ -18,8 +19,20 @@ echo "commit $commit"; nvidia-smi --query-gpu=name,memory.total --format=csv,noh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 step() { echo; echo "=== $1"; shift; "$@"; echo "=== rc=$?"; }
 
-step "gpu tests" python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
-step "verify built-in (GPU)" python3 -m mxfp4_moe.verify > "$OUT/verify_builtin.txt" 2>&1; tail -3 "$OUT/verify_builtin.txt"
+if [ "${SKIP_GPU_TESTS:-0}" != 1 ]; then
+  step "gpu tests ${GPU_TESTS_K:+(-k $GPU_TESTS_K)}" python3 -m pytest -q -m gpu tests/test_gpu.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+fi
+# verify at decode and at 64 tokens, on the built-in checkpoint and on a tiny transformers-loadable
+# model (H = I = 64: one K step per program in every kernel)
+TINY=/tmp/ckpt_tiny
+python3 -c "
+from mxfp4_moe.synthetic import make_synthetic_checkpoint
+make_synthetic_checkpoint('$TINY', num_layers=2, num_experts=4, hidden=64, intermediate=64, top_k=2, full_model=True)"
+for tokens in 1 64; do
+  step "verify built-in, $tokens tokens" python3 -m mxfp4_moe.verify --tokens $tokens --json "$OUT/verify_builtin_t$tokens.json" > "$OUT/verify_builtin_t$tokens.txt" 2>&1; tail -3 "$OUT/verify_builtin_t$tokens.txt"
+  step "verify tiny H = I = 64, $tokens tokens" python3 -m mxfp4_moe.verify $TINY --tokens $tokens --json "$OUT/verify_tiny_t$tokens.json" > "$OUT/verify_tiny_t$tokens.txt" 2>&1; tail -3 "$OUT/verify_tiny_t$tokens.txt"
+done
+[ "${SKIP_20B:-0}" = 1 ] && { rm -f mxfp4_moe/kernels; exit 0; }
 CK=/tmp/ckpt20b
 step "write gpt-oss-20b-like layer" python3 -c "
 from mxfp4_moe.synthetic import make_synthetic_checkpoint

@@ -6,7 +6,8 @@ package needs triton, not a GPU.
 """
 
 from .fragment_layout import FragmentWeights, fragment_order_problem, from_fragment_order, to_fragment_order
-from .moe_matmul import MatmulConfig, default_config, interpreting, moe_matmul, pick_block_m
+from .moe_matmul import (KernelFallback, MatmulConfig, default_config, interpreting, kernel_fallbacks, moe_matmul,
+                         pick_block_m)
 
-__all__ = ["FragmentWeights", "MatmulConfig", "default_config", "fragment_order_problem", "from_fragment_order",
-           "interpreting", "moe_matmul", "pick_block_m", "to_fragment_order"]
+__all__ = ["FragmentWeights", "KernelFallback", "MatmulConfig", "default_config", "fragment_order_problem",
+           "from_fragment_order", "interpreting", "kernel_fallbacks", "moe_matmul", "pick_block_m", "to_fragment_order"]

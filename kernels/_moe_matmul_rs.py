@@ -150,14 +150,18 @@ def _wait_x_step(STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, kn, STEPS, LOOP_STEPS, STAGES: gl.constexpr,
-                   BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr):
-    """cp.async of local step kn's x rows (every piece of the tile) into the buffer step
-    kn - STAGES read, zeros for a step the loop runs past this program's STEPS (kn <
-    LOOP_STEPS), and one commit group either way."""
-    if kn < LOOP_STEPS:
-        _copy_x_pieces(x_smems, x_ptrs, masks_xm, offs_xk, K_X, kn % STAGES, first + kn, BLOCK_K, EVEN_K,
-                       kn < STEPS)
+def _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki, AHEAD: gl.constexpr, STEPS, LOOP_STEPS,
+                   STAGES: gl.constexpr, BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr):
+    """cp.async of local step kn = ki + AHEAD's x rows (every piece of the tile) into the buffer
+    step kn - STAGES read, zeros for a step the loop runs past this program's STEPS (kn <
+    LOOP_STEPS), and one commit group either way. No copy is emitted at all where no kn can be
+    below LOOP_STEPS (ki >= 0): in a one-iteration loop the compiler folds kn to a constant, and
+    Triton fails to lower the dead copy that `kn < LOOP_STEPS` would leave (the short-K crash)."""
+    if LOOP_STEPS > AHEAD:
+        kn = ki + AHEAD
+        if kn < LOOP_STEPS:
+            _copy_x_pieces(x_smems, x_ptrs, masks_xm, offs_xk, K_X, kn % STAGES, first + kn, BLOCK_K, EVEN_K,
+                           kn < STEPS)
     async_copy.commit_group()
 
 
@@ -427,14 +431,14 @@ def _rs_tile(x_ptr, stride_xm, x_desc, words_ptr, s_ptr, row_groups, bias_ptr, s
             _wait_x_step(STAGES)
             accs, a0_used = _mma_pieces(a0, _x_buffers(x_smems, ki % STAGES), accs)
             accs, a1_used = _retire_mma(accs, a1_used, 1)
-            _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 2, STEPS, LOOP_STEPS,
+            _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki, STAGES - 2, STEPS, LOOP_STEPS,
                            STAGES, BLOCK_K, EVEN_K)
             a1, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH, NUM_K,
                                        STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
             _wait_x_step(STAGES)
             accs, a1_used = _mma_pieces(a1, _x_buffers(x_smems, (ki + 1) % STAGES), accs)
             accs, a0_used = _retire_mma(accs, a0_used, 1)
-            _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 1, STEPS, LOOP_STEPS,
+            _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki, STAGES - 1, STEPS, LOOP_STEPS,
                            STAGES, BLOCK_K, EVEN_K)
         accs, a1_used = _retire_mma(accs, a1_used, 0)
     else:
@@ -455,11 +459,12 @@ def _rs_tile(x_ptr, stride_xm, x_desc, words_ptr, s_ptr, row_groups, bias_ptr, s
             # while they run (triton#9433; a wait of 1 gave 44-80 such writes per step in the SASS).
             accs, a_used = _retire_mma(accs, a_used, 0)
             if X_TMA:
-                kn = ki + STAGES - 2
-                if kn < STEPS:
-                    _tma_x_step(x_desc, x_ring, x_ready, row_start, kn % STAGES, first + kn, BLOCK_K)
+                if STEPS > STAGES - 2:          # as in `_refill_x_step`: no dead copy in a folded loop
+                    kn = ki + STAGES - 2
+                    if kn < STEPS:
+                        _tma_x_step(x_desc, x_ring, x_ready, row_start, kn % STAGES, first + kn, BLOCK_K)
             else:
-                _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki + STAGES - 2, STEPS, STEPS, STAGES,
+                _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki, STAGES - 2, STEPS, STEPS, STAGES,
                                BLOCK_K, EVEN_K)
     if X_TMA:
         for st in gl.static_range(STAGES):

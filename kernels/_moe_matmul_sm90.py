@@ -177,9 +177,12 @@ def _moe_matmul_sm90_kernel(
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))   # this warpgroup's step ki - 1 done
         gl.thread_barrier()                        # ... and every warpgroup's: its buffers are free
         kn = ki + STAGES - 1                       # into the stage step ki - 1 used
-        if kn < NUM_K:
-            _copy_step(x_smem.index(kn % STAGES), x_ptrs, mask_xm, offs_xk, K_X, words_desc, words_row,
-                       words_smem.index(kn % STAGES), words_ready.index(kn % STAGES), kn, BLOCK_K)
+        # (Statically none when the prologue issued every step: a one-step loop folds kn to a
+        # constant, and Triton 3.6 fails to lower the dead copies that leaves.)
+        if NUM_K > STAGES - 1:
+            if kn < NUM_K:
+                _copy_step(x_smem.index(kn % STAGES), x_ptrs, mask_xm, offs_xk, K_X, words_desc, words_row,
+                           words_smem.index(kn % STAGES), words_ready.index(kn % STAGES), kn, BLOCK_K)
         async_copy.commit_group()
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -264,22 +266,10 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     sm90_other = {"scales_e8m0": scales_e8m0, "bias": bias, "channel_scale": channel_scale, "out": out}
     sm90_dequant = "ptx" if dequant == "auto" else dequant     # what "auto" resolves to where sm90 can run
     split_k_ok = combine == "atomic" and swiglu is None        # split-K partial sums meet in the atomic adds
+    explicit = config is not None
     if config is None:
-        mean_rows = meta.num_rows / max(1, meta.num_local_experts)
-        sm90 = compute_dtype == torch.bfloat16 and on_hopper(device)
-        config = default_config(meta.block_m, n, k, swiglu=swiglu is not None, mean_rows=mean_rows, sm90=sm90,
-                                fragments=fragments is not None, rows=meta.num_rows)
-        if config.split_k > 1 and not split_k_ok:
-            config = dataclasses.replace(config, split_k=1)
-        rs_problem = _rs_unsupported(x, fragments, n, k, config, compute_dtype, sm90_other,
-                                     split_k_ok=split_k_ok) if config.kernel == "rs" else ""
-        if rs_problem and shape_only:
-            raise ValueError(f"moe_matmul: the weights are in fragment order only (blocks is a shape-only meta "
-                             f"tensor), and the 'rs' kernel cannot run this call: {rs_problem}")
-        if rs_problem:
-            config = default_config(meta.block_m, n, k, swiglu=swiglu is not None, mean_rows=mean_rows, sm90=sm90)
-        if config.kernel == "sm90" and _sm90_unsupported(x, blocks, config, compute_dtype, sm90_dequant, sm90_other):
-            config = default_config(meta.block_m, n, k, swiglu=swiglu is not None)   # the Triton kernel
+        config = _pick_config(x, blocks, fragments, meta, n, k, swiglu is not None, split_k_ok, compute_dtype,
+                              sm90_dequant, sm90_other)
     elif config.kernel == "sm90":
         problem = _sm90_unsupported(x, blocks, config, compute_dtype, sm90_dequant, sm90_other)
         if problem:
@@ -324,59 +314,211 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
 
     scatter = {"none": None, "atomic": meta.sorted_token, "slots": meta.sorted_slot}[combine]
     alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
-    # any tensor on the device: its pointer is never read when the matching flag is off
-    dummy = fragments.words if config.kernel == "rs" else blocks
-    bias_t = bias if bias is not None else dummy
-    cs_t = channel_scale if channel_scale is not None else dummy
-    grid = (triton.cdiv(n, config.block_n), meta.max_tiles)
-    # Arguments both kernels take: the routing, the sizes, the SwiGLU constants, the fused steps.
+    # Arguments every kernel takes: the routing, the sizes, the SwiGLU constants.
     routing = (meta.sorted_token, scatter if scatter is not None else meta.sorted_token,
                meta.sorted_weight if apply_row_weight else meta.expert_offsets,
                meta.expert_offsets, meta.tile_expert, meta.tile_row_start,
                n, x.shape[1], n_out, float(alpha), float(limit))
-    fused = dict(K=k, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                 GATHER=gather, SCATTER=scatter is not None, ATOMIC=combine == "atomic",
+    fused = dict(K=k, GATHER=gather, SCATTER=scatter is not None, ATOMIC=combine == "atomic",
                  HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
-                 SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight, num_warps=config.num_warps)
-    if config.kernel == "rs":
-        from ._moe_matmul_rs import _moe_matmul_rs_kernel
-        x_desc = rs_x_descriptor(x, config) if not gather else None
-        _moe_matmul_rs_kernel[grid + (config.split_k,)](             # unit strides along the last dims (checked above)
-            x, x.stride(0), x_desc,
-            fragments.words, fragments.scales, fragments.row_groups,
-            bias_t, bias_t.stride(0),
-            cs_t, cs_t.stride(0),
-            y, y.stride(0),
-            *routing, **rs_constexprs(config, fragments.row_groups, fragments.k_steps, k, x.shape[1]),
-            X_TMA=x_desc is not None,
-            **{name: fused[name] for name in ("GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE",
-                                              "SWIGLU", "ROW_WEIGHT", "num_warps")})
-    elif config.kernel == "sm90":
-        from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
-        words_desc, rows_per_expert = _words_descriptor(blocks, config)
-        _moe_matmul_sm90_kernel[grid](           # unit strides along the last dims (checked above)
-            x, x.stride(0),
-            words_desc, rows_per_expert,
-            scales_e8m0, scales_e8m0.stride(0), scales_e8m0.stride(1),
-            bias_t, bias_t.stride(0),
-            cs_t, cs_t.stride(0),
-            y, y.stride(0),
-            *routing, STAGES=config.num_stages, SWAP_AB=config.swap_ab, **fused)
-    else:
-        _moe_matmul_kernel[grid](
-            x, x.stride(0), x.stride(1),
-            blocks, blocks.stride(0), blocks.stride(1), blocks.stride(2),
-            scales_e8m0, scales_e8m0.stride(0), scales_e8m0.stride(1), scales_e8m0.stride(2),
-            bias_t, bias_t.stride(0), bias_t.stride(1),
-            cs_t, cs_t.stride(0), cs_t.stride(1),
-            y, y.stride(0), y.stride(1),
-            *routing, SWAP_AB=config.swap_ab, EVEN_K=(k % config.block_k == 0 and x.shape[1] == k),
-            COMPUTE_DTYPE=_tl_dtype(compute_dtype), DEQUANT=dequant,
-            RETIRE_MMA_EACH_STEP=config.swap_ab and not interpreting() and not unsafe_pipelined_rs_mma,
-            num_stages=config.num_stages, **fused)
+                 SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight)
+    launch = _Launch(x, blocks, scales_e8m0, fragments, bias, channel_scale, y, meta.max_tiles, routing, fused,
+                     compute_dtype, dequant, unsafe_pipelined_rs_mma)
+    shape_class = (config, n, k, x.shape[1], swiglu is not None, combine, gather)
+    fallback = None if explicit else _FALLBACKS.get(shape_class)
+    if fallback is None:
+        try:
+            _LAUNCHERS[config.kernel](launch, config)
+        except Exception as error:          # a compile failure, or a launch this Triton/GPU refuses
+            problem = f"{type(error).__name__}: {_first_line(error)}"
+            if explicit or config.kernel == "triton":
+                raise RuntimeError(f"moe_matmul: the {config.kernel!r} kernel cannot run {_describe(shape_class)} "
+                                   f"with {config}: {problem}") from error
+            fallback = _fall_back(shape_class, problem, shape_only)
+    if fallback is not None:
+        if shape_only:
+            blocks, scales_e8m0 = _checkpoint_order(fragments)
+            dequant = pick_dequant(compute_dtype, blocks)
+        launch = dataclasses.replace(launch, blocks=blocks, scales_e8m0=scales_e8m0, dequant=dequant)
+        _LAUNCHERS["triton"](launch, fallback.config)
+        fallback.calls += 1
     if combine == "slots":
         return y.view(tokens, meta.top_k, n_out).sum(1, dtype=torch.float32)
     return y
+
+
+def _pick_config(x: torch.Tensor, blocks: torch.Tensor, fragments: FragmentWeights | None, meta: RoutingMetadata,
+                 n: int, k: int, swiglu: bool, split_k_ok: bool, compute_dtype: torch.dtype, sm90_dequant: str,
+                 sm90_other: dict) -> MatmulConfig:
+    """`moe_matmul`'s config when the caller gives none: `default_config` for this call, stepping
+    down from "rs" to "sm90" to the Triton kernel where the faster one cannot take the call."""
+    shape_only = blocks.is_meta
+    mean_rows = meta.num_rows / max(1, meta.num_local_experts)
+    sm90 = compute_dtype == torch.bfloat16 and on_hopper(x.device)
+    config = default_config(meta.block_m, n, k, swiglu=swiglu, mean_rows=mean_rows, sm90=sm90,
+                            fragments=fragments is not None, rows=meta.num_rows)
+    if config.split_k > 1 and not split_k_ok:
+        config = dataclasses.replace(config, split_k=1)
+    rs_problem = _rs_unsupported(x, fragments, n, k, config, compute_dtype, sm90_other,
+                                 split_k_ok=split_k_ok) if config.kernel == "rs" else ""
+    if rs_problem and shape_only:
+        raise ValueError(f"moe_matmul: the weights are in fragment order only (blocks is a shape-only meta "
+                         f"tensor), and the 'rs' kernel cannot run this call: {rs_problem}")
+    if rs_problem:
+        config = default_config(meta.block_m, n, k, swiglu=swiglu, mean_rows=mean_rows, sm90=sm90)
+    if config.kernel == "sm90" and _sm90_unsupported(x, blocks, config, compute_dtype, sm90_dequant, sm90_other):
+        config = default_config(meta.block_m, n, k, swiglu=swiglu)   # the Triton kernel
+    return config
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """One `moe_matmul` call's tensors and kernel arguments, checked: what each kernel's launcher
+    needs besides its config."""
+    x: torch.Tensor
+    blocks: torch.Tensor
+    scales_e8m0: torch.Tensor
+    fragments: FragmentWeights | None
+    bias: torch.Tensor | None
+    channel_scale: torch.Tensor | None
+    y: torch.Tensor
+    max_tiles: int
+    routing: tuple
+    fused: dict
+    compute_dtype: torch.dtype
+    dequant: str
+    unsafe_pipelined_rs_mma: bool
+
+
+def _launch_rs(a: _Launch, config: MatmulConfig) -> None:
+    from ._moe_matmul_rs import _moe_matmul_rs_kernel
+    fw = a.fragments
+    dummy = fw.words        # any tensor on the device: its pointer is never read when the flag is off
+    bias = a.bias if a.bias is not None else dummy
+    cs = a.channel_scale if a.channel_scale is not None else dummy
+    x_desc = rs_x_descriptor(a.x, config) if not a.fused["GATHER"] else None
+    grid = (triton.cdiv(fw.n, config.block_n), a.max_tiles, config.split_k)
+    _moe_matmul_rs_kernel[grid](             # unit strides along the last dims (checked by moe_matmul)
+        a.x, a.x.stride(0), x_desc,
+        fw.words, fw.scales, fw.row_groups,
+        bias, bias.stride(0),
+        cs, cs.stride(0),
+        a.y, a.y.stride(0),
+        *a.routing, **rs_constexprs(config, fw.row_groups, fw.k_steps, fw.k, a.x.shape[1]),
+        X_TMA=x_desc is not None,
+        **{name: a.fused[name] for name in ("GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE",
+                                            "SWIGLU", "ROW_WEIGHT")},
+        num_warps=config.num_warps)
+
+
+def _launch_sm90(a: _Launch, config: MatmulConfig) -> None:
+    from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
+    bias = a.bias if a.bias is not None else a.blocks
+    cs = a.channel_scale if a.channel_scale is not None else a.blocks
+    words_desc, rows_per_expert = _words_descriptor(a.blocks, config)
+    grid = (triton.cdiv(a.blocks.shape[1], config.block_n), a.max_tiles)
+    _moe_matmul_sm90_kernel[grid](           # unit strides along the last dims (checked by moe_matmul)
+        a.x, a.x.stride(0),
+        words_desc, rows_per_expert,
+        a.scales_e8m0, a.scales_e8m0.stride(0), a.scales_e8m0.stride(1),
+        bias, bias.stride(0),
+        cs, cs.stride(0),
+        a.y, a.y.stride(0),
+        *a.routing, STAGES=config.num_stages, SWAP_AB=config.swap_ab, **a.fused, **_block_constexprs(config))
+
+
+def _launch_triton(a: _Launch, config: MatmulConfig) -> None:
+    blocks, scales, x = a.blocks, a.scales_e8m0, a.x
+    bias = a.bias if a.bias is not None else blocks
+    cs = a.channel_scale if a.channel_scale is not None else blocks
+    grid = (triton.cdiv(blocks.shape[1], config.block_n), a.max_tiles)
+    _moe_matmul_kernel[grid](
+        x, x.stride(0), x.stride(1),
+        blocks, blocks.stride(0), blocks.stride(1), blocks.stride(2),
+        scales, scales.stride(0), scales.stride(1), scales.stride(2),
+        bias, bias.stride(0), bias.stride(1),
+        cs, cs.stride(0), cs.stride(1),
+        a.y, a.y.stride(0), a.y.stride(1),
+        *a.routing, SWAP_AB=config.swap_ab, EVEN_K=(a.fused["K"] % config.block_k == 0 and x.shape[1] == a.fused["K"]),
+        COMPUTE_DTYPE=_tl_dtype(a.compute_dtype), DEQUANT=a.dequant,
+        RETIRE_MMA_EACH_STEP=config.swap_ab and not interpreting() and not a.unsafe_pipelined_rs_mma,
+        num_stages=config.num_stages, **a.fused, **_block_constexprs(config))
+
+
+def _block_constexprs(config: MatmulConfig) -> dict:
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps)
+
+
+_LAUNCHERS = {"rs": _launch_rs, "sm90": _launch_sm90, "triton": _launch_triton}
+
+
+@dataclass
+class KernelFallback:
+    """A fast kernel that failed for a shape class, and the portable Triton config that runs it
+    instead (`kernel_fallbacks`)."""
+    kernel: str             # the kernel that failed: "rs" or "sm90"
+    failed_config: MatmulConfig
+    shape: str              # the shape class, in words
+    error: str              # the compiler's (or launcher's) first error line
+    config: MatmulConfig    # what runs instead (kernel "triton")
+    calls: int = 0          # moe_matmul calls it has served
+
+    def as_dict(self) -> dict:
+        """JSON-ready: what `verify` reports."""
+        return {"kernel": self.kernel, "config": dataclasses.asdict(self.failed_config), "shape": self.shape,
+                "error": self.error, "ran": self.config.kernel}
+
+
+# shape class (config, N, K, K_x, swiglu, combine, gather) -> its fallback; filled once per class
+_FALLBACKS: dict[tuple, KernelFallback] = {}
+
+
+def kernel_fallbacks() -> list[KernelFallback]:
+    """Every fallback taken in this process so far, in order: the shape classes for which a
+    default Gluon kernel could not compile or launch and the portable Triton kernel runs instead."""
+    return list(_FALLBACKS.values())
+
+
+def _describe(shape_class: tuple) -> str:
+    config, n, k, k_x, swiglu, combine, gather = shape_class
+    role = "w13 + SwiGLU" if swiglu else f"combine {combine!r}"
+    return (f"[{n}, {k}] weights (x {k_x} wide, {'gathered' if gather else 'sorted'} rows, {role}) "
+            f"at {config.block_m}-row tiles")
+
+
+def _first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message (a CompilationError's own message, not the
+    source excerpt it starts with)."""
+    text = str(getattr(error, "error_message", None) or error)
+    return next((line.strip() for line in text.splitlines() if line.strip()), repr(error))
+
+
+def _fall_back(shape_class: tuple, problem: str, shape_only: bool) -> KernelFallback:
+    """Record the portable Triton kernel as the fallback for `shape_class` and warn, once per
+    class: a fast kernel that cannot compile must not take the layer down."""
+    config, n, k = shape_class[:3]
+    swiglu = shape_class[4]
+    triton_config = default_config(config.block_m, n, k, swiglu=swiglu)
+    fallback = KernelFallback(config.kernel, config, _describe(shape_class), problem, triton_config)
+    _FALLBACKS[shape_class] = fallback
+    rebuilt = (" The layer holds its weights in fragment order only, so they are rebuilt once in checkpoint "
+               "order for it (a second copy in memory)." if shape_only else "")
+    warnings.warn(f"mxfp4_moe: the {config.kernel!r} kernel cannot run {fallback.shape} with {config} on Triton "
+                  f"{triton.__version__}: {problem}. The portable Triton kernel runs this shape class instead "
+                  f"(correct, slower).{rebuilt} Please report it with this message.", RuntimeWarning, stacklevel=3)
+    return fallback
+
+
+_CHECKPOINT_ORDER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _checkpoint_order(fragments: FragmentWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks and scales in checkpoint order rebuilt from `fragments`, once per fragment copy
+    (kept while it lives): for the fallback of a layer that dropped its checkpoint-order copy."""
+    if fragments not in _CHECKPOINT_ORDER:
+        from .fragment_layout import from_fragment_order
+        _CHECKPOINT_ORDER[fragments] = from_fragment_order(fragments)
+    return _CHECKPOINT_ORDER[fragments]
 
 
 def on_hopper(device: torch.device) -> bool:

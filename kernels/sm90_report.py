@@ -4,10 +4,12 @@ became wgmma (HGMMA in the SASS). Used by a CPU test and before spending GPU tim
 
     python -m mxfp4_moe.kernels.sm90_report                      # one JSON line per default config
     python -m mxfp4_moe.kernels.sm90_report --dequant=bytes      # the Triton kernel's one-code-at-a-time path
+    python -m mxfp4_moe.kernels.sm90_report --small-shapes       # every default config at small H, I
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -164,6 +166,48 @@ def default_configs() -> list[tuple[str, MatmulConfig, int, int, bool, bool]]:
     return out
 
 
+# Hidden and intermediate sizes of small test models and narrow TP shards: K loops of one step
+# (K <= block_k), a few steps, and w2's split-K leaving one step per split.
+SMALL_SIZES = (32, 64, 96, 128, 160, 256, 288, 352)
+
+
+def _compile_key(config: MatmulConfig, n: int, k: int, swiglu: bool, atomic: bool) -> tuple:
+    """What the compiled code depends on: for the "rs" kernel its tiling constexprs (N enters
+    only through ROW_MASK); for the others the config and K (N is a runtime argument)."""
+    if config.kernel == "rs":
+        from .fragment_layout import layout_shape
+        from .moe_matmul import rs_constexprs
+        return (config, swiglu, atomic, tuple(sorted(rs_constexprs(config, *layout_shape(n, k), k, k).items())))
+    return (config, k, swiglu, atomic)
+
+
+def small_shape_configs(sizes: tuple[int, ...] = SMALL_SIZES) -> list[tuple[str, MatmulConfig, int, int, bool, bool]]:
+    """(name, config, n, k, swiglu, atomic) of every distinct compile `default_config` can ask
+    for on sm_90 when H and I range over `sizes`: w13 ([2 I, H], SwiGLU) and w2 ([H, I], atomic
+    combine), every block_m, few and many rows, checkpoint or fragment order. Config choices
+    that compile the same code (`_compile_key`) appear once."""
+    out, seen = [], set()
+    for k in sizes:
+        for other in sizes:
+            for swiglu in (True, False):
+                n = 2 * other if swiglu else other
+                for block_m in (16, 32, 64, 128):
+                    configs = [default_config(block_m, n, k, swiglu=swiglu),
+                               default_config(block_m, n, k, swiglu=swiglu, mean_rows=0.5),
+                               default_config(block_m, n, k, swiglu=swiglu, sm90=True),
+                               default_config(block_m, n, k, swiglu=swiglu, sm90=True, fragments=True),
+                               default_config(block_m, n, k, swiglu=swiglu, sm90=True, fragments=True, rows=4)]
+                    for config in configs:
+                        if config.split_k > 1 and swiglu:       # as the launcher: split-K only for w2
+                            config = dataclasses.replace(config, split_k=1)
+                        key = _compile_key(config, n, k, swiglu, not swiglu)
+                        if key not in seen:
+                            seen.add(key)
+                            name = f"{'w13' if swiglu else 'w2'}_n{n}_k{k}_bm{block_m}_{config.kernel}"
+                            out.append((name, config, n, k, swiglu, not swiglu))
+    return out
+
+
 def wgmma_loops(sass: str) -> list[list[str]]:
     """SASS lines of each K loop: the bodies of backward branches that hold an HGMMA and no EXIT
     (an mbarrier wait's retry path, placed after the kernel's end, branches back into the loop
@@ -248,6 +292,19 @@ def _hazards_of_every_loop(loops: list[list[str]]) -> dict:
             "in_flight_overwrites": sum(f["in_flight_overwrites"] for f in found)}
 
 
+def resource_usage(compiled) -> dict:
+    """Registers, stack and local (spill) bytes, and shared memory of a compiled kernel, from
+    its cubin (no SASS dump: the cheap part of `resource_report`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(_bin_dir() / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return {"registers": int(fields.get("REG", -1)), "stack_bytes": int(fields.get("STACK", -1)),
+            "local_bytes": int(fields.get("LOCAL", -1)), "shared_bytes": compiled.metadata.shared}
+
+
 def resource_report(compiled, config: MatmulConfig | None = None) -> dict:
     """Registers, spills, shared memory and SASS instruction counts of a compiled kernel; with
     its config, also the K loop's instructions per thread and per weight element (all threads'
@@ -284,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     dequant = None
     if args and args[0].startswith("--dequant="):
         dequant = args.pop(0).split("=", 1)[1]
+    if args and args[0] == "--small-shapes":
+        return _report_small_shapes()
     names = set(args)
     for name, config, n, k, swiglu, atomic in default_configs():
         if names and name not in names:
@@ -293,6 +352,31 @@ def main(argv: list[str] | None = None) -> int:
                           "dequant": "ptx" if config.kernel != "triton" else dequant or "ptx",
                           **resource_report(compiled, config)}), flush=True)
     return 0
+
+
+def _compile_small_shape(variant: tuple) -> dict:
+    """One `small_shape_configs` entry compiled: its registers, spills and shared memory, or the
+    compiler's first error line."""
+    name, config, n, k, swiglu, atomic = variant
+    line = {"variant": name, "config": config.__dict__, "n": n, "k": k}
+    try:
+        compiled = compile_variant(config, k=k, n=n, swiglu=swiglu, atomic=atomic)
+    except Exception as error:          # report every failing shape, not just the first
+        line["error"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        return line
+    return {**line, **resource_usage(compiled)}
+
+
+def _report_small_shapes() -> int:
+    """One JSON line per `small_shape_configs` compile (`_compile_small_shape`), compiled on
+    every core; exit status 1 if any failed."""
+    from concurrent.futures import ProcessPoolExecutor
+    failed = 0
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for line in pool.map(_compile_small_shape, small_shape_configs()):
+            failed += "error" in line
+            print(json.dumps(line), flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

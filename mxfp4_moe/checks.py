@@ -175,20 +175,35 @@ def kernel_tolerance(dtype: torch.dtype, device: torch.device, backend: str) -> 
     return KERNEL_TOLERANCE[dtype]
 
 
+def run_noting_fallbacks(module, x: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """module(x), and the kernel fallbacks that call took (`kernels.kernel_fallbacks`: a fast
+    kernel that could not compile for a shape, replaced by the portable Triton kernel)."""
+    if getattr(module, "backend", None) != "triton":
+        return module(x), []
+    from .kernels import kernel_fallbacks
+    before = {id(f): f.calls for f in kernel_fallbacks()}
+    out = module(x)
+    return out, [f.as_dict() for f in kernel_fallbacks() if f.calls > before.get(id(f), 0)]
+
+
 def check_kernels(got: torch.Tensor, ref: torch.Tensor, backend: str, layer: int,
-                  fragment_order: bool = False) -> CheckResult:
+                  fragment_order: bool = False, fallbacks: list[dict] = ()) -> CheckResult:
     """The MoE layer's output `got` [T, H] (its compute dtype, from `backend`; fragment_order:
-    the layer ran the Hopper kernel on weights in fragment order) against the float64 reference
-    output `ref` [T, H] of the same routed tokens."""
+    the layer ran the Hopper kernel on weights in fragment order; fallbacks: the kernel
+    fallbacks it took, `run_noting_fallbacks`) against the float64 reference output `ref` [T, H]
+    of the same routed tokens."""
     err = rel_err(got, ref)
     tol = kernel_tolerance(got.dtype, got.device, backend)
     max_abs = (got.double() - ref).abs().max().item() if got.numel() else 0.0
     name = str(got.dtype).removeprefix("torch.") + (", fragment order" if fragment_order else "")
+    fell_back = "".join(f"; {f['kernel']!r} kernel fell back to {f['ran']!r} for {f['shape']} ({f['error']})"
+                        for f in fallbacks)
     return CheckResult("kernels", layer, None, err <= tol,
                        f"MoE layer ({backend}, {name}) vs float64 reference: rel err {err:.2e} "
-                       f"(<= {tol:.0e}), max abs {max_abs:.2e}",
+                       f"(<= {tol:.0e}), max abs {max_abs:.2e}{fell_back}",
                        {"rel_err": err, "max_abs_err": max_abs, "tolerance": tol, "backend": backend,
-                        "dtype": str(got.dtype), "tokens": got.shape[0], "fragment_order": fragment_order})
+                        "dtype": str(got.dtype), "tokens": got.shape[0], "fragment_order": fragment_order,
+                        "fallbacks": list(fallbacks)})
 
 
 def check_fragment_order(layer_module, weights, layer: int) -> CheckResult:

@@ -32,7 +32,8 @@ import torch
 
 from . import __version__
 from .checks import (SHARD_SUM_TOLERANCE, CheckResult, check_coverage, check_format, check_fragment_order,
-                     check_kernels, check_oracle, check_shard, kernel_tolerance, measure_throughput, rel_err)
+                     check_kernels, check_oracle, check_shard, kernel_tolerance, measure_throughput, rel_err,
+                     run_noting_fallbacks)
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 REPORT_SCHEMA = "mxfp4_moe.verify/1"
@@ -225,8 +226,9 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
 
         progress.step(f"layer {layer}: kernels")
         module = MXFP4MoE(full, backend=backend, compute_dtype=dtype)
-        results.append(check_kernels(module(x_compute), ref_full, module.backend, layer,
-                                     fragment_order=module.fragments is not None))
+        got, fallbacks = run_noting_fallbacks(module, x_compute)
+        results.append(check_kernels(got, ref_full, module.backend, layer,
+                                     fragment_order=module.fragments is not None, fallbacks=fallbacks))
         if module.fragments is not None:
             results.append(check_fragment_order(module, full, layer))
         tol = kernel_tolerance(dtype, device, module.backend)

@@ -16,7 +16,7 @@ import torch
 
 from .checks import (CheckResult, SHARD_SUM_TOLERANCE, check_coverage,
                      check_format, check_fragment_order, check_kernels, check_oracle, check_shard, kernel_tolerance,
-                     median_ms, rel_err)
+                     median_ms, rel_err, run_noting_fallbacks)
 from .verify import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, Progress, UsageError, _rank_label,
                      _resolve_compute, environment, make_plans, parse_align, parse_layers, report,
                      report_header)
@@ -131,9 +131,10 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
             full = load_layer(ckpt, layer, full_plan, device=device)
             ref_full = reference_moe(x_compute.double(), full, topk_weights, topk_ids, torch.float64).contiguous()
             module = MXFP4MoE(full, backend=args.backend, compute_dtype=dtype)
-            single = module(x_compute).contiguous()
+            single, fallbacks = run_noting_fallbacks(module, x_compute)
+            single = single.contiguous()
             results.append(check_kernels(single, ref_full, module.backend, layer,
-                                         fragment_order=module.fragments is not None))
+                                         fragment_order=module.fragments is not None, fallbacks=fallbacks))
             if module.fragments is not None:
                 results.append(check_fragment_order(module, full, layer))
         else:

@@ -507,3 +507,51 @@ def test_route_bf16_gemm_matches_float32():
     same = (fast_ids == ref_ids).all(-1)
     assert same.float().mean() > 0.999          # a near-tie may swap two experts' order
     assert rel_err(fast_w[same], ref_w[same]) < 1e-5
+
+
+# Small and odd layer shapes (E, H, I, top_k, H_pad, I_pad): K loops of one step or a few, w2
+# split-K down to one step per program, rows that fill no 16-row group, and TP shards.
+SMALL_LAYERS = [
+    pytest.param((1, 32, 32, 1, 32, 32), id="E1-H32-I32-one-block-each"),
+    pytest.param((4, 64, 64, 2, 64, 64), id="E4-H64-I64-one-64-step"),
+    pytest.param((4, 96, 64, 4, 96, 64), id="E4-H96-I64"),
+    pytest.param((4, 64, 96, 2, 64, 128), id="E4-H64-I96-pad128"),
+    pytest.param((4, 128, 128, 1, 128, 128), id="E4-H128-I128-top1"),
+    pytest.param((8, 160, 96, 4, 160, 96), id="E8-H160-I96"),
+    pytest.param((4, 64, 2880, 2, 64, 2880), id="E4-H64-I2880"),
+    pytest.param((4, 2880, 64, 4, 2880, 64), id="E4-H2880-I64"),
+    pytest.param((8, 256, 256, 2, 256, 256), id="E8-H256-I256"),
+    pytest.param((8, 288, 352, 4, 288, 384), id="builtin-checkpoint-H288-I352-pad384"),
+    # gpt-oss shards at high TP: I = 2880 / 90 = 32 per rank (one block), and TP 32's last ranks
+    # with 2 blocks padded to the Triton alignment's 64 (a single K step of w2).
+    pytest.param((32, 2880, 32, 4, 2880, 32), id="gpt-oss-20b-TP90-I32"),
+    pytest.param((128, 2880, 64, 4, 2880, 64), id="gpt-oss-120b-TP32-I64"),
+]
+
+
+@pytest.mark.parametrize("shape", SMALL_LAYERS)
+def test_layer_at_small_shapes_every_token_count(shape):
+    # The whole layer (default kernels: "rs" on Hopper) against the float32 reference at every
+    # token count from decode to prefill, and no kernel fell back to the portable one: each
+    # fast kernel compiled and ran (the short-K-loop crash was a compile failure at T = 1).
+    from mxfp4_moe.kernels import kernel_fallbacks
+    from mxfp4_moe.reference import reference_moe
+    E, H, I, k, H_pad, I_pad = shape
+    weights, _ = random_expert_weights(E, H, I, top_k=k, hidden_pad=H_pad, inter_pad=I_pad, seed=E + H + I,
+                                       tp_rank=1 if I < 2880 and H == 2880 else 0, device="cuda", dense=False)
+    layer = MXFP4MoE(weights, backend="triton")
+    if torch.cuda.get_device_capability()[0] == 9:
+        assert layer.fragments is not None         # the Hopper default: the "rs" kernel runs
+    rebuilt = layer.checkpoint_weights()
+    fallbacks_before = len(kernel_fallbacks())
+    for tokens in (1, 2, 7, 40, 300):
+        gen = torch.Generator(device="cuda").manual_seed(tokens)
+        x = torch.randn(tokens, H, generator=gen, device="cuda").to(torch.bfloat16)
+        y = layer(x)
+        topk_w, topk_ids = route(x, weights.router_weight, weights.router_bias, k,
+                                 router_weight_bf16=layer.router_weight_bf16)
+        ref = reference_moe(x.float(), rebuilt, topk_w, topk_ids, torch.float32)
+        assert y.shape == (tokens, H) and y.dtype == torch.bfloat16
+        err = rel_err(y, ref)
+        assert err < TOL_BF16, (tokens, err)
+    assert kernel_fallbacks()[fallbacks_before:] == []

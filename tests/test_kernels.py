@@ -405,3 +405,82 @@ def test_sm90_words_descriptor_addresses_every_row(expert_rows):
     for e in range(n_experts):
         rows = desc.base[e * rows_per_expert: e * rows_per_expert + n]
         assert torch.equal(rows, blocks[e].contiguous().view(torch.int32)), e
+
+
+def test_every_default_config_compiles_for_sm90_at_small_shapes():
+    # Small test models and narrow TP shards give K loops of one step (K <= block_k) and w2
+    # split-K programs of one step each: Triton 3.6 failed to lower the copies the folded
+    # one-step loop left dead (issue: short K loops). Every config the defaults can pick for
+    # sm_90, at H and I in sm90_report.SMALL_SIZES, must compile, without spills.
+    stdout = run_compiler_script("-m", "mxfp4_moe.kernels.sm90_report", "--small-shapes")
+    reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    from mxfp4_moe.kernels.sm90_report import SMALL_SIZES
+    assert {r["config"]["kernel"] for r in reports} == {"triton", "sm90", "rs"}
+    assert {r["k"] for r in reports} == set(SMALL_SIZES)
+    rs = [r for r in reports if r["config"]["kernel"] == "rs"]
+    one_step = [r for r in rs if -(-r["k"] // r["config"]["block_k"]) <= r["config"]["split_k"]]
+    assert any(r["config"]["split_k"] == 1 for r in one_step) and any(r["config"]["split_k"] > 1 for r in one_step)
+    for rep in reports:
+        assert "error" not in rep, rep
+        assert rep["local_bytes"] == 0 and rep["stack_bytes"] == 0 and 0 < rep["registers"] <= 255, rep
+
+
+@pytest.fixture
+def launcher_without_fallbacks(monkeypatch):
+    """The launcher module with an empty fallback record (restored after the test)."""
+    import importlib
+    launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
+    monkeypatch.setattr(launcher, "_FALLBACKS", {})
+    return launcher
+
+
+@pytest.mark.parametrize("shape_only", [False, True], ids=["checkpoint-order-kept", "fragment-order-only"])
+def test_compile_failure_falls_back_to_triton_and_warns_once(launcher_without_fallbacks, monkeypatch, shape_only,
+                                                             nan_like):
+    # A default fast kernel that fails to compile ("rs" here, forced with today's Triton error)
+    # must not take the layer down: the portable kernel runs the call, one warning per shape
+    # class names the kernel, its config and the error, and the output matches the reference.
+    # With only the fragment copy (the layer's default on Hopper), the checkpoint order is rebuilt.
+    from mxfp4_moe.kernels import to_fragment_order
+    launcher = launcher_without_fallbacks
+    rs_config = launcher.MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2)
+    attempts = []
+
+    def failing_rs(launch, config):
+        attempts.append(config)
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setitem(launcher._LAUNCHERS, "rs", failing_rs)
+    monkeypatch.setattr(launcher, "_pick_config", lambda *args: rs_config)
+    weights, _ = random_expert_weights(4, 64, 96, top_k=2, seed=5)
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(5))
+    topk_w, topk_ids = _routing(7, 4, 2, seed=5)
+    meta = routing_metadata(topk_ids, None, 4, 16, topk_w)
+    fragments = to_fragment_order(weights.w13_blocks, weights.w13_scales)
+    blocks, scales = weights.w13_blocks, weights.w13_scales
+    if shape_only:
+        blocks, scales = (torch.empty(t.shape, dtype=t.dtype, device="meta") for t in (blocks, scales))
+    kw = dict(swiglu=(weights.swiglu_alpha, weights.swiglu_limit), compute_dtype=torch.float32)
+    ref = reference_moe_matmul(x, weights.w13_blocks, weights.w13_scales, weights.w13_bias, meta, **kw)
+    with pytest.warns(RuntimeWarning, match=r"'rs' kernel cannot run \[192, 64\] weights .*block_k=128.*"
+                                            r"PassManager::run failed.*portable Triton kernel") as caught:
+        out = moe_matmul(x, blocks, scales, weights.w13_bias, meta, fragments=fragments,
+                         out=nan_like(torch.empty(14, 96)), **kw)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    assert ("second copy" in str(caught[0].message)) == shape_only
+    assert rel_err(out, ref) < TOL[torch.float32]
+    [fallback] = launcher.kernel_fallbacks()
+    assert (fallback.kernel, fallback.failed_config, fallback.config.kernel) == ("rs", rs_config, "triton")
+    assert fallback.error == "RuntimeError: PassManager::run failed"
+
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # the same shape class again: no second warning,
+        again = moe_matmul(x, blocks, scales, weights.w13_bias, meta, fragments=fragments, **kw)
+    assert len(attempts) == 1                   # and no second compile attempt
+    assert torch.equal(again, out)
+
+    # An explicit request for the kernel that failed still raises, naming it.
+    monkeypatch.setattr(launcher, "_rs_unsupported", lambda *args, **kwargs: "")
+    with pytest.raises(RuntimeError, match=r"'rs' kernel cannot run .*PassManager::run failed"):
+        moe_matmul(x, blocks, scales, weights.w13_bias, meta, fragments=fragments, config=rs_config, **kw)

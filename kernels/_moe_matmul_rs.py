@@ -33,9 +33,10 @@ steps of a tile over programs (w2's atomic combine adds their partial sums). bf1
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from ._compat import cp_async_load, cta_barrier, tma_async_load
 from ._moe_matmul import _BLOCK_SIZE
 from ._moe_matmul_sm90 import _store_tile, _tile_rows, _x_row_pointers
 from .fragment_layout import BF16_MANTISSA_BITS, LAST_PAIR_MASKS, LAST_PAIR_ROTATIONS, PAIR_MASK, PAIR_ROTATIONS
@@ -122,10 +123,10 @@ def _copy_x_step(x_stage, x_ptrs, mask_xm, offs_xk, K_X, step, BLOCK_K: gl.const
     """cp.async of the tile's x rows for one K step (columns >= K_X, and every column unless
     `valid`, read as zero)."""
     if EVEN_K:
-        async_copy.async_copy_global_to_shared(x_stage, x_ptrs + step * BLOCK_K, mask=mask_xm[:, None] & valid)
+        cp_async_load(x_stage, x_ptrs + step * BLOCK_K, mask=mask_xm[:, None] & valid)
     else:
         x_mask = mask_xm[:, None] & ((step * BLOCK_K + offs_xk) < K_X)[None, :] & valid
-        async_copy.async_copy_global_to_shared(x_stage, x_ptrs + step * BLOCK_K, mask=x_mask)
+        cp_async_load(x_stage, x_ptrs + step * BLOCK_K, mask=x_mask)
 
 
 @gluon.jit
@@ -146,7 +147,7 @@ def _wait_x_step(STAGES: gl.constexpr):
     wait, so the buffer two steps back is free)."""
     async_copy.wait_group(STAGES - 3)
     fence_async_shared()
-    gl.thread_barrier()
+    cta_barrier()
 
 
 @gluon.jit
@@ -313,7 +314,7 @@ def _tma_x_step(x_desc, x_ring, x_ready, row_start, buffer, step, BLOCK_K: gl.co
     in wgmma columns that the epilogue never stores."""
     bar = x_ready.index(buffer)
     mbarrier.expect(bar, x_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(x_desc, [row_start, step * BLOCK_K], bar, x_ring.index(buffer))
+    tma_async_load(x_desc, [row_start, step * BLOCK_K], bar, x_ring.index(buffer))
 
 
 @gluon.jit
@@ -449,7 +450,7 @@ def _rs_tile(x_ptr, stride_xm, x_desc, words_ptr, s_ptr, row_groups, bias_ptr, s
                 # Step ki's rows have landed; the barrier: every warp is past step ki - 1, whose
                 # wgmma it retired, so the buffer of step ki - 2 is free for the refill below.
                 mbarrier.wait(x_ready.index(ki % STAGES), (ki // STAGES) & 1)
-                gl.thread_barrier()
+                cta_barrier()
                 x_buffers = _x_ring_buffers(x_ring, ki % STAGES, PIECES)
             else:
                 _wait_x_step(STAGES)

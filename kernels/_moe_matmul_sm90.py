@@ -33,9 +33,10 @@ benchmarks/RESULTS.md section 3.
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
+from ._compat import cp_async_load, cta_barrier, tma_async_load
 from ._moe_matmul import (_BF16_MANTISSA_BITS, _BF16_NAN_BITS, _BF16_POW2_MIN_BITS, _BLOCK_SIZE, _CODES_PER_WORD,
                           _E2M1_BF16_PTX, _E8M0_NAN, _NIBBLE_BITS)
 
@@ -71,9 +72,9 @@ def _copy_step(x_stage, x_ptrs, mask_xm, offs_xk, K_X, words_desc, words_row, wo
     words past K arrive as zero codes) and the tile's x rows by cp.async (columns >= K_X read as
     zero; the caller commits the group)."""
     mbarrier.expect(bar, words_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(words_desc, [words_row, step * (BLOCK_K // _CODES_PER_WORD)], bar, words_stage)
+    tma_async_load(words_desc, [words_row, step * (BLOCK_K // _CODES_PER_WORD)], bar, words_stage)
     x_mask = mask_xm[:, None] & ((step * BLOCK_K + offs_xk) < K_X)[None, :]
-    async_copy.async_copy_global_to_shared(x_stage, x_ptrs + step * BLOCK_K, mask=x_mask)
+    cp_async_load(x_stage, x_ptrs + step * BLOCK_K, mask=x_mask)
 
 
 @gluon.jit
@@ -164,7 +165,7 @@ def _moe_matmul_sm90_kernel(
         # w_smem[ki % 2] was last read by step ki - 2's wgmma, retired (every warpgroup) in step ki - 1.
         w_smem.index(ki % 2).store(_decode_tile(words.to(gl.uint32, bitcast=True), scales))
         fence_async_shared()
-        gl.thread_barrier()                        # every thread's x rows and w tile are in place
+        cta_barrier()                        # every thread's x rows and w tile are in place
         # Step ki + 1's scale bytes (too narrow for the copy engines: plain loads), issued after
         # the proxy fence, which waits for every load in flight (issued before it, the load's
         # latency stalled each step: ncu, benchmarks/data/ncu_h200_0581c53.md).
@@ -175,7 +176,7 @@ def _moe_matmul_sm90_kernel(
         else:
             acc = warpgroup_mma(x_smem.index(stage), w_smem.index(ki % 2).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))   # this warpgroup's step ki - 1 done
-        gl.thread_barrier()                        # ... and every warpgroup's: its buffers are free
+        cta_barrier()                        # ... and every warpgroup's: its buffers are free
         kn = ki + STAGES - 1                       # into the stage step ki - 1 used
         # (Statically none when the prologue issued every step: a one-step loop folds kn to a
         # constant, and Triton 3.6 fails to lower the dead copies that leaves.)

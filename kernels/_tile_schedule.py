@@ -45,6 +45,7 @@ def _tile_schedule_kernel(offsets_ptr, counts_ptr, tile_expert_ptr, tile_row_sta
     start = tl.load(offsets_ptr + e, mask=mask_e, other=0)
     end = tl.load(offsets_ptr + e + 1, mask=mask_e, other=0)
     counts = end - start
-    tl.store(counts_ptr + e, counts, mask=mask_e & (tl.program_id(0) == 0))
+    if tl.program_id(0) == 0:      # (a branch, not a scalar in the mask: Triton 3.9's interpreter rejects that)
+        tl.store(counts_ptr + e, counts, mask=mask_e)
     _schedule_tiles(start, counts, mask_e, tile_expert_ptr, tile_row_start_ptr, num_experts, num_tiles,
                     tl.program_id(0) * BLOCK_T, BLOCK_M, BLOCK_E, BLOCK_T)

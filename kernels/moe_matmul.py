@@ -18,6 +18,7 @@ import triton
 from mxfp4_moe.mxfp4 import BLOCK_SIZE
 from mxfp4_moe.routing import RoutingMetadata
 
+from ._compat import LAUNCH_OPTIONS
 from ._moe_matmul import _moe_matmul_kernel
 from .fragment_layout import FragmentWeights
 
@@ -408,7 +409,7 @@ def _launch_rs(a: _Launch, config: MatmulConfig) -> None:
         X_TMA=x_desc is not None,
         **{name: a.fused[name] for name in ("GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE",
                                             "SWIGLU", "ROW_WEIGHT")},
-        num_warps=config.num_warps)
+        num_warps=config.num_warps, **LAUNCH_OPTIONS)
 
 
 def _launch_sm90(a: _Launch, config: MatmulConfig) -> None:
@@ -424,7 +425,8 @@ def _launch_sm90(a: _Launch, config: MatmulConfig) -> None:
         bias, bias.stride(0),
         cs, cs.stride(0),
         a.y, a.y.stride(0),
-        *a.routing, STAGES=config.num_stages, SWAP_AB=config.swap_ab, **a.fused, **_block_constexprs(config))
+        *a.routing, STAGES=config.num_stages, SWAP_AB=config.swap_ab, **a.fused, **_block_constexprs(config),
+        **LAUNCH_OPTIONS)
 
 
 def _launch_triton(a: _Launch, config: MatmulConfig) -> None:
@@ -442,7 +444,7 @@ def _launch_triton(a: _Launch, config: MatmulConfig) -> None:
         *a.routing, SWAP_AB=config.swap_ab, EVEN_K=(a.fused["K"] % config.block_k == 0 and x.shape[1] == a.fused["K"]),
         COMPUTE_DTYPE=_tl_dtype(a.compute_dtype), DEQUANT=a.dequant,
         RETIRE_MMA_EACH_STEP=config.swap_ab and not interpreting() and not a.unsafe_pipelined_rs_mma,
-        num_stages=config.num_stages, **a.fused, **_block_constexprs(config))
+        num_stages=config.num_stages, **a.fused, **_block_constexprs(config), **LAUNCH_OPTIONS)
 
 
 def _block_constexprs(config: MatmulConfig) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ._compat import LAUNCH_OPTIONS
 from ._router_topk import _router_topk_kernel
 
 _TILE_ELEMENTS = 4096       # logits one program holds: 32 tokens at 128 experts
@@ -36,5 +37,5 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int,
     block_t = max(1, min(triton.next_power_of_2(tokens), _TILE_ELEMENTS // block_e))
     _router_topk_kernel[(triton.cdiv(tokens, block_t),)](
         logits, bias, weights, ids, tokens, num_experts, logits.stride(0), TOP_K=top_k,
-        BLOCK_K=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
+        BLOCK_K=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4, **LAUNCH_OPTIONS)
     return weights, ids

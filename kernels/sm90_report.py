@@ -22,6 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ._compat import LAUNCH_OPTIONS
 from .moe_matmul import MatmulConfig, default_config
 
 _TL_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -39,6 +40,17 @@ VARIANTS = (
     ("w2_bm128", 2880, 2880, 128, False, True),
     ("w2_tp4_bm128", 2880, 768, 128, False, True),
 )
+
+
+def sm90_ptxas_version() -> tuple[int, int]:
+    """(major, minor) CUDA release of the ptxas Triton assembles sm_90 code with (its bundled one,
+    `ptxas-blackwell` from Triton 3.9, or TRITON_PTXAS_PATH). From CUDA 13.3 ptxas no longer
+    reuses the registers of a wgmma still in flight (triton#9433, fixed by triton PR #11781)."""
+    from triton.backends.nvidia.compiler import get_ptxas_version
+    found = re.search(r"release (\d+)\.(\d+)", get_ptxas_version(90))
+    if not found:
+        raise RuntimeError(f"sm90_report: cannot read the ptxas release from {get_ptxas_version(90)!r}")
+    return int(found.group(1)), int(found.group(2))
 
 
 def _bin_dir() -> Path:
@@ -92,7 +104,7 @@ def _compile(kernel, source_type, signature: dict, constexprs: dict, config: Mat
                   if value % 16 == 0 and name in signature}
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     src = source_type(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={**LAUNCH_OPTIONS, **options})
 
 
 def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool, n: int = 2880,

@@ -118,6 +118,14 @@ def _config_value(raw: dict, keys: tuple[str, ...], source: str, *, required: bo
     return next(iter(found.values()))
 
 
+def _positive_number(raw: dict, key: str, default: float, source: str) -> float:
+    """The config value under `key` (default when absent) as a float, which must be finite and > 0."""
+    value = _config_value(raw, (key,), source, required=False, default=default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise CheckpointError(f"{source}: {key}: expected a finite number > 0, found {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """The MoE part of a gpt-oss config.json, whichever naming it used.
@@ -167,10 +175,8 @@ class MoEConfig:
                                                   "num_experts_per_token"), source),
             hidden_size=_config_value(raw, ("hidden_size",), source),
             intermediate_size=_config_value(raw, ("intermediate_size",), source),
-            swiglu_limit=float(_config_value(raw, ("swiglu_limit",), source, required=False,
-                                             default=DEFAULT_SWIGLU_LIMIT)),
-            swiglu_alpha=float(_config_value(raw, ("swiglu_alpha",), source, required=False,
-                                             default=DEFAULT_SWIGLU_ALPHA)),
+            swiglu_limit=_positive_number(raw, "swiglu_limit", DEFAULT_SWIGLU_LIMIT, source),
+            swiglu_alpha=_positive_number(raw, "swiglu_alpha", DEFAULT_SWIGLU_ALPHA, source),
             quant_method=quant_method,
         )
         try:
@@ -221,39 +227,54 @@ def _read_header(file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], in
         raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"{file}: corrupt safetensors file: header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: corrupt safetensors file: expected a JSON object header, "
                               f"found {type(header).__name__}")
     data_size = size - 8 - header_len
     tensors = {}
-    data_end = 0
+    spans = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype_name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: corrupt safetensors file: tensor {name}: expected dtype, shape "
-                                  f"and data_offsets, found {entry!r}") from None
+        fields_ok = isinstance(entry, dict) and {"dtype", "shape", "data_offsets"} <= entry.keys()
+        dtype_name = entry.get("dtype") if fields_ok else None
+        shape = entry.get("shape") if fields_ok else None
+        offsets = entry.get("data_offsets") if fields_ok else None
+        if not (isinstance(dtype_name, str) and _is_int_list(shape) and _is_int_list(offsets) and len(offsets) == 2):
+            raise CheckpointError(f"{file}: corrupt safetensors file: tensor {name}: expected dtype (a string), "
+                                  f"shape (a list of ints >= 0) and data_offsets ([begin, end] ints >= 0), "
+                                  f"found {entry!r}")
         if dtype_name not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{file}: tensor {name}: unsupported dtype {dtype_name!r} "
                                   f"(expected one of {sorted(_SAFETENSORS_DTYPES)})")
-        dtype = _SAFETENSORS_DTYPES[dtype_name]
+        dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[dtype_name], tuple(shape), offsets
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if end - begin != nbytes:
             raise CheckpointError(f"{file}: corrupt safetensors file: tensor {name} {dtype_name} {list(shape)} "
-                                  f"needs {nbytes} bytes, its data_offsets span {end - begin}")
+                                  f"needs {nbytes} bytes, its data_offsets [{begin}, {end}] span {end - begin}")
         if end > data_size:
             raise CheckpointError(f"{file}: truncated safetensors file: tensor {name} needs bytes up to "
                                   f"{end} of the data section, the file holds only {data_size}")
-        data_end = max(data_end, end)
+        spans.append((begin, end, name))
         tensors[name] = (dtype, shape, nbytes)
-    if data_end != data_size:
-        raise CheckpointError(f"{file}: corrupt safetensors file: expected a data section of {data_end} bytes "
+    # The tensors must tile the data section in order, as safetensors writes them: a gap or an
+    # overlap means offsets that point at other bytes than the writer's.
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise CheckpointError(f"{file}: corrupt safetensors file: tensor {name} starts at byte {begin} of the "
+                                  f"data section, expected {position} (the end of the tensor before it)")
+        position = end
+    if position != data_size:
+        raise CheckpointError(f"{file}: corrupt safetensors file: expected a data section of {position} bytes "
                               f"(the end of the last tensor), found {data_size}")
     return tensors
+
+
+def _is_int_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 class _FileHandles:
@@ -605,6 +626,9 @@ def _collect_tensors(folder: Path) -> dict[str, tuple[Path, torch.dtype, tuple[i
                                   f"tensor name -> file name, could not read it ({err!r})") from None
         by_file: dict[str, list[str]] = {}
         for name, file_name in weight_map.items():
+            if not (isinstance(file_name, str) and file_name and Path(file_name).name == file_name):
+                raise CheckpointError(f"{index_file}: weight_map maps tensor {name} to {file_name!r}: expected the "
+                                      f"name of a safetensors file in {folder}")
             by_file.setdefault(file_name, []).append(name)
         for file_name, names in sorted(by_file.items()):
             file = folder / file_name

@@ -323,17 +323,24 @@ def test_sm90_race_check_flags_pipelined_register_operand_wgmma():
     # still read (triton#9433): 3.7 relative error on an H100 at (128, 128, 64, swap, 8 warps).
     # The kernel retires each step's wgmma. The check must see the race without that, and no
     # race with it, on a config that went wrong on the GPU.
+    # From CUDA 13.3 (the ptxas Triton 3.9 assembles sm_90 with) ptxas no longer reuses those
+    # registers: the same loop then has wgmmas pending at the back edge and no overwrite.
     script = (
         "import json\n"
-        "from mxfp4_moe.kernels.sm90_report import compile_variant, resource_report\n"
+        "from mxfp4_moe.kernels.sm90_report import compile_variant, resource_report, sm90_ptxas_version\n"
         "from mxfp4_moe.kernels.moe_matmul import MatmulConfig\n"
+        "print(json.dumps({'ptxas': sm90_ptxas_version()}))\n"
         "cfg = MatmulConfig(64, 128, 64, True, 4, 3)\n"
         "for retire in (False, True):\n"
         "    c = compile_variant(cfg, k=2880, n=5760, swiglu=True, atomic=False, retire_mma_each_step=retire)\n"
         "    print(json.dumps(resource_report(c, cfg)))\n")
     stdout = run_compiler_script("-c", script)
-    racy, retired = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    assert racy["pending_at_back_edge"] > 0 and racy["in_flight_overwrites"] > 0, racy
+    ptxas, racy, retired = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert racy["pending_at_back_edge"] > 0, racy
+    if tuple(ptxas["ptxas"]) < (13, 3):
+        assert racy["in_flight_overwrites"] > 0, racy
+    else:
+        assert racy["in_flight_overwrites"] == 0, (ptxas, racy)
     assert retired["rs_groups"] > 0, retired          # still the register-operand wgmma
     assert retired["pending_at_back_edge"] == 0 and retired["in_flight_overwrites"] == 0, retired
 

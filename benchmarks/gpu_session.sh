@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh                 # nvidia-h100-x2: tests, verify, torchrun, distributed
 #   BENCH_MOE=1 bash benchmarks/gpu_session.sh     # one GPU: tests, verify, bench_moe --no-sweep
 #   GPU_TESTS_K=small_shapes SKIP_20B=1 bash benchmarks/gpu_session.sh   # some GPU tests, then the verify runs
+#   BENCH_MOE=1 BENCH_MOE_ARGS="--experts 128 --tokens 1 64" ...   # bench_moe at some points only
 # Set MXFP4_COMMIT=<hash of your checkout> in the command: the device's copy of .git can be stale
 # (seen on 2026-11-28: it named the session's first commit), and the JSON records this value.
 set -uo pipefail
@@ -32,18 +33,21 @@ for tokens in 1 64; do
   step "verify built-in, $tokens tokens" python3 -m mxfp4_moe.verify --tokens $tokens --json "$OUT/verify_builtin_t$tokens.json" > "$OUT/verify_builtin_t$tokens.txt" 2>&1; tail -3 "$OUT/verify_builtin_t$tokens.txt"
   step "verify tiny H = I = 64, $tokens tokens" python3 -m mxfp4_moe.verify $TINY --tokens $tokens --json "$OUT/verify_tiny_t$tokens.json" > "$OUT/verify_tiny_t$tokens.txt" 2>&1; tail -3 "$OUT/verify_tiny_t$tokens.txt"
 done
-[ "${SKIP_20B:-0}" = 1 ] && { rm -f mxfp4_moe/kernels; exit 0; }
 CK=/tmp/ckpt20b
-step "write gpt-oss-20b-like layer" python3 -c "
-from mxfp4_moe.synthetic import make_synthetic_checkpoint
-make_synthetic_checkpoint('$CK', num_layers=1, num_experts=32, hidden=2880, intermediate=2880, top_k=4, seed=0)"
-step "verify 20b-like tp4 triton-align" python3 -m mxfp4_moe.verify $CK --tp 4 --align triton --tokens 512 --bench-tokens 512 --json "$OUT/verify_20b_tp4.json" > "$OUT/verify_20b_tp4.txt" 2>&1; cat "$OUT/verify_20b_tp4.txt" | tail -14
-if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-  step "torchrun verify tp2" torchrun --nproc-per-node 2 -m mxfp4_moe.verify $CK --tp 2 --align triton --tokens 256 --json "$OUT/torchrun_tp2.json" > "$OUT/torchrun_tp2.txt" 2>&1; tail -12 "$OUT/torchrun_tp2.txt"
-  step "torchrun verify ep2" torchrun --nproc-per-node 2 -m mxfp4_moe.verify $CK --ep 2 --tokens 256 --json "$OUT/torchrun_ep2.json" > "$OUT/torchrun_ep2.txt" 2>&1; tail -6 "$OUT/torchrun_ep2.txt"
-  step "bench distributed" python3 benchmarks/bench_distributed.py --checkpoint $CK --out "$OUT" 2>&1 | tee "$OUT/bench_distributed.log" | tail -20
+if [ "${SKIP_20B:-0}" != 1 ]; then
+  step "write gpt-oss-20b-like layer" python3 -c "
+  from mxfp4_moe.synthetic import make_synthetic_checkpoint
+  make_synthetic_checkpoint('$CK', num_layers=1, num_experts=32, hidden=2880, intermediate=2880, top_k=4, seed=0)"
+  step "verify 20b-like tp4 triton-align" python3 -m mxfp4_moe.verify $CK --tp 4 --align triton --tokens 512 --bench-tokens 512 --json "$OUT/verify_20b_tp4.json" > "$OUT/verify_20b_tp4.txt" 2>&1; cat "$OUT/verify_20b_tp4.txt" | tail -14
+  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    step "torchrun verify tp2" torchrun --nproc-per-node 2 -m mxfp4_moe.verify $CK --tp 2 --align triton --tokens 256 --json "$OUT/torchrun_tp2.json" > "$OUT/torchrun_tp2.txt" 2>&1; tail -12 "$OUT/torchrun_tp2.txt"
+    step "torchrun verify ep2" torchrun --nproc-per-node 2 -m mxfp4_moe.verify $CK --ep 2 --tokens 256 --json "$OUT/torchrun_ep2.json" > "$OUT/torchrun_ep2.txt" 2>&1; tail -6 "$OUT/torchrun_ep2.txt"
+    step "bench distributed" python3 benchmarks/bench_distributed.py --checkpoint $CK --out "$OUT" 2>&1 | tee "$OUT/bench_distributed.log" | tail -20
+  fi
 fi
 if [ "${BENCH_MOE:-0}" = 1 ]; then
-  step "bench_moe (default configs)" env MXFP4_COMMIT="$commit" python3 benchmarks/bench_moe.py --no-sweep --out "$OUT/moe" 2>&1 | grep -v '^{' | tail -40
+  step "bench_moe (default configs)" env MXFP4_COMMIT="$commit" python3 benchmarks/bench_moe.py --no-sweep ${BENCH_MOE_ARGS:-} --out "$OUT/moe" 2>&1 | grep -v '^{' | tail -40
 fi
 rm -f mxfp4_moe/kernels
+# The device tool brings back at most 8 files: pack them into one.
+(cd "$OUT" && tar czf /tmp/gpu_session.tar.gz . && rm -rf ./* && mv /tmp/gpu_session.tar.gz .)

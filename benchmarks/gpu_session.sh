@@ -6,6 +6,7 @@
 #   BENCH_MOE=1 bash benchmarks/gpu_session.sh     # one GPU: tests, verify, bench_moe --no-sweep
 #   GPU_TESTS_K=small_shapes SKIP_20B=1 bash benchmarks/gpu_session.sh   # some GPU tests, then the verify runs
 #   BENCH_MOE=1 BENCH_MOE_ARGS="--experts 128 --tokens 1 64" ...   # bench_moe at some points only
+#   SKIP_GPU_TESTS=1 SKIP_VERIFY=1 SKIP_20B=1 BENCH_MOE=1 ...        # the benchmark alone
 # Set MXFP4_COMMIT=<hash of your checkout> in the command: the device's copy of .git can be stale
 # (seen on 2026-11-28: it named the session's first commit), and the JSON records this value.
 set -uo pipefail
@@ -25,14 +26,16 @@ if [ "${SKIP_GPU_TESTS:-0}" != 1 ]; then
 fi
 # verify at decode and at 64 tokens, on the built-in checkpoint and on a tiny transformers-loadable
 # model (H = I = 64: one K step per program in every kernel)
-TINY=/tmp/ckpt_tiny
-python3 -c "
+if [ "${SKIP_VERIFY:-0}" != 1 ]; then
+  TINY=/tmp/ckpt_tiny
+  python3 -c "
 from mxfp4_moe.synthetic import make_synthetic_checkpoint
 make_synthetic_checkpoint('$TINY', num_layers=2, num_experts=4, hidden=64, intermediate=64, top_k=2, full_model=True)"
-for tokens in 1 64; do
-  step "verify built-in, $tokens tokens" python3 -m mxfp4_moe.verify --tokens $tokens --json "$OUT/verify_builtin_t$tokens.json" > "$OUT/verify_builtin_t$tokens.txt" 2>&1; tail -3 "$OUT/verify_builtin_t$tokens.txt"
-  step "verify tiny H = I = 64, $tokens tokens" python3 -m mxfp4_moe.verify $TINY --tokens $tokens --json "$OUT/verify_tiny_t$tokens.json" > "$OUT/verify_tiny_t$tokens.txt" 2>&1; tail -3 "$OUT/verify_tiny_t$tokens.txt"
-done
+  for tokens in 1 64; do
+    step "verify built-in, $tokens tokens" python3 -m mxfp4_moe.verify --tokens $tokens --json "$OUT/verify_builtin_t$tokens.json" > "$OUT/verify_builtin_t$tokens.txt" 2>&1; tail -3 "$OUT/verify_builtin_t$tokens.txt"
+    step "verify tiny H = I = 64, $tokens tokens" python3 -m mxfp4_moe.verify $TINY --tokens $tokens --json "$OUT/verify_tiny_t$tokens.json" > "$OUT/verify_tiny_t$tokens.txt" 2>&1; tail -3 "$OUT/verify_tiny_t$tokens.txt"
+  done
+fi
 CK=/tmp/ckpt20b
 if [ "${SKIP_20B:-0}" != 1 ]; then
   step "write gpt-oss-20b-like layer" python3 -c "

@@ -10,17 +10,19 @@ import os
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import triton
 
-from mxfp4_moe.mxfp4 import BLOCK_SIZE
-from mxfp4_moe.routing import RoutingMetadata
+from mxfp4_moe.mxfp4 import BLOCK_SIZE      # the format's constants: a leaf module, no cycle
 
 from ._compat import LAUNCH_OPTIONS
 from ._moe_matmul import _moe_matmul_kernel
 from .fragment_layout import FragmentWeights
+
+if TYPE_CHECKING:           # routing.py launches kernels from this package: no import back at run time
+    from mxfp4_moe.routing import RoutingMetadata
 
 Combine = Literal["none", "atomic", "slots"]
 Dequant = Literal["auto", "bytes", "words", "ptx"]

@@ -17,9 +17,9 @@ import torch
 from .checks import (CheckResult, SHARD_SUM_TOLERANCE, check_coverage,
                      check_format, check_fragment_order, check_kernels, check_oracle, check_shard, kernel_tolerance,
                      median_ms, rel_err, run_noting_fallbacks)
-from .verify import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, Progress, UsageError, _rank_label,
-                     _resolve_compute, environment, make_plans, parse_align, parse_layers, report,
-                     report_header)
+from .verify_common import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, UsageError, advance, environment,
+                            make_plans, parse_align, parse_layers, progress_bar, rank_label, report, report_header,
+                            resolve_compute)
 
 
 # ---- one process per rank (torchrun) ------------------------------------------------------------
@@ -78,7 +78,7 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
     layers = parse_layers(args.layers, cfg.num_layers)
     plans, full_plan = make_plans(args, cfg)
     results: list[CheckResult] = []
-    progress = Progress(len(layers) * 4 + 2, progress_enabled and rank0)
+    progress = progress_bar(len(layers) * 4 + 2, progress_enabled and rank0)
     if rank0:
         coverage = check_coverage(plans, cfg.num_experts, cfg.intermediate_size)
         results.append(CheckResult("sharding", None, None, not coverage,
@@ -87,7 +87,7 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
     first = None                    # (distributed layer, single-process module, full weights, x) of the first layer
     tol = None
     for layer in layers:
-        progress.step(f"layer {layer}: format")
+        advance(progress, f"layer {layer}: format")
         if rank0:
             results.append(check_format(ckpt, layer))
         tensors = ckpt.layer(layer)
@@ -95,7 +95,7 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
         x = torch.randn(args.tokens, cfg.hidden_size, generator=g).to(device)
         x_compute = x.to(dtype)
 
-        progress.step(f"layer {layer}: load shards")
+        advance(progress, f"layer {layer}: load shards")
         D.reset_peak_memory(device)
         error = None
         try:
@@ -126,7 +126,7 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
         problems = check_shard(tensors, plan, shard)
         del shard
 
-        progress.step(f"layer {layer}: single-process output")
+        advance(progress, f"layer {layer}: single-process output")
         if rank0:
             full = load_layer(ckpt, layer, full_plan, device=device)
             ref_full = reference_moe(x_compute.double(), full, topk_weights, topk_ids, torch.float64).contiguous()
@@ -151,7 +151,7 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
                 "vs_reference_rel_err": rel_err(y, ref_full), "ref_sum_rel_err": rel_err(ref_sum, ref_full)}
         infos = D.gather_objects(info, device)
 
-        progress.step(f"layer {layer}: consistency")
+        advance(progress, f"layer {layer}: consistency")
         if rank0:
             results.extend(_rank_rows(layer, infos, plans, tol))
             ref_err = infos[0]["ref_sum_rel_err"]
@@ -168,11 +168,11 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
         if rank0:
             del full, module
 
-    progress.step("oracle")
+    advance(progress, "oracle")
     moe, module, full, x_compute = first
     if rank0 and args.oracle:
         results.append(check_oracle(module, full, x_compute, cfg))
-    progress.step("throughput")
+    advance(progress, "throughput")
     if device.type == "cuda":
         timing = _time_distributed(moe, module, args.bench_tokens or args.tokens, cfg.hidden_size, device, args.seed)
         timings = D.gather_objects(timing, device)
@@ -200,7 +200,7 @@ def _rank_rows(layer: int, infos: list[dict], plans, tol: float) -> list[CheckRe
               f"{info['peak_mem_bytes'] / 2**20:.0f} MiB"
         summary = ("; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
                    if problems else
-                   f"{_rank_label(plan)} on {info['device']}: {plan.num_local_experts} experts, I {plan.inter}->"
+                   f"{rank_label(plan)} on {info['device']}: {plan.num_local_experts} experts, I {plan.inter}->"
                    f"{plan.inter_pad}, H {plan.hidden}->{plan.hidden_pad}; exact, padding clean; read "
                    f"{info['bytes_read'] / 1e6:.2f} MB (= plan) in {info['load_s'] * 1e3:.0f} ms; {mem}")
         rows.append(CheckResult("sharding", layer, info["rank"], not problems, summary, figures))
@@ -208,7 +208,7 @@ def _rank_rows(layer: int, infos: list[dict], plans, tol: float) -> list[CheckRe
         err, ref_err = info["vs_single_rel_err"], info["vs_reference_rel_err"]
         rows.append(CheckResult(
             "consistency", layer, info["rank"], err <= tol and ref_err <= tol,
-            f"{_rank_label(plans[info['rank']])}: combined output vs single-process rel err {err:.2e}, "
+            f"{rank_label(plans[info['rank']])}: combined output vs single-process rel err {err:.2e}, "
             f"vs float64 reference {ref_err:.2e} (<= {tol:.0e})",
             {"single_rel_err": err, "reference_rel_err": ref_err, "tolerance": tol}))
     return rows
@@ -261,7 +261,7 @@ def main_torchrun(args, out, launch) -> int:
         _torchrun_layout(args, launch.world_size)
         args.align = parse_align(args.align or (BUILTIN_LAYOUT["align"] if builtin else "none"))
         device = D.rank_device(launch.local_rank, args.device)
-        dtype = _resolve_compute(args, device, builtin)
+        dtype = resolve_compute(args, device, builtin)
     except (UsageError, D.DistributedSetupError) as exc:
         return bad_input(str(exc))
     except RuntimeError:

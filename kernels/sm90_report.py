@@ -115,7 +115,7 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
     (default: what the launcher picks on a GPU, "ptx" for bf16, else "bytes");
     retire_mma_each_step, its RETIRE_MMA_EACH_STEP (default: as the launcher sets it on a GPU,
     i.e. config.swap_ab). The Gluon kernels ("sm90", "rs") are bf16 only. rs_kernel: compile this
-    variant of the "rs" kernel (same arguments) in its place (`benchmarks/probe_rs_parts.py`)."""
+    variant of the "rs" kernel (same arguments) in its place (`benchmarks/probes/probe_rs_parts.py`)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("sm90_report needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
     if config.kernel == "rs":

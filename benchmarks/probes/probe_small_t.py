@@ -8,7 +8,7 @@ on purpose, only the time counts):
     neither      both removed
 and the floor of the timing harness (a graph holding one trivial kernel).
 
-    python benchmarks/probe_small_t.py --out DIR        # writes DIR/probe_small_t.json
+    python benchmarks/probes/probe_small_t.py --out DIR        # writes DIR/probe_small_t.json
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
 from bench_moe import git_commit, time_graph  # noqa: E402
 
 from mxfp4_moe.kernels import pick_block_m  # noqa: E402

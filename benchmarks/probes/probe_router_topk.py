@@ -2,7 +2,7 @@
 runs on CUDA) against torch.topk + torch.softmax on the same logits, and the whole layer, same
 run, gpt-oss shapes (H = I = 2880, top-4; CUDA-graph replay, L2 flushed).
 
-    python benchmarks/probe_router_topk.py --out DIR        # writes DIR/probe_router_topk.json
+    python benchmarks/probes/probe_router_topk.py --out DIR        # writes DIR/probe_router_topk.json
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
 from bench_moe import record, start_probe, time_graph  # noqa: E402
 
 from mxfp4_moe.kernels.router_topk import router_topk  # noqa: E402

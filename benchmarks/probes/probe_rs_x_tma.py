@@ -3,7 +3,7 @@ order, no gather) copied by TMA, as the launcher does from 64-wide K steps, agai
 launch with the cp.async ring the gathered w13 uses; same run, in alternating order (the median
 of --repeats timings each), outputs checked to agree.
 
-    python benchmarks/probe_rs_x_tma.py --points 32:512,128:2048 --out DIR    # DIR/probe_rs_x_tma.json
+    python benchmarks/probes/probe_rs_x_tma.py --points 32:512,128:2048 --out DIR    # DIR/probe_rs_x_tma.json
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import importlib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
 from bench_moe import record, routed_points, start_probe, time_graph  # noqa: E402
 
 from mxfp4_moe.kernels import moe_matmul, pick_block_m, to_fragment_order  # noqa: E402

@@ -1,6 +1,6 @@
 """Launch one grouped-matmul configuration a few times at E = 32, T = 8192 (gpt-oss-20b shapes),
 for a profiler such as Nsight Compute to pick up (`ncu -k regex:moe_matmul ... python
-benchmarks/profile_one.py --config 128,128,64,1,8,4,rs,3 --op w13`). Configs as in
+benchmarks/probes/profile_one.py --config 128,128,64,1,8,4,rs,3 --op w13`). Configs as in
 `probe_configs.py`; an "rs" config gets the weights in fragment order."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
 from probe_configs import parse_config  # noqa: E402
 
 from mxfp4_moe.kernels import moe_matmul, to_fragment_order  # noqa: E402

@@ -2,7 +2,7 @@
 (`routing_metadata` now) against the four-launch path (`expert_sort` + `tile_schedule`), and
 the whole layer, same run, gpt-oss shapes (H = I = 2880, top-4).
 
-    python benchmarks/probe_routing.py --out DIR        # writes DIR/probe_routing.json
+    python benchmarks/probes/probe_routing.py --out DIR        # writes DIR/probe_routing.json
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
 from bench_moe import record, routed_points, start_probe, time_graph  # noqa: E402
 
 from mxfp4_moe.kernels import pick_block_m  # noqa: E402

@@ -13,8 +13,8 @@ and their combinations ("+"). With every part but the weight loads and the wgmma
 what is left is the floor of this loop structure. Every launch copies x by cp.async, the path
 these edits take apart (w2 otherwise reads its sorted rows by TMA from 64-wide K steps).
 
-    python benchmarks/probe_rs_parts.py --out DIR               # GPU: DIR/probe_rs_parts.json
-    python benchmarks/probe_rs_parts.py --sass                  # any machine: registers and K-loop
+    python benchmarks/probes/probe_rs_parts.py --out DIR               # GPU: DIR/probe_rs_parts.json
+    python benchmarks/probes/probe_rs_parts.py --sass                  # any machine: registers and K-loop
                                                                 # SASS instructions of each variant
 """
 
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
 
-RS_SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "_moe_matmul_rs.py"
+RS_SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "_moe_matmul_rs.py"
 VARIANTS = ("base", "no_decode", "no_x_copy", "no_x_sync", "no_x_copy+no_x_sync",
             "no_decode+no_x_copy+no_x_sync")
 
@@ -49,7 +49,7 @@ _EDITS = {
     "no_decode": (re.compile(r'_PAIRS_PTX: gl\.constexpr = gl\.constexpr\(f""".*?"""\)', re.S), _CHEAP_PTX),
     "no_x_copy": ("        _copy_x_step(x_smems[i].index(buffer), x_ptrs[i], masks_xm[i], offs_xk, K_X, step, "
                   "BLOCK_K, EVEN_K, valid)", "        pass"),
-    "no_x_sync": ("    async_copy.wait_group(STAGES - 3)\n    fence_async_shared()\n    gl.thread_barrier()",
+    "no_x_sync": ("    async_copy.wait_group(STAGES - 3)\n    fence_async_shared()\n    cta_barrier()",
                   "    async_copy.wait_group(STAGES - 3)"),
 }
 

@@ -13,8 +13,8 @@ from .tile_schedule import TILES_PER_PROGRAM, tile_schedule
 
 # Pairs per chunk x key slots: the one-hot tile a histogram or scatter program holds, and the
 # chunks x key slots of one scan step (8 warps: 64 values a thread). At E = 128 and T = 8192:
-# 512 chunks of 64 pairs, 8 scan steps. The first version (8192, 16 chunks a step, 4 warps)
-# took 0.111 ms there against 0.033 ms at E = 32 (H200): 1024 chunks for its one-program scan.
+# 512 chunks of 64 pairs, 8 scan steps; a smaller tile left the one-program scan too many chunks
+# (RESULTS.md 3.10).
 _TILE_ELEMENTS = 16384
 _NUM_WARPS = 8
 
@@ -98,10 +98,8 @@ def sort_and_schedule(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, n
         return (*sorted_pairs, *tile_schedule(sorted_pairs[4], num_tiles, block_m))
     s = _Sort(topk_ids, expert_map, num_local_experts, topk_weights)
 
-    # The schedule's tiles per step: the tiles' next power of two, up to TILES_PER_PROGRAM. A
-    # search over 128 tiles whatever their count made one launch slower than two at E = 128
-    # (0.030 vs 0.018 ms at T = 1); sized to the tiles it is faster at every one-chunk size
-    # (H200: 0.011 vs 0.018 ms at T = 1, 0.015 vs 0.019 at T = 16; benchmarks/RESULTS.md 3.9).
+    # The schedule's tiles per step: the tiles' next power of two, up to TILES_PER_PROGRAM (a
+    # search over more tiles than there are is what made one launch lose to two: RESULTS.md 3.9).
     block_t = min(TILES_PER_PROGRAM, max(16, triton.next_power_of_2(num_tiles)))
     # Likewise the pairs: the one-hot [pairs x key slots] the program scans spans the pairs' next
     # power of two, not the chunk's (T = 1 at E = 128: 16 x 256 instead of 64 x 256).

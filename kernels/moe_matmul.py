@@ -40,27 +40,24 @@ Kernel = Literal["triton", "sm90", "rs"]
 
 @dataclass(frozen=True)
 class MatmulConfig:
-    """Block sizes and schedule of one launch. block_m must equal the routing metadata's.
+    """Block sizes and schedule of one launch; block_m must equal the routing metadata's.
 
-    kernel: "triton" (`_moe_matmul.py`: any GPU and the interpreter) or "sm90" (the Gluon
-    kernel of `_moe_matmul_sm90.py`: Hopper, bf16; it overlaps each K step's weight decode with
-    the previous step's wgmma). For "sm90" the wgmma's row side (block_n with swap_ab, else
-    block_m) must be a multiple of 16 * num_warps, block_k in 32..256, and num_stages (>= 2) is
-    the depth of the copy ring: num_stages - 1 K steps of weight words and x rows in flight.
-    "rs" (`_moe_matmul_rs.py`: Hopper, bf16, weights in fragment order, passed as
-    `moe_matmul(fragments=...)`): the decoded weights are the wgmma's register operand; swap_ab,
-    block_n = 16 or 32 * num_warps (16 or 32 weight rows per warp, one wgmma per 16), block_k 64, 128 or 256, num_stages
-    (>= 3) x buffers (num_stages - 2 steps in flight), prefetch (>= 1): K steps of weights in
-    registers (prefetch - 1 loaded ahead), split_k: programs per tile along K ("rs" with combine
-    "atomic" and no SwiGLU; their partial sums meet in the atomic adds), pipeline_mma: each K
-    step's wgmma runs on while the next step decodes (two register fragments in turn; the sm_90
-    SASS check `sm90_report.rs_wgmma_hazards` finds no register rewritten under a running wgmma).
-    Correct on an H200 but 4-47% slower there at every default tile (the second fragment costs
-    45-60 registers, so half as many programs fit per SM), hence off by default. width_step
-    ("rs", 0 = off): a tile of r rows (fewer than block_m only in an expert's last tile) runs
-    ceil(r / width_step) * width_step columns wide on the wgmma's N side instead of block_m, in
-    pieces of powers of two (80 = 64 + 16: one decode, two wgmmas per K step); a power of two in
-    [4 * num_warps, block_m), and block_m / width_step code paths in the kernel.
+    kernel: "triton" (`_moe_matmul.py`: any GPU and the interpreter), "sm90" (`_moe_matmul_sm90.py`:
+      Hopper, bf16, checkpoint order; the decode of a K step overlaps the previous step's wgmma)
+      or "rs" (`_moe_matmul_rs.py`: Hopper, bf16, weights in fragment order, passed as
+      `moe_matmul(fragments=...)`, decoded into the wgmma's register operand).
+    num_stages: "sm90": the copy ring's depth (>= 2, num_stages - 1 steps in flight); "rs": x
+      buffers (>= 3, num_stages - 2 steps in flight); "triton": Triton's software pipelining.
+    "rs" only: swap_ab, block_n = 16 or 32 * num_warps (weight rows per warp), block_k 64, 128 or
+      256; prefetch (>= 1): K steps of weights held in registers (prefetch - 1 loaded ahead);
+      split_k: programs per tile along K (w2's atomic combine adds their partial sums);
+      pipeline_mma: each step's wgmma runs on during the next step's decode, on a second register
+      fragment (correct, but off by default: the extra registers halve the programs per SM);
+      width_step (0 = off): an expert's last, partial tile runs on the wgmma's N side only as wide
+      as its rows rounded up to width_step (a power of two in [4 * num_warps, block_m)).
+    "sm90" only: the wgmma's row side (block_n with swap_ab, else block_m) a multiple of
+      16 * num_warps, block_k in 32..256.
+    Why the defaults are what they are: benchmarks/RESULTS.md section 3.10.
     """
     block_m: int
     block_n: int
@@ -81,9 +78,8 @@ def pick_block_m(num_rows: int, num_local_experts: int) -> int:
     The smallest one at or above the mean rows per local expert m, one step larger when that
     leaves many experts needing a second tile (m + 2 * sqrt(m) above it: the counts are roughly
     Poisson, and reading them would synchronise) while the tile is still a small swapped one
-    (<= 32 rows): every extra tile reads and dequantizes its expert's weights again.
-    Measured on an H200 (E=128, benchmarks/results_moe.md): T=512 (m=16) 32 rows beat 16 by
-    1.27x (w13 and w2); T=2048 (m=64) 128 rows lost to 64 (w2 1.21 vs 0.84 ms).
+    (<= 32 rows): every extra tile reads and dequantizes its expert's weights again
+    (RESULTS.md 3.10).
     """
     mean = num_rows / max(1, num_local_experts)
     block_m = 16
@@ -94,15 +90,11 @@ def pick_block_m(num_rows: int, num_local_experts: int) -> int:
     return block_m
 
 
-# The fragment-order kernel's config per tile size (H200, same-run probes against the
-# checkpoint-order defaults: benchmarks/RESULTS.md sections 3.1-3.2). 64-row programs (4 warps) at
-# every tile size but 128 rows, where 8 warps share each x tile; 128-wide K steps up to 32 rows
-# (4-11% faster than 64 there, 5-7% slower at 64 rows). From 64 rows, width_step half the tile:
-# an expert's last tile with at most half the rows runs half as wide (E = 128, T = 8192: w13 6%,
-# w2 8% faster); finer steps (16 at 64 rows, 32 at 128) measured -4..+10%, and 32 weight rows
-# per warp (block_n = 128 at 4 warps) -1..+18% against these (RESULTS.md section 3.7).
-# At 1-2 tokens (<= 8 routed rows, a few hundred programs) the K loop's length bounds the time:
-# w13 takes 256-wide K steps (0.027 vs 0.029 ms at T = 1), w2 splits K in 4 (0.017 vs 0.024).
+# The fragment-order kernel's config per tile size: 64-row programs (4 warps) except at 128-row
+# tiles, where 8 warps share each x tile; 128-wide K steps up to 32-row tiles, 64 from there;
+# from 64 rows, width_step half the tile. At <= 8 routed rows (a few hundred programs) the K loop's
+# length bounds the time: w13 takes 256-wide steps, w2 splits K in 4. The fastest of the configs
+# measured: RESULTS.md 3.10.
 _RS_FEW_ROWS = 8
 _RS_FEW_ROWS_CONFIGS = {True: MatmulConfig(16, 64, 256, True, 4, 4, "rs", 2),
                         False: MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2, split_k=4)}
@@ -133,14 +125,13 @@ def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: 
             return _RS_FEW_ROWS_CONFIGS[swiglu]
         return _RS_CONFIGS[block_m]
     if block_m <= 16 and not swiglu and mean_rows is not None and mean_rows < 1:
-        # w2 with fewer rows than experts (T = 1, 8 at E = 128): half the K steps per program,
-        # 5-17% faster than block_k 64; from one row per expert on, block_k 64 is 2-12% faster
-        # (H100 sweep, benchmarks/data/out_moe_sweep_small_h100_22f90e8.json).
+        # w2 with fewer rows than experts (T = 1, 8 at E = 128): half the K steps per program
+        # (RESULTS.md 3.10).
         return MatmulConfig(block_m, block_n=64, block_k=128, swap_ab=True, num_warps=4, num_stages=4)
     if block_m <= 16:
         return MatmulConfig(block_m, block_n=64, block_k=64, swap_ab=True, num_warps=4, num_stages=4)
     if block_m <= 32:
-        # 128 weight rows (two wgmma row blocks) beat 64 by 2-5% at E = 128, T = 512 (H200).
+        # 128 weight rows: two wgmma row blocks share each x tile (RESULTS.md 3.10).
         return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=True, num_warps=4, num_stages=4)
     if block_m == 64:
         return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=4, num_stages=3,
@@ -150,8 +141,7 @@ def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: 
         return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=8, num_stages=4,
                             kernel="sm90")
     if not swiglu:
-        # w2 at 128-row tiles: 4 warps, 4 stages measured 1.42x faster than 8 warps, 3 stages
-        # (T=8192: 2.07 vs 2.92 ms), at 254 registers and no spills.
+        # w2 at 128-row tiles: 4 warps and 4 stages (still no spills), RESULTS.md 3.10.
         return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=4, num_stages=4)
     return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=8, num_stages=3)
 
@@ -166,8 +156,8 @@ def words_aligned(blocks: torch.Tensor) -> bool:
 
 def pick_dequant(compute_dtype: torch.dtype, blocks: torch.Tensor) -> str:
     """The dequantization the kernel uses by default: "ptx" for bf16 on the GPU when the weights
-    can be read as words (the K loop then runs 5.3-7.1 SASS instructions per weight element,
-    10.5-12.3 with "bytes"; 1.17-1.63x faster on an H100), else "bytes"."""
+    can be read as words (about half the K loop's instructions of "bytes": RESULTS.md 3.10),
+    else "bytes"."""
     if compute_dtype == torch.bfloat16 and not interpreting() and words_aligned(blocks):
         return "ptx"
     return "bytes"

@@ -2,7 +2,7 @@
 (E = 128, H = I = 2880), beside safetensors alone reading the same bytes.
 
     python benchmarks/bench_loader.py [--dir /tmp/mxfp4_bench_120b] [--repeats 3]
-                                      [--out benchmarks/results_loader.md]
+                                      [--out benchmarks/out/results_loader.md]
 
 Every measurement runs in a fresh child process, so its peak RSS is its own. Peak memory is
 reported two ways: ru_maxrss (all resident pages, including the file pages safetensors maps
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-read-bytes", type=int, default=None,
                         help="the loader's chunk size (default: the loader's default)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results_loader.md")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "results_loader.md")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads in the measured processes (default 1: on a shared "
                              "2-core machine, 2 threads make every torch op wait at OpenMP barriers "
@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = ""
     if args.out.is_file() and NOTES_MARKER in args.out.read_text():
         notes = args.out.read_text().split(NOTES_MARKER, 1)[1]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + notes)
     print(f"wrote {args.out}")
     return 0

@@ -1,7 +1,7 @@
 """Triton kernels: the stable sort of routed (token, slot) pairs by local expert that
 `routing.routing_metadata` needs, as a counting sort in three small launches instead of the
 dozen that torch.sort, the searchsorted, the inverse scatter and the gathers take (RESULTS.md
-3.10). Launched by `expert_sort.py`; nothing else calls them.
+3.4). Launched by `expert_sort.py`; nothing else calls them.
 
 Keys: pair r (flat index t * k + j) of global expert g gets key expert_map[g] (or g), and key
 E_local when that is negative (another rank's expert): those sort after every local pair.

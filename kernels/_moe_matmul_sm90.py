@@ -18,13 +18,13 @@ and the tensor cores take turns. Here the pipeline is written out (S = num_stage
 so step k + 1's decode overlaps step k's wgmma, and S - 1 steps of weight words are in flight.
 The weight words come by TMA: one thread issues a step's copy and an mbarrier counts its bytes,
 which keeps the issue work off the decoding threads (faster than per-thread cp.async: RESULTS.md
-3.10). Both operands of the wgmma come from shared memory (no register operand,
+3.4). Both operands of the wgmma come from shared memory (no register operand,
 hence none of the register race of triton#9433).
 
 SWAP_AB (few rows per expert): the wgmma computes y.T = W @ x.T, so the tile's weight rows fill
 its 64-row side and the tokens its narrow side (8..256 wide); BLOCK_N must then be a multiple of
 16 * num_warps. Otherwise BLOCK_M must be. No default takes it: the Triton kernel's swapped
-tiles measured faster (RESULTS.md 3.10). bf16 only, GPU only (Gluon has no
+tiles measured faster (RESULTS.md 3.4). bf16 only, GPU only (Gluon has no
 interpreter).
 Launched by `moe_matmul.py` when `MatmulConfig.kernel == "sm90"`; measurements in
 benchmarks/RESULTS.md section 3.
@@ -210,7 +210,7 @@ def _store_tile(acc, pid_n, expert64, row_start, row_end, bias_ptr, stride_be, w
     # Epilogue in a plain blocked layout, VEC output columns per thread: with SwiGLU, 8 gate/up
     # pairs per thread become 8 adjacent bf16 (one 16-byte store, and no second layout change);
     # otherwise 16-byte stores or 4-wide fp32 atomics (faster than 2 columns per thread for w2:
-    # RESULTS.md 3.4).
+    # RESULTS.md 3.5).
     VEC: gl.constexpr = 4 if ATOMIC else 8
     if SWIGLU:      # 8 gate/up pairs per thread: after SwiGLU, 8 adjacent bf16 (16 bytes)
         acc_layout: gl.constexpr = gl.BlockedLayout([1, 2 * VEC], [16, 2], [num_warps, 1], [1, 0])

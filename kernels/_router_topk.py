@@ -1,5 +1,5 @@
 """Triton kernel: the gpt-oss router's top-k after its GEMM, in one launch (router bias, top-k of
-the E logits, softmax over the k chosen), where torch takes three launches (RESULTS.md 3.10).
+the E logits, softmax over the k chosen), where torch takes three launches (RESULTS.md 3.4).
 Launched by
 `router_topk.py`.
 """

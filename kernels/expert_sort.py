@@ -14,7 +14,7 @@ from .tile_schedule import TILES_PER_PROGRAM, tile_schedule
 # Pairs per chunk x key slots: the one-hot tile a histogram or scatter program holds, and the
 # chunks x key slots of one scan step (8 warps: 64 values a thread). At E = 128 and T = 8192:
 # 512 chunks of 64 pairs, 8 scan steps; a smaller tile left the one-program scan too many chunks
-# (RESULTS.md 3.10).
+# (RESULTS.md 3.4).
 _TILE_ELEMENTS = 16384
 _NUM_WARPS = 8
 
@@ -99,7 +99,7 @@ def sort_and_schedule(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, n
     s = _Sort(topk_ids, expert_map, num_local_experts, topk_weights)
 
     # The schedule's tiles per step: the tiles' next power of two, up to TILES_PER_PROGRAM (a
-    # search over more tiles than there are is what made one launch lose to two: RESULTS.md 3.9).
+    # search over more tiles than there are is what made one launch lose to two: RESULTS.md 3.5).
     block_t = min(TILES_PER_PROGRAM, max(16, triton.next_power_of_2(num_tiles)))
     # Likewise the pairs: the one-hot [pairs x key slots] the program scans spans the pairs' next
     # power of two, not the chunk's (T = 1 at E = 128: 16 x 256 instead of 64 x 256).

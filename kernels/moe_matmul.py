@@ -57,7 +57,7 @@ class MatmulConfig:
       as its rows rounded up to width_step (a power of two in [4 * num_warps, block_m)).
     "sm90" only: the wgmma's row side (block_n with swap_ab, else block_m) a multiple of
       16 * num_warps, block_k in 32..256.
-    Why the defaults are what they are: benchmarks/RESULTS.md section 3.10.
+    Why the defaults are what they are: benchmarks/RESULTS.md section 3.4.
     """
     block_m: int
     block_n: int
@@ -79,7 +79,7 @@ def pick_block_m(num_rows: int, num_local_experts: int) -> int:
     leaves many experts needing a second tile (m + 2 * sqrt(m) above it: the counts are roughly
     Poisson, and reading them would synchronise) while the tile is still a small swapped one
     (<= 32 rows): every extra tile reads and dequantizes its expert's weights again
-    (RESULTS.md 3.10).
+    (RESULTS.md 3.4).
     """
     mean = num_rows / max(1, num_local_experts)
     block_m = 16
@@ -94,7 +94,7 @@ def pick_block_m(num_rows: int, num_local_experts: int) -> int:
 # tiles, where 8 warps share each x tile; 128-wide K steps up to 32-row tiles, 64 from there;
 # from 64 rows, width_step half the tile. At <= 8 routed rows (a few hundred programs) the K loop's
 # length bounds the time: w13 takes 256-wide steps, w2 splits K in 4. The fastest of the configs
-# measured: RESULTS.md 3.10.
+# measured: RESULTS.md 3.4.
 _RS_FEW_ROWS = 8
 _RS_FEW_ROWS_CONFIGS = {True: MatmulConfig(16, 64, 256, True, 4, 4, "rs", 2),
                         False: MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2, split_k=4)}
@@ -126,12 +126,12 @@ def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: 
         return _RS_CONFIGS[block_m]
     if block_m <= 16 and not swiglu and mean_rows is not None and mean_rows < 1:
         # w2 with fewer rows than experts (T = 1, 8 at E = 128): half the K steps per program
-        # (RESULTS.md 3.10).
+        # (RESULTS.md 3.4).
         return MatmulConfig(block_m, block_n=64, block_k=128, swap_ab=True, num_warps=4, num_stages=4)
     if block_m <= 16:
         return MatmulConfig(block_m, block_n=64, block_k=64, swap_ab=True, num_warps=4, num_stages=4)
     if block_m <= 32:
-        # 128 weight rows: two wgmma row blocks share each x tile (RESULTS.md 3.10).
+        # 128 weight rows: two wgmma row blocks share each x tile (RESULTS.md 3.4).
         return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=True, num_warps=4, num_stages=4)
     if block_m == 64:
         return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=4, num_stages=3,
@@ -141,7 +141,7 @@ def default_config(block_m: int, n: int, k: int, *, swiglu: bool = False, sm90: 
         return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=8, num_stages=4,
                             kernel="sm90")
     if not swiglu:
-        # w2 at 128-row tiles: 4 warps and 4 stages (still no spills), RESULTS.md 3.10.
+        # w2 at 128-row tiles: 4 warps and 4 stages (still no spills), RESULTS.md 3.4.
         return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=4, num_stages=4)
     return MatmulConfig(block_m, block_n=128, block_k=64, swap_ab=False, num_warps=8, num_stages=3)
 
@@ -156,7 +156,7 @@ def words_aligned(blocks: torch.Tensor) -> bool:
 
 def pick_dequant(compute_dtype: torch.dtype, blocks: torch.Tensor) -> str:
     """The dequantization the kernel uses by default: "ptx" for bf16 on the GPU when the weights
-    can be read as words (about half the K loop's instructions of "bytes": RESULTS.md 3.10),
+    can be read as words (about half the K loop's instructions of "bytes": RESULTS.md 3.4),
     else "bytes"."""
     if compute_dtype == torch.bfloat16 and not interpreting() and words_aligned(blocks):
         return "ptx"

@@ -1,7 +1,7 @@
 """`CUDAGraphMoE`: an MoE layer's forward replayed from CUDA graphs, one per token-count bucket.
 
 An eager forward of `MXFP4MoE` costs the host several times the GPU work at decode sizes (4
-Triton launches and a few torch ops; benchmarks/RESULTS.md 3.8). The layer never synchronises with the host, so a CUDA graph captures it whole; this
+Triton launches and a few torch ops; benchmarks/RESULTS.md 3.3). The layer never synchronises with the host, so a CUDA graph captures it whole; this
 wrapper keeps one graph per bucket of token counts and replays the smallest that holds the call.
 """
 

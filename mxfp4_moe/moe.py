@@ -49,17 +49,17 @@ class MXFP4MoE(torch.nn.Module):
       interpreter (whose bf16 is broken). Ignored by the torch backend.
     combine: how the triton backend sums a token's k expert outputs: "atomic" (fp32 atomic adds
       fused into the w2 epilogue), "slots" (per-slot rows, then a sum: deterministic) or "auto"
-      (the default: atomic, faster at every T measured; benchmarks/RESULTS.md 3.10).
+      (the default: atomic, faster at every T measured; benchmarks/RESULTS.md 3.4).
 
     fragment_order: build a copy of the expert weights in fragment order (`kernels.fragment_layout`),
       which the Hopper kernel that feeds decoded weights to the tensor cores from registers reads
-      (faster than the checkpoint-order kernels at every T measured, benchmarks/RESULTS.md 3.1).
+      (faster than the checkpoint-order kernels at every T measured, benchmarks/RESULTS.md 3.2).
       None (default): on a Hopper GPU with the triton backend and bf16, when every scale byte is
       within the layout's range.
     keep_checkpoint_order: whether the layer also holds the checkpoint-order expert weights
       (blocks and scales) once a fragment-order copy exists. None (default): only when there is
       no fragment copy, so on Hopper the layer holds one copy of the expert weights, not two
-      (about half the memory, benchmarks/RESULTS.md 3.8). The layer
+      (about half the memory, benchmarks/RESULTS.md 3.3). The layer
       never changes `weights` itself: the dropped tensors are freed when the caller lets go of
       its own references (as `from_checkpoint` does). `self.weights` then holds shape-only (meta
       device) stand-ins for them, and `checkpoint_weights()` rebuilds them exactly from the

@@ -21,7 +21,7 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     Logits are float32 sums of exact products whatever x's dtype: x and the weight in float32,
     or, given router_weight_bf16 (the same weight, exactly representable in bf16: see
     `exact_bf16`) with bf16 x on a GPU, one bf16 tensor-core GEMM with float32 output (the same
-    products; only the order of the float32 sums differs, and it is faster: RESULTS.md 3.10).
+    products; only the order of the float32 sums differs, and it is faster: RESULTS.md 3.4).
     Then the bias, the top-k and the softmax: one Triton launch on CUDA and under the interpreter (`kernels.router_topk`;
     among equal logits the lower expert id first), torch.topk and torch.softmax elsewhere.
     """

@@ -200,7 +200,9 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     compute_dtype: bfloat16 (GPU), float16 or float32 (the interpreter's bf16 is unusable).
     config: block sizes and kernel (default: `default_config`; for bf16 on a Hopper GPU the "rs"
        kernel when `fragments` are given, else the Gluon "sm90" kernel from 64-row tiles, and the
-       Triton kernel where neither can run this call); its block_m must be meta.block_m.
+       Triton kernel where neither can run this call); its block_m must be meta.block_m. A
+       default Gluon kernel that fails to compile or launch falls back to the Triton kernel for
+       that shape class, with one RuntimeWarning (`kernel_fallbacks`); an explicit config raises.
     out: for combine="none", an [R, n_out] compute_dtype tensor to write into (returned).
     dequant: how the kernel decodes the weights, all exact: "bytes" (one code at a time, any
        dtype), "words" (uint32 words in plain Triton), "ptx" (uint32 words through inline PTX; bf16,

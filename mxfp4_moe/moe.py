@@ -67,6 +67,8 @@ class MXFP4MoE(torch.nn.Module):
 
     forward(x [T, H] or [T, H_pad]) -> [T, H] in x's dtype. Under TP it is this rank's partial sum
     (w2 bias only on rank 0); under EP, pairs routed to other ranks' experts contribute nothing.
+    Under torch.compile the forward is one custom op (`mxfp4_moe::moe_forward`, `custom_ops.py`),
+    so the compiler traces through the layer without a graph break.
     """
 
     def __init__(self, weights: ExpertWeights, backend: Backend = "auto",
@@ -88,6 +90,8 @@ class MXFP4MoE(torch.nn.Module):
             raise ValueError("MXFP4MoE: keep_checkpoint_order=False needs the fragment-order copy (fragment_order "
                              "True, or None on a Hopper GPU with the triton backend and bf16); without it the "
                              "checkpoint-order weights are the only copy")
+        from .custom_ops import register_layer
+        self.op_name = register_layer(self)     # what torch.compile's graphs call this layer by
         if self.fragments is not None and not keep_checkpoint_order:
             self.weights = replace(weights, **{name: torch.empty(getattr(weights, name).shape, dtype=torch.uint8,
                                                                  device="meta")
@@ -127,6 +131,13 @@ class MXFP4MoE(torch.nn.Module):
         return cls(weights, backend=backend, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # One opaque op for the compiler (`custom_ops`): no graph break inside the layer.
+            return torch.ops.mxfp4_moe.moe_forward(x, self.op_name)
+        return self.eager_forward(x)
+
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` outside torch.compile: route, then `experts`."""
         w = self.weights
         if x.dim() != 2 or x.shape[1] not in (w.hidden, w.hidden_pad):
             raise ValueError(f"MXFP4MoE.forward: x must be [tokens, {w.hidden}] (or [tokens, "

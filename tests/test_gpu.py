@@ -555,3 +555,20 @@ def test_layer_at_small_shapes_every_token_count(shape):
         err = rel_err(y, ref)
         assert err < TOL_BF16, (tokens, err)
     assert kernel_fallbacks()[fallbacks_before:] == []
+
+
+def test_layer_under_torch_compile_reduce_overhead_matches_eager():
+    # The layer is one custom op to torch.compile (`mxfp4_moe.custom_ops`): it traces with no
+    # graph break and CUDA-graph mode ("reduce-overhead") captures and replays it. The slots
+    # combine is deterministic, so replays equal the eager output bit for bit.
+    weights, _ = random_expert_weights(32, 2880, 2880, top_k=4, seed=5, device="cuda", dense=False)
+    layer = MXFP4MoE(weights, backend="triton", combine="slots")
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, mode="reduce-overhead")
+    for tokens in (1, 64):
+        x = torch.randn(tokens, 2880, generator=torch.Generator(device="cuda").manual_seed(tokens),
+                        device="cuda").to(torch.bfloat16)
+        eager = layer(x)
+        for _ in range(3):                      # warm-up, capture, replay
+            out = compiled(x).clone()
+        assert torch.equal(out, eager), tokens

@@ -10,7 +10,7 @@ import os
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 import triton
@@ -319,15 +319,16 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                  SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight)
     launch = _Launch(x, blocks, scales_e8m0, fragments, bias, channel_scale, y, meta.max_tiles, routing, fused,
                      compute_dtype, dequant, unsafe_pipelined_rs_mma)
-    shape_class = (config, n, k, x.shape[1], swiglu is not None, combine, gather)
-    fallback = None if explicit else _FALLBACKS.get(shape_class)
+    shape_class = _ShapeClass(config, n, k, x.shape[1], swiglu is not None, combine, gather)
+    # (No lookup, which hashes the config, until some fallback has been taken.)
+    fallback = _FALLBACKS.get(shape_class) if _FALLBACKS and not explicit else None
     if fallback is None:
         try:
             _LAUNCHERS[config.kernel](launch, config)
         except Exception as error:          # a compile failure, or a launch this Triton/GPU refuses
             problem = f"{type(error).__name__}: {_first_line(error)}"
             if explicit or config.kernel == "triton":
-                raise RuntimeError(f"moe_matmul: the {config.kernel!r} kernel cannot run {_describe(shape_class)} "
+                raise RuntimeError(f"moe_matmul: the {config.kernel!r} kernel cannot run {shape_class.describe()} "
                                    f"with {config}: {problem}") from error
             fallback = _fall_back(shape_class, problem, shape_only)
     if fallback is not None:
@@ -366,7 +367,7 @@ def _pick_config(x: torch.Tensor, blocks: torch.Tensor, fragments: FragmentWeigh
     return config
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Launch:
     """One `moe_matmul` call's tensors and kernel arguments, checked: what each kernel's launcher
     needs besides its config."""
@@ -452,12 +453,16 @@ _LAUNCHERS = {"rs": _launch_rs, "sm90": _launch_sm90, "triton": _launch_triton}
 class KernelFallback:
     """A fast kernel that failed for a shape class, and the portable Triton config that runs it
     instead (`kernel_fallbacks`)."""
-    kernel: str             # the kernel that failed: "rs" or "sm90"
-    failed_config: MatmulConfig
+    failed_config: MatmulConfig     # its kernel: "rs" or "sm90"
     shape: str              # the shape class, in words
     error: str              # the compiler's (or launcher's) first error line
     config: MatmulConfig    # what runs instead (kernel "triton")
     calls: int = 0          # moe_matmul calls it has served
+
+    @property
+    def kernel(self) -> str:
+        """The kernel that failed."""
+        return self.failed_config.kernel
 
     def as_dict(self) -> dict:
         """JSON-ready: what `verify` reports."""
@@ -465,21 +470,30 @@ class KernelFallback:
                 "error": self.error, "ran": self.config.kernel}
 
 
-# shape class (config, N, K, K_x, swiglu, combine, gather) -> its fallback; filled once per class
-_FALLBACKS: dict[tuple, KernelFallback] = {}
+class _ShapeClass(NamedTuple):
+    """What a compiled kernel depends on, as far as a fallback goes: one warning and one
+    fallback per class."""
+    config: MatmulConfig
+    n: int
+    k: int
+    k_x: int                # x's columns
+    swiglu: bool
+    combine: str
+    gather: bool
+
+    def describe(self) -> str:
+        role = "w13 + SwiGLU" if self.swiglu else f"combine {self.combine!r}"
+        return (f"[{self.n}, {self.k}] weights (x {self.k_x} wide, {'gathered' if self.gather else 'sorted'} rows, "
+                f"{role}) at {self.config.block_m}-row tiles")
+
+
+_FALLBACKS: dict[_ShapeClass, KernelFallback] = {}      # filled once per class
 
 
 def kernel_fallbacks() -> list[KernelFallback]:
     """Every fallback taken in this process so far, in order: the shape classes for which a
     default Gluon kernel could not compile or launch and the portable Triton kernel runs instead."""
     return list(_FALLBACKS.values())
-
-
-def _describe(shape_class: tuple) -> str:
-    config, n, k, k_x, swiglu, combine, gather = shape_class
-    role = "w13 + SwiGLU" if swiglu else f"combine {combine!r}"
-    return (f"[{n}, {k}] weights (x {k_x} wide, {'gathered' if gather else 'sorted'} rows, {role}) "
-            f"at {config.block_m}-row tiles")
 
 
 def _first_line(error: BaseException) -> str:
@@ -489,13 +503,12 @@ def _first_line(error: BaseException) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), repr(error))
 
 
-def _fall_back(shape_class: tuple, problem: str, shape_only: bool) -> KernelFallback:
+def _fall_back(shape_class: _ShapeClass, problem: str, shape_only: bool) -> KernelFallback:
     """Record the portable Triton kernel as the fallback for `shape_class` and warn, once per
     class: a fast kernel that cannot compile must not take the layer down."""
-    config, n, k = shape_class[:3]
-    swiglu = shape_class[4]
-    triton_config = default_config(config.block_m, n, k, swiglu=swiglu)
-    fallback = KernelFallback(config.kernel, config, _describe(shape_class), problem, triton_config)
+    config = shape_class.config
+    triton_config = default_config(config.block_m, shape_class.n, shape_class.k, swiglu=shape_class.swiglu)
+    fallback = KernelFallback(config, shape_class.describe(), problem, triton_config)
     _FALLBACKS[shape_class] = fallback
     rebuilt = (" The layer holds its weights in fragment order only, so they are rebuilt once in checkpoint "
                "order for it (a second copy in memory)." if shape_only else "")

@@ -324,11 +324,8 @@ def resource_report(compiled, config: MatmulConfig | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        tool = str(_bin_dir() / "cuobjdump")
-        sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([tool, "-res-usage", str(cubin)], capture_output=True, text=True,
-                               check=True).stdout
-    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+        sass = subprocess.run([str(_bin_dir() / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
     loop = main_loop(sass)
     per_loop = {}
     if config is not None:
@@ -336,10 +333,7 @@ def resource_report(compiled, config: MatmulConfig | None = None) -> dict:
         per_loop = {"loop_instructions": len(loop),
                     "instructions_per_element": round(len(loop) * threads / (config.block_n * config.block_k), 2)}
     return {
-        "registers": int(fields.get("REG", -1)),
-        "stack_bytes": int(fields.get("STACK", -1)),
-        "local_bytes": int(fields.get("LOCAL", -1)),
-        "shared_bytes": compiled.metadata.shared,
+        **resource_usage(compiled),
         "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
         "hmma": len(re.findall(r"\bHMMA\b", sass)),
         "local_mem_ops": len(re.findall(r"\b(?:LDL|STL)\b", sass)),

@@ -35,11 +35,13 @@ def _layer(name: str):
 
 
 @torch.library.custom_op("mxfp4_moe::moe_forward", mutates_args=())
-def moe_forward(x: torch.Tensor, layer_name: str) -> torch.Tensor:
-    """x [T, H or H_pad] -> [T, H] in x's dtype: `MXFP4MoE.forward` of the named layer, run eagerly."""
-    return _layer(layer_name).eager_forward(x)
+def moe_forward(x: torch.Tensor, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H or H_pad] -> (y [T, H], router scores [T, k]), both in x's dtype: the named
+    layer's `MXFP4MoE.forward_with_router_scores`, run eagerly."""
+    return _layer(layer_name).eager_forward_with_router_scores(x)
 
 
 @moe_forward.register_fake
-def _moe_forward_fake(x: torch.Tensor, layer_name: str) -> torch.Tensor:
-    return x.new_empty((x.shape[0], _layer(layer_name).weights.hidden))
+def _moe_forward_fake(x: torch.Tensor, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = _layer(layer_name).weights
+    return x.new_empty((x.shape[0], weights.hidden)), x.new_empty((x.shape[0], weights.top_k))

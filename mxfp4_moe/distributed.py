@@ -344,6 +344,12 @@ class DistributedMXFP4MoE(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reduce(self.partial(x))
 
+    def forward_with_router_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`, and the routing weights [T, k] (the same on every rank: tokens and router
+        are replicated)."""
+        partial, router_scores = self.local.forward_with_router_scores(x)
+        return self.reduce(partial), router_scores
+
 
 # ---- small collectives for the CLI and the benchmark --------------------------------------------
 

@@ -396,7 +396,29 @@ def synthetic_dense_tensors(config: MoEConfig, dense: DenseSpec, layout: Layout 
                             ) -> dict[str, torch.Tensor]:
     """The non-MoE tensors of a tiny full gpt-oss model (bf16): embeddings, attention (with
     sinks), norms and the unembedding, named for `layout`. Together with the MoE tensors they
-    make a checkpoint transformers' GptOssForCausalLM loads completely."""
+    make a checkpoint transformers' GptOssForCausalLM loads completely. The same seed gives the
+    same model in either layout: the original layout's tensors are the Hugging Face ones under
+    their original names, with q, k and v stacked into one qkv projection."""
+    hf = _hf_dense_tensors(config, dense, seed)
+    if layout == "hf":
+        return hf
+    if layout != "original":
+        raise ValueError(f"layout must be 'hf' or 'original', got {layout!r}")
+    out = {"embedding.weight": hf["model.embed_tokens.weight"], "norm.scale": hf["model.norm.weight"],
+           "unembedding.weight": hf["lm_head.weight"]}
+    for n in range(config.num_layers):
+        p, o = f"model.layers.{n}.", f"block.{n}."
+        attn = p + "self_attn."
+        out[o + "attn.norm.scale"] = hf[p + "input_layernorm.weight"]
+        for kind in ("weight", "bias"):
+            out[f"{o}attn.qkv.{kind}"] = torch.cat([hf[f"{attn}{proj}.{kind}"] for proj in ("q_proj", "k_proj", "v_proj")])
+            out[f"{o}attn.out.{kind}"] = hf[f"{attn}o_proj.{kind}"]
+        out[o + "attn.sinks"] = hf[attn + "sinks"]
+        out[o + "mlp.norm.scale"] = hf[p + "post_attention_layernorm.weight"]
+    return out
+
+
+def _hf_dense_tensors(config: MoEConfig, dense: DenseSpec, seed: int) -> dict[str, torch.Tensor]:
     g = _generator(seed, _STREAMS["dense"])
     h, v = config.hidden_size, dense.vocab_size
     q_dim = dense.num_attention_heads * dense.head_dim
@@ -408,35 +430,18 @@ def synthetic_dense_tensors(config: MoEConfig, dense: DenseSpec, layout: Layout 
     def norm_weight():
         return (1 + 0.1 * torch.randn(h, generator=g)).to(_FLOAT_DTYPE)
 
-    out = {}
-    if layout == "hf":
-        out["model.embed_tokens.weight"] = normal(v, h, std=1.0)
-        for n in range(config.num_layers):
-            p = f"model.layers.{n}."
-            for proj, rows, cols in (("q_proj", q_dim, h), ("k_proj", kv_dim, h), ("v_proj", kv_dim, h),
-                                     ("o_proj", h, q_dim)):
-                out[f"{p}self_attn.{proj}.weight"] = normal(rows, cols, std=1 / math.sqrt(cols))
-                out[f"{p}self_attn.{proj}.bias"] = normal(rows, std=0.02)
-            out[f"{p}self_attn.sinks"] = normal(dense.num_attention_heads, std=1.0)
-            out[f"{p}input_layernorm.weight"] = norm_weight()
-            out[f"{p}post_attention_layernorm.weight"] = norm_weight()
-        out["model.norm.weight"] = norm_weight()
-        out["lm_head.weight"] = normal(v, h, std=1 / math.sqrt(h))
-    elif layout == "original":
-        out["embedding.weight"] = normal(v, h, std=1.0)
-        for n in range(config.num_layers):
-            p = f"block.{n}."
-            out[f"{p}attn.norm.scale"] = norm_weight()
-            out[f"{p}attn.qkv.weight"] = normal(q_dim + 2 * kv_dim, h, std=1 / math.sqrt(h))
-            out[f"{p}attn.qkv.bias"] = normal(q_dim + 2 * kv_dim, std=0.02)
-            out[f"{p}attn.sinks"] = normal(dense.num_attention_heads, std=1.0)
-            out[f"{p}attn.out.weight"] = normal(h, q_dim, std=1 / math.sqrt(q_dim))
-            out[f"{p}attn.out.bias"] = normal(h, std=0.02)
-            out[f"{p}mlp.norm.scale"] = norm_weight()
-        out["norm.scale"] = norm_weight()
-        out["unembedding.weight"] = normal(v, h, std=1 / math.sqrt(h))
-    else:
-        raise ValueError(f"layout must be 'hf' or 'original', got {layout!r}")
+    out = {"model.embed_tokens.weight": normal(v, h, std=1.0)}
+    for n in range(config.num_layers):
+        p = f"model.layers.{n}."
+        for proj, rows, cols in (("q_proj", q_dim, h), ("k_proj", kv_dim, h), ("v_proj", kv_dim, h),
+                                 ("o_proj", h, q_dim)):
+            out[f"{p}self_attn.{proj}.weight"] = normal(rows, cols, std=1 / math.sqrt(cols))
+            out[f"{p}self_attn.{proj}.bias"] = normal(rows, std=0.02)
+        out[f"{p}self_attn.sinks"] = normal(dense.num_attention_heads, std=1.0)
+        out[f"{p}input_layernorm.weight"] = norm_weight()
+        out[f"{p}post_attention_layernorm.weight"] = norm_weight()
+    out["model.norm.weight"] = norm_weight()
+    out["lm_head.weight"] = normal(v, h, std=1 / math.sqrt(h))
     return out
 
 

@@ -29,8 +29,9 @@ from .checks import (SHARD_SUM_TOLERANCE, CheckResult, check_coverage, check_for
                      check_kernels, check_oracle, check_shard, kernel_tolerance, measure_throughput, rel_err,
                      run_noting_fallbacks)
 from .verify_common import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK,
-                            REPORT_SCHEMA, UsageError, advance, environment, make_plans, parse_align, parse_layers,
-                            progress_bar, rank_label, report, report_header, resolve_compute)
+                            REPORT_SCHEMA, UsageError, environment, make_plans, parse_align, parse_layers, rank_label,
+                            report, report_header, resolve_compute)
+from .progress import advance, progress_bar
 
 # The exit codes and the report schema are part of the CLI (`verify.EXIT_OK`, ...).
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CHECK_FAILED", "EXIT_OK", "REPORT_SCHEMA", "build_parser", "main", "run_checks"]
@@ -94,7 +95,7 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
     backend = args.backend
     results: list[CheckResult] = []
     steps_per_layer = 2 + len(checked_plans) + 1
-    progress = progress_bar(len(layers) * steps_per_layer + 2, progress_enabled)
+    progress = progress_bar(len(layers) * steps_per_layer + 2, progress_enabled, desc="verify")
 
     coverage = check_coverage(plans, cfg.num_experts, cfg.intermediate_size)
     results.append(CheckResult("sharding", None, None, not coverage,

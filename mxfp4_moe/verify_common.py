@@ -1,6 +1,6 @@
 """What `python -m mxfp4_moe.verify` shares between its single-process run (`verify.py`) and its
 torchrun mode (`verify_torchrun.py`): exit codes, the built-in checkpoint, argument parsing
-helpers, the progress bar, the rank plans and the report (table, summary line, JSON).
+helpers, the rank plans and the report (table, summary line, JSON).
 """
 
 from __future__ import annotations
@@ -81,20 +81,6 @@ def parse_align(spec: str):
     if spec not in ALIGN_PRESETS:
         raise UsageError(f"--align {spec}: unknown preset; choose one of {', '.join(ALIGN_PRESETS)} or give H,I")
     return spec
-
-def progress_bar(total: int, enabled: bool, desc: str = "verify"):
-    """A tqdm bar of `total` steps on stderr when it is a terminal and `enabled`; silent
-    otherwise. `advance` moves it on; `.close()` clears it."""
-    from tqdm.auto import tqdm
-    return tqdm(total=max(1, total), desc=desc, unit="step", file=sys.stderr, leave=False,
-                disable=not (enabled and sys.stderr.isatty()))
-
-
-def advance(bar, step: str) -> None:
-    """Count one step of `progress_bar` and show the one starting now."""
-    bar.set_postfix_str(step, refresh=False)
-    bar.update(1)
-
 
 def make_plans(args, cfg):
     """Every rank's ShardPlan (ordered ep-major, as global ranks are) and the unsharded plan with

@@ -17,9 +17,10 @@ import torch
 from .checks import (CheckResult, SHARD_SUM_TOLERANCE, check_coverage,
                      check_format, check_fragment_order, check_kernels, check_oracle, check_shard, kernel_tolerance,
                      median_ms, rel_err, run_noting_fallbacks)
-from .verify_common import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, UsageError, advance, environment,
-                            make_plans, parse_align, parse_layers, progress_bar, rank_label, report, report_header,
+from .verify_common import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, UsageError, environment,
+                            make_plans, parse_align, parse_layers, rank_label, report, report_header,
                             resolve_compute)
+from .progress import advance, progress_bar
 
 
 # ---- one process per rank (torchrun) ------------------------------------------------------------
@@ -78,7 +79,7 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
     layers = parse_layers(args.layers, cfg.num_layers)
     plans, full_plan = make_plans(args, cfg)
     results: list[CheckResult] = []
-    progress = progress_bar(len(layers) * 4 + 2, progress_enabled and rank0)
+    progress = progress_bar(len(layers) * 4 + 2, progress_enabled and rank0, desc="verify")
     if rank0:
         coverage = check_coverage(plans, cfg.num_experts, cfg.intermediate_size)
         results.append(CheckResult("sharding", None, None, not coverage,

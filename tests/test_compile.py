@@ -5,6 +5,8 @@ backends (dynamo's trace, and the fake-tensor trace of AOT autograd); the CUDA-g
 tests/test_gpu.py.
 """
 
+import operator
+
 import pytest
 import torch
 
@@ -60,7 +62,9 @@ def test_the_compiled_graph_holds_the_layer_as_one_op(layer):
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(4))
     torch.compile(layer, fullgraph=True, backend=record)(x)
     [graph] = graphs
-    targets = [node.target for node in graph.graph.nodes if node.op == "call_function"]
+    # (operator.getitem picks the output from the op's (output, router scores) pair)
+    targets = [node.target for node in graph.graph.nodes
+               if node.op == "call_function" and node.target is not operator.getitem]
     assert targets in ([torch.ops.mxfp4_moe.moe_forward], [torch.ops.mxfp4_moe.moe_forward.default]), targets
 
 
@@ -68,8 +72,9 @@ def test_fake_implementation_gives_the_output_shape(layer):
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         x = torch.empty(5, 64, dtype=torch.float16)
-        y = torch.ops.mxfp4_moe.moe_forward(x, layer.op_name)
+        y, router_scores = torch.ops.mxfp4_moe.moe_forward(x, layer.op_name)
     assert y.shape == (5, 64) and y.dtype == torch.float16
+    assert router_scores.shape == (5, layer.weights.top_k) and router_scores.dtype == torch.float16
 
 
 def test_op_on_a_layer_that_is_gone_raises():

@@ -1,0 +1,282 @@
+"""Whole gpt-oss models in Hugging Face transformers, with the experts kept in MXFP4 and run by
+`MXFP4MoE` (our kernels on a GPU, the pure-torch reference elsewhere).
+
+    from mxfp4_moe.integrations.transformers import load_model
+    model = load_model("path/to/gpt-oss-20b", device="cuda")       # a GptOssForCausalLM
+    model.generate(...)
+
+transformers builds the model; the dense weights (embeddings, attention, norms, unembedding)
+come from the checkpoint through our reader, and every decoder layer's `mlp` becomes an
+`MXFP4GptOssMLP` holding that layer's experts as our loader gives them: MXFP4 bytes in the
+padded layout, for the rank a `ShardPlan` describes. The experts are never dequantized: the
+model is built on the meta device, so transformers' own bf16 expert tensors (about 4x the MXFP4
+bytes) never exist, not even one layer at a time. Nothing is downloaded: no hub kernels, no
+`kernels` package.
+
+Both checkpoint layouts load: the Hugging Face one, and the original one, whose dense tensors
+are renamed (and its fused qkv projection split) as transformers' conversion script does.
+
+Needs transformers (`pip install "mxfp4-moe[transformers]"`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from ..loader import load_layer
+from ..moe import Backend, MXFP4MoE
+from ..progress import progress_bar
+from ..sharding import ShardPlan
+
+__all__ = ["MXFP4GptOssMLP", "gpt_oss_config", "load_model", "replace_moe", "shard_plan"]
+
+
+def _require_transformers():
+    try:
+        import transformers
+        from transformers import GptOssConfig, GptOssForCausalLM
+    except ImportError as exc:
+        raise ImportError("mxfp4_moe.integrations.transformers needs transformers: "
+                          "pip install 'mxfp4-moe[transformers]'") from exc
+    return transformers, GptOssConfig, GptOssForCausalLM
+
+
+class MXFP4GptOssMLP(torch.nn.Module):
+    """A drop-in for transformers' `GptOssMLP` (router + experts) on MXFP4 expert weights.
+
+    moe: an `MXFP4MoE` (one process) or a `distributed.DistributedMXFP4MoE` (this rank's shard;
+      its forward all-reduces the ranks' partial outputs, so every rank gets the full output).
+    forward(hidden_states [B, S, H]) -> (output [B, S, H], router scores [B * S, k]), both in the
+      input's dtype, as `GptOssMLP` returns them (the decoder layer keeps the output only).
+
+    The expert weights live in `moe.weights`, not in parameters: `model.to(...)` does not move
+    them, and `state_dict()` does not hold them (they are the checkpoint's bytes; load them
+    from there).
+    """
+
+    def __init__(self, moe: torch.nn.Module):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, seq, hidden = hidden_states.shape
+        output, router_scores = self.moe.forward_with_router_scores(hidden_states.reshape(batch * seq, hidden))
+        return output.reshape(batch, seq, hidden), router_scores
+
+    def extra_repr(self) -> str:
+        w = self.moe.weights
+        return (f"experts={w.num_local_experts}/{w.num_experts}, top_k={w.top_k}, hidden={w.hidden}, "
+                f"inter={w.inter} (tp rank {w.tp_rank} of {w.tp_size}), backend={self.moe.backend!r}")
+
+
+# ---- the model's config -----------------------------------------------------------------------
+
+def _original_to_hf_config(raw: dict) -> dict:
+    """An original-layout config.json in Hugging Face naming, as transformers' gpt-oss
+    conversion script writes it."""
+    num_layers = raw["num_hidden_layers"]
+    context = raw.get("initial_context_length", 4096)
+    factor = raw.get("rope_scaling_factor", 32.0)
+    hf = {key: raw[key] for key in ("num_hidden_layers", "vocab_size", "hidden_size", "intermediate_size",
+                                    "head_dim", "num_attention_heads", "num_key_value_heads",
+                                    "sliding_window", "rope_theta", "swiglu_limit") if key in raw}
+    hf.update(
+        num_local_experts=raw["num_experts"], num_experts_per_tok=raw["experts_per_token"],
+        # The original model alternates sliding-window (even layers) and full attention.
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+        max_position_embeddings=raw.get("max_position_embeddings", int(context * factor)),
+        rope_scaling={"rope_type": "yarn", "factor": factor, "beta_fast": raw.get("rope_ntk_beta", 32.0),
+                      "beta_slow": raw.get("rope_ntk_alpha", 1.0), "truncate": False,
+                      "original_max_position_embeddings": context},
+        attention_bias=True, tie_word_embeddings=False)
+    if "swiglu_alpha" in raw:
+        hf["swiglu_alpha"] = raw["swiglu_alpha"]
+    return hf
+
+
+def gpt_oss_config(checkpoint: Checkpoint):
+    """transformers' `GptOssConfig` for an open checkpoint of either layout."""
+    import json
+    _, GptOssConfig, _ = _require_transformers()
+    raw = json.loads(checkpoint.config_file.read_text())
+    if checkpoint.layout == "original":
+        raw = _original_to_hf_config(raw)
+    raw = {k: v for k, v in raw.items() if k != "quantization_config"}     # we, not transformers, load the experts
+    config = GptOssConfig(**raw)
+    if "swiglu_alpha" in raw:           # (not a GptOssConfig argument; its experts read the attribute)
+        config.swiglu_alpha = raw["swiglu_alpha"]
+    return config
+
+
+def shard_plan(checkpoint: Checkpoint, *, tp_size: int = 1, tp_rank: int = 0, ep_size: int = 1, ep_rank: int = 0,
+               align="triton", **kwargs) -> ShardPlan:
+    """The `ShardPlan` of one rank for this checkpoint's MoE layers (every layer has the same
+    shapes). Default: one rank, padded for our Triton kernels."""
+    cfg = checkpoint.config
+    return ShardPlan.create(num_experts=cfg.num_experts, hidden=cfg.hidden_size, inter=cfg.intermediate_size,
+                            tp_size=tp_size, tp_rank=tp_rank, ep_size=ep_size, ep_rank=ep_rank, align=align,
+                            **kwargs)
+
+
+# ---- the dense weights ------------------------------------------------------------------------
+
+def _dense_sources(model_keys, checkpoint: Checkpoint, config) -> dict[str, tuple[str, slice | None]]:
+    """Each dense parameter's checkpoint tensor: {model key: (tensor name, row slice or None)}."""
+    if checkpoint.layout == "hf":
+        return {key: (key, None) for key in model_keys}
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    sources = {"model.embed_tokens.weight": ("embedding.weight", None),
+               "model.norm.weight": ("norm.scale", None),
+               "lm_head.weight": ("unembedding.weight", None)}
+    for n in range(config.num_hidden_layers):
+        p, o = f"model.layers.{n}.", f"block.{n}."
+        sources[p + "input_layernorm.weight"] = (o + "attn.norm.scale", None)
+        sources[p + "post_attention_layernorm.weight"] = (o + "mlp.norm.scale", None)
+        sources[p + "self_attn.sinks"] = (o + "attn.sinks", None)
+        for kind in ("weight", "bias"):
+            # The original model's qkv projection is q, k and v stacked along the output rows.
+            for proj, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv))):
+                sources[f"{p}self_attn.{proj}.{kind}"] = (f"{o}attn.qkv.{kind}", rows)
+            sources[f"{p}self_attn.o_proj.{kind}"] = (f"{o}attn.out.{kind}", None)
+    return sources
+
+
+def _load_dense(model, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
+    """Materialize the model's (meta) dense parameters on `device` from the checkpoint."""
+    params = dict(model.named_parameters())
+    sources = _dense_sources(params, checkpoint, model.config)
+    missing = sorted({sources.get(key, (key, None))[0] for key in params} - set(checkpoint.names))
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise CheckpointError(
+            f"{checkpoint.path}: no dense weights for the full model: {len(missing)} tensors are missing ({shown}). "
+            "load_model needs a full gpt-oss checkpoint (embeddings, attention, norms, unembedding), not the "
+            "MoE layers alone")
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            name, rows = sources.get(key, (key, None))
+            ref = checkpoint.tensor(name)
+            value = ref.read_all() if rows is None else ref.read(rows)
+            if tuple(value.shape) != tuple(param.shape):
+                raise CheckpointError(f"{ref.file}: tensor {name}{'' if rows is None else f' rows {rows.start}:{rows.stop}'} "
+                                      f"has shape {list(value.shape)}, but the model's {key} (from config "
+                                      f"{checkpoint.config_file.name}) is {list(param.shape)}")
+            param.copy_(value.to(dtype))
+    # to_empty left the buffers (rotary frequencies, computed at construction) uninitialized.
+    rotary = model.model.rotary_emb
+    with torch.device(device):
+        model.model.rotary_emb = type(rotary)(model.config)
+    unknown = [name for name, buf in model.named_buffers() if not name.startswith("model.rotary_emb.")]
+    if unknown:
+        raise RuntimeError(f"load_model: this transformers version ({_require_transformers()[0].__version__}) "
+                           f"gives GptOssForCausalLM buffers load_model does not know how to initialize: {unknown}")
+
+
+# ---- the MoE blocks ---------------------------------------------------------------------------
+
+def _check_model_matches(model, checkpoint: Checkpoint) -> None:
+    cfg, mc = checkpoint.config, model.config
+    for what, ours, theirs in (("num_hidden_layers", cfg.num_layers, mc.num_hidden_layers),
+                               ("num_local_experts", cfg.num_experts, mc.num_local_experts),
+                               ("num_experts_per_tok", cfg.experts_per_token, mc.num_experts_per_tok),
+                               ("hidden_size", cfg.hidden_size, mc.hidden_size),
+                               ("intermediate_size", cfg.intermediate_size, mc.intermediate_size)):
+        if ours != theirs:
+            raise ValueError(f"replace_moe: the model's config has {what} = {theirs}, but checkpoint "
+                             f"{checkpoint.path} ({checkpoint.config_file.name}) has {ours}")
+
+
+def _moe_block(checkpoint: Checkpoint, layer: int, plan: ShardPlan, device: torch.device, backend: Backend,
+               moe_kwargs: dict) -> MXFP4GptOssMLP:
+    weights = load_layer(checkpoint, layer, plan, device=device)
+    if plan.tp_size * plan.ep_size == 1:
+        return MXFP4GptOssMLP(MXFP4MoE(weights, backend=backend, **moe_kwargs))
+    import torch.distributed as dist
+    from ..distributed import DistributedMXFP4MoE, MoEGroups
+    if not dist.is_initialized():
+        raise RuntimeError(f"load_model: the plan is tp {plan.tp_size} x ep {plan.ep_size}, which needs "
+                           "torch.distributed initialized (torchrun, then init_process_group)")
+    world = dist.get_world_size()
+    if world != plan.tp_size * plan.ep_size:
+        raise ValueError(f"load_model: the plan is tp {plan.tp_size} x ep {plan.ep_size} = "
+                         f"{plan.tp_size * plan.ep_size} ranks, but the world has {world}")
+    groups = MoEGroups.from_world(plan.tp_size, plan.ep_size)
+    return MXFP4GptOssMLP(DistributedMXFP4MoE(weights, groups, backend=backend, **moe_kwargs))
+
+
+def _replace_blocks(model, checkpoint: Checkpoint, plan: ShardPlan | None, backend: Backend, progress: bool,
+                    device_of, moe_kwargs: dict) -> None:
+    """Swap every decoder layer's mlp for an MXFP4GptOssMLP loaded from the checkpoint, one
+    layer at a time (the old block is dropped as its replacement arrives)."""
+    plan = plan or shard_plan(checkpoint)
+    layers = model.model.layers
+    bar = progress_bar(len(layers), progress, desc="MXFP4 experts", unit="layer")
+    try:
+        for n, decoder_layer in enumerate(layers):
+            bar.set_postfix_str(f"layer {n}", refresh=False)
+            decoder_layer.mlp = _moe_block(checkpoint, n, plan, device_of(n), backend, moe_kwargs)
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+# ---- the entry points -------------------------------------------------------------------------
+
+def load_model(path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
+               backend: Backend = "auto", plan: ShardPlan | None = None, progress: bool = True,
+               attn_implementation: str = "eager", **moe_kwargs):
+    """A `GptOssForCausalLM` for the checkpoint at `path`, with every MoE block on MXFP4 weights.
+
+    device: where the model runs (default: the current CUDA device when there is one, else cpu).
+    dtype: the dense weights' and activations' dtype (the experts stay MXFP4; our kernels compute
+      in bf16 on a GPU, the torch backend in float32).
+    backend: `MXFP4MoE`'s ("auto": our Triton kernels on CUDA, the torch reference elsewhere).
+    plan: this rank's `ShardPlan` (`shard_plan(...)` builds one). Default: one rank. A TP/EP plan
+      needs torch.distributed initialized with tp_size * ep_size ranks; each rank then reads only
+      its experts' bytes and every MoE block all-reduces its partial output, so with the same
+      tokens on every rank each rank computes the single-process logits.
+    progress: a progress bar over the layers on a terminal.
+    attn_implementation: transformers' attention ("eager" runs anywhere; the sinks gpt-oss uses
+      rule out sdpa).
+    moe_kwargs: passed to `MXFP4MoE` (compute_dtype, combine, fragment_order, ...).
+    Raises CheckpointError (naming the file and tensor) for a checkpoint without the dense
+    weights or with shapes its config does not give.
+    """
+    _, _, GptOssForCausalLM = _require_transformers()
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    with open_checkpoint(path) as checkpoint:
+        config = gpt_oss_config(checkpoint)
+        config._attn_implementation = attn_implementation
+        with torch.device("meta"):
+            model = GptOssForCausalLM(config).to(dtype)
+        for decoder_layer in model.model.layers:
+            decoder_layer.mlp = torch.nn.Identity()        # the meta bf16 experts go before anything is allocated
+        _load_dense(model, checkpoint, device, dtype)
+        _replace_blocks(model, checkpoint, plan, backend, progress, lambda n: device, moe_kwargs)
+    return model.eval()
+
+
+def replace_moe(model, path: str | Path, plan: ShardPlan | None = None, *, backend: Backend = "auto",
+                progress: bool = True, **moe_kwargs):
+    """Replace every MoE block of an already built `GptOssForCausalLM` with an `MXFP4GptOssMLP`
+    holding the checkpoint's experts (for `plan`'s rank; default one rank), each on the device
+    of its decoder layer. The model's config must match the checkpoint's. Returns `model`."""
+    with open_checkpoint(path) as checkpoint:
+        _check_model_matches(model, checkpoint)
+
+        def device_of(n: int) -> torch.device:
+            norm = model.model.layers[n].post_attention_layernorm.weight
+            if norm.is_meta:
+                raise ValueError(f"replace_moe: decoder layer {n}'s weights are on the meta device; "
+                                 "load the dense weights first, or use load_model")
+            return norm.device
+
+        _replace_blocks(model, checkpoint, plan, backend, progress, device_of, moe_kwargs)
+    return model

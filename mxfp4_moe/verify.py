@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--oracle", choices=("transformers",), default=None,
                    help="also compare with transformers' GptOssMLP (small models)")
+    p.add_argument("--model", action="store_true",
+                   help="also check the whole model: logits and greedy decoding of load_model's GptOssForCausalLM "
+                        "against transformers' dequantized model of the checkpoint (needs the dense weights)")
     p.add_argument("--bench-tokens", type=int, default=None,
                    help="tokens for the GPU throughput measurement (default: --tokens)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random tokens")
@@ -95,7 +98,7 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
     backend = args.backend
     results: list[CheckResult] = []
     steps_per_layer = 2 + len(checked_plans) + 1
-    progress = progress_bar(len(layers) * steps_per_layer + 2, progress_enabled, desc="verify")
+    progress = progress_bar(len(layers) * steps_per_layer + 3, progress_enabled, desc="verify")
 
     coverage = check_coverage(plans, cfg.num_experts, cfg.intermediate_size)
     results.append(CheckResult("sharding", None, None, not coverage,
@@ -165,6 +168,10 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
     if args.oracle:
         module, full, x_compute = oracle_layer
         results.append(check_oracle(module, full, x_compute, cfg))
+    advance(progress, "model")
+    if args.model:
+        from .model_check import check_model
+        results.append(check_model(ckpt.path, device, dtype, args.model_backend, args.seed))
     advance(progress, "throughput")
     if device.type == "cuda":
         full = load_layer(ckpt, layers[0], full_plan, device=device)
@@ -217,6 +224,9 @@ def _main(args, out) -> int:
             raise UsageError(f"--device {args.device}: not a device name (cpu, cuda, cuda:1)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    # The model check runs the backend asked for: "auto" is the torch reference on a CPU, since a
+    # whole model through Triton's interpreter takes minutes (the kernels check covers them).
+    args.model_backend = args.backend
     dtype = resolve_compute(args, device, builtin)
 
     with ExitStack() as stack:
@@ -230,12 +240,26 @@ def _main(args, out) -> int:
             ckpt = stack.enter_context(open_checkpoint(path))
             env = environment(device)
             header = report_header(args, path, builtin, ckpt, dtype)
+            if args.model:
+                _check_model_prerequisites(ckpt)
             results = run_checks(args, ckpt, device, dtype, progress_enabled=not args.quiet)
         except CheckpointError as exc:
             print(f"error: cannot read the checkpoint: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
 
     return report(args, out, env, header, results)
+
+
+def _check_model_prerequisites(ckpt) -> None:
+    """--model needs transformers and a full-model checkpoint in a layout transformers reads."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UsageError("--model needs transformers: pip install 'mxfp4-moe[transformers]'") from None
+    from .model_check import dense_weights_problem
+    problem = dense_weights_problem(ckpt)
+    if problem:
+        raise UsageError(f"--model: {problem}")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 REPORT_SCHEMA = "mxfp4_moe.verify/1"
 
 # The built-in checkpoint: small, seeded, with sizes that leave padding at every rank under the
-# default layout (I = 11 blocks: TP 2 gives 6 and 5 blocks, padded to 192 by the Triton preset).
-BUILTIN_CHECKPOINT = dict(num_layers=2, num_experts=8, hidden=288, intermediate=352, top_k=4, seed=0)
+# default layout (I = 11 blocks: TP 2 gives 6 and 5 blocks, padded to 192 by the Triton preset); with
+# a tiny model's dense weights around the MoE layers, so `--model` can check it whole.
+BUILTIN_CHECKPOINT = dict(num_layers=2, num_experts=8, hidden=288, intermediate=352, top_k=4, seed=0,
+                          full_model=True)
 BUILTIN_LAYOUT = dict(tp=2, ep=2, align="triton")
 
 class UsageError(Exception):

@@ -257,6 +257,9 @@ def main_torchrun(args, out, launch) -> int:
         return EXIT_BAD_INPUT
 
     builtin = args.checkpoint is None
+    if args.model:
+        return bad_input("--model runs in one process (python -m mxfp4_moe.verify CHECKPOINT --model), "
+                         "not under torchrun")
     # Argument errors are the same on every rank: each leaves on its own, before any collective.
     try:
         _torchrun_layout(args, launch.world_size)

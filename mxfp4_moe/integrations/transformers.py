@@ -31,7 +31,7 @@ from ..moe import Backend, MXFP4MoE
 from ..progress import progress_bar
 from ..sharding import ShardPlan
 
-__all__ = ["MXFP4GptOssMLP", "gpt_oss_config", "load_model", "replace_moe", "shard_plan"]
+__all__ = ["MXFP4GptOssMLP", "gpt_oss_config", "load_model", "missing_dense_tensors", "replace_moe", "shard_plan"]
 
 
 def _require_transformers():
@@ -145,11 +145,29 @@ def _dense_sources(model_keys, checkpoint: Checkpoint, config) -> dict[str, tupl
     return sources
 
 
+def _missing(sources: dict, checkpoint: Checkpoint) -> list[str]:
+    return sorted({name for name, _ in sources.values()} - set(checkpoint.names))
+
+
+def _dense_parameter_names(config) -> list[str]:
+    """The model's dense parameters (every one but the MoE blocks'), from a meta-device build."""
+    _, _, GptOssForCausalLM = _require_transformers()
+    with torch.device("meta"):
+        model = GptOssForCausalLM(config)
+    return [name for name, _ in model.named_parameters() if ".mlp." not in name]
+
+
+def missing_dense_tensors(checkpoint: Checkpoint) -> list[str]:
+    """The dense tensors (embeddings, attention, norms, unembedding) a full model needs that the
+    checkpoint lacks, by their checkpoint names; empty for a full-model checkpoint."""
+    config = gpt_oss_config(checkpoint)
+    return _missing(_dense_sources(_dense_parameter_names(config), checkpoint, config), checkpoint)
+
+
 def _load_dense(model, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
     """Materialize the model's (meta) dense parameters on `device` from the checkpoint."""
-    params = dict(model.named_parameters())
-    sources = _dense_sources(params, checkpoint, model.config)
-    missing = sorted({sources.get(key, (key, None))[0] for key in params} - set(checkpoint.names))
+    sources = _dense_sources(dict(model.named_parameters()), checkpoint, model.config)
+    missing = _missing(sources, checkpoint)
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise CheckpointError(

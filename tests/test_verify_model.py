@@ -1,0 +1,92 @@
+"""`python -m mxfp4_moe.verify CHECKPOINT --model`: the whole-model check passes on a full
+checkpoint, fails on a planted bug in our MoE block, and is a usage error (exit 2) where it
+cannot run."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the model check needs Hugging Face transformers")
+
+from mxfp4_moe import verify  # noqa: E402
+from mxfp4_moe.integrations import transformers as integration  # noqa: E402
+from mxfp4_moe.synthetic import DenseSpec, make_synthetic_checkpoint  # noqa: E402
+
+MODEL = dict(num_layers=2, num_experts=4, hidden=64, intermediate=96, top_k=2, seed=5,
+             dense=DenseSpec(vocab_size=128))
+FAST = ["--backend", "torch", "--tokens", "8", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def full_model(tmp_path_factory):
+    return make_synthetic_checkpoint(tmp_path_factory.mktemp("full") / "m", full_model=True, **MODEL)
+
+
+def _model_check(report_path):
+    [check] = [c for c in json.loads(report_path.read_text())["checks"] if c["check"] == "model"]
+    return check
+
+
+def test_model_check_passes_and_reports_its_figures(full_model, tmp_path):
+    report = tmp_path / "r.json"
+    assert verify.main([str(full_model), "--model", *FAST, "--json", str(report)]) == verify.EXIT_OK
+    check = _model_check(report)
+    figures = check["figures"]
+    assert check["status"] == "PASS"
+    assert set(figures["rel_err"]) == {"1", "7", "32"}
+    assert max(figures["rel_err"].values()) <= figures["tolerance"] == 1e-4
+    assert figures["ids"] == figures["reference_ids"] and len(figures["ids"]) == 16
+    assert figures["first_difference"] is None
+
+
+def test_model_check_fails_on_swapped_gate_and_up(full_model, tmp_path, monkeypatch):
+    # gpt-oss interleaves w13's rows: 2j gate, 2j+1 up. A loader that swapped them would still
+    # give finite, plausible outputs; the model check must catch it.
+    real_load_layer = integration.load_layer
+
+    def swapped_load_layer(*args, **kwargs):
+        weights = real_load_layer(*args, **kwargs)
+        for name in ("w13_blocks", "w13_scales", "w13_bias"):
+            t = getattr(weights, name)
+            swapped = t.view(t.shape[0], -1, 2, *t.shape[2:]).flip(2).reshape(t.shape)
+            t.copy_(swapped)
+        return weights
+
+    monkeypatch.setattr(integration, "load_layer", swapped_load_layer)
+    report = tmp_path / "r.json"
+    assert verify.main([str(full_model), "--model", *FAST, "--json", str(report)]) == verify.EXIT_CHECK_FAILED
+    check = _model_check(report)
+    assert check["status"] == "FAIL"
+    assert max(check["figures"]["rel_err"].values()) > 1e-2
+
+
+def test_model_check_without_dense_weights_is_exit_2(tmp_path, capsys):
+    moe_only = make_synthetic_checkpoint(tmp_path / "moe", **MODEL)
+    assert verify.main([str(moe_only), "--model", *FAST]) == verify.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    # 2 layers x (q, k, v, o weights and biases, sinks, 2 norms) + embedding, final norm, lm_head
+    assert "no dense weights (25 tensors missing" in err
+
+
+def test_model_check_on_the_original_layout_is_exit_2(tmp_path, capsys):
+    original = make_synthetic_checkpoint(tmp_path / "orig", layout="original", full_model=True, **MODEL)
+    assert verify.main([str(original), "--model", *FAST]) == verify.EXIT_BAD_INPUT
+    assert "original layout, which transformers cannot load" in capsys.readouterr().err
+
+
+def test_model_check_is_off_by_default(full_model, tmp_path):
+    report = tmp_path / "r.json"
+    assert verify.main([str(full_model), *FAST, "--json", str(report)]) == verify.EXIT_OK
+    assert not [c for c in json.loads(report.read_text())["checks"] if c["check"] == "model"]
+
+
+def test_model_check_under_torchrun_is_exit_2(full_model, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    assert verify.main([str(full_model), "--model", *FAST]) == verify.EXIT_BAD_INPUT
+    assert "--model runs in one process" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()

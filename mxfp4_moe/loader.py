@@ -95,9 +95,10 @@ class _Copier:
     """Reads slices through TensorSource.read in bounded chunks and copies them into place,
     counting the bytes read and the NaN scale bytes met."""
 
-    def __init__(self, plan: ShardPlan, max_read_bytes: int):
+    def __init__(self, plan: ShardPlan, max_read_bytes: int, staging: "_PinnedStaging | None" = None):
         self.plan = plan
         self.max_read_bytes = max_read_bytes
+        self.staging = staging
         self.bytes_read = 0
         self.nan_scale_bytes = 0
 
@@ -114,8 +115,12 @@ class _Copier:
 
     def copy(self, ref: TensorSource, src: torch.Tensor, dest: torch.Tensor, param: str,
              shard_dim: int | None) -> None:
-        narrow_to_source(dest, src, param=param, rank=self.plan.describe(), tensor=ref.name,
-                         shard_dim=shard_dim).copy_(src)
+        target = narrow_to_source(dest, src, param=param, rank=self.plan.describe(), tensor=ref.name,
+                                  shard_dim=shard_dim)
+        if self.staging is None:
+            target.copy_(src)
+        else:
+            self.staging.copy(src, target)
 
     def copy_experts(self, ref: TensorSource, role: str, dest: torch.Tensor, *,
                      flatten_blocks: bool = False, squeeze_last: bool = False) -> None:
@@ -153,6 +158,37 @@ class _Copier:
                     src = src.reshape(src.shape[:-1])
                 local = slice(l_start + c_start - g_start, l_start + c_stop - g_start)
                 self.copy(ref, src, dest[local], role, SHARD_DIMS[role])
+
+
+class _PinnedStaging:
+    """Host-to-device copies through two pinned buffers: the CPU copies one slice from the
+    memory-mapped file into a free buffer while the GPU's copy engine still moves the previous
+    one, instead of a pageable copy that the driver stages (and waits on) chunk by chunk."""
+
+    def __init__(self, buffer_bytes: int):
+        self.buffers = [torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.in_flight: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+
+    def copy(self, src: torch.Tensor, target: torch.Tensor) -> None:
+        nbytes = src.numel() * src.element_size()
+        if nbytes > self.buffers[0].numel() or nbytes % src.element_size():
+            target.copy_(src)                      # larger than a buffer (never for a planned read)
+            return
+        i, self.turn = self.turn, 1 - self.turn
+        if self.in_flight[i] is not None:
+            self.in_flight[i].synchronize()        # the buffer's previous copy has left it
+        staged = self.buffers[i][:nbytes].view(src.dtype).view(src.shape)
+        staged.copy_(src)
+        target.copy_(staged, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.in_flight[i] = event
+
+    def finish(self) -> None:
+        for event in self.in_flight:
+            if event is not None:
+                event.synchronize()
 
 
 def _check_fused_shapes(tensors, plan: ShardPlan) -> None:
@@ -291,7 +327,7 @@ def _load_unfused(tensors: UnfusedLayerTensors, plan: ShardPlan, dest: dict, cop
 
 
 def load_layer(checkpoint, layer: int, plan: ShardPlan, device: torch.device | str = "cpu", *,
-               max_read_bytes: int = DEFAULT_MAX_READ_BYTES) -> ExpertWeights:
+               max_read_bytes: int = DEFAULT_MAX_READ_BYTES, pinned_staging: bool | None = None) -> ExpertWeights:
     """Build layer `layer`'s expert weights for the rank `plan` describes.
 
     checkpoint: a `checkpoint.Checkpoint` (fused gpt-oss layout, HF or original names) or an
@@ -310,6 +346,9 @@ def load_layer(checkpoint, layer: int, plan: ShardPlan, device: torch.device | s
     Padding holds the fill the module docstring documents. Only this rank's slices are read,
     at most `max_read_bytes` at a time; `bytes_read` counts them. `extras` holds the plan and
     `nan_scale_bytes`, the number of 0xFF (NaN) scale bytes among the bytes read.
+    pinned_staging: copy to a CUDA device through two pinned host buffers of max_read_bytes,
+      overlapping the read of one slice with the transfer of the last (`_PinnedStaging`).
+      None: on for a CUDA device (benchmarks/RESULTS.md 2).
     """
     if not isinstance(plan, ShardPlan):
         raise TypeError(f"load_layer: plan must be a ShardPlan, got {type(plan).__name__}")
@@ -330,7 +369,13 @@ def load_layer(checkpoint, layer: int, plan: ShardPlan, device: torch.device | s
         w13_bias = w2_bias = router_bias = True
     dest = _allocate(plan, device, w13_channel=w13_channel, w2_channel=w2_channel, w13_bias=w13_bias,
                      w2_bias=w2_bias, router_bias=router_bias)
-    copier = _Copier(plan, max_read_bytes)
+    device = torch.device(device)
+    if pinned_staging is None:
+        pinned_staging = device.type == "cuda"
+    if pinned_staging and device.type != "cuda":
+        raise ValueError(f"load_layer: pinned_staging needs a CUDA device, got {device}")
+    staging = _PinnedStaging(max_read_bytes) if pinned_staging else None
+    copier = _Copier(plan, max_read_bytes, staging)
     if unfused:
         _load_unfused(tensors, plan, dest, copier)
     else:
@@ -344,6 +389,8 @@ def load_layer(checkpoint, layer: int, plan: ShardPlan, device: torch.device | s
                              f"({plan.num_experts}, {plan.hidden}) for the weight or ({plan.num_experts},) "
                              "for the bias")
         copier.copy(ref, copier.read(ref, (slice(None),)), dest[role], role, None)
+    if staging is not None:
+        staging.finish()                 # the last slices are in flight; the buffers must outlive them
 
     weights = ExpertWeights(
         w13_blocks=dest["w13_blocks"], w13_scales=dest["w13_scales"], w13_bias=dest["w13_bias"],

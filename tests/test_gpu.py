@@ -586,8 +586,8 @@ def test_load_layer_to_the_gpu_through_pinned_staging_is_exact(tmp_path, tp_rank
                                      top_k=2, seed=4)
     plan = ShardPlan.create(num_experts=6, hidden=288, inter=352, tp_size=2, tp_rank=tp_rank, align="triton")
     with open_checkpoint(path) as ckpt:
-        # max_read_bytes small enough that both buffers turn over many times
-        staged = load_layer(ckpt, 0, plan, device="cuda", max_read_bytes=4096, pinned_staging=True)
+        # 64 KiB buffers: each holds one expert's w13 (50 KB) or two of w2, so both turn over many times
+        staged = load_layer(ckpt, 0, plan, device="cuda", max_read_bytes=65536, pinned_staging=True)
         pageable = load_layer(ckpt, 0, plan, device="cuda", pinned_staging=False)
         cpu = load_layer(ckpt, 0, plan, device="cpu")
     for name in ("w13_blocks", "w13_scales", "w13_bias", "w2_blocks", "w2_scales", "w2_bias", "router_weight",

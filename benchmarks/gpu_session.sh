@@ -24,16 +24,16 @@ step() { echo; echo "=== $1"; shift; "$@"; echo "=== rc=$?"; }
 if [ "${SKIP_GPU_TESTS:-0}" != 1 ]; then
   step "gpu tests ${GPU_TESTS_K:+(-k $GPU_TESTS_K)}" python3 -m pytest -q -m gpu tests/test_gpu.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 fi
-# verify at decode and at 64 tokens, on the built-in checkpoint and on a tiny transformers-loadable
-# model (H = I = 64: one K step per program in every kernel)
+# verify (with the whole-model check) at decode and at 64 tokens, on the built-in checkpoint and on a
+# tiny transformers-loadable model (H = I = 64: one K step per program in every kernel)
 if [ "${SKIP_VERIFY:-0}" != 1 ]; then
   TINY=/tmp/ckpt_tiny
   python3 -c "
 from mxfp4_moe.synthetic import make_synthetic_checkpoint
 make_synthetic_checkpoint('$TINY', num_layers=2, num_experts=4, hidden=64, intermediate=64, top_k=2, full_model=True)"
   for tokens in 1 64; do
-    step "verify built-in, $tokens tokens" python3 -m mxfp4_moe.verify --tokens $tokens --json "$OUT/verify_builtin_t$tokens.json" > "$OUT/verify_builtin_t$tokens.txt" 2>&1; tail -3 "$OUT/verify_builtin_t$tokens.txt"
-    step "verify tiny H = I = 64, $tokens tokens" python3 -m mxfp4_moe.verify $TINY --tokens $tokens --json "$OUT/verify_tiny_t$tokens.json" > "$OUT/verify_tiny_t$tokens.txt" 2>&1; tail -3 "$OUT/verify_tiny_t$tokens.txt"
+    step "verify built-in, $tokens tokens" python3 -m mxfp4_moe.verify --model --tokens $tokens --json "$OUT/verify_builtin_t$tokens.json" > "$OUT/verify_builtin_t$tokens.txt" 2>&1; tail -3 "$OUT/verify_builtin_t$tokens.txt"
+    step "verify tiny H = I = 64, $tokens tokens" python3 -m mxfp4_moe.verify $TINY --model --tokens $tokens --json "$OUT/verify_tiny_t$tokens.json" > "$OUT/verify_tiny_t$tokens.txt" 2>&1; tail -3 "$OUT/verify_tiny_t$tokens.txt"
   done
 fi
 CK=/tmp/ckpt20b

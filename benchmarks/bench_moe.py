@@ -3,12 +3,19 @@
 For E in {128 (gpt-oss-120b), 32 (gpt-oss-20b)}, H = I = 2880, top-4, T in a sweep: GPU time of
 w13 + SwiGLU, w2 + combine and the whole layer (CUDA-graph replay with L2 flushed between
 replays by triton.testing.do_bench, median; and eager), TFLOP/s, GB/s of the weight bytes of
-the experts hit, and the fraction of a roofline whose ceilings (device copy, bf16 matmul) are
-measured in the same run. Side by side: torch._grouped_mm on bf16-dequantized weights and, at
-small T, the torch reference layer. Routing comes from random router logits.
+the experts hit, and the share of a roofline whose ceilings (HBM read bandwidth of a streaming
+read kernel, bf16 matmul) are measured in the same run. Side by side: torch._grouped_mm on
+bf16-dequantized weights and, at small T, the torch reference layer. Routing comes from random
+router logits.
 
-    python benchmarks/bench_moe.py --out DIR [--experts 128 32] [--tokens 1 8 ...]
+    python benchmarks/bench_moe.py --out DIR [--experts 128 32] [--tokens 1 8 ...] [--no-sweep]
 Writes DIR/out_moe.json, DIR/results_moe.md and DIR/moe.png.
+
+    python benchmarks/bench_moe.py --render-only DIR/out_moe.json --tk-json 128=TK128.json 32=TK32.json --out DIR
+Rebuilds those three files from a saved out_moe.json without timing anything (no GPU needed); with
+--tk-json (here or in a timing run) each (E, T) row also gets OpenAI triton_kernels' times from
+the tk_results.json that the anchors' bench_tk.py wrote in the same device call, on the same
+roofline. benchmarks/bench_vs_anchors.sh runs the whole comparison in one call.
 
     python benchmarks/bench_moe.py --ab --out DIR [--experts ...] [--tokens ...]
 Times w13 + SwiGLU and w2 + combine with each dequantization path ("bytes": one code at a time,
@@ -20,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -29,15 +38,20 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 from triton.testing import do_bench
 
 from mxfp4_moe.kernels import MatmulConfig, default_config, moe_matmul, pick_block_m
 from mxfp4_moe.kernels.moe_matmul import on_hopper
 from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
-from mxfp4_moe.mxfp4 import BLOCK_SIZE, dequantize
+from mxfp4_moe.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, dequantize
 from mxfp4_moe.routing import route, routing_metadata
 
-# triton_kernels (matmul_ogs) on an H100, CUDA-graph GPU time in ms (from the project brief).
+# gpt-oss-120b and -20b: hidden and intermediate sizes (unpadded: 2880 = 90 MXFP4 blocks) and top-k.
+HIDDEN, INTER, TOP_K = 2880, 2880, 4
+
+# triton_kernels (matmul_ogs) on an H100, CUDA-graph GPU time in ms (from the project brief): the
+# "tk H100 x" columns, and the plot's line where no run of the same call is given (--tk-json).
 FIELD_BEST_MS = {
     "w13": {1: 0.035, 8: 0.115, 32: 0.257, 128: 0.407, 512: 0.480, 2048: 0.954, 8192: 2.40},
     "w2": {1: 0.041, 8: 0.092, 32: 0.168, 128: 0.247, 512: 0.284, 2048: 0.604, 8192: 1.65},
@@ -83,10 +97,10 @@ def routed_points(spec: str):
         if experts not in weights:
             weights.clear()
             torch.cuda.empty_cache()
-            weights[experts], _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda",
-                                                        dense=False)
+            weights[experts], _ = random_expert_weights(experts, HIDDEN, INTER, top_k=TOP_K, seed=experts,
+                                                        device="cuda", dense=False)
         w = weights[experts]
-        x = torch.randn(tokens, 2880, generator=torch.Generator(device="cuda").manual_seed(tokens),
+        x = torch.randn(tokens, HIDDEN, generator=torch.Generator(device="cuda").manual_seed(tokens),
                         device="cuda").to(torch.bfloat16)
         topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
         yield experts, tokens, w, x, topk_w, topk_ids
@@ -112,18 +126,77 @@ def time_eager(fn) -> float:
     return do_bench(fn, warmup=10, rep=REP_MS, return_mode="median")
 
 
+@triton.jit
+def _stream_read_kernel(src_ptr, folded_ptr, numel, steps, BLOCK: tl.constexpr):
+    """Reads src[0:numel] (int32 words) once and writes one word per program, so the loads cannot
+    be dropped. At each step the programs read neighbouring BLOCKs, then all move on by the
+    grid's width: the whole grid sweeps the buffer front to back, as HBM pages like."""
+    pid = tl.program_id(0)
+    grid_stride = tl.num_programs(0) * BLOCK
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    folded = tl.zeros([BLOCK], dtype=tl.int32)
+    for _ in range(steps):
+        # ".cg": cached in L2 only, the path a weight stream takes (read once, no reuse in L1)
+        folded += tl.load(src_ptr + offs, mask=offs < numel, other=0, cache_modifier=".cg")
+        offs += grid_stride
+    tl.store(folded_ptr + pid, tl.sum(folded, axis=0))
+
+
+# Buffer sizes of the read-bandwidth measurement: about the expert bytes of T = 1 (4 experts of
+# w13, 35 MB: one launch's ramp-up dominates), of all 128 experts of w13 (1.1 GB) and a 4 GiB
+# stream; the floor uses the best rate at 1 GiB or more (READ_CEILING_MIN_MIB).
+READ_SIZES_MIB = (35, 1128, 4096)
+READ_CEILING_MIN_MIB = 1024
+READ_BLOCKS = (2048, 4096)              # int32 words per program per step: 32 or 64 bytes a thread
+READ_PROGRAMS_PER_SM = (4, 8, 16)       # 8 warps a program: 8 fill an SM's 64 warps, 16 two rounds
+
+
+def read_bandwidth(size_mib: int) -> dict:
+    """Best HBM read rate over a few launch shapes for a buffer of `size_mib` MiB, CUDA-graph
+    replay with L2 flushed (time_graph): {"MiB", "GBps", "block", "programs_per_sm", "ms"}."""
+    numel = size_mib * (1 << 20) // 4
+    src = torch.randint(0, 1 << 30, (numel,), dtype=torch.int32, device="cuda")
+    sms = torch.cuda.get_device_properties(src.device).multi_processor_count
+    best = None
+    for block in READ_BLOCKS:
+        for per_sm in READ_PROGRAMS_PER_SM:
+            programs = min(sms * per_sm, triton.cdiv(numel, block))
+            steps = triton.cdiv(numel, programs * block)
+            assert numel + programs * block < 2 ** 31, "int32 offsets of _stream_read_kernel overflow"
+            folded = torch.empty(programs, dtype=torch.int32, device="cuda")
+            ms = time_graph(lambda: _stream_read_kernel[(programs,)](src, folded, numel, steps, BLOCK=block,
+                                                                     num_warps=8))
+            gbps = numel * 4 / (ms * 1e-3) / 1e9
+            if best is None or gbps > best["GBps"]:
+                best = {"MiB": size_mib, "GBps": gbps, "block": block, "programs_per_sm": per_sm, "ms": ms}
+    return best
+
+
 def ceilings() -> dict:
-    n = 1 << 28                                         # 1 GiB of float32
-    src = torch.randn(n, device="cuda")
-    dst = torch.empty_like(src)
-    t = do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
-    copy_gbs = 2 * src.numel() * 4 / (t * 1e-3) / 1e9
-    del src, dst
+    """The roofline's ceilings, measured now: HBM read bandwidth per buffer size and the one the
+    floor uses (the best at READ_CEILING_MIN_MIB or more), and the bf16 matmul rate."""
+    by_size = []
+    for mib in READ_SIZES_MIB:
+        by_size.append(read_bandwidth(mib))
+        torch.cuda.empty_cache()                # give the buffer back before the next, larger one
+    read_gbps = max(r["GBps"] for r in by_size if r["MiB"] >= READ_CEILING_MIN_MIB)
     a = torch.randn(8192, 8192, device="cuda").bfloat16()
     b = torch.randn(8192, 8192, device="cuda").bfloat16()
     t = do_bench(lambda: a @ b, warmup=10, rep=100, return_mode="median")
     mm_tflops = 2 * 8192 ** 3 / (t * 1e-3) / 1e12
-    return {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": mm_tflops}
+    return {"read_GBps": read_gbps, "read_by_size": by_size, "bf16_matmul_TFLOPs": mm_tflops}
+
+
+def mxfp4_weight_bytes(out_features: int, in_features: int) -> int:
+    """Bytes of one expert's MXFP4 matrix [out, in] as the checkpoint stores it: per block of
+    BLOCK_SIZE inputs, BYTES_PER_BLOCK bytes of E2M1 codes and one E8M0 scale byte."""
+    return out_features * (in_features // BLOCK_SIZE) * (BYTES_PER_BLOCK + 1)
+
+
+def roofline_floor_ms(weight_bytes: float, flops: float, ceil: dict) -> float:
+    """The roofline floor of the anchors' README: max(weight bytes touched / HBM read bandwidth,
+    FLOPs / bf16 matmul rate), in ms, on the ceilings `ceil` measured in the same run."""
+    return max(weight_bytes / (ceil["read_GBps"] * 1e9), flops / (ceil["bf16_matmul_TFLOPs"] * 1e12)) * 1e3
 
 
 SWEEP_AGREEMENT = 1e-2   # relative Frobenius difference a swept config may have from the default
@@ -190,18 +263,19 @@ def bench_point(w, layer, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_refer
     swiglu = (w.swiglu_alpha, w.swiglu_limit)
     res = {"tokens": tokens, "experts": w.num_local_experts, "block_m": block_m, "experts_hit": hit}
 
-    def op_stats(name, ms, flops, weight_bytes, act_bytes):
-        floor_ms = max((weight_bytes + act_bytes) / (ceil["copy_GBps"] * 1e9),
-                       flops / (ceil["bf16_matmul_TFLOPs"] * 1e12)) * 1e3
-        res[name] = {"ms": ms, "TFLOPs": flops / (ms * 1e-3) / 1e12,
-                     "weight_GBps": weight_bytes / (ms * 1e-3) / 1e9, "roofline_frac": floor_ms / ms}
+    def op_stats(name, ms, flops, weight_bytes):
+        floor_ms = roofline_floor_ms(weight_bytes, flops, ceil)
+        res[name] = {"ms": ms, "TFLOPs": flops / (ms * 1e-3) / 1e12, "weight_GBps": weight_bytes / (ms * 1e-3) / 1e9,
+                     "floor_ms": floor_ms, "roofline_frac": floor_ms / ms, "weight_bytes": weight_bytes,
+                     "flops": flops}
 
-    per_row13 = 2 * ip * (hp // 2 + hp // BLOCK_SIZE + 4)
-    per_row2 = hp * (ip // 2 + ip // BLOCK_SIZE + 4)
-    wb13, wb2 = hit * per_row13, hit * per_row2
+    # The floor counts the weight bytes touched as the anchors' README does: the experts hit, at
+    # the checkpoint's sizes. Not counted, as the README does not: the padding of our layout (zero
+    # at H = I = 2880) and the biases (0.3% of a matrix), both ours to pay, and the activations,
+    # which move no floor at these shapes: at most 3% of the weight bytes where the weight term
+    # binds, and where the FLOP term binds, weights plus activations still read in less time.
+    wb13, wb2 = hit * mxfp4_weight_bytes(2 * i, h), hit * mxfp4_weight_bytes(h, i)
     fl13, fl2 = 2 * rows * 2 * i * h, 2 * rows * h * i
-    ab13 = tokens * h * 2 + rows * ip * 2
-    ab2 = rows * ip * 2 + tokens * h * 4
 
     act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta, swiglu=swiglu, fragments=fragments.get("w13"))
     metas = {bm: meta if bm == block_m else routing_metadata(topk_ids, w.expert_map, w.num_local_experts, bm, topk_w)
@@ -259,9 +333,9 @@ def bench_point(w, layer, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_refer
         default_ms = timings[0][0] if is_default else float("nan")
         best_ms, best_cfg = min(timings, key=lambda t: t[0])
         best[op] = best_cfg
-        fl, wb, ab = (fl13, wb13, ab13) if op == "w13" else (fl2, wb2, ab2)
-        op_stats(op, default_ms, fl, wb, ab)
-        op_stats(op + "_best", best_ms, fl, wb, ab)
+        fl, wb = (fl13, wb13) if op == "w13" else (fl2, wb2)
+        op_stats(op, default_ms, fl, wb)
+        op_stats(op + "_best", best_ms, fl, wb)
         res[op + "_best"]["config"] = best_cfg.__dict__
         if tokens in FIELD_BEST_MS[op]:
             res[op]["vs_triton_kernels"] = FIELD_BEST_MS[op][tokens] / default_ms
@@ -272,7 +346,7 @@ def bench_point(w, layer, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_refer
                                                                      block_m, topk_w))
     res["layer_combine"] = layer.combine_for(tokens)
     res["layer_fragment_order"] = layer.fragments is not None
-    op_stats("layer", time_graph(lambda: layer(x)), fl13 + fl2, wb13 + wb2, ab13 + ab2)
+    op_stats("layer", time_graph(lambda: layer(x)), fl13 + fl2, wb13 + wb2)
     res["layer"]["eager_ms"] = time_eager(lambda: layer(x))
     # torch._grouped_mm on bf16 weights, rows already gathered and sorted (favours the baseline)
     local = int(meta.expert_offsets[-1])
@@ -356,18 +430,157 @@ def ab_markdown(rows: list[dict], header: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# triton_kernels' launches in bench_tk.py's tk_results.json that do what ours do: w13 with the
+# token gather and the fused SwiGLU, w2 with the scatter, gate weights and top-k reduce. bench_tk
+# names each by its scale layout's num_warps, "(w4)" or "(w8)", and times one per T (both with
+# --alt-warps: then the faster counts).
+TK_KERNELS = {"w13": re.compile(r"mx_w13_gather_swiglu\(w\d+\)"), "w2": re.compile(r"mx_w2_scatter\(w\d+\)")}
+
+
+def parse_tk_spec(spec: str) -> tuple[int, Path]:
+    """--tk-json's "E=PATH" -> (E, PATH): tk_results.json does not record E."""
+    experts, sep, path = spec.partition("=")
+    if not sep or not experts.isdigit() or not path:
+        raise ValueError(f"--tk-json: expected E=PATH (the expert count bench_tk.py ran with, then its "
+                         f"tk_results.json; the file does not record E), got {spec!r}")
+    return int(experts), Path(path)
+
+
+def load_tk_results(path: Path, experts: int, hidden: int = HIDDEN, inter: int = INTER,
+                    top_k: int = TOP_K) -> dict:
+    """Read bench_tk.py's tk_results.json ({"device", "torch", "triton", "results": [{"T", "kernel",
+    "ms_graph", "tflops_graph", "wbytes_MB", ...}]}) of a run at `experts` experts. Returns
+    {"path", "device", "torch", "triton", "times": {T: {"w13" | "w2": {"ms", "experts_hit", "kernel"}}}}
+    with the CUDA-graph times (L2 flushed, median: our method). Checks that it ran at our shapes:
+    its weight bytes are a whole number (<= E) of experts of H x 2I (w13) or I x H (w2), and its
+    FLOPs are 2 * T * top_k * N * K."""
+    data = json.loads(path.read_text())
+    per_expert = {"w13": mxfp4_weight_bytes(2 * inter, hidden), "w2": mxfp4_weight_bytes(hidden, inter)}
+    times: dict[int, dict] = {}
+    for entry in data["results"]:
+        for op, name in TK_KERNELS.items():
+            if not name.fullmatch(entry["kernel"]) or entry.get("ms_graph") is None:
+                continue
+            tokens, where = entry["T"], f"{path}: {entry['kernel']} at T = {entry['T']}"
+            hit = entry["wbytes_MB"] * 1e6 / per_expert[op]
+            if abs(hit - round(hit)) > 1e-3 or not 0 < round(hit) <= experts:
+                raise ValueError(f"{where} read {entry['wbytes_MB']} MB: expected 1 to {experts} experts of "
+                                 f"{per_expert[op]} bytes (H = {hidden}, I = {inter}), found {hit:.3f}")
+            n_out, n_in = (2 * inter, hidden) if op == "w13" else (hidden, inter)
+            flops = 2 * tokens * top_k * n_out * n_in
+            tk_flops = entry["tflops_graph"] * 1e12 * entry["ms_graph"] * 1e-3
+            if not math.isclose(tk_flops, flops, rel_tol=1e-6):
+                raise ValueError(f"{where} counts {tk_flops:.4g} FLOPs: expected {flops:.4g} "
+                                 f"(top-{top_k}, H = {hidden}, I = {inter})")
+            known = times.setdefault(tokens, {}).get(op)
+            if known is None or entry["ms_graph"] < known["ms"]:
+                times[tokens][op] = {"ms": entry["ms_graph"], "experts_hit": round(hit), "kernel": entry["kernel"]}
+    return {"path": str(path), "device": data.get("device"), "torch": data.get("torch"),
+            "triton": data.get("triton"), "times": times}
+
+
+def attach_tk(results: list[dict], header: dict, tk_by_experts: dict[int, dict]) -> None:
+    """Give each row of `results` that triton_kernels timed at its (E, T) a "triton_kernels" entry:
+    per op its time, experts hit, roofline floor and share on this run's ceilings (its own experts
+    hit: its router logits are not ours), and speedup = its time / ours. Records the sources in
+    header["triton_kernels"]."""
+    hidden, inter = header["shape"]["hidden"], header["shape"]["inter"]
+    per_expert = {"w13": mxfp4_weight_bytes(2 * inter, hidden), "w2": mxfp4_weight_bytes(hidden, inter)}
+    header["triton_kernels"] = {str(e): {key: value for key, value in tk.items() if key != "times"}
+                                for e, tk in tk_by_experts.items()}
+    for r in results:
+        r.pop("triton_kernels", None)            # a re-render replaces what an earlier one attached
+        timed = tk_by_experts.get(r["experts"], {"times": {}})["times"].get(r["tokens"], {})
+        entry = {}
+        for op, tk in timed.items():
+            floor_ms = roofline_floor_ms(tk["experts_hit"] * per_expert[op], r[op]["flops"], header["ceilings"])
+            entry[op] = {**tk, "floor_ms": floor_ms, "roofline_frac": floor_ms / tk["ms"],
+                         "speedup": tk["ms"] / r[op]["ms"]}
+        if entry:
+            r["triton_kernels"] = entry
+
+
+def fmt_us(ms: float) -> str:
+    """A time in ms as microseconds to three figures or so, as the anchors' README writes them."""
+    if ms is None or math.isnan(ms):
+        return "-"
+    us = ms * 1e3
+    return f"{us:.1f}" if us < 100 else f"{us:.0f}"
+
+
+def fmt_time_share(ms: float, floor_ms: float) -> str:
+    """"time (share of the floor)", e.g. "24.6 (32%)"."""
+    if ms is None or math.isnan(ms):
+        return "-"
+    return f"{fmt_us(ms)} ({floor_ms / ms:.0%})"
+
+
+def roofline_table(results: list[dict], header: dict) -> list[str]:
+    """The comparison of the anchors' README: per (E, T) the floor, our time and triton_kernels'
+    (where attached) with their shares of the floor, for w13 and w2; markdown lines."""
+    ceil, shape = header["ceilings"], header["shape"]
+    with_tk = any("triton_kernels" in r for r in results)
+    sizes = ", ".join(f"{r['GBps'] / 1e3:.2f} TB/s at {r['MiB']} MiB" for r in ceil["read_by_size"])
+    lines = [f"## Against the roofline{' and triton_kernels' if with_tk else ''}", "",
+             f"GPU time in us (CUDA-graph replay, L2 flushed, median), bf16 activations, H = {shape['hidden']}, "
+             f"I = {shape['inter']}, top-{shape['top_k']}; in brackets the share of the roofline floor (floor / time).",
+             "",
+             f"floor = max(weight bytes touched / {ceil['read_GBps'] / 1e3:.2f} TB/s HBM read, FLOPs / "
+             f"{ceil['bf16_matmul_TFLOPs']:.0f} TFLOP/s bf16 matmul), both measured in this run (read: a Triton "
+             f"streaming read, the best at {READ_CEILING_MIN_MIB} MiB or more; {sizes}; bf16 matmul: "
+             f"torch 8192^3). Weight bytes touched = experts hit x one expert's MXFP4 codes and E8M0 scales "
+             f"(w13: 2I x H, w2: H x I, checkpoint sizes; biases, layout padding and activations not counted); "
+             f"FLOPs = 2 x T x top-k x N x K.", "",
+             "ours: w13 + bias + SwiGLU (token rows gathered in the kernel) and w2 + bias + routing weight + "
+             "atomic combine into [T, H] (`moe_matmul`, default configs)."]
+    if with_tk:
+        sources = "; ".join(f"E = {e}: {src['path']} (triton {src['triton']}, torch {src['torch']}"
+                            + ("" if src["device"] == header["device"] else f", **on another device: {src['device']}**")
+                            + ")" for e, src in header["triton_kernels"].items())
+        lines.append("tk: OpenAI triton_kernels `matmul_ogs` (the anchors' bench_tk.py), MXFP4 weights in its Hopper "
+                     "layouts: w13 + gather + fused SwiGLU and w2 + scatter + gate weights + top-k reduce, no bias, "
+                     f"its own random router logits. From {sources}.")
+        lines += ["", "`x` = tk time / ours (>1: ours faster). `hit` = experts hit, ours / tk's where they differ: "
+                  "then tk's share is of its own floor.", "",
+                  "| E | T | hit | w13 floor | ours w13 | tk w13 | w13 x | w2 floor | ours w2 | tk w2 | w2 x |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+    else:
+        lines += ["", "| E | T | hit | w13 floor | ours w13 | w2 floor | ours w2 | layer floor | ours layer |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ours = [fmt_us(r["w13"]["floor_ms"]), fmt_time_share(r["w13"]["ms"], r["w13"]["floor_ms"]),
+                fmt_us(r["w2"]["floor_ms"]), fmt_time_share(r["w2"]["ms"], r["w2"]["floor_ms"])]
+        if not with_tk:
+            cells = [*ours, fmt_us(r["layer"]["floor_ms"]), fmt_time_share(r["layer"]["ms"], r["layer"]["floor_ms"])]
+            lines.append(f"| {r['experts']} | {r['tokens']} | {r['experts_hit']} | " + " | ".join(cells) + " |")
+            continue
+        tk = r.get("triton_kernels", {})
+        hits = {tk[op]["experts_hit"] for op in tk} - {r["experts_hit"]}
+        hit = f"{r['experts_hit']}" + "".join(f" / {h}" for h in sorted(hits))
+        cells = []
+        for op, (floor, mine) in zip(("w13", "w2"), (ours[:2], ours[2:])):
+            theirs = tk.get(op)
+            cells += [floor, mine, fmt_time_share(theirs["ms"], theirs["floor_ms"]) if theirs else "-",
+                      f"{theirs['speedup']:.2f}" if theirs else "-"]
+        lines.append(f"| {r['experts']} | {r['tokens']} | {hit} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results: list[dict], header: dict) -> str:
-    lines = [f"# MXFP4 MoE benchmark", "",
+    lines = ["# MXFP4 MoE benchmark", "",
              f"device: {header['device']}; torch {header['torch']}; triton {header['triton']}; "
-             f"commit {header['commit']}", f"command: `{header['command']}`", "",
-             f"measured ceilings: device copy {header['ceilings']['copy_GBps']:.0f} GB/s, bf16 matmul "
-             f"{header['ceilings']['bf16_matmul_TFLOPs']:.0f} TFLOP/s", "",
-             "Times in ms (CUDA-graph replay, L2 flushed, median). `tk x` = triton_kernels time / ours "
-             "(>1: we are faster). `gmm x` = torch._grouped_mm bf16 time / ours. roof = roofline floor / time.", "",
-             "`ckpt` = the checkpoint-order default, same run (where the default reads fragment order).", "",
-             "| E | T | bm | hit | w13+swiglu | roof | tk x | gmm x | best w13 | ckpt w13 | w2+combine | roof | tk x "
-             "| gmm x | best w2 | ckpt w2 | w2 slots | layer | layer eager | layer TFLOP/s | weight GB/s | torch ref |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"commit {header['commit']}", f"command: `{header['command']}`"]
+    if header.get("render_command"):
+        lines.append(f"rendered by: `{header['render_command']}`")
+    lines += ["", *roofline_table(results, header), "", "## All figures", "",
+              "Times in ms (CUDA-graph replay, L2 flushed, median). `tk H100 x` = triton_kernels time on an H100 "
+              "(the project brief's, not this run) / ours (>1: we are faster). `gmm x` = torch._grouped_mm bf16 "
+              "time / ours. roof = roofline floor (above) / time.", "",
+              "`ckpt` = the checkpoint-order default, same run (where the default reads fragment order).", "",
+              "| E | T | bm | hit | w13+swiglu | roof | tk H100 x | gmm x | best w13 | ckpt w13 | w2+combine | roof "
+              "| tk H100 x | gmm x | best w2 | ckpt w2 | w2 slots | layer | layer eager | layer TFLOP/s | weight GB/s "
+              "| torch ref |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for r in results:
         g = r.get("grouped_mm_bf16", {})
@@ -406,8 +619,12 @@ def plot(results: list[dict], path: Path) -> None:
             ax.plot(ts, [r[op]["ms"] for r in rs], "o-", label=f"ours E={e}")
             if all("w13_ms" in r.get("grouped_mm_bf16", {}) for r in rs):
                 ax.plot(ts, [r["grouped_mm_bf16"][op + "_ms"] for r in rs], "x--", label=f"_grouped_mm bf16 E={e}")
-        ft = sorted(FIELD_BEST_MS[op])
-        ax.plot(ft, [FIELD_BEST_MS[op][t] for t in ft], "k:", label="triton_kernels (brief)")
+            tk = [(r["tokens"], r["triton_kernels"][op]["ms"]) for r in rs if op in r.get("triton_kernels", {})]
+            if tk:
+                ax.plot(*zip(*tk), "s:", label=f"triton_kernels E={e} (same run)")
+        if not any("triton_kernels" in r for r in results):
+            ft = sorted(FIELD_BEST_MS[op])
+            ax.plot(ft, [FIELD_BEST_MS[op][t] for t in ft], "k:", label="triton_kernels H100 (brief)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens")
@@ -416,6 +633,23 @@ def plot(results: list[dict], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def write_report(results: list[dict], header: dict, tk_by_experts: dict[int, dict], out: Path) -> None:
+    """Attach triton_kernels' times (if any), then write out/out_moe.json, out/results_moe.md and
+    out/moe.png, and print the markdown."""
+    if tk_by_experts:
+        attach_tk(results, header, tk_by_experts)
+        for e, src in header["triton_kernels"].items():
+            if src["device"] != header["device"]:
+                print(f"warning: triton_kernels E = {e} ran on {src['device']}, ours on {header['device']}",
+                      file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "out_moe.json").write_text(json.dumps({"header": header, "results": results}, indent=1))
+    md = markdown(results, header)
+    (out / "results_moe.md").write_text(md)
+    plot(results, out / "moe.png")
+    print(md, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,19 +663,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-kernel", choices=("all", "triton", "sm90", "rs"), default="all",
                    help="sweep the alternatives of one kernel only (the default config is always timed)")
     p.add_argument("--ab", action="store_true", help="time the dequantization paths against each other")
+    p.add_argument("--tk-json", nargs="+", default=[], metavar="E=PATH",
+                   help="tk_results.json of the anchors' bench_tk.py run with --E E on the same device in the same "
+                        "call, one per E (the file does not record E): adds triton_kernels' w13 and w2 times, "
+                        "shares of the roofline and speedups to each (E, T) row")
+    p.add_argument("--render-only", type=Path, metavar="JSON",
+                   help="time nothing: rebuild results_moe.md, moe.png and out_moe.json in --out from this saved "
+                        "out_moe.json (with --tk-json: adding triton_kernels' times); needs no GPU")
     args = p.parse_args(argv)
+    command = "python benchmarks/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    tk_by_experts = {}
+    for spec in args.tk_json:      # read before any timing, so a bad file fails at once
+        experts, path = parse_tk_spec(spec)
+        if experts in tk_by_experts:
+            raise ValueError(f"--tk-json: two files for E = {experts}: {tk_by_experts[experts]['path']} and {path}")
+        tk_by_experts[experts] = load_tk_results(path, experts)
+    if args.render_only:
+        saved = json.loads(args.render_only.read_text())
+        if "read_GBps" not in saved["header"].get("ceilings", {}):
+            raise ValueError(f"{args.render_only}: no measured HBM read ceiling (header.ceilings.read_GBps): "
+                             f"written by a bench_moe.py older than the read-bandwidth roofline; time it again")
+        saved["header"]["render_command"] = command
+        write_report(saved["results"], saved["header"], tk_by_experts, args.out)
+        return 0
     if not torch.cuda.is_available():
         print("bench_moe needs a CUDA GPU", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     header = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "python": platform.python_version(), "commit": git_commit(),
-              "command": "python benchmarks/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+              "python": platform.python_version(), "commit": git_commit(), "command": command,
+              "shape": {"hidden": HIDDEN, "inter": INTER, "top_k": TOP_K}}
     print(json.dumps(header), flush=True)
     if args.ab:
         rows = []
         for e in args.experts:
-            w, _ = random_expert_weights(e, 2880, 2880, top_k=4, seed=e, device="cuda", dense=False)
+            w, _ = random_expert_weights(e, HIDDEN, INTER, top_k=TOP_K, seed=e, device="cuda", dense=False)
             for t in args.tokens:
                 rows += ab_point(w, t)
                 (args.out / "ab_dequant.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
@@ -456,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for e in args.experts:
         t0 = time.time()
-        w, _ = random_expert_weights(e, 2880, 2880, top_k=4, seed=e, device="cuda", dense=False)
+        w, _ = random_expert_weights(e, HIDDEN, INTER, top_k=TOP_K, seed=e, device="cuda", dense=False)
         w13_bf16 = dequantize(w.w13_blocks, w.w13_scales, torch.bfloat16)
         w2_bf16 = dequantize(w.w2_blocks, w.w2_scales, torch.bfloat16)
         layer = MXFP4MoE(w, backend="triton")      # weights also in fragment order on a Hopper GPU
@@ -470,10 +726,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / "out_moe.json").write_text(json.dumps({"header": header, "results": results}, indent=1))
         del w, layer, w13_bf16, w2_bf16
         torch.cuda.empty_cache()
-    md = markdown(results, header)
-    (args.out / "results_moe.md").write_text(md)
-    plot(results, args.out / "moe.png")
-    print(md, flush=True)
+    write_report(results, header, tk_by_experts, args.out)
     return 0
 
 

@@ -278,7 +278,9 @@ def load_model(path: str | Path, *, device: torch.device | str | None = None, dt
             decoder_layer.mlp = torch.nn.Identity()        # the meta bf16 experts go before anything is allocated
         _load_dense(model, checkpoint, device, dtype)
         _replace_blocks(model, checkpoint, plan, backend, progress, lambda n: device, moe_kwargs)
-    return model.eval()
+    # An inference model: the MoE blocks have no backward, and a compiled graph that tracks
+    # gradients through their op would fail to build.
+    return model.requires_grad_(False).eval()
 
 
 def replace_moe(model, path: str | Path, plan: ShardPlan | None = None, *, backend: Backend = "auto",

@@ -3,8 +3,11 @@
 experts dequantized (`Mxfp4Config(dequantize=True)`: its reader, its dequantization, its MoE).
 
 Two comparisons on seeded token ids:
-- logits at a few sequence lengths (1 included: a decode step), relative Frobenius error under
-  MODEL_TOLERANCE for the dtype;
+- logits at a few sequence lengths (1 included: a decode step). In float32, relative Frobenius
+  error under FLOAT32_TOLERANCE. In bf16 / fp16 both models carry their own rounding noise, whose
+  size depends on the model (its depth, its weights' scale) more than on any bound we could fix,
+  so the reference there is transformers' float32 model: our error against it must be no larger
+  than LOW_PRECISION_FACTOR x transformers' own bf16 (fp16) model's, plus LOW_PRECISION_SLACK;
 - greedy decoding of GREEDY_TOKENS tokens. When the ids differ, the report names the first step
   and the reference's logit gap there (its top token against ours): a gap within the logit noise
   measured on the prompt is a near-tie, which rounding alone explains, and passes; a larger one
@@ -27,10 +30,13 @@ PROMPTS = 8
 GREEDY_TOKENS = 16
 GREEDY_PROMPT = 8
 # float32: both models dequantize exactly and differ only in the order of float32 sums (about
-# 1e-7 per layer on the synthetic models; the bound leaves room for deeper ones). bf16 / fp16:
-# activations round to 8 (11) bits at every op on transformers' side and once per matmul on
-# ours, a few 1e-3 per layer that compounds over the layers and the unembedding.
-MODEL_TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 5e-2}
+# 1e-7 per layer on the synthetic models; the bound leaves room for deeper ones).
+FLOAT32_TOLERANCE = 1e-4
+# bf16 / fp16: ours rounds once per matmul, transformers at every op; at most twice its error
+# against float32 (and the slack for a model whose bf16 error is near zero). The built-in model
+# measured 5.3e-2 at one token against transformers' bf16 model (H200, c26bb0e): bf16 noise of
+# two models, not a bound to hard-code.
+LOW_PRECISION_FACTOR, LOW_PRECISION_SLACK = 2.0, 2e-3
 
 
 def dense_weights_problem(checkpoint) -> str:
@@ -77,27 +83,40 @@ def check_model(path: str | Path, device: torch.device, dtype: torch.dtype, back
     from .integrations.transformers import load_model
     ours = load_model(path, device=device, dtype=dtype, backend=backend, progress=False, **load_kwargs)
     theirs = _reference_model(Path(path), device, dtype)
+    exact = _reference_model(Path(path), device, torch.float32) if dtype != torch.float32 else None
     vocab = ours.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (PROMPTS, max(max(SEQUENCE_LENGTHS), GREEDY_PROMPT)), generator=g).to(device)
-    tolerance = MODEL_TOLERANCE[dtype]
-    errors, noise = {}, 0.0
+    errors, bounds, vs_float32, noise = {}, {}, {}, 0.0
     with torch.no_grad():
         for seq in SEQUENCE_LENGTHS:
             got, ref = ours(prompt[:, :seq]).logits.float(), theirs(prompt[:, :seq]).logits.float()
             errors[seq] = rel_err(got, ref)
             noise = max(noise, (got - ref).abs().max().item())
+            if exact is None:
+                bounds[seq] = FLOAT32_TOLERANCE
+            else:
+                truth = exact(prompt[:, :seq]).logits.float()
+                vs_float32[seq] = (rel_err(got, truth), rel_err(ref, truth))
+                errors[seq] = vs_float32[seq][0]
+                bounds[seq] = LOW_PRECISION_FACTOR * vs_float32[seq][1] + LOW_PRECISION_SLACK
         ours_ids, _ = _greedy(ours, prompt[:1, :GREEDY_PROMPT])
         ref_ids, ref_logits = _greedy(theirs, prompt[:1, :GREEDY_PROMPT])
-    logits_ok = all(err <= tolerance for err in errors.values())
+    logits_ok = all(errors[seq] <= bounds[seq] for seq in SEQUENCE_LENGTHS)
     first = next((i for i, (a, b) in enumerate(zip(ours_ids, ref_ids)) if a != b), None)
     figures = {"dtype": str(dtype).removeprefix("torch."), "backend": ours.model.layers[0].mlp.moe.backend,
-               "rel_err": {str(seq): err for seq, err in errors.items()}, "tolerance": tolerance,
+               "rel_err": {str(seq): err for seq, err in errors.items()},
+               "tolerance": {str(seq): bound for seq, bound in bounds.items()},
+               "reference": "transformers float32" if exact is not None else "transformers (same dtype)",
                "greedy_tokens": GREEDY_TOKENS, "ids": ours_ids, "reference_ids": ref_ids,
                "first_difference": first, "logit_noise": noise}
-    errs = ", ".join(f"{err:.1e} at {seq}" for seq, err in errors.items())
-    summary = (f"logits vs transformers (dequantized, {figures['dtype']}), {PROMPTS} sequences: rel err {errs} "
-               f"tokens (<= {tolerance:.0e}); ")
+    if exact is not None:
+        figures["reference_rel_err"] = {str(seq): pair[1] for seq, pair in vs_float32.items()}
+    errs = ", ".join(f"{errors[seq]:.1e} (<= {bounds[seq]:.1e}) at {seq}" for seq in SEQUENCE_LENGTHS)
+    against = (f"transformers float32 (its {figures['dtype']} model: "
+               + ", ".join(f"{pair[1]:.1e}" for pair in vs_float32.values()) + ")") if exact is not None \
+        else f"transformers {figures['dtype']}"
+    summary = f"logits of {PROMPTS} sequences vs {against}, dequantized experts: rel err {errs} tokens; "
     if first is None:
         summary += f"greedy {GREEDY_TOKENS} tokens identical"
         greedy_ok = True

@@ -35,7 +35,7 @@ def test_model_check_passes_and_reports_its_figures(full_model, tmp_path):
     figures = check["figures"]
     assert check["status"] == "PASS"
     assert set(figures["rel_err"]) == {"1", "7", "32"}
-    assert max(figures["rel_err"].values()) <= figures["tolerance"] == 1e-4
+    assert max(figures["rel_err"].values()) <= 1e-4 and set(figures["tolerance"].values()) == {1e-4}
     assert figures["ids"] == figures["reference_ids"] and len(figures["ids"]) == 16
     assert figures["first_difference"] is None
 

@@ -23,7 +23,7 @@ CPU run of these checks); one such token would dominate the Frobenius error. So 
 taken over the tokens no disagreement reaches: a token routed differently by some model in some
 layer is left out, and with it, when that is not the last layer, the later tokens of its
 sequence. Each disagreement must be a near-tie: the float32 router logits of the experts the
-models disagree on lie within ROUTER_TIE = 0.05 of each other (router logits here are about
+models disagree on lie within model_check.ROUTER_TIE = 0.05 of each other (router logits here are about
 N(0, 1); rounding moves them by at most ~1e-2, while neighbouring logits of 8 experts are
 typically ~0.3 apart); a bug in routing or weights gives disagreements far from ties. At least a
 quarter of the tokens (4 sequences of 16) must be left.
@@ -45,25 +45,21 @@ COMPILED_TOLERANCE = 1e-3, far below any routing or weight error and immune to r
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("transformers", reason="the model integration needs Hugging Face transformers")
 
-from mxfp4_moe.integrations.transformers import MXFP4GptOssMLP, load_model  # noqa: E402
-from mxfp4_moe.routing import route  # noqa: E402
+from mxfp4_moe import model_check  # noqa: E402
+from mxfp4_moe.integrations.transformers import load_model  # noqa: E402
 from mxfp4_moe.synthetic import make_synthetic_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
 LOGITS_BOUND = 3e-2
 SLACK = 2e-3
-ROUTER_TIE = 0.05
 GREEDY_TIE = 0.1
-MIN_LEFT = 0.25
 COMPILED_TOLERANCE = 1e-3
 MODEL = dict(num_layers=2, num_experts=8, hidden=256, intermediate=256, top_k=4, seed=5, full_model=True)
 VOCAB = 256                      # DenseSpec's default
@@ -110,69 +106,19 @@ def models(checkpoint):
 
 # ---- routing -----------------------------------------------------------------------------------
 
-@torch.no_grad()
 def forward_with_routing(model, ids: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """Logits [B, S, V] float32 and, per layer, (expert ids [T, k] sorted, float32 router
-    logits [T, E]) as that model routed each token (T = B * S), from its MoE block's input."""
-    routing = []
-
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        x = x.reshape(-1, x.shape[-1])
-        if isinstance(module, MXFP4GptOssMLP):
-            moe = module.moe
-            w = moe.weights
-            # The call the layer itself makes (deterministic), so these are the experts it used.
-            _, expert_ids = route(x, w.router_weight, w.router_bias, w.top_k, router_weight_bf16=moe.router_weight_bf16)
-            logits = x.float() @ w.router_weight[:, :x.shape[1]].float().T + w.router_bias.float()
-        else:
-            expert_ids = module.router(x)[-1]          # (router logits, scores, ids): ids come last
-            logits = F.linear(x.float(), module.router.weight.float(), module.router.bias.float())
-        routing.append((expert_ids.sort(-1).values.cpu(), logits.cpu()))
-
-    handles = [layer.mlp.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.layers]
-    try:
-        logits = model(ids.to(DEVICE)).logits.float()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return logits, routing
+    return model_check.forward_with_routing(model, ids.to(DEVICE))
 
 
-def first_disagreement(routings: dict, token: int, names=None) -> tuple[int, float] | None:
-    """The first layer where the models `names` (default all) route `token` differently, and the
-    spread of the float32 model's router logits over the experts they disagree on; None if they
-    agree everywhere."""
-    names = list(routings) if names is None else list(names)
-    for layer in range(len(routings["fp32"])):
-        sets = [set(routings[n][layer][0][token].tolist()) for n in names]
-        disputed = set().union(*sets) - set.intersection(*sets)
-        if disputed:
-            fp32_logits = routings["fp32"][layer][1][token]
-            values = fp32_logits[sorted(disputed)]
-            return layer, (values.max() - values.min()).item()
-    return None
+first_disagreement = model_check.first_disagreement
 
 
 def undisturbed_tokens(routings: dict, batch: int, seq: int) -> torch.Tensor:
-    """[batch * seq] bool: the tokens no routing disagreement reaches (see the module docstring).
-    Asserts that every disagreement is a router near-tie and that enough tokens are left."""
-    layers = len(routings["fp32"])
-    left = torch.ones(batch, seq, dtype=torch.bool)
-    for t in range(batch * seq):
-        found = first_disagreement(routings, t)
-        if found is None:
-            continue
-        layer, spread = found
-        b, s = divmod(t, seq)
-        assert spread < ROUTER_TIE, (f"sequence {b} token {s}: the models route it differently in layer {layer}, and "
-                                     f"the float32 router logits of the disputed experts are {spread:.3f} apart: "
-                                     "not a near-tie")
-        # Through the later layers' attention it reaches every later token of its sequence.
-        left[b, s if layer == layers - 1 else slice(s, None)] = False
-    need = max(1, math.ceil(MIN_LEFT * batch * seq))
-    assert int(left.sum()) >= need, f"only {int(left.sum())} of {batch * seq} tokens left by the routing near-ties"
-    return left.reshape(-1)
+    """The tokens no routing disagreement reaches; every disagreement must be a near-tie and
+    enough tokens must be left (`model_check.undisturbed_tokens`)."""
+    left, problems = model_check.undisturbed_tokens(routings, batch, seq)
+    assert not problems, problems
+    return left
 
 
 # ---- (1) bf16 logits and greedy decoding -------------------------------------------------------
@@ -208,7 +154,7 @@ def greedy_divergence_is_a_near_tie(models, ours_ids: torch.Tensor, ref_ids: tor
         return f"step {step}: float32 logits of tokens {ours_token} and {ref_token} within {gap:.3f} of their RMS"
     routings = {name: forward_with_routing(models[name], prefix)[1] for name in ("ours", "bf16", "fp32")}
     found = [f for f in (first_disagreement(routings, t, names=("ours", "bf16")) for t in range(step)) if f is not None]
-    if found and all(spread < ROUTER_TIE for _, spread in found):
+    if found and all(spread < model_check.ROUTER_TIE for _, spread in found):
         return (f"step {step}: ours and the reference route {len(found)} token(s) of the prefix differently, each at a "
                 f"router near-tie (spreads {', '.join(f'{spread:.3f}' for _, spread in found)})")
     return ""

@@ -90,3 +90,17 @@ def test_model_check_under_torchrun_is_exit_2(full_model, monkeypatch, capsys):
     assert verify.main([str(full_model), "--model", *FAST]) == verify.EXIT_BAD_INPUT
     assert "--model runs in one process" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()
+
+
+def test_model_check_in_bf16_is_judged_against_float32(full_model, tmp_path):
+    # Both bf16 models against transformers' float32 one; tokens routed differently at a router
+    # near-tie are counted and left out, none of them may be far from a tie.
+    report = tmp_path / "r.json"
+    assert verify.main([str(full_model), "--model", "--backend", "torch", "--dtype", "bfloat16", "--tokens", "8",
+                        "--quiet", "--json", str(report)]) == verify.EXIT_OK
+    figures = _model_check(report)["figures"]
+    assert figures["reference"] == "transformers float32" and not figures["routing_problems"]
+    for seq in ("1", "7", "32"):
+        assert figures["rel_err"][seq] <= figures["tolerance"][seq]
+        assert figures["tolerance"][seq] == pytest.approx(2 * figures["reference_rel_err"][seq] + 2e-3)
+        assert 0 <= figures["tokens_excluded"][seq] <= 0.75 * 8 * int(seq)

@@ -90,7 +90,6 @@ def test_row_shift_through_the_kernel_is_bit_exact(with_channel_scale):
     topk_v, topk_ids = torch.topk(logits, k, dim=-1)
     topk_ids[0, 0] = 1                           # expert 1 (the NaN rows) has rows
     meta = routing_metadata(topk_ids, None, E, pick_block_m(T * k, E), torch.softmax(topk_v, -1))
-    swiglu = (weights.swiglu_alpha, weights.swiglu_limit)
 
     def both(x, blocks, scales, bias, channel_scale, **kw):
         """(the kernel on the original scales, the kernel on the shifted ones with the row scale)"""
@@ -102,11 +101,12 @@ def test_row_shift_through_the_kernel_is_bit_exact(with_channel_scale):
         moved = moe_matmul(x, blocks, shifted, bias, meta, channel_scale=combined, compute_dtype=torch.float32, **kw)
         return plain, moved
 
-    act, act_shifted = both(x, weights.w13_blocks, big["w13_scales"], weights.w13_bias, weights.w13_channel_scale,
-                            swiglu=swiglu)
-    torch.testing.assert_close(act_shifted, act, rtol=0, atol=0, equal_nan=True)
-    assert torch.isnan(act).any() and not torch.isnan(act).all()
-    act = torch.nan_to_num(act, nan=0.0)         # w2 on finite inputs: its own NaN row only
+    # w13 without SwiGLU: whether a NaN survives SwiGLU's clamps differs between Triton releases
+    # (3.9's interpreter clamps it away), and the row scale acts before them either way.
+    pre, pre_shifted = both(x, weights.w13_blocks, big["w13_scales"], weights.w13_bias, weights.w13_channel_scale)
+    torch.testing.assert_close(pre_shifted, pre, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(pre).any() and not torch.isnan(pre).all()
+    act = torch.randn(pre.shape[0], I, generator=gen)      # w2 on finite inputs: its own NaN row only
     y, y_shifted = both(act, weights.w2_blocks, big["w2_scales"], weights.w2_bias, weights.w2_channel_scale,
                         gather=False, apply_row_weight=True, combine="atomic", n_out=H)
     torch.testing.assert_close(y_shifted, y, rtol=0, atol=0, equal_nan=True)

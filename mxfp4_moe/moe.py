@@ -131,21 +131,29 @@ class MXFP4MoE(torch.nn.Module):
         return cls(weights, backend=backend, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_router_scores(x)[0]
+        if torch.compiler.is_compiling():
+            # One opaque op for the compiler (`custom_ops`): no graph break inside the layer.
+            return torch.ops.mxfp4_moe.moe_forward(x, self.op_name)[0]
+        return self.eager_forward(x)
 
     def forward_with_router_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward`, and each token's routing weights [T, k] in x's dtype (the "router scores"
         transformers' `GptOssMLP` returns beside its output)."""
         if torch.compiler.is_compiling():
-            # One opaque op for the compiler (`custom_ops`): no graph break inside the layer.
             return torch.ops.mxfp4_moe.moe_forward(x, self.op_name)
         return self.eager_forward_with_router_scores(x)
 
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` outside torch.compile: route, then `experts`."""
-        return self.eager_forward_with_router_scores(x)[0]
+        return self._route_and_run(x)[0]
 
     def eager_forward_with_router_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, topk_weights = self._route_and_run(x)
+        return y, topk_weights.to(x.dtype)
+
+    def _route_and_run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, routing weights [T, k] float32): the scores' cast to x's dtype is left to the
+        callers that want them, off the plain forward's path."""
         w = self.weights
         if x.dim() != 2 or x.shape[1] not in (w.hidden, w.hidden_pad):
             raise ValueError(f"MXFP4MoE.forward: x must be [tokens, {w.hidden}] (or [tokens, "
@@ -154,7 +162,7 @@ class MXFP4MoE(torch.nn.Module):
             raise ValueError(f"MXFP4MoE.forward: x is on {x.device}, the weights on {w.device}")
         topk_weights, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k,
                                        router_weight_bf16=self.router_weight_bf16)
-        return self.experts(x, topk_weights, topk_ids), topk_weights.to(x.dtype)
+        return self.experts(x, topk_weights, topk_ids), topk_weights
 
     def _fragments(self, fragment_order: bool | None) -> dict | None:
         """The expert weights in fragment order when asked for (or, for None, when the Hopper

@@ -21,6 +21,7 @@ Needs transformers (`pip install "mxfp4-moe[transformers]"`).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -99,7 +100,6 @@ def _original_to_hf_config(raw: dict) -> dict:
 
 def gpt_oss_config(checkpoint: Checkpoint):
     """transformers' `GptOssConfig` for an open checkpoint of either layout."""
-    import json
     _, GptOssConfig, _ = _require_transformers()
     raw = json.loads(checkpoint.config_file.read_text())
     if checkpoint.layout == "original":

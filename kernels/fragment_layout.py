@@ -161,10 +161,40 @@ def _placed_byte_bits(device: torch.device) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.int64).to(torch.int32).to(device)     # (wraps 2 ** 31 to int32)
 
 
-def to_fragment_order(blocks: torch.Tensor, scales_e8m0: torch.Tensor) -> FragmentWeights:
+def _fragment_words_torch(blocks: torch.Tensor, placed: torch.Tensor, groups: int, steps: int) -> torch.Tensor:
+    """to_fragment_order's words by torch gathers (the reference build)."""
+    n_experts, n, k_half = blocks.shape
+    kblocks = K_STEP // BLOCK_SIZE
+    n_pad, k_pad = groups * ROWS_PER_GROUP, steps * K_STEP
+    words = torch.empty(n_experts, groups, steps, LANES, 2 * kblocks, dtype=torch.int32, device=blocks.device)
+    # A few experts at a time: the temporaries stay near _CHUNK_BYTES whatever the layer's size.
+    chunk = max(1, _CHUNK_BYTES // max(1, n_pad * k_pad))
+    for e0 in range(0, n_experts, chunk):
+        e1 = min(n_experts, e0 + chunk)
+        packed = torch.zeros(e1 - e0, n_pad, k_pad // 2, dtype=torch.uint8, device=blocks.device)
+        packed[:, :n, :k_half] = blocks[e0:e1]
+        # A pair (k, k + 1) is one checkpoint byte: byte 16 kblock + 4 pair + t of a step.
+        # [e, group, half, g, step, kblock, pair, t] -> [e, group, step, g, t, kblock, half, pair]
+        packed = packed.view(e1 - e0, groups, 2, 8, steps, kblocks, PAIRS_PER_WORD, 4).permute(0, 1, 4, 3, 7, 5, 2, 6)
+        chunk_words = placed[0][packed[..., 0].int()]
+        for pair in range(1, PAIRS_PER_WORD):      # each byte's word bits, looked up
+            chunk_words |= placed[pair][packed[..., pair].int()]
+        words[e0:e1] = chunk_words.reshape(e1 - e0, groups, steps, LANES, 2 * kblocks)
+    return words
+
+
+def to_fragment_order(blocks: torch.Tensor, scales_e8m0: torch.Tensor, *,
+                      builder: str = "auto") -> FragmentWeights:
     """blocks [E, N, K // 2] uint8 (low nibble = even k), scales_e8m0 [E, N, K // 32] uint8 ->
-    `FragmentWeights`. Runs where the tensors are, a few experts at a time (temporaries of about
-    6 x _CHUNK_BYTES)."""
+    `FragmentWeights`, where the tensors are.
+
+    builder: how the words are built. "torch": gathers over a permuted copy of the codes, a few
+    experts at a time (temporaries of about 6 x _CHUNK_BYTES); the reference. "triton": one
+    kernel (`_fragment_words.py`), no temporaries, the same words. "auto": triton for CUDA
+    tensors, torch elsewhere.
+    """
+    if builder not in ("auto", "torch", "triton"):
+        raise ValueError(f"to_fragment_order: builder must be 'auto', 'torch' or 'triton', got {builder!r}")
     if blocks.dim() != 3 or blocks.dtype != torch.uint8:
         raise ValueError(f"to_fragment_order: blocks must be [E, N, K // 2] uint8, got {tuple(blocks.shape)} "
                          f"{blocks.dtype}")
@@ -178,24 +208,15 @@ def to_fragment_order(blocks: torch.Tensor, scales_e8m0: torch.Tensor) -> Fragme
         raise ValueError(f"to_fragment_order: {problem}")
     groups, steps = layout_shape(n, k)
     kblocks = K_STEP // BLOCK_SIZE
-    n_pad, k_pad = groups * ROWS_PER_GROUP, steps * K_STEP
+    n_pad = groups * ROWS_PER_GROUP
     device = blocks.device
 
-    words = torch.empty(n_experts, groups, steps, LANES, 2 * kblocks, dtype=torch.int32, device=device)
     placed = _placed_byte_bits(device)
-    # A few experts at a time: the temporaries stay near _CHUNK_BYTES whatever the layer's size.
-    chunk = max(1, _CHUNK_BYTES // max(1, n_pad * k_pad))
-    for e0 in range(0, n_experts, chunk):
-        e1 = min(n_experts, e0 + chunk)
-        packed = torch.zeros(e1 - e0, n_pad, k_pad // 2, dtype=torch.uint8, device=device)
-        packed[:, :n, :k_half] = blocks[e0:e1]
-        # A pair (k, k + 1) is one checkpoint byte: byte 16 kblock + 4 pair + t of a step.
-        # [e, group, half, g, step, kblock, pair, t] -> [e, group, step, g, t, kblock, half, pair]
-        packed = packed.view(e1 - e0, groups, 2, 8, steps, kblocks, PAIRS_PER_WORD, 4).permute(0, 1, 4, 3, 7, 5, 2, 6)
-        chunk_words = placed[0][packed[..., 0].int()]
-        for pair in range(1, PAIRS_PER_WORD):      # each byte's word bits, looked up
-            chunk_words |= placed[pair][packed[..., pair].int()]
-        words[e0:e1] = chunk_words.reshape(e1 - e0, groups, steps, LANES, 2 * kblocks)
+    if builder == "triton" or (builder == "auto" and device.type == "cuda"):
+        from ._fragment_words import fragment_words
+        words = fragment_words(blocks, placed, groups, steps)
+    else:
+        words = _fragment_words_torch(blocks, placed, groups, steps)
 
     biased = torch.zeros(n_experts, n_pad, steps * kblocks, dtype=torch.uint8, device=device)
     biased[:, :n, :k // BLOCK_SIZE] = scales_e8m0 + SCALE_BIAS

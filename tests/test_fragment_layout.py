@@ -138,6 +138,40 @@ def test_experts_re_arranged_in_chunks_give_the_same_words(monkeypatch):
     assert torch.equal(whole.words, chunked.words) and torch.equal(whole.scales, chunked.scales)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 64), (2, 17, 96), (3, 40, 320), (2, 64, 512)])
+def test_triton_build_gives_the_torch_words(shape, monkeypatch):
+    # The device build (one Triton kernel) against the torch reference, on random codes, with N
+    # not a multiple of 16 and K not a multiple of 256 (zero rows and steps), every output word
+    # poisoned first: a word the kernel skips cannot pass.
+    from mxfp4_moe.kernels import _fragment_words
+    E, N, K = shape
+    gen = torch.Generator().manual_seed(E * N + K)
+    blocks = torch.randint(0, 256, (E, N, K // 2), generator=gen, dtype=torch.uint8)
+    scales = torch.randint(0, fl.MAX_SCALE_BYTE + 1, (E, N, K // 32), generator=gen, dtype=torch.uint8)
+    reference = to_fragment_order(blocks, scales, builder="torch")
+    monkeypatch.setattr(_fragment_words, "_empty_words",
+                        lambda shape, device: torch.full(shape, 0x5A5A5A5A, dtype=torch.int32, device=device))
+    built = to_fragment_order(blocks, scales, builder="triton")
+    assert torch.equal(built.words, reference.words) and torch.equal(built.scales, reference.scales)
+    assert torch.equal(fl.dequantize_fragments(built), mxfp4.dequantize(blocks, scales, torch.float32).view(E, N, K))
+
+
+def test_triton_build_reads_strided_experts():
+    # A layer's weights may be a view (an expert slice, or rows of a larger tensor): same words.
+    gen = torch.Generator().manual_seed(3)
+    full = torch.randint(0, 256, (4, 40, 64), generator=gen, dtype=torch.uint8)
+    blocks = full[1:3, 4:36]
+    scales = torch.randint(0, fl.MAX_SCALE_BYTE + 1, (2, 32, 4), generator=gen, dtype=torch.uint8)
+    built = to_fragment_order(blocks, scales, builder="triton")
+    assert torch.equal(built.words, to_fragment_order(blocks.contiguous(), scales, builder="torch").words)
+
+
+def test_unknown_builder_is_refused():
+    with pytest.raises(ValueError, match="builder must be"):
+        to_fragment_order(torch.zeros(1, 16, 32, dtype=torch.uint8), torch.zeros(1, 16, 2, dtype=torch.uint8),
+                          builder="cuda")
+
+
 def test_layer_keeps_fragment_order_only_where_its_kernel_runs():
     # On a CPU (or the torch backend) the default builds no fragment-order copy, and asking for
     # one says why not; weights outside the layout's scale range are named.

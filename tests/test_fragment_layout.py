@@ -11,6 +11,9 @@ from mxfp4_moe import mxfp4
 from mxfp4_moe.kernels import fragment_layout as fl
 from mxfp4_moe.kernels import to_fragment_order
 
+# The Triton build runs through the interpreter on a CPU machine and compiled on a GPU one.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def test_word_bits_hold_each_code_bit_exactly_once():
     bits = [fl.word_bit(pair, high, bit) for pair in range(4) for high in range(2) for bit in range(4)]
@@ -142,12 +145,12 @@ def test_experts_re_arranged_in_chunks_give_the_same_words(monkeypatch):
 def test_triton_build_gives_the_torch_words(shape, monkeypatch):
     # The device build (one Triton kernel) against the torch reference, on random codes, with N
     # not a multiple of 16 and K not a multiple of 256 (zero rows and steps), every output word
-    # poisoned first: a word the kernel skips cannot pass.
+    # poisoned first: a word the kernel skips cannot pass. (On a GPU machine it runs compiled.)
     from mxfp4_moe.kernels import _fragment_words
     E, N, K = shape
     gen = torch.Generator().manual_seed(E * N + K)
-    blocks = torch.randint(0, 256, (E, N, K // 2), generator=gen, dtype=torch.uint8)
-    scales = torch.randint(0, fl.MAX_SCALE_BYTE + 1, (E, N, K // 32), generator=gen, dtype=torch.uint8)
+    blocks = torch.randint(0, 256, (E, N, K // 2), generator=gen, dtype=torch.uint8).to(DEVICE)
+    scales = torch.randint(0, fl.MAX_SCALE_BYTE + 1, (E, N, K // 32), generator=gen, dtype=torch.uint8).to(DEVICE)
     reference = to_fragment_order(blocks, scales, builder="torch")
     monkeypatch.setattr(_fragment_words, "_empty_words",
                         lambda shape, device: torch.full(shape, 0x5A5A5A5A, dtype=torch.int32, device=device))
@@ -159,9 +162,9 @@ def test_triton_build_gives_the_torch_words(shape, monkeypatch):
 def test_triton_build_reads_strided_experts():
     # A layer's weights may be a view (an expert slice, or rows of a larger tensor): same words.
     gen = torch.Generator().manual_seed(3)
-    full = torch.randint(0, 256, (4, 40, 64), generator=gen, dtype=torch.uint8)
+    full = torch.randint(0, 256, (4, 40, 64), generator=gen, dtype=torch.uint8).to(DEVICE)
     blocks = full[1:3, 4:36]
-    scales = torch.randint(0, fl.MAX_SCALE_BYTE + 1, (2, 32, 4), generator=gen, dtype=torch.uint8)
+    scales = torch.randint(0, fl.MAX_SCALE_BYTE + 1, (2, 32, 4), generator=gen, dtype=torch.uint8).to(DEVICE)
     built = to_fragment_order(blocks, scales, builder="triton")
     assert torch.equal(built.words, to_fragment_order(blocks.contiguous(), scales, builder="torch").words)
 

@@ -7,8 +7,9 @@ within the rounding noise may be routed to another expert by each model. Its log
 by a sizeable part of an expert's contribution, and through attention so do the later tokens of
 its sequence: legitimate, and one such token would decide the Frobenius error. So the errors are
 taken over the tokens no routing disagreement reaches (`undisturbed_tokens`), every disagreement
-must be a near-tie (the float32 model's router logits of the disputed experts within ROUTER_TIE),
-and at least MIN_LEFT of the tokens must be left; the report counts the tokens left out.
+that no earlier one explains must be a near-tie (the float32 model's router logits of the
+disputed experts within ROUTER_TIE), and at least MIN_LEFT of the tokens must be left; the report
+counts the tokens left out.
 
 Two comparisons on seeded token ids:
 - logits at a few sequence lengths (1 included: a decode step). In float32, relative Frobenius
@@ -106,21 +107,31 @@ def first_disagreement(routings: dict, token: int, names=None) -> tuple[int, flo
 
 def undisturbed_tokens(routings: dict, batch: int, seq: int) -> tuple[torch.Tensor, list[str]]:
     """([batch * seq] bool: the tokens no routing disagreement reaches, problems): a problem is
-    a disagreement that is no near-tie, or fewer than MIN_LEFT of the tokens left."""
+    a disagreement that is no near-tie and that no earlier one can explain, or fewer than
+    MIN_LEFT of the tokens left.
+
+    A disagreement at token s' in layer L' changes that token's residual stream, which the
+    attention of every later layer mixes into the tokens s >= s' of its sequence: a token s that
+    the models then route differently in a layer L > L' may be far from any tie and still be
+    rounding's consequence, so it is left out, not judged.
+    """
     layers = len(routings["fp32"])
     left = torch.ones(batch, seq, dtype=torch.bool)
     problems = []
-    for t in range(batch * seq):
-        found = first_disagreement(routings, t)
-        if found is None:
-            continue
-        layer, spread = found
-        b, s = divmod(t, seq)
-        if spread >= ROUTER_TIE:
-            problems.append(f"sequence {b} token {s} is routed differently in layer {layer}, with the disputed "
-                            f"experts' float32 router logits {spread:.3f} apart: not a near-tie")
-        # Through the later layers' attention it reaches every later token of its sequence.
-        left[b, s if layer == layers - 1 else slice(s, None)] = False
+    for b in range(batch):
+        earliest_layer = None           # the lowest layer of a disagreement at this or an earlier token
+        for s in range(seq):
+            found = first_disagreement(routings, b * seq + s)
+            if found is None:
+                continue
+            layer, spread = found
+            downstream = earliest_layer is not None and earliest_layer < layer
+            if spread >= ROUTER_TIE and not downstream:
+                problems.append(f"sequence {b} token {s} is routed differently in layer {layer}, with the disputed "
+                                f"experts' float32 router logits {spread:.3f} apart: not a near-tie")
+            earliest_layer = layer if earliest_layer is None else min(earliest_layer, layer)
+            # Through the later layers' attention it reaches every later token of its sequence.
+            left[b, s if layer == layers - 1 else slice(s, None)] = False
     if int(left.sum()) < max(1, math.ceil(MIN_LEFT * batch * seq)):
         problems.append(f"only {int(left.sum())} of {batch * seq} tokens are left by the routing near-ties")
     return left.reshape(-1), problems

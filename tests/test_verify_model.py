@@ -104,3 +104,42 @@ def test_model_check_in_bf16_is_judged_against_float32(full_model, tmp_path):
         assert figures["rel_err"][seq] <= figures["tolerance"][seq]
         assert figures["tolerance"][seq] == pytest.approx(2 * figures["reference_rel_err"][seq] + 2e-3)
         assert 0 <= figures["tokens_excluded"][seq] <= 0.75 * 8 * int(seq)
+
+
+def _routings(batch, seq, layers, experts, disagreements):
+    """Synthetic routings of two models ("fp32", "ours"), top-1 of `experts`: every token goes to
+    expert 0 with a clear margin, except at each (b, s, layer, gap) of `disagreements`, where
+    "ours" picks expert 1 and the float32 logits of experts 0 and 1 lie `gap` apart."""
+    tokens = batch * seq
+    fp32 = [(torch.zeros(tokens, 1, dtype=torch.int64), torch.tensor([[2.0] + [0.0] * (experts - 1)] * tokens))
+            for _ in range(layers)]
+    ours = [(ids.clone(), logits.clone()) for ids, logits in fp32]
+    for b, s, layer, gap in disagreements:
+        t = b * seq + s
+        fp32[layer][1][t, 1] = 2.0 - gap
+        ours[layer][0][t, 0] = 1
+    return {"fp32": fp32, "ours": ours}
+
+
+def test_a_disagreement_far_from_a_tie_fails_the_routing():
+    from mxfp4_moe import model_check
+    left, problems = model_check.undisturbed_tokens(_routings(2, 6, 2, 4, [(1, 2, 1, 0.4)]), 2, 6)
+    assert len(problems) == 1 and "sequence 1 token 2" in problems[0] and "not a near-tie" in problems[0]
+
+
+def test_a_near_tie_leaves_out_its_later_tokens_and_what_it_explains():
+    # A near-tie at token 1 in layer 0 reaches tokens 1.. of its sequence through layer 1's
+    # attention: a disagreement there at token 4, far from a tie, is its consequence, not a bug.
+    # The same far disagreement in the other sequence, which no near-tie precedes, is judged.
+    from mxfp4_moe import model_check
+    ties = [(0, 1, 0, 0.01), (0, 4, 1, 0.4)]
+    left, problems = model_check.undisturbed_tokens(_routings(2, 6, 2, 4, ties), 2, 6)
+    assert problems == []
+    assert left.view(2, 6).tolist() == [[True] + [False] * 5, [True] * 6]
+    left, problems = model_check.undisturbed_tokens(_routings(2, 6, 2, 4, ties + [(1, 4, 1, 0.4)]), 2, 6)
+    assert len(problems) == 1 and "sequence 1 token 4" in problems[0]
+    # A far disagreement in the same layer as the near-tie is not its consequence (the MoE output
+    # of layer 0 reaches other tokens only from layer 1 on), nor one at an earlier token.
+    for far in [(0, 3, 0, 0.4), (0, 0, 1, 0.4)]:
+        _, problems = model_check.undisturbed_tokens(_routings(2, 6, 2, 4, [(0, 1, 0, 0.01), far]), 2, 6)
+        assert len(problems) == 1, far

@@ -28,6 +28,7 @@ may be flushed to zero by the tensor cores.) Rows past N and K past the weights'
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -150,15 +151,22 @@ def row_shift_problem(blocks: torch.Tensor, scales_e8m0: torch.Tensor) -> str:
             f"{int(scales_e8m0[e, row, kblock])}, row max {int(shift[e, row, 0]) + MAX_SCALE_BYTE}")
 
 
-def _placed_byte_bits(device: torch.device) -> torch.Tensor:
-    """[PAIRS_PER_WORD, 256] int32: the bits of a fragment word that checkpoint byte b sets in
-    pair slot i (its low nibble, the even k, is the pair's low half), for every byte b (bit 31
-    as int32's sign bit)."""
+@functools.lru_cache(maxsize=None)
+def _placed_byte_bits_table() -> torch.Tensor:
+    """[PAIRS_PER_WORD, 256] int32 on the CPU: the bits of a fragment word that checkpoint byte b
+    sets in pair slot i (its low nibble, the even k, is the pair's low half), for every byte b
+    (bit 31 as int32's sign bit). Built once: 8192 `word_bit` calls cost milliseconds, which
+    every layer of a model load would pay twice."""
     def bits(pair: int, byte: int) -> int:
         codes = (byte & 0xF, byte >> 4)
         return sum(((codes[high] >> bit) & 1) << word_bit(pair, high, bit) for high in range(2) for bit in range(4))
     table = [[bits(pair, byte) for byte in range(256)] for pair in range(PAIRS_PER_WORD)]
-    return torch.tensor(table, dtype=torch.int64).to(torch.int32).to(device)     # (wraps 2 ** 31 to int32)
+    return torch.tensor(table, dtype=torch.int64).to(torch.int32)     # (wraps 2 ** 31 to int32)
+
+
+def _placed_byte_bits(device: torch.device) -> torch.Tensor:
+    """`_placed_byte_bits_table()` on `device`."""
+    return _placed_byte_bits_table().to(device)
 
 
 def _fragment_words_torch(blocks: torch.Tensor, placed: torch.Tensor, groups: int, steps: int) -> torch.Tensor:

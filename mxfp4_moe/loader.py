@@ -31,9 +31,10 @@ from .weights import ExpertWeights
 PAD_CHANNEL_SCALE = 1.0
 """Per-output-channel weight scale written into padding (see the module docstring)."""
 
-DEFAULT_MAX_READ_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024
 """Largest single read: a run of experts is read in chunks of at most this many bytes (at least
-one expert), so the loader's temporary stays bounded whatever the layer's size."""
+one expert), so the loader's temporary stays bounded whatever the layer's size. Also the size of
+each pinned staging buffer to a GPU, where 64 MiB measured fastest (benchmarks/RESULTS.md 2.1)."""
 
 
 class TensorSource(Protocol):

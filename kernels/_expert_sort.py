@@ -20,6 +20,7 @@ kernel instead of four.
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._tile_schedule import _schedule_tiles
 
@@ -104,11 +105,15 @@ def _sort_one_chunk_kernel(ids_ptr, map_ptr, weights_ptr, sorted_slot_ptr, sorte
                            rows, num_local, top_k, num_tiles,
                            HAS_MAP: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
-                           TILE_STEPS: tl.constexpr):
+                           TILE_STEPS: tl.constexpr, PDL: tl.constexpr):
     """rows <= BLOCK_R: histogram, scan and scatter of the one chunk, then the tile schedule, in
     one program: the outputs of `_histogram_kernel` .. `_scatter_kernel` and
     `_tile_schedule_kernel`, the same values. TILE_STEPS: a power of two >= num_tiles / BLOCK_T
-    (a compile-time loop bound, as the interpreter needs)."""
+    (a compile-time loop bound, as the interpreter needs). PDL: launched as a programmatic
+    dependent launch (`_grid_dependency.py`): wait for the router's ids first."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     r, key = _chunk_keys(ids_ptr, map_ptr, rows, num_local, 0, HAS_MAP, BLOCK_R)
     mask = r < rows
     e = tl.arange(0, BLOCK_E)

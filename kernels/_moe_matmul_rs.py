@@ -37,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from ._compat import cp_async_load, cta_barrier, tma_async_load
+from ._grid_dependency import gdc_launch_dependents_gluon, gdc_wait_gluon
 from ._moe_matmul import _BLOCK_SIZE
 from ._moe_matmul_sm90 import _store_tile, _tile_rows, _x_row_pointers
 from .fragment_layout import BF16_MANTISSA_BITS, LAST_PAIR_MASKS, LAST_PAIR_ROTATIONS, PAIR_MASK, PAIR_ROTATIONS
@@ -182,7 +183,7 @@ def _moe_matmul_rs_kernel(
         PIPELINE_MMA: gl.constexpr, EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, WIDTH_STEP: gl.constexpr,
         GATHER: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
         HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
-        ROW_WEIGHT: gl.constexpr, X_TMA: gl.constexpr, num_warps: gl.constexpr):
+        ROW_WEIGHT: gl.constexpr, X_TMA: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
     """One program: BLOCK_M sorted rows of one expert x BLOCK_N weight rows (16 * num_warps, or
     a multiple: each warp then holds several 16-row blocks, every one a wgmma of its own on the
     same x rows).
@@ -201,6 +202,11 @@ def _moe_matmul_rs_kernel(
     (None) and they come by cp.async. Unit strides along K (x), along N (bias, channel scale) and
     along the output columns; the launcher checks."""
     STEPS: gl.constexpr = (NUM_K + SPLIT_K - 1) // SPLIT_K
+    if PDL:
+        # Launched as a programmatic dependent launch: wait for the kernel before (whose outputs,
+        # the routing metadata or x, are read below), then let the next one start its own wait.
+        gdc_wait_gluon()
+        gdc_launch_dependents_gluon()
     pid_n = gl.program_id(0)
     tile = gl.program_id(1)
     split = gl.program_id(2)

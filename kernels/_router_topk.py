@@ -6,17 +6,21 @@ Launched by
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
 def _router_topk_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, tokens, num_experts, stride_t,
                         TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_E: tl.constexpr):
+                        BLOCK_E: tl.constexpr, PDL: tl.constexpr):
     """Program i: tokens i * BLOCK_T .. + BLOCK_T. logits [tokens, E] float32 (row stride
     stride_t, unit column stride) + bias [E] -> ids [tokens, TOP_K] int64 (largest first; the
     lowest expert id among equal logits) and weights [tokens, TOP_K] float32 (softmax over the
     TOP_K chosen logits). A NaN logit counts as the largest, as in torch.topk, and makes its
     token's weights NaN; every id is a distinct expert < E whatever the logits."""
+    if PDL:         # a programmatic dependent launch (`_grid_dependency.py`): the logits first
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
     mask_t = t < tokens

@@ -8,6 +8,7 @@ import torch
 import triton
 
 from ._compat import LAUNCH_OPTIONS
+from ._grid_dependency import pdl_launch
 from ._expert_sort import _histogram_kernel, _scan_kernel, _scatter_kernel, _sort_one_chunk_kernel
 from .tile_schedule import TILES_PER_PROGRAM, tile_schedule
 
@@ -105,6 +106,7 @@ def sort_and_schedule(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, n
     # power of two, not the chunk's (T = 1 at E = 128: 16 x 256 instead of 64 x 256).
     block_r = min(s.block_r, max(16, triton.next_power_of_2(s.rows)))
     device = s.ids.device
+    pdl = pdl_launch(device)
     counts, tile_expert, tile_row_start = (torch.empty(num_local_experts, dtype=torch.int32, device=device),
                                            torch.empty(num_tiles, dtype=torch.int32, device=device),
                                            torch.empty(num_tiles, dtype=torch.int32, device=device))
@@ -113,5 +115,5 @@ def sort_and_schedule(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, n
         s.rows, s.num_local, s.top_k, num_tiles,
         HAS_MAP=s.has_map, HAS_WEIGHTS=s.weights is not None, BLOCK_R=block_r, BLOCK_E=s.block_e,
         BLOCK_M=block_m, BLOCK_T=block_t, TILE_STEPS=triton.next_power_of_2(triton.cdiv(num_tiles, block_t)),
-        num_warps=_NUM_WARPS, **LAUNCH_OPTIONS)
+        PDL=pdl, num_warps=_NUM_WARPS, launch_pdl=pdl, **LAUNCH_OPTIONS)
     return (*s.outputs(), counts, tile_expert, tile_row_start)

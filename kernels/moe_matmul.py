@@ -18,6 +18,7 @@ import triton
 from mxfp4_moe.mxfp4 import BLOCK_SIZE      # the format's constants: a leaf module, no cycle
 
 from ._compat import LAUNCH_OPTIONS
+from ._grid_dependency import pdl_launch
 from ._moe_matmul import _moe_matmul_kernel
 from .fragment_layout import FragmentWeights
 
@@ -394,6 +395,7 @@ def _launch_rs(a: _Launch, config: MatmulConfig) -> None:
     cs = a.channel_scale if a.channel_scale is not None else dummy
     x_desc = rs_x_descriptor(a.x, config) if not a.fused["GATHER"] else None
     grid = (triton.cdiv(fw.n, config.block_n), a.max_tiles, config.split_k)
+    pdl = pdl_launch(a.x.device)
     _moe_matmul_rs_kernel[grid](             # unit strides along the last dims (checked by moe_matmul)
         a.x, a.x.stride(0), x_desc,
         fw.words, fw.scales, fw.row_groups,
@@ -401,10 +403,10 @@ def _launch_rs(a: _Launch, config: MatmulConfig) -> None:
         cs, cs.stride(0),
         a.y, a.y.stride(0),
         *a.routing, **rs_constexprs(config, fw.row_groups, fw.k_steps, fw.k, a.x.shape[1]),
-        X_TMA=x_desc is not None,
+        X_TMA=x_desc is not None, PDL=pdl,
         **{name: a.fused[name] for name in ("GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE",
                                             "SWIGLU", "ROW_WEIGHT")},
-        num_warps=config.num_warps, **LAUNCH_OPTIONS)
+        num_warps=config.num_warps, launch_pdl=pdl, **LAUNCH_OPTIONS)
 
 
 def _launch_sm90(a: _Launch, config: MatmulConfig) -> None:

@@ -124,7 +124,8 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
         from .fragment_layout import layout_shape
         from .moe_matmul import rs_constexprs, rs_x_tma_block
         signature = {**_signature("*bf16", "*fp32" if atomic else "*bf16"), "words_ptr": "*i32", "row_groups": "i32"}
-        constexprs = {**rs_constexprs(config, *layout_shape(n, k), k, k), "num_warps": config.num_warps}
+        # PDL as the launcher sets it on Hopper (`_grid_dependency.pdl_launch`).
+        constexprs = {**rs_constexprs(config, *layout_shape(n, k), k, k), "num_warps": config.num_warps, "PDL": True}
         # As the launcher: w2 (atomic, no gather) reads x by TMA where `rs_x_tma_block` allows.
         x_tma = rs_x_tma_block(config) if atomic else None
         if x_tma is None:

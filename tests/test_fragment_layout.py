@@ -322,14 +322,14 @@ def test_launcher_reads_sorted_rows_by_tma_from_64_wide_k_steps(rs_launches):
 
 
 def test_rs_constexprs_name_every_tiling_constexpr_of_the_kernel():
-    # moe_matmul launches the "rs" kernel with rs_constexprs plus the fused-step flags and X_TMA
-    # (set by the call: w2's sorted rows, no gather), and sm90_report compiles the same dict:
+    # moe_matmul launches the "rs" kernel with rs_constexprs plus the fused-step flags, X_TMA
+    # (set by the call: w2's sorted rows, no gather) and PDL (the device), and sm90_report compiles the same dict:
     # together they must be exactly the kernel's constexprs.
     from mxfp4_moe.kernels._moe_matmul_rs import _moe_matmul_rs_kernel
     from mxfp4_moe.kernels.fragment_layout import layout_shape
     from mxfp4_moe.kernels.moe_matmul import MatmulConfig, rs_constexprs
     fused = {"GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE", "SWIGLU", "ROW_WEIGHT", "X_TMA",
-             "num_warps"}
+             "PDL", "num_warps"}
     kernel_constexprs = {p.name for p in _moe_matmul_rs_kernel.params if p.is_constexpr}
     cfg = MatmulConfig(128, 128, 64, True, 8, 4, "rs", 3, width_step=64)
     got = rs_constexprs(cfg, *layout_shape(2880, 2880), 2880, 2880)

@@ -364,3 +364,38 @@ def test_layer_with_only_the_fragment_copy_launches_from_it(rs_launches):
     assert w13["SWIGLU"] and w13["GATHER"] and w2["ATOMIC"] and not w2["GATHER"]
     kept = MXFP4MoE(w, backend="triton", compute_dtype=torch.bfloat16, keep_checkpoint_order=True)
     assert kept.fragments is not None and kept.holds_checkpoint_order and kept.checkpoint_weights() is kept.weights
+
+
+def test_rs_kernel_waits_for_its_predecessor_exactly_when_launched_dependent(rs_launches, monkeypatch):
+    # A programmatic dependent launch that skips griddepcontrol.wait would read its predecessor's
+    # outputs early: the PDL constexpr and the launch attribute must always agree.
+    from mxfp4_moe.moe import random_expert_weights
+    from mxfp4_moe.routing import routing_metadata
+    launcher, recorder = rs_launches
+    w, _ = random_expert_weights(8, 128, 128, top_k=4, dense=False)
+    act = torch.zeros(4, w.inter_pad, dtype=torch.bfloat16)
+    meta = routing_metadata(torch.tensor([[0, 1, 2, 3]]), w.expert_map, 8, 16, torch.full((1, 4), 0.25))
+    fragments = to_fragment_order(w.w2_blocks, w.w2_scales)
+    common = dict(gather=False, apply_row_weight=True, n_out=w.hidden, fragments=fragments, combine="atomic")
+    launcher.moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, **common)     # a CPU tensor: no PDL
+    monkeypatch.setattr(launcher, "pdl_launch", lambda device: True)
+    launcher.moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, **common)
+    (_, plain), (_, dependent) = recorder.launches
+    assert plain["PDL"] is False and plain["launch_pdl"] is False
+    assert dependent["PDL"] is True and dependent["launch_pdl"] is True
+
+
+def test_dependent_launch_only_on_a_gpu_that_has_it(monkeypatch):
+    from mxfp4_moe.kernels import _grid_dependency as gd
+    assert not gd.pdl_launch(torch.device("cpu"))
+    monkeypatch.setattr(gd, "_CAPABILITY", {0: 9})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert gd.pdl_launch(torch.device("cuda", 0))
+    monkeypatch.setattr(gd, "ENABLED", False)
+    assert not gd.pdl_launch(torch.device("cuda", 0))
+    monkeypatch.setattr(gd, "ENABLED", True)
+    monkeypatch.setattr(gd, "_CAPABILITY", {0: 8})
+    assert not gd.pdl_launch(torch.device("cuda", 0))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(gd, "_CAPABILITY", {0: 9})
+    assert not gd.pdl_launch(torch.device("cuda", 0))

@@ -17,6 +17,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 
+# inline_asm_elementwise needs an output: `$0` is a register the instruction never writes.
 @gluon.jit
 def gdc_wait_gluon():
     gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)

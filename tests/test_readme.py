@@ -3,12 +3,15 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
 def test_python_example_runs(tmp_path, monkeypatch):
-    (example,) = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "make_synthetic_checkpoint" in b]
+    (example,) = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "make_synthetic_checkpoint" in b
+                  and "load_model" not in b]
     example = example.replace('"/tmp/ckpt"', repr(str(tmp_path / "ckpt")))
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
@@ -30,3 +33,13 @@ def test_readme_verify_options_exist():
     usage = README.split("python -m mxfp4_moe.verify [CHECKPOINT]", 1)[1].split("```", 1)[0]
     for option in re.findall(r"--[a-z-]+", usage):
         assert option in known, option
+
+
+def test_load_model_example_runs(tmp_path):
+    pytest.importorskip("transformers", reason="the whole-model example needs Hugging Face transformers")
+    (example,) = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "load_model(path, device=" in b]
+    example = example.replace('"/tmp/tiny_model"', repr(str(tmp_path / "tiny_model")))
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["tokens"].shape == (1, 12)
+    assert namespace["model"].model.layers[0].mlp.__class__.__name__ == "MXFP4GptOssMLP"

@@ -58,7 +58,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -66,6 +65,7 @@ from pathlib import Path
 
 import torch
 
+from bench_moe import git_commit       # the commit the JSON records, as every benchmark does
 from mxfp4_moe.checkpoint import MoEConfig, open_checkpoint
 from mxfp4_moe.integrations.transformers import MXFP4GptOssMLP, load_model, shard_plan
 from mxfp4_moe.loader import load_layer
@@ -181,16 +181,6 @@ def reset_peak(device: torch.device) -> None:
 
 def peak(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-def git_commit() -> str:
-    if os.environ.get("MXFP4_COMMIT"):
-        return os.environ["MXFP4_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def percentile(values: list[float], q: float) -> float:

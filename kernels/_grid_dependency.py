@@ -10,11 +10,11 @@ kernels call the same instructions through the two functions here. `pdl_launch` 
 launchers turn it on.
 """
 
-import os
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+
+from ._device import cuda_major, interpreting
 
 
 # inline_asm_elementwise needs an output: `$0` is a register the instruction never writes.
@@ -35,15 +35,8 @@ ENABLED = True
 """Launch the MoE kernels as programmatic dependent launches where the GPU supports them (a
 switch for A/B measurements: benchmarks/RESULTS.md 3.4)."""
 
-_CAPABILITY: dict[int, int] = {}
-
 
 def pdl_launch(device: torch.device) -> bool:
     """Whether kernels on `device` are launched with `launch_pdl` (and wait for their predecessor
     in the kernel): on a CUDA GPU of compute capability 9 or newer, outside the interpreter."""
-    if not ENABLED or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITY:
-        _CAPABILITY[index] = torch.cuda.get_device_capability(index)[0]
-    return _CAPABILITY[index] >= 9
+    return ENABLED and device.type == "cuda" and not interpreting() and cuda_major(device) >= 9

@@ -6,7 +6,6 @@ output, picks block sizes and the grid, and launches. The torch twin with the sa
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import triton
 from mxfp4_moe.mxfp4 import BLOCK_SIZE      # the format's constants: a leaf module, no cycle
 
 from ._compat import LAUNCH_OPTIONS
+from ._device import cuda_major, interpreting
 from ._grid_dependency import pdl_launch
 from ._moe_matmul import _moe_matmul_kernel
 from .fragment_layout import FragmentWeights
@@ -29,11 +29,6 @@ Combine = Literal["none", "atomic", "slots"]
 Dequant = Literal["auto", "bytes", "words", "ptx"]
 DEQUANT_MODES = ("bytes", "words", "ptx")
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 Kernel = Literal["triton", "sm90", "rs"]
@@ -534,19 +529,8 @@ def _checkpoint_order(fragments: FragmentWeights) -> tuple[torch.Tensor, torch.T
 
 def on_hopper(device: torch.device) -> bool:
     """Whether `device` is a Hopper GPU (sm_90) outside the interpreter: where the Gluon kernel runs."""
-    return device.type == "cuda" and not interpreting() and _cuda_major(device) == 9
+    return device.type == "cuda" and not interpreting() and cuda_major(device) == 9
 
-
-_CUDA_MAJOR: dict[int, int] = {}
-
-
-def _cuda_major(device: torch.device) -> int:
-    """The compute capability's major number of CUDA `device`, asked once per device (the layer
-    asks four times per forward; torch's query costs microseconds of an eager call)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CUDA_MAJOR:
-        _CUDA_MAJOR[index] = torch.cuda.get_device_capability(index)[0]
-    return _CUDA_MAJOR[index]
 
 
 def rs_constexprs(config: MatmulConfig, row_groups: int, k_steps: int, k: int, k_x: int) -> dict:

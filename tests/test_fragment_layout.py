@@ -390,16 +390,17 @@ def test_rs_kernel_waits_for_its_predecessor_exactly_when_launched_dependent(rs_
 
 
 def test_dependent_launch_only_on_a_gpu_that_has_it(monkeypatch):
+    from mxfp4_moe.kernels import _device
     from mxfp4_moe.kernels import _grid_dependency as gd
     assert not gd.pdl_launch(torch.device("cpu"))
-    monkeypatch.setattr(gd, "_CAPABILITY", {0: 9})
+    monkeypatch.setattr(_device, "_CUDA_MAJOR", {0: 9})
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert gd.pdl_launch(torch.device("cuda", 0))
     monkeypatch.setattr(gd, "ENABLED", False)
     assert not gd.pdl_launch(torch.device("cuda", 0))
     monkeypatch.setattr(gd, "ENABLED", True)
-    monkeypatch.setattr(gd, "_CAPABILITY", {0: 8})
+    monkeypatch.setattr(_device, "_CUDA_MAJOR", {0: 8})
     assert not gd.pdl_launch(torch.device("cuda", 0))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(gd, "_CAPABILITY", {0: 9})
+    monkeypatch.setattr(_device, "_CUDA_MAJOR", {0: 9})
     assert not gd.pdl_launch(torch.device("cuda", 0))

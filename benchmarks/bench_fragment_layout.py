@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_moe import record, start_probe  # noqa: E402
 
-from mxfp4_moe.kernels import from_fragment_order, to_fragment_order  # noqa: E402
+from mxfp4_moe.kernels.fragment_layout import from_fragment_order, to_fragment_order  # noqa: E402
 from mxfp4_moe.moe import MXFP4MoE, random_expert_weights  # noqa: E402
 
 

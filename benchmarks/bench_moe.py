@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from mxfp4_moe.kernels import MatmulConfig, default_config, moe_matmul, pick_block_m
+from mxfp4_moe.kernels.moe_matmul import MatmulConfig, default_config, moe_matmul, pick_block_m
 from mxfp4_moe.kernels.moe_matmul import on_hopper
 from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
 from mxfp4_moe.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, dequantize

@@ -23,9 +23,7 @@ ANCHORS=$(cd "${ANCHORS:-.anchors}" 2>/dev/null && pwd) || { echo "no anchors fo
 OUT="${OUT:-$ROOT/gpu_out}"; mkdir -p "$OUT/moe" "$OUT/tk128" "$OUT/tk32"
 # An earlier call's results (a split run), to render beside this call's.
 [ -f "$OUT/bench_vs_anchors.tar.gz" ] && tar xzf "$OUT/bench_vs_anchors.tar.gz" -C "$OUT"
-# The package is not installed on the device machine: make kernels/ importable as mxfp4_moe.kernels.
-ln -sfn ../kernels mxfp4_moe/kernels
-trap 'rm -f "$ROOT/mxfp4_moe/kernels"' EXIT
+# The package is not installed on the device machine: import it from the checkout.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export MXFP4_COMMIT="${MXFP4_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 echo "commit $MXFP4_COMMIT"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -12,8 +12,7 @@
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
-# The package is not installed on the device machine: make kernels/ importable as mxfp4_moe.kernels.
-ln -sfn ../kernels mxfp4_moe/kernels
+# The package is not installed on the device machine: import it from the checkout.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 commit="${MXFP4_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 export MXFP4_COMMIT="$commit"      # the benchmarks print it (the device's copy has no git metadata)
@@ -51,6 +50,5 @@ fi
 if [ "${BENCH_MOE:-0}" = 1 ]; then
   step "bench_moe (default configs)" env MXFP4_COMMIT="$commit" python3 benchmarks/bench_moe.py --no-sweep ${BENCH_MOE_ARGS:-} --out "$OUT/moe" 2>&1 | grep -v '^{' | tail -40
 fi
-rm -f mxfp4_moe/kernels
 # The device tool brings back at most 8 files: pack them into one.
 (cd "$OUT" && tar czf /tmp/gpu_session.tar.gz . && rm -rf ./* && mv /tmp/gpu_session.tar.gz .)

@@ -108,7 +108,7 @@ class MXFP4MoE(torch.nn.Module):
         rebuilt from it (exact; a new copy of the expert weights in memory)."""
         if self.holds_checkpoint_order:
             return self.weights
-        from .kernels import from_fragment_order
+        from .kernels.fragment_layout import from_fragment_order
         w13_blocks, w13_scales = from_fragment_order(self.fragments["w13"])
         w2_blocks, w2_scales = from_fragment_order(self.fragments["w2"])
         return replace(self.weights, w13_blocks=w13_blocks, w13_scales=w13_scales,
@@ -170,7 +170,7 @@ class MXFP4MoE(torch.nn.Module):
         if fragment_order is False:
             return None
         w = self.weights
-        from .kernels import fragment_order_problem, to_fragment_order
+        from .kernels.fragment_layout import fragment_order_problem, to_fragment_order
         from .kernels.moe_matmul import on_hopper
         hopper = self.backend == "triton" and self.compute_dtype == torch.bfloat16 and on_hopper(w.device)
         if fragment_order is None and not hopper:
@@ -197,23 +197,23 @@ class MXFP4MoE(torch.nn.Module):
         w = self.weights
         if self.backend == "torch":
             return reference_moe(x, w, topk_weights, topk_ids, torch.float32).to(x.dtype)
-        from . import kernels
+        from .kernels.moe_matmul import moe_matmul, pick_block_m
         tokens, out_dtype = x.shape[0], x.dtype
         if tokens == 0:
             return x.new_zeros((0, w.hidden))
         if self.fragments is not None:
             x = _fragment_kernel_input(x, self.compute_dtype)
-        block_m = kernels.pick_block_m(tokens * w.top_k, w.num_local_experts)
+        block_m = pick_block_m(tokens * w.top_k, w.num_local_experts)
         meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, block_m, topk_weights)
         frag = self.fragments or {}
-        act = kernels.moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta,
-                                 channel_scale=w.w13_channel_scale, gather=True,
-                                 swiglu=(w.swiglu_alpha, w.swiglu_limit), compute_dtype=self.compute_dtype,
-                                 fragments=frag.get("w13"))
-        y = kernels.moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta,
-                               channel_scale=w.w2_channel_scale, gather=False, apply_row_weight=True,
-                               combine=self.combine_for(tokens), n_out=w.hidden, compute_dtype=self.compute_dtype,
-                               fragments=frag.get("w2"))
+        act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta,
+                         channel_scale=w.w13_channel_scale, gather=True,
+                         swiglu=(w.swiglu_alpha, w.swiglu_limit), compute_dtype=self.compute_dtype,
+                         fragments=frag.get("w13"))
+        y = moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta,
+                       channel_scale=w.w2_channel_scale, gather=False, apply_row_weight=True,
+                       combine=self.combine_for(tokens), n_out=w.hidden, compute_dtype=self.compute_dtype,
+                       fragments=frag.get("w2"))
         return y.to(out_dtype)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from mxfp4_moe import mxfp4
 from mxfp4_moe.kernels import fragment_layout as fl
-from mxfp4_moe.kernels import to_fragment_order
+from mxfp4_moe.kernels.fragment_layout import to_fragment_order
 
 # The Triton build runs through the interpreter on a CPU machine and compiled on a GPU one.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,7 +79,7 @@ def test_bad_shapes_are_refused():
 
 
 def test_rs_kernel_needs_fragments_and_a_matching_config():
-    from mxfp4_moe.kernels import MatmulConfig
+    from mxfp4_moe.kernels.moe_matmul import MatmulConfig
     from mxfp4_moe.kernels.moe_matmul import _rs_unsupported
     x = torch.zeros(4, 64, dtype=torch.bfloat16)
     blocks = torch.zeros(2, 32, 32, dtype=torch.uint8)
@@ -218,7 +218,7 @@ def test_shape_only_weights_need_fragments_and_the_rs_kernel():
     # A layer that keeps only the fragment copy passes meta-device blocks and scales: without
     # fragments, or where the "rs" kernel cannot run (here: the interpreter), the call says so
     # instead of reading weights that are not there.
-    from mxfp4_moe.kernels import moe_matmul
+    from mxfp4_moe.kernels.moe_matmul import moe_matmul
     from mxfp4_moe.moe import random_expert_weights
     from mxfp4_moe.routing import routing_metadata
     w, _ = random_expert_weights(4, 64, 64, top_k=2, dense=False)

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from mxfp4_moe import mxfp4
 from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
-from mxfp4_moe.kernels import pick_block_m
+from mxfp4_moe.kernels.moe_matmul import pick_block_m
 from mxfp4_moe.kernels._moe_matmul import _dequant_mxfp4_words
 from mxfp4_moe.routing import route, routing_metadata
 
@@ -66,7 +66,7 @@ def test_kernel_ptx_decode_equals_bytes_decode_bitwise():
     # Same kernel, same configs, the weights decoded by inline PTX or one code at a time: the MMA
     # sees the same bf16 operands, so outputs agree bit for bit. Identity x (y = dequant(W).T,
     # every code x scale byte) and random x through w13 + SwiGLU and w2 + atomic combine.
-    from mxfp4_moe.kernels import moe_matmul
+    from mxfp4_moe.kernels.moe_matmul import moe_matmul
     blocks, scales = _every_code_and_scale(k=128)
     blocks, scales = blocks[None].cuda(), scales[None].cuda()
     meta = routing_metadata(torch.zeros(128, 1, dtype=torch.int64, device="cuda"), None, 1, 128)
@@ -112,7 +112,7 @@ def gpt_oss_weights(request):
 
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_grouped_matmuls_bf16_vs_float32(gpt_oss_weights, tokens):
-    from mxfp4_moe.kernels import moe_matmul, pick_block_m
+    from mxfp4_moe.kernels.moe_matmul import moe_matmul, pick_block_m
     from mxfp4_moe.reference import reference_moe_matmul
     w = gpt_oss_weights
     gen = torch.Generator(device="cuda").manual_seed(tokens)
@@ -159,7 +159,8 @@ def _gluon_kernel_vs_float32(w, config, tokens, seed, fragment_order):
     per-channel scales; outputs NaN-poisoned. fragment_order: the weights in fragment order too
     (for kernel "rs")."""
     import dataclasses
-    from mxfp4_moe.kernels import MatmulConfig, moe_matmul, to_fragment_order
+    from mxfp4_moe.kernels.moe_matmul import MatmulConfig, moe_matmul
+    from mxfp4_moe.kernels.fragment_layout import to_fragment_order
     from mxfp4_moe.reference import reference_moe_matmul
     cfg = MatmulConfig(*config)
     cfg_no_split = dataclasses.replace(cfg, split_k=1)
@@ -232,7 +233,8 @@ def test_rs_kernel_decodes_every_weight_exactly(block_k):
     # every scale byte the fragment order takes (0..128). Where the weight is a normal bf16
     # (scale byte >= 2) the output must equal it; weights below 2 ** -126 (scale bytes 0 and 1)
     # may come out flushed to zero by the tensor cores, and otherwise exact.
-    from mxfp4_moe.kernels import MatmulConfig, moe_matmul, to_fragment_order
+    from mxfp4_moe.kernels.moe_matmul import MatmulConfig, moe_matmul
+    from mxfp4_moe.kernels.fragment_layout import to_fragment_order
     E, N, K = 2, 144, 4 * 320                 # 9 row groups (partial 64-row tile), a K tail at 128
     gen = torch.Generator(device="cuda").manual_seed(block_k)
     blocks = torch.randint(0, 256, (E, N, K // 2), generator=gen, device="cuda", dtype=torch.uint8)
@@ -270,7 +272,8 @@ def test_rs_kernel_every_tile_width(config):
     # 112 = 64 + 32 + 16), experts of several tiles, and empty experts. Output rows and the
     # atomic combine (per-piece scatter and routing weights) against float32; NaN-poisoned. Both
     # with gathered token rows and with rows already sorted (TMA copies of whole tiles).
-    from mxfp4_moe.kernels import MatmulConfig, moe_matmul, to_fragment_order
+    from mxfp4_moe.kernels.moe_matmul import MatmulConfig, moe_matmul
+    from mxfp4_moe.kernels.fragment_layout import to_fragment_order
     from mxfp4_moe.reference import reference_moe_matmul
     cfg = MatmulConfig(*config)
     counts = [0, 1, 15, 16, 17, 31, 33, 40, 48, 49, 63, 64, 65, 80, 95, 97, 111, 113, 127, 128, 129, 200, 0, 300]
@@ -312,7 +315,7 @@ def test_rs_kernel_every_tile_width(config):
                                     (16, 64, 64, True, 4, 4, "rs", 3), (128, 128, 128, True, 8, 3, "rs", 2)])
 def test_gluon_kernels_padded_hidden(config):
     # Hidden 2880 padded to 3072: x has fewer columns than the weights' K (masked to zero).
-    from mxfp4_moe.kernels import MatmulConfig, moe_matmul
+    from mxfp4_moe.kernels.moe_matmul import MatmulConfig, moe_matmul
     from mxfp4_moe.reference import reference_moe_matmul
     w, _ = random_expert_weights(8, 2880, 2880, hidden_pad=3072, inter_pad=2944, top_k=4, seed=3, device="cuda",
                                  dense=False)
@@ -325,7 +328,7 @@ def test_gluon_kernels_padded_hidden(config):
     args13 = (w.w13_blocks, w.w13_scales, w.w13_bias, meta)
     fragments = None
     if cfg.kernel == "rs":
-        from mxfp4_moe.kernels import to_fragment_order
+        from mxfp4_moe.kernels.fragment_layout import to_fragment_order
         fragments = to_fragment_order(w.w13_blocks, w.w13_scales)
     act = moe_matmul(x, *args13, swiglu=swiglu, config=cfg, fragments=fragments)
     ref = reference_moe_matmul(x, *args13, swiglu=swiglu, compute_dtype=torch.float32)
@@ -446,7 +449,7 @@ def test_swapped_configs_that_raced_are_right(config, dequant):
     # a race: Triton 3.6 kept swapped-operand wgmmas in flight across K steps while the next
     # step's decode reused their registers (triton#9433); the kernel now retires each step's
     # wgmma (RETIRE_MMA_EACH_STEP), and these configs must be right with every decode.
-    from mxfp4_moe.kernels import MatmulConfig, moe_matmul
+    from mxfp4_moe.kernels.moe_matmul import MatmulConfig, moe_matmul
     from mxfp4_moe.reference import reference_moe_matmul
     cfg = MatmulConfig(*config)
     E, H, I, k, T = 4, 2880, 2880, 2, 300
@@ -534,7 +537,7 @@ def test_layer_at_small_shapes_every_token_count(shape):
     # The whole layer (default kernels: "rs" on Hopper) against the float32 reference at every
     # token count from decode to prefill, and no kernel fell back to the portable one: each
     # fast kernel compiled and ran (the short-K-loop crash was a compile failure at T = 1).
-    from mxfp4_moe.kernels import kernel_fallbacks
+    from mxfp4_moe.kernels.moe_matmul import kernel_fallbacks
     from mxfp4_moe.reference import reference_moe
     E, H, I, k, H_pad, I_pad = shape
     weights, _ = random_expert_weights(E, H, I, top_k=k, hidden_pad=H_pad, inter_pad=I_pad, seed=E + H + I,

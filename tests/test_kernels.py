@@ -17,7 +17,7 @@ import torch
 from compile_script import run_compiler_script
 
 from mxfp4_moe import mxfp4
-from mxfp4_moe.kernels import moe_matmul, pick_block_m
+from mxfp4_moe.kernels.moe_matmul import moe_matmul, pick_block_m
 from mxfp4_moe.moe import random_expert_weights
 from mxfp4_moe.reference import reference_moe_matmul
 from mxfp4_moe.routing import routing_metadata
@@ -448,7 +448,7 @@ def test_compile_failure_falls_back_to_triton_and_warns_once(launcher_without_fa
     # must not take the layer down: the portable kernel runs the call, one warning per shape
     # class names the kernel, its config and the error, and the output matches the reference.
     # With only the fragment copy (the layer's default on Hopper), the checkpoint order is rebuilt.
-    from mxfp4_moe.kernels import to_fragment_order
+    from mxfp4_moe.kernels.fragment_layout import to_fragment_order
     launcher = launcher_without_fallbacks
     rs_config = launcher.MatmulConfig(16, 64, 128, True, 4, 4, "rs", 2)
     attempts = []

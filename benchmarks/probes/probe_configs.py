@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
 from bench_moe import SWEEP_AGREEMENT, record, routed_points, start_probe, time_graph  # noqa: E402
 
-from mxfp4_moe.kernels import MatmulConfig, moe_matmul, pick_block_m, to_fragment_order  # noqa: E402
+from mxfp4_moe.kernels.moe_matmul import MatmulConfig, moe_matmul, pick_block_m  # noqa: E402
+from mxfp4_moe.kernels.fragment_layout import to_fragment_order  # noqa: E402
 from mxfp4_moe.routing import routing_metadata  # noqa: E402
 
 

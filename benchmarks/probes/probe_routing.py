@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
 from bench_moe import record, routed_points, start_probe, time_graph  # noqa: E402
 
-from mxfp4_moe.kernels import pick_block_m  # noqa: E402
+from mxfp4_moe.kernels.moe_matmul import pick_block_m  # noqa: E402
 from mxfp4_moe.kernels.expert_sort import expert_sort  # noqa: E402
 from mxfp4_moe.kernels.tile_schedule import tile_schedule  # noqa: E402
 from mxfp4_moe.moe import MXFP4MoE  # noqa: E402

@@ -88,7 +88,7 @@ def variant_kernels(tmp: Path) -> dict:
 
 def sass_report(kernels: dict) -> int:
     """Compile every variant's default configs at the gpt-oss shapes for sm_90 (no GPU needed)."""
-    from mxfp4_moe.kernels import default_config
+    from mxfp4_moe.kernels.moe_matmul import default_config
     from mxfp4_moe.kernels.sm90_report import compile_variant, resource_report
     for block_m in (16, 64, 128):
         for op, n, swiglu in (("w13", 5760, True), ("w2", 2880, False)):
@@ -118,7 +118,8 @@ def main() -> int:
 
     from bench_moe import record, routed_points, start_probe, time_graph
 
-    from mxfp4_moe.kernels import moe_matmul, pick_block_m, to_fragment_order
+    from mxfp4_moe.kernels.moe_matmul import moe_matmul, pick_block_m
+    from mxfp4_moe.kernels.fragment_layout import to_fragment_order
     from mxfp4_moe.routing import routing_metadata
     rs_module = importlib.import_module("mxfp4_moe.kernels._moe_matmul_rs")   # the module the launcher reads
     launcher_kernel = rs_module._moe_matmul_rs_kernel

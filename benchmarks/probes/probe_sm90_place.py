@@ -51,10 +51,10 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
 from bench_moe import SWEEP_AGREEMENT, git_commit, record, time_graph  # noqa: E402
 
-from mxfp4_moe.kernels import (MatmulConfig, default_config, from_fragment_order, interpreting,  # noqa: E402
-                               moe_matmul, pick_block_m, to_fragment_order)
+from mxfp4_moe.kernels.moe_matmul import (MatmulConfig, default_config, interpreting, moe_matmul,  # noqa: E402
+                                          on_hopper, pick_block_m)
+from mxfp4_moe.kernels.fragment_layout import from_fragment_order, to_fragment_order  # noqa: E402
 from mxfp4_moe.kernels import fragment_layout  # noqa: E402
-from mxfp4_moe.kernels.moe_matmul import on_hopper  # noqa: E402
 from mxfp4_moe.moe import random_expert_weights  # noqa: E402
 from mxfp4_moe.mxfp4 import E8M0_NAN  # noqa: E402
 from mxfp4_moe.reference import reference_moe_matmul  # noqa: E402

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
 from bench_moe import git_commit, time_graph  # noqa: E402
 
-from mxfp4_moe.kernels import pick_block_m  # noqa: E402
+from mxfp4_moe.kernels.moe_matmul import pick_block_m  # noqa: E402
 from mxfp4_moe.moe import random_expert_weights  # noqa: E402
 from mxfp4_moe.routing import route, routing_metadata  # noqa: E402
 

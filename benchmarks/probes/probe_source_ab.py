@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
 from bench_moe import SWEEP_AGREEMENT, git_commit, record, routed_points, time_graph  # noqa: E402
 
-from mxfp4_moe.kernels import moe_matmul, pick_block_m  # noqa: E402
+from mxfp4_moe.kernels.moe_matmul import moe_matmul, pick_block_m  # noqa: E402
 from mxfp4_moe.routing import routing_metadata  # noqa: E402
 
 

@@ -14,7 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
 from probe_configs import parse_config  # noqa: E402
 
-from mxfp4_moe.kernels import moe_matmul, to_fragment_order  # noqa: E402
+from mxfp4_moe.kernels.moe_matmul import moe_matmul  # noqa: E402
+from mxfp4_moe.kernels.fragment_layout import to_fragment_order  # noqa: E402
 from mxfp4_moe.moe import random_expert_weights  # noqa: E402
 from mxfp4_moe.routing import route, routing_metadata  # noqa: E402
 

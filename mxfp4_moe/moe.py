@@ -4,7 +4,9 @@ between the Triton kernels (`mxfp4_moe.kernels`) and the pure-torch reference (`
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -25,12 +27,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def triton_installed() -> bool:
+    """Whether Triton can be imported (it is a dependency on Linux only): without it every torch
+    path still runs."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" -> "triton" for CUDA weights, "torch" elsewhere; check that "triton" can run here."""
+    """"auto" -> "triton" for CUDA weights (when Triton is installed), "torch" elsewhere; check
+    that "triton" can run here."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"MXFP4MoE: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto":
+        if device.type == "cuda" and not triton_installed():
+            warnings.warn("MXFP4MoE: Triton is not installed, so the layer runs the torch reference "
+                          "(slow); `pip install triton` for the kernels", stacklevel=3)
+            return "torch"
         return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and not triton_installed():
+        raise ImportError("MXFP4MoE: backend='triton' needs Triton, which is not installed: "
+                          "`pip install 'triton>=3.6,<3.10'` (Linux), or use backend='torch'")
     if backend == "triton" and device.type != "cuda" and not _interpreting():
         raise ValueError(
             f"MXFP4MoE: backend='triton' needs the weights on a CUDA device (they are on {device}); "
@@ -170,9 +186,14 @@ class MXFP4MoE(torch.nn.Module):
         if fragment_order is False:
             return None
         w = self.weights
+        if self.backend != "triton":    # (before any kernel import: the torch backend runs without Triton)
+            if fragment_order:
+                raise ValueError("MXFP4MoE: fragment_order=True needs the triton backend with bf16 on a Hopper "
+                                 f"GPU (backend {self.backend!r})")
+            return None
         from .kernels.fragment_layout import fragment_order_problem, to_fragment_order
         from .kernels.moe_matmul import on_hopper
-        hopper = self.backend == "triton" and self.compute_dtype == torch.bfloat16 and on_hopper(w.device)
+        hopper = self.compute_dtype == torch.bfloat16 and on_hopper(w.device)
         if fragment_order is None and not hopper:
             return None             # (before the scale scan below: nothing to build off Hopper)
         problems = [f"{name}: {problem}" for name, problem in (("w13_scales", fragment_order_problem(w.w13_scales)),

@@ -6,6 +6,7 @@ offsets, the tile schedule and the inverse permutation, computed on the device.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -129,7 +130,10 @@ def max_tiles(num_rows: int, num_local_experts: int, block_m: int) -> int:
 
 def _use_triton(device: torch.device) -> bool:
     """The Triton router top-k, expert sort and tile schedule on CUDA, and under Triton's
-    interpreter so that the CPU tests run them; their torch twins elsewhere."""
+    interpreter so that the CPU tests run them; their torch twins elsewhere (and wherever
+    Triton is not installed)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
     if device.type == "cuda":
         return True
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

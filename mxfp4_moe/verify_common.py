@@ -16,6 +16,7 @@ import torch
 
 from . import __version__
 from .checks import CheckResult
+from .moe import triton_installed
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 REPORT_SCHEMA = "mxfp4_moe.verify/1"
@@ -138,10 +139,14 @@ def summary_line(results: list[CheckResult]) -> str:
 
 def resolve_compute(args, device: torch.device, builtin: bool) -> torch.dtype:
     """Settle args.backend for `device` and return the compute dtype (raises UsageError)."""
-    if args.backend == "auto" and builtin and device.type != "cuda":
-        # The built-in checkpoint is small enough to check the Triton kernels themselves on a
-        # CPU, through Triton's interpreter (about half a minute on 2 cores).
-        args.backend = "triton"
+    if args.backend == "auto":
+        # On a CPU the built-in checkpoint is small enough to check the Triton kernels themselves,
+        # through Triton's interpreter (one to two minutes on 2 cores).
+        kernels_here = device.type == "cuda" or builtin
+        args.backend = "triton" if kernels_here and triton_installed() else "torch"
+    if args.backend == "triton" and not triton_installed():
+        raise UsageError("--backend triton needs Triton, which is not installed: "
+                         "pip install 'triton>=3.6,<3.10' (Linux), or use --backend torch")
     if args.backend == "triton" and device.type != "cuda":
         # Triton kernels on a CPU run through Triton's interpreter, which must be switched on
         # before the kernels are imported.

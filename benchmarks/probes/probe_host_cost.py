@@ -1,0 +1,147 @@
+"""Probe (GPU): where the host time of one eager layer call goes at decode sizes, timed with the
+GPU idle (synchronise, time the call's issue alone, synchronise), median of many calls. For each
+(E, T): the whole call, then its parts as the call makes them (the router, the routing metadata,
+each moe_matmul, timed by wrapping the functions the layer calls), then the floors they stand on:
+a Triton launch of an empty kernel with as many arguments as the matmul kernel, the same kernel
+launched through its compiled handle (no Triton Python dispatch), torch.empty and a torch.mm.
+gpt-oss shapes (H = I = 2880, top-4). Issue 27's target: the whole call <= 100 us.
+
+    python benchmarks/probes/probe_host_cost.py --experts 32,128 --tokens 1,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench_cudagraph
+
+import mxfp4_moe.kernels.moe_matmul as launcher_module
+import mxfp4_moe.moe as moe_module
+from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+
+
+def host_us(fn, calls: int) -> float:
+    """Median host time (us) to issue fn(), the GPU idle before each call."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
+
+
+class PartTimer:
+    """Wraps module-level functions the layer calls, recording each call's host time."""
+
+    def __init__(self):
+        self.times = defaultdict(list)
+        self.restore = []
+
+    def wrap(self, module, name: str, label=None):
+        original = getattr(module, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            result = original(*args, **kwargs)
+            key = label(args, kwargs) if label else name
+            self.times[key].append(time.perf_counter() - start)
+            return result
+        setattr(module, name, timed)
+        self.restore.append((module, name, original))
+
+    def undo(self):
+        for module, name, original in reversed(self.restore):
+            setattr(module, name, original)
+
+    def medians_us(self) -> dict:
+        return {k: round(statistics.median(v) * 1e6, 1) for k, v in self.times.items()}
+
+
+@triton.jit
+def _empty_kernel(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, n0, n1, n2, f0, f1,
+                  C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
+                  C4: tl.constexpr, C5: tl.constexpr, C6: tl.constexpr, C7: tl.constexpr):
+    pass
+
+
+def empty_launch_floors(calls: int) -> dict:
+    """Host us of one Triton launch of an empty kernel with the matmul's argument count: through
+    Triton's dispatch, and through the compiled kernel's own launcher (as a launch plan would)."""
+    bufs = [torch.empty(64, device="cuda") for _ in range(11)]
+    args = (*bufs, 2880, 5760, 4, 1.702, 7.0)
+    consts = dict(C0=2880, C1=True, C2=False, C3=True, C4=False, C5=False, C6=True, C7=False)
+    compiled = _empty_kernel[(4,)](*args, **consts)
+    out = {"triton_dispatch_empty": host_us(lambda: _empty_kernel[(4,)](*args, **consts), calls)}
+    try:
+        stream = torch.cuda.current_stream().cuda_stream
+        all_args = (*args, *consts.values())
+
+        def direct():
+            compiled.run(4, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *all_args)
+        direct()
+        out["compiled_handle_empty"] = host_us(direct, calls)
+    except Exception as error:      # the private launcher's signature differs between releases
+        out["compiled_handle_empty"] = f"{type(error).__name__}: {error}"
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--experts", default="32,128")
+    p.add_argument("--tokens", default="1,8")
+    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    results = {"device": torch.cuda.get_device_name(), "points": []}
+    floors = empty_launch_floors(args.calls)
+    x_small = torch.randn(1, 2880, device="cuda", dtype=torch.bfloat16)
+    router = torch.randn(128, 2880, device="cuda", dtype=torch.bfloat16)
+    floors["torch_empty"] = host_us(lambda: torch.empty((4, 2880), device="cuda"), args.calls)
+    floors["torch_mm_fp32_out"] = host_us(lambda: torch.mm(x_small, router.T, out_dtype=torch.float32), args.calls)
+    print("floors (us):", json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in floors.items()}))
+    results["floors_us"] = floors
+    for experts in map(int, args.experts.split(",")):
+        w, _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda", dense=False)
+        layer = MXFP4MoE(w, backend="triton")
+        del w
+        for tokens in map(int, args.tokens.split(",")):
+            x = torch.randn(tokens, 2880, device="cuda").to(torch.bfloat16)
+            for _ in range(10):
+                layer(x)
+            whole = host_us(lambda: layer(x), args.calls)
+            timer = PartTimer()
+            timer.wrap(moe_module, "route")
+            timer.wrap(moe_module, "routing_metadata")
+            timer.wrap(launcher_module, "moe_matmul",
+                       label=lambda a, kw: "moe_matmul_w13" if kw.get("gather") else "moe_matmul_w2")
+            try:
+                host_us(lambda: layer(x), args.calls)
+            finally:
+                timer.undo()
+            parts = timer.medians_us()
+            gpu_us = do_bench_cudagraph(lambda: layer(x), rep=100, return_mode="median") * 1e3   # L2 warm
+            point = {"experts": experts, "tokens": tokens, "whole_us": round(whole, 1), "parts_us": parts,
+                     "gpu_graph_us_l2_warm": round(gpu_us, 1)}
+            results["points"].append(point)
+            print(f"E={experts} T={tokens}: whole call {whole:.1f} us; parts {parts}; GPU {gpu_us:.1f} us "
+                  "(CUDA graph, L2 warm)", flush=True)
+        del layer
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

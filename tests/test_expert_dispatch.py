@@ -75,28 +75,30 @@ def _tokens(n: int) -> torch.Tensor:
     return torch.randn(n, CKPT["hidden"], generator=torch.Generator().manual_seed(100 + n))
 
 
-def _worker(ckpt: str, out_dir: str, world: int) -> None:
-    """One rank: every case of this world size, in turn, on the same process group."""
+def _worker(ckpt: str, out_dir: str, world: int, device_kind: str = "cpu") -> None:
+    """One rank: every case of this world size, in turn, on the same process group (gloo on the
+    CPU; NCCL on GPUs, where the Triton kernels run in bf16 whatever the case's backend)."""
     import torch.distributed as dist
     env = D.torchrun_env()
-    device = D.rank_device(env.local_rank, "cpu")
+    device = D.rank_device(env.local_rank, device_kind)
     D.init_process_group(device, timeout_s=120)
     torch.set_num_threads(1)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for name in CASES[world]:
         case = _case(world, name)
         groups = D.MoEGroups.from_world(case["tp"], case["ep"])
         replicated = D.DistributedMXFP4MoE.from_checkpoint(ckpt, 0, groups=groups, align=ALIGN,
                                                            placement=case["placement"], device=device,
-                                                           backend=case["backend"])
+                                                           backend="auto" if device.type == "cuda" else case["backend"])
         replicated.weights.router_bias[list(case["starve"])] = STARVE_BIAS
         sharded = TokenShardedMXFP4MoE.from_replicated(replicated, exchange=case["exchange"])
         tokens = case["tokens"]
-        x_all = _tokens(sum(tokens))
+        x_all = _tokens(sum(tokens)).to(device=device, dtype=dtype)
         start = sum(tokens[:env.rank])
         mine = slice(start, start + tokens[env.rank])
         y = sharded(x_all[mine])
-        torch.save({"y": y, "y_replicated": replicated(x_all)[mine], "counts": sharded.last_counts,
-                    "owner_ep": sharded.owner_ep, "backend": sharded.backend},
+        torch.save({"y": y.cpu(), "y_replicated": replicated(x_all)[mine].cpu(), "counts": sharded.last_counts,
+                    "owner_ep": sharded.owner_ep.cpu(), "backend": sharded.backend},
                    os.path.join(out_dir, f"{name}.rank{env.rank}.pt"))
     dist.destroy_process_group()
 
@@ -123,11 +125,12 @@ def full_layer(ckpt):
         return load_layer(c, 0, plan)
 
 
-def _reference(full, case) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float64 output [sum(tokens), H], topk_ids) of the whole batch in one process."""
+def _reference(full, case, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 output [sum(tokens), H], topk_ids) of the whole batch in one process, on the
+    tokens as the ranks got them (rounded to `dtype`)."""
     router_bias = full.router_bias.clone()
     router_bias[list(case["starve"])] = STARVE_BIAS
-    x = _tokens(sum(case["tokens"]))
+    x = _tokens(sum(case["tokens"])).to(dtype).float()
     topk_weights, topk_ids = route(x, full.router_weight, router_bias, CKPT["top_k"])
     return reference_moe(x.double(), full, topk_weights, topk_ids, torch.float64), topk_ids
 
@@ -190,6 +193,38 @@ def test_every_named_edge_case_happens(runs):
         # a token whose two experts share a rank goes there once: fewer rows than pairs
         pairs = sum(r["y"].shape[0] for r in results) * CKPT["top_k"] * _case(len(results), name)["tp"]
         assert sum(sum(r["counts"].send_rows) for r in results) < pairs, name
+
+
+# ---- NCCL on GPUs --------------------------------------------------------------------------------
+
+# bf16 kernels against the float64 reference: verify's bf16 kernel bound (checks.KERNEL_TOLERANCE).
+# Against the replicated layer the same: its partials are rounded to bf16 before the all-reduce,
+# the dispatched ones are summed in float32.
+NCCL_TOLERANCE = 1e-2
+
+
+@pytest.mark.gpu
+def test_nccl_token_sharded_matches_replicated_and_reference(ckpt, full_layer, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs for NCCL between processes, found {torch.cuda.device_count()}")
+    worlds = [w for w in CASES if w <= torch.cuda.device_count()]
+    for world in worlds:
+        D.spawn_local(_worker, world, (str(ckpt), str(tmp_path), world, "cuda"))
+    for world in worlds:
+        for name in CASES[world]:
+            case = _case(world, name)
+            results = [torch.load(tmp_path / f"{name}.rank{r}.pt", weights_only=False) for r in range(world)]
+            ref64, _ = _reference(full_layer, case, torch.bfloat16)
+            start = 0
+            for rank, (r, n) in enumerate(zip(results, case["tokens"])):
+                assert r["y"].shape == (n, CKPT["hidden"]) and r["y"].dtype == torch.bfloat16, (name, rank)
+                assert r["backend"] == "triton", (name, rank)
+                if n:
+                    assert _rel(r["y"], ref64[start:start + n]) <= NCCL_TOLERANCE, (name, rank)
+                    assert _rel(r["y"], r["y_replicated"]) <= NCCL_TOLERANCE, (name, rank)
+                start += n
+            for d in range(world):
+                assert [results[s]["counts"].send_rows[d] for s in range(world)] == list(results[d]["counts"].recv_rows)
 
 
 # ---- no processes -------------------------------------------------------------------------------

@@ -112,11 +112,14 @@ def expert_owners(local: MXFP4MoE, groups: MoEGroups) -> torch.Tensor:
     # held_by[e, t, g]: ep rank e, tp rank t holds global expert g (rank = e * tp + t)
     held_by = torch.stack(gathered).reshape(groups.ep_size, groups.tp_size, num_experts).bool().cpu()
     per_tp = held_by.sum(0)                                                   # [tp, E]
-    same_on_tp = (held_by == held_by[:, :1]).all()
-    if not same_on_tp or (per_tp != 1).any():
-        bad = int(((per_tp != 1).any(0)).nonzero()[0]) if (per_tp != 1).any() else None
-        where = (f"expert {bad} is held by {held_by[:, :, bad].nonzero().tolist()} ((ep_rank, tp_rank) pairs)"
-                 if bad is not None else "the TP ranks of one EP rank hold different experts")
+    bad = (per_tp != 1).any(0).nonzero().flatten().tolist()
+    if bad or not (held_by == held_by[:, :1]).all():
+        def holders(g: int) -> str:
+            pairs = held_by[:, :, g].nonzero().tolist()
+            return ", ".join(f"ep_rank {e} tp_rank {t}" for e, t in pairs) or "no rank"
+        where = ("; ".join(f"expert {g} is held by {holders(g)}" for g in bad[:4]) +
+                 (f" and {len(bad) - 4} more experts are wrong" if len(bad) > 4 else "")
+                 if bad else "the TP ranks of one EP rank hold different experts")
         raise ValueError(f"TokenShardedMXFP4MoE: every expert must live on exactly one EP rank, and on all its "
                          f"TP ranks; {where}")
     return held_by[:, 0].int().argmax(0).to(device=w.device, dtype=torch.int64)

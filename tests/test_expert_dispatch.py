@@ -97,10 +97,33 @@ def _worker(ckpt: str, out_dir: str, world: int, device_kind: str = "cpu") -> No
         start = sum(tokens[:env.rank])
         mine = slice(start, start + tokens[env.rank])
         y = sharded(x_all[mine])
-        torch.save({"y": y.cpu(), "y_replicated": replicated(x_all)[mine].cpu(), "counts": sharded.last_counts,
-                    "owner_ep": sharded.owner_ep.cpu(), "backend": sharded.backend},
+        counts = sharded.last_counts
+        # What MXFP4GptOssMLP calls: the same output, and this rank's routing weights.
+        y_again, router_scores = sharded.forward_with_router_scores(x_all[mine])
+        torch.save({"y": y.cpu(), "y_replicated": replicated(x_all)[mine].cpu(), "counts": counts,
+                    "owner_ep": sharded.owner_ep.cpu(), "backend": sharded.backend,
+                    "y_again": y_again.cpu(), "router_scores": router_scores.cpu()},
                    os.path.join(out_dir, f"{name}.rank{env.rank}.pt"))
+    if world == 2 and device.type == "cpu":
+        _duplicate_expert_layout(ckpt, out_dir, device)
     dist.destroy_process_group()
+
+
+def _duplicate_expert_layout(ckpt: str, out_dir: str, device: torch.device) -> None:
+    """EP 2 where rank 1 claims rank 0's first two experts: 0 and 1 held twice, 3 and 4 by no one.
+    Every rank must refuse it (after the gather, so no rank is left waiting)."""
+    from dataclasses import replace
+    import torch.distributed as dist
+    groups = D.MoEGroups.from_world(1, 2)
+    layer = D.DistributedMXFP4MoE.from_checkpoint(ckpt, 0, groups=groups, align=ALIGN, device=device, backend="torch")
+    if groups.ep_rank == 1:
+        layer.local.weights = replace(layer.weights, local_experts=torch.tensor([0, 1]))
+    try:
+        TokenShardedMXFP4MoE.from_replicated(layer)
+        message = None
+    except ValueError as exc:
+        message = str(exc)
+    torch.save(message, os.path.join(out_dir, f"duplicate.rank{dist.get_rank()}.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +132,18 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(ckpt, tmp_path_factory):
-    """{case name: [rank 0 result, rank 1 result, ...]} from one spawn per world size."""
+def run_dir(ckpt, tmp_path_factory):
+    """The folder of every rank's saved results, from one spawn per world size."""
     out = tmp_path_factory.mktemp("ranks")
     for world in CASES:
         D.spawn_local(_worker, world, (str(ckpt), str(out), world))
-    return {name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(world)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(run_dir):
+    """{case name: [rank 0 result, rank 1 result, ...]}."""
+    return {name: [torch.load(run_dir / f"{name}.rank{r}.pt", weights_only=False) for r in range(world)]
             for name, world in ALL_CASES}
 
 
@@ -152,6 +181,28 @@ def test_token_sharded_output_matches_replicated_layer_and_reference(runs, full_
         start += n
     if case["backend"] == "triton":
         assert {r["backend"] for r in runs[name]} == {"triton"}
+
+
+@pytest.mark.parametrize("name,world", ALL_CASES, ids=[n for n, _ in ALL_CASES])
+def test_router_scores_are_this_ranks_routing_weights(runs, full_layer, name, world):
+    case = _case(world, name)
+    router_bias = full_layer.router_bias.clone()
+    router_bias[list(case["starve"])] = STARVE_BIAS
+    x = _tokens(sum(case["tokens"]))
+    topk_weights, _ = route(x, full_layer.router_weight, router_bias, CKPT["top_k"])
+    start = 0
+    for rank, (r, n) in enumerate(zip(runs[name], case["tokens"])):
+        assert torch.equal(r["y_again"], r["y"]), (name, rank)
+        torch.testing.assert_close(r["router_scores"], topk_weights[start:start + n], rtol=1e-6, atol=1e-7)
+        start += n
+
+
+def test_an_expert_held_twice_is_refused_on_every_rank(run_dir):
+    for rank in range(2):
+        message = torch.load(run_dir / f"duplicate.rank{rank}.pt", weights_only=False)
+        assert message is not None and "exactly one EP rank" in message, message
+        assert "expert 0 is held by ep_rank 0 tp_rank 0, ep_rank 1 tp_rank 0" in message, message
+        assert "expert 4 is held by no rank" in message, message
 
 
 @pytest.mark.parametrize("name,world", ALL_CASES, ids=[n for n, _ in ALL_CASES])

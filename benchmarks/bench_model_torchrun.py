@@ -9,7 +9,8 @@ against the same model on one device.
 
 Model: --model 20b or 120b (bench_model's gpt-oss-shaped random models; --layers N keeps the first
 N layers, 120b default 12 as bench_model, for the disk), or --checkpoint DIR; --tiny: bench_model's
-CPU-sized model. Rank 0 writes the checkpoint when none is given.
+CPU-sized model. Rank 0 writes the checkpoint when none is given (into --workdir to keep it for
+the next layout's run).
 
 Rank 0 first runs the single-device model alone (the others wait), then frees it; then every
 rank loads its shard of every layer and runs the same. Compared: the logits of seeded prompts
@@ -58,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="layers written (default: 20b all 24, 120b 12)")
     p.add_argument("--tiny", action="store_true", help="bench_model's CPU-sized model, torch backend")
     p.add_argument("--checkpoint", default=None, help="a full-model checkpoint folder instead of a random one")
+    p.add_argument("--workdir", default=None, help="keep the random checkpoint in DIR/<model>_<layers>l, written "
+                   "once and reused by later runs (default: a temporary folder, removed at the end)")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default=None,
                    help="MXFP4MoE backend (default auto; --tiny: torch)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
@@ -110,8 +113,9 @@ def rank_main(args, ckpt_path: str | None) -> int:
     try:
         if ckpt_path is None:
             if rank == 0:
-                tmp = tempfile.TemporaryDirectory(prefix="bench_model_torchrun_")
-                ckpt_path = write_checkpoint(args, Path(tmp.name), device)
+                if args.workdir is None:
+                    tmp = tempfile.TemporaryDirectory(prefix="bench_model_torchrun_")
+                ckpt_path = write_checkpoint(args, Path(args.workdir or tmp.name), device)
             ckpt_path = D.broadcast_object(ckpt_path, device=obj_device)
         single = None
         if rank == 0:                        # alone on the device, then freed
@@ -205,7 +209,11 @@ def write_checkpoint(args, folder: Path, device: torch.device) -> str:
     shapes = TINY_SHAPES if args.tiny else SHAPES
     shape = shapes[args.model]
     layers = args.layers or (shape.layers_full if args.model == "20b" or args.tiny else 12)
-    info = write_random_checkpoint(folder / "ckpt", shape, layers, device, args.seed)
+    path = folder / f"{'tiny_' if args.tiny else ''}{args.model}_{layers}l"
+    if (path / "config.json").exists():     # an earlier run wrote it (write_checkpoint writes config.json last)
+        print(f"reusing {path}", file=sys.stderr)
+        return str(path)
+    info = write_random_checkpoint(path, shape, layers, device, args.seed)
     print(f"wrote {shape.label(layers)}: {info['bytes'] / 1e9:.2f} GB in {info['write_s']:.0f} s", file=sys.stderr)
     return info["path"]
 

@@ -143,7 +143,9 @@ class TokenShardedMXFP4MoE(torch.nn.Module):
          same fused epilogue the replicated layer runs: the weights travel with the token, so a
          token with two experts on one rank comes back as one row, not two);
       4. combine: the results go back the same way and each token's rows (one per rank it
-         visited) are summed on its own rank in float32, then cast to x's dtype.
+         visited) are summed on its own rank in float32, then cast to x's dtype (an index_add_:
+         on CUDA its atomics may add a token's rows in another order from run to run, as the
+         layer's own "atomic" combine does).
     Ranks that receive no rows and experts that receive none run nothing but the exchange.
 
     exchange: "all-to-all" (`all_to_all_single` with uneven splits: NCCL, and gloo in torch 2.13)

@@ -247,7 +247,7 @@ class DistributedMXFP4MoE(torch.nn.Module):
     its own experts, so no dispatch is needed; the one all-reduce moves 2 (n-1)/n x T x H values
     per rank, which a return all-to-all followed by the all-gather that replicates the output
     cannot beat. An all-to-all dispatch pays off when tokens are sharded over the EP ranks (data-
-    parallel attention), which this layer does not do.
+    parallel attention): `expert_dispatch.TokenShardedMXFP4MoE` does that on this layer's shard.
     """
 
     def __init__(self, weights: ExpertWeights, groups: MoEGroups, backend: Backend = "auto",

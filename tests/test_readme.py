@@ -56,7 +56,7 @@ TORCHRUN_MARKER = "torchrun_env()"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["moe_tp2.py", "model_tp2.py"])
+@pytest.mark.parametrize("name", ["moe_tp2.py", "model_tp2.py", "dispatch_ep2.py"])
 def test_torchrun_example_runs_under_torchrun(tmp_path, name):
     """Each torchrun block is a whole script: run it as its comment says, two processes on gloo."""
     (block,) = [b for b in _python_blocks() if TORCHRUN_MARKER in b and name in b]
@@ -75,6 +75,8 @@ def test_torchrun_example_runs_under_torchrun(tmp_path, name):
     assert [line.split()[0] for line in lines] == ["0", "1"], proc.stdout
     if "load_model" in block:
         assert all("(1, 4, " in line for line in lines), lines
+    elif "TokenSharded" in block:                       # 3 + 5 * rank tokens of its own on each rank
+        assert [line.split(")")[0] + ")" for line in lines] == ["0 (3, 256)", "1 (8, 256)"], lines
     else:
         assert all("(16, 256)" in line for line in lines), lines
 

@@ -117,7 +117,8 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
         # The reference sees the same (rounded) tokens the layer sees, and routes them as the
         # layer does: routing the unrounded tokens picks other experts for near-ties, which at
         # 2048 tokens in bf16 moved the error to 4e-2 while the kernels were right.
-        topk_weights, topk_ids = route(x_compute, full.router_weight, full.router_bias, cfg.experts_per_token)
+        topk_weights, topk_ids = route(x_compute, full.router_weight, full.router_bias, cfg.experts_per_token,
+                                       scoring=full.router_scoring, norm_topk_prob=full.norm_topk_prob)
         ref_full = reference_moe(x_compute.double(), full, topk_weights, topk_ids, torch.float64)
 
         advance(progress, f"layer {layer}: kernels")

@@ -171,3 +171,25 @@ def test_default_gluon_config_falls_back_once_for_silu(monkeypatch):
     assert rel_err(first, ref) < TOL[torch.float32] and torch.equal(first, second)
     (fallback,) = moe_matmul_module.kernel_fallbacks()
     assert fallback.kernel == "sm90" and fallback.calls == 2 and "NotImplementedError" in fallback.error
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 64, 512], ids=["T1", "T64", "T512-gluon-tiles"])
+def test_silu_layer_on_the_gpu_bf16(tokens):
+    # bf16 on the GPU: at 512 tokens x top-2 over 8 experts the tiles are 128 rows, where the
+    # defaults pick the "sm90" Gluon kernel: w13 must fall back (silu), w2 may keep it. Tolerance
+    # as tests/test_gpu.py: 5e-3 relative Frobenius error against the float32 reference.
+    weights, _ = silu_weights(8, 512, 256, top_k=2, seed=tokens, device="cuda")
+    x = torch.randn(tokens, 512, generator=torch.Generator().manual_seed(tokens)).cuda().bfloat16()
+    layer = MXFP4MoE(weights, backend="triton")
+    assert layer.fragments is None                      # the "rs" kernel has no silu epilogue
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        y = layer(x)
+    topk_w, topk_ids = route(x, weights.router_weight, weights.router_bias, 2, scoring="softmax_topk",
+                             norm_topk_prob=False)
+    ref = reference_moe(x.float(), weights, topk_w, topk_ids)
+    assert rel_err(y.float(), ref) < 5e-3
+    for fallback in moe_matmul_module.kernel_fallbacks():
+        if "silu" in fallback.shape:
+            assert "NotImplementedError" in fallback.error

@@ -72,3 +72,65 @@ def dense_reference(x: torch.Tensor, layer: LayerWeights, semantics: MoESemantic
             a = activate(h, semantics.activation, semantics.swiglu_alpha, semantics.swiglu_limit)
             out[t] += float(weights[t, j]) * (w2[e] @ a + layer.w2_bias[e].double())
     return out
+
+
+def make_qwen3_moe_model_checkpoint(path: str | Path, *, num_layers: int = 2, num_experts: int = 4,
+                                    hidden: int = 64, intermediate: int = 64, top_k: int = 2,
+                                    norm_topk_prob: bool = True, seed: int = 0):
+    """A tiny whole Qwen3-MoE model as llm-compressor's MXFP4A16 writes it: every Linear but
+    lm_head (experts and attention projections) as compressed-tensors MXFP4, the routers, norms
+    and embeddings in bf16. Needs transformers. Returns (folder, reference): `reference` is
+    transformers' float32 `Qwen3MoeForCausalLM` holding exactly the values the files mean (the
+    quantized weights dequantized, the bf16 ones as stored)."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from .formats.compressed_tensors import layer_tensors, quantization_config
+    from .mxfp4 import quantize
+
+    config = Qwen3MoeConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
+                            moe_intermediate_size=intermediate, num_hidden_layers=num_layers, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, num_experts=num_experts, num_experts_per_tok=top_k,
+                            norm_topk_prob=norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
+                            tie_word_embeddings=False, max_position_embeddings=256)
+    config._experts_implementation = "eager"
+    torch.manual_seed(seed)
+    reference = Qwen3MoeForCausalLM(config).float().eval()
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            # Larger than transformers' init (std 0.02), so routing and activations are not flat.
+            param.normal_(0.0, 1.0 / param.shape[-1] ** 0.5) if param.dim() > 1 else param.uniform_(0.5, 1.5)
+        for n, layer in enumerate(reference.model.layers):
+            experts = layer.mlp.experts
+            gate, up = experts.gate_up_proj[:, :intermediate], experts.gate_up_proj[:, intermediate:]
+            w13 = torch.stack((gate, up), dim=2).reshape(num_experts, 2 * intermediate, hidden)   # interleaved
+            w13_blocks, w13_scales = quantize(w13)
+            w2_blocks, w2_scales = quantize(experts.down_proj)
+            router = layer.mlp.gate.weight.bfloat16()
+            tensors.update(layer_tensors(n, {"w13_blocks": w13_blocks, "w13_scales": w13_scales,
+                                             "w2_blocks": w2_blocks, "w2_scales": w2_scales, "router_weight": router}))
+            w13 = dequantize(w13_blocks, w13_scales, torch.float32)
+            experts.gate_up_proj.copy_(torch.cat((w13[:, 0::2], w13[:, 1::2]), dim=1))
+            experts.down_proj.copy_(dequantize(w2_blocks, w2_scales, torch.float32))
+            layer.mlp.gate.weight.copy_(router.float())
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                linear = getattr(layer.self_attn, proj)
+                blocks, scales = quantize(linear.weight)
+                prefix = f"model.layers.{n}.self_attn.{proj}."
+                tensors[prefix + "weight_packed"] = blocks.flatten(-2).contiguous()
+                tensors[prefix + "weight_scale"] = scales.contiguous()
+                linear.weight.copy_(dequantize(blocks, scales, torch.float32))
+        for name, param in reference.named_parameters():
+            if ".mlp." in name or any(f"self_attn.{p}." in name for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                continue
+            tensors[name] = param.bfloat16().contiguous()
+            param.copy_(tensors[name].float())
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+    raw["num_experts"] = raw.pop("num_local_experts", num_experts)      # the name Qwen's own config.json uses
+    raw["quantization_config"] = quantization_config()
+    (folder / "config.json").write_text(__import__("json").dumps(raw, indent=2, default=str))
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder, reference

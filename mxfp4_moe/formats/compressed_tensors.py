@@ -13,7 +13,8 @@ tests/test_formats.py checks them against the package where it is installed):
   model.layers.L.mlp.gate.weight  float [E, H]: the router, no bias
   No biases, no global scale, no zero point (symmetric).
 
-config.json: Qwen3-MoE keys (num_hidden_layers, num_experts, num_experts_per_tok, hidden_size,
+config.json: Qwen3-MoE keys (num_hidden_layers, num_experts (or transformers 5's num_local_experts),
+num_experts_per_tok, hidden_size,
 moe_intermediate_size, norm_topk_prob: transformers' default False when absent) and
 quantization_config {quant_method "compressed-tensors", format "mxfp4-pack-quantized",
 config_groups: {name: {weights: {num_bits 4, type "float", strategy "group", group_size 32,
@@ -86,12 +87,14 @@ def read_config(raw: dict, source: str) -> tuple[MoEConfig, bool]:
     if raw.get("mlp_only_layers") or raw.get("decoder_sparse_step", 1) != 1:
         raise CheckpointError(f"{source}: mlp_only_layers {raw.get('mlp_only_layers')} / decoder_sparse_step "
                               f"{raw.get('decoder_sparse_step')}: expected every layer sparse (no dense MLP layers)")
-    missing = [k for k in ("num_hidden_layers", "num_experts", "num_experts_per_tok", "hidden_size",
-                           "moe_intermediate_size") if k not in raw]
+    # Qwen's config.json says num_experts; transformers 5 writes the same value as num_local_experts.
+    num_experts = raw.get("num_experts", raw.get("num_local_experts"))
+    missing = [k for k in ("num_hidden_layers", "num_experts_per_tok", "hidden_size", "moe_intermediate_size")
+               if k not in raw] + (["num_experts"] if num_experts is None else [])
     if missing:
         raise CheckpointError(f"{source}: missing Qwen3-MoE config keys {missing}")
     try:
-        config = MoEConfig(num_layers=raw["num_hidden_layers"], num_experts=raw["num_experts"],
+        config = MoEConfig(num_layers=raw["num_hidden_layers"], num_experts=num_experts,
                            experts_per_token=raw["num_experts_per_tok"], hidden_size=raw["hidden_size"],
                            intermediate_size=raw["moe_intermediate_size"], quant_method=QUANT_METHOD)
     except ValueError as err:
@@ -113,6 +116,22 @@ class CompressedTensorsCheckpoint(ExpertReader):
 
     def close(self) -> None:
         self._handles.close()
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name in the checkpoint (dense ones included), sorted."""
+        return sorted(self._refs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._refs
+
+    def tensor(self, name: str) -> TensorRef:
+        """Any tensor by name (the dense model's included)."""
+        return self._ref(name)
 
     def _ref(self, name: str) -> TensorRef:
         if name not in self._refs:

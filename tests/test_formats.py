@@ -293,3 +293,24 @@ def test_planted_router_order_bug_is_caught(checkpoints, monkeypatch):
         total += reference_moe(x.double(), w, weights, ids, torch.float64)
         ref = dense_reference(x, layer, honest_semantics, TOP_K)
         assert float((total - ref).norm() / ref.norm()) > BUG
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gguf"])
+@pytest.mark.parametrize("tp,ep,align", SHARDINGS)
+def test_each_rank_reads_its_share_of_bytes(checkpoints, fmt, tp, ep, align):
+    # The loader's byte count, from the tensor sizes: this rank's gate and up rows and down
+    # columns (codes and scale bytes, counted in the Hugging Face encoding: 16 + 1 bytes per block,
+    # which for GGUF is the file's 17-byte block), biases (GGUF, float32; w2's on TP rank 0 only)
+    # and the whole router (compressed-tensors bf16 without a bias, GGUF float32 with one).
+    target, _ = checkpoints[fmt]
+    with open_checkpoint(target) as ck:
+        for plan in plans(tp, ep, align):
+            n, hb = plan.inter, H // 32
+            per_expert = 2 * n * (H // 2 + hb) + H * (n // 2 + n // 32)
+            if fmt == "gguf":
+                per_expert += 2 * n * 4 + (H * 4 if plan.tp_rank == 0 else 0)
+                router = E * H * 4 + E * 4
+            else:
+                router = E * H * 2
+            w = load_layer(ck, 0, plan)
+            assert w.bytes_read == plan.num_local_experts * per_expert + router, plan.describe()

@@ -93,7 +93,10 @@ class GGUFExpertRef:
     """One expert's weight (packed [rows, K/2]) or scales ([rows, K/32]) of a stacked GGUF MXFP4
     tensor, in the Hugging Face encoding: `read` takes whole 32-element blocks of the file and
     re-packs them (`gguf_to_hf`). Column slices of the weight must be block-aligned (the loader's
-    always are)."""
+    always are). The codes and the scales are two refs over the same 17-byte blocks, so a slice's
+    blocks are read from the file twice (the loader counts the 16 + 1 bytes they return); for the
+    expert sizes of real models that is one extra read of the scale-bearing pages, not a second
+    copy in memory."""
 
     dtype = torch.uint8
 

@@ -2,7 +2,7 @@
 biases, and how the router turns logits into the k weights. Readers say which semantics their
 checkpoint implies; the torch reference, the routing and the kernels' constexprs follow it.
 
-Families (transformers 5.25 modules; /work/shared/FORMATS_OTHER.md section 4):
+Families (transformers 5.25: models/{gpt_oss,qwen3_moe,qwen2_moe}/modeling_*.py):
 
   family     activation                                             router
   gpt-oss    "swiglu_oai": gate clamp(max=limit), up clamp(+-limit), "topk_softmax": logits + bias,

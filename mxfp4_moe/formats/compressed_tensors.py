@@ -2,7 +2,9 @@
 "mxfp4-pack-quantized") of Qwen3-MoE: the reader, and a writer of tiny ones for tests.
 
 Facts (compressed-tensors 0.20.1: `compressors/mxfp4/base.py`, `compressors/mx_utils.py`,
-`compressors/nvfp4/helpers.py::pack_fp4_to_uint8`; /work/shared/FORMATS_OTHER.md section 1;
+`compressors/nvfp4/helpers.py::pack_fp4_to_uint8`, `quantization/quant_scheme.py` MXFP4A16;
+llm-compressor 0.14 `modeling/moe/linear_experts.py` (per-expert gate/up/down Linears); vLLM's
+`compressed_tensors_moe.py` and `qwen3_moe.py` expert mapping read the same names;
 tests/test_formats.py checks them against the package where it is installed):
 
   model.layers.L.mlp.experts.E.{gate_proj,up_proj}.weight_packed  uint8 [I, H/2]
@@ -163,7 +165,7 @@ def open_checkpoint(path: Path, *, nan_scales: str = "report") -> CompressedTens
 
 def quantization_config(ignore: Sequence[str] = ("lm_head",)) -> dict:
     """The quantization_config compressed-tensors' `update_config` writes for MXFP4A16
-    (FORMATS_OTHER.md section 1, verbatim keys)."""
+    (the keys of compressed-tensors 0.20.1's `update_config` output)."""
     return {"quant_method": QUANT_METHOD, "format": MXFP4_FORMAT,
             "config_groups": {"group_0": {"format": MXFP4_FORMAT, "targets": ["Linear"],
                                           "weights": {**_WEIGHT_ARGS, "dynamic": False, "scale_dtype": "torch.uint8"},

@@ -2,7 +2,7 @@
 writer of tiny ones for tests. Parsed with the `gguf` package (`pip install mxfp4_moe[gguf]`).
 
 Facts (gguf 0.19.0: `quants.py::MXFP4`, `constants.py` GGML_QUANT_SIZES and the GPT_OSS tensor
-list; llama.cpp's gpt-oss converter; /work/shared/FORMATS_OTHER.md section 3; tests/test_formats.py
+list; llama.cpp's gpt-oss converter and `LLM_FFN_SWIGLU_OAI_MOE` constants; tests/test_formats.py
 checks them against the package):
 
   block: 17 bytes per 32 elements: byte 0 the E8M0 scale (bias 127), bytes 1..16 the codes,
@@ -94,9 +94,8 @@ class GGUFExpertRef:
     tensor, in the Hugging Face encoding: `read` takes whole 32-element blocks of the file and
     re-packs them (`gguf_to_hf`). Column slices of the weight must be block-aligned (the loader's
     always are). The codes and the scales are two refs over the same 17-byte blocks, so a slice's
-    blocks are read from the file twice (the loader counts the 16 + 1 bytes they return); for the
-    expert sizes of real models that is one extra read of the scale-bearing pages, not a second
-    copy in memory."""
+    blocks are read from the file twice (the loader counts the 16 + 1 bytes they return); each
+    read's temporary copy of the raw blocks is dropped once re-packed."""
 
     dtype = torch.uint8
 

@@ -16,8 +16,8 @@ from .mxfp4 import dequantize
 from .semantics import GPT_OSS, MoESemantics, activate, qwen_moe, score
 from .synthetic import LayerWeights, synthetic_layer
 
-Format = Literal["compressed-tensors", "gguf"]
-FORMATS: tuple[str, ...] = ("compressed-tensors", "gguf")
+Format = Literal["compressed-tensors", "gguf", "quark-qwen3", "quark-gpt-oss"]
+FORMATS: tuple[str, ...] = ("compressed-tensors", "gguf", "quark-qwen3", "quark-gpt-oss")
 
 
 def _fused(layer: LayerWeights) -> dict[str, torch.Tensor]:
@@ -26,28 +26,36 @@ def _fused(layer: LayerWeights) -> dict[str, torch.Tensor]:
 
 
 def format_semantics(fmt: str, norm_topk_prob: bool = False) -> MoESemantics:
-    return qwen_moe(norm_topk_prob) if fmt == "compressed-tensors" else GPT_OSS
+    return qwen_moe(norm_topk_prob) if fmt in ("compressed-tensors", "quark-qwen3") else GPT_OSS
 
 
 def make_format_checkpoint(path: str | Path, fmt: Format, *, num_layers: int = 1, num_experts: int = 4,
                            hidden: int = 64, intermediate: int = 96, top_k: int = 2, seed: int = 0,
                            norm_topk_prob: bool = False) -> tuple[Path, list[LayerWeights]]:
     """Write a synthetic checkpoint of `fmt` under `path` (a folder; GGUF: `path`/model.gguf).
-    Returns (what to open, the layers written). compressed-tensors drops the biases (the format
-    has none) and stores the router in bf16; GGUF keeps biases and router in float32."""
-    from .formats import compressed_tensors, gguf
+    Returns (what to open, the layers written, rounded as the file stores them). The Qwen3-MoE
+    formats (compressed-tensors, quark-qwen3) drop the biases and store the router in bf16; GGUF
+    keeps biases and router in float32; quark-gpt-oss keeps them in bf16."""
+    from .formats import compressed_tensors, gguf, quark
     config = MoEConfig(num_layers=num_layers, num_experts=num_experts, experts_per_token=top_k,
                        hidden_size=hidden, intermediate_size=intermediate)
     layers = [synthetic_layer(config, i, seed=seed) for i in range(num_layers)]
     folder = Path(path)
-    if fmt == "compressed-tensors":
-        for layer in layers:          # what the file holds, so the layers describe it exactly
-            layer.router_weight = layer.router_weight.bfloat16().float()
+    for layer in layers:              # what the file holds, so the layers describe it exactly
+        if fmt in ("compressed-tensors", "quark-qwen3"):
             layer.router_bias = torch.zeros_like(layer.router_bias)
             layer.w13_bias = torch.zeros_like(layer.w13_bias)
             layer.w2_bias = torch.zeros_like(layer.w2_bias)
+        if fmt != "gguf":
+            for name in ("router_weight", "router_bias", "w13_bias", "w2_bias"):
+                setattr(layer, name, getattr(layer, name).bfloat16().float())
+    if fmt == "compressed-tensors":
         target = compressed_tensors.write_checkpoint(folder, [_fused(lw) for lw in layers], top_k=top_k,
                                                      norm_topk_prob=norm_topk_prob)
+    elif fmt in ("quark-qwen3", "quark-gpt-oss"):
+        target = quark.write_checkpoint(folder, [_fused(lw) for lw in layers], top_k=top_k,
+                                        family="qwen3_moe" if fmt == "quark-qwen3" else "gpt_oss",
+                                        norm_topk_prob=norm_topk_prob)
     elif fmt == "gguf":
         target = gguf.write_checkpoint(folder / "model.gguf", [_fused(lw) for lw in layers], top_k=top_k)
     else:

@@ -1,5 +1,5 @@
-"""The other checkpoint formats (`mxfp4_moe.formats`): compressed-tensors MXFP4 (Qwen3-MoE) and
-GGUF MXFP4 (gpt-oss). Each fact the readers rely on is pinned against the package that writes the
+"""The other checkpoint formats (`mxfp4_moe.formats`): compressed-tensors MXFP4 (Qwen3-MoE), GGUF
+MXFP4 (gpt-oss) and AMD Quark MXFP4 (Qwen3-MoE and gpt-oss). Each fact the readers rely on is pinned against the package that writes the
 format, where it is installed (the test says which module); every format is loaded under TP 1/2/3
 and EP 2 plans with padding presets and checked against the dequantized reference; planted bugs
 (nibble order, gate/up swap, scale byte off by one, router order) must be caught.
@@ -25,7 +25,7 @@ from mxfp4_moe.reference import reference_moe
 from mxfp4_moe.routing import route
 from mxfp4_moe.sharding import ShardPlan
 from mxfp4_moe.synthetic import write_checkpoint
-from mxfp4_moe.synthetic_formats import dense_reference, make_format_checkpoint
+from mxfp4_moe.synthetic_formats import FORMATS, dense_reference, make_format_checkpoint
 from mxfp4_moe.unfused import UnfusedExpert, UnfusedLayerTensors
 
 pytest.importorskip("gguf")       # the GGUF reader's parser (extra `gguf`)
@@ -33,13 +33,14 @@ pytest.importorskip("gguf")       # the GGUF reader's parser (extra `gguf`)
 E, H, I, TOP_K = 4, 64, 96, 2       # I = 3 blocks: TP 3 gives each rank one block
 TOL = 1e-6
 BUG = 1e-2
+LAYOUT = {"compressed-tensors": "compressed-tensors", "gguf": "gguf", "quark-qwen3": "quark", "quark-gpt-oss": "quark"}
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """{format: (what to open, layers written)}, once per module (tiny: 4 experts, H 64, I 96)."""
     out = {}
-    for fmt in ("compressed-tensors", "gguf"):
+    for fmt in FORMATS:
         out[fmt] = make_format_checkpoint(tmp_path_factory.mktemp(fmt.replace("-", "_")), fmt, num_experts=E,
                                           hidden=H, intermediate=I, top_k=TOP_K, seed=7)
     return out
@@ -141,7 +142,7 @@ SHARDINGS = [
 ]
 
 
-@pytest.mark.parametrize("fmt", ["compressed-tensors", "gguf"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("tp,ep,align", SHARDINGS)
 def test_sharded_layer_matches_the_dequantized_reference(checkpoints, fmt, tp, ep, align, poisoned_loader_destinations):
     target, (layer,) = checkpoints[fmt]
@@ -149,7 +150,7 @@ def test_sharded_layer_matches_the_dequantized_reference(checkpoints, fmt, tp, e
         assert sharded_error(ck, layer, plans(tp, ep, align), tokens(tp + ep)) < TOL
 
 
-@pytest.mark.parametrize("fmt", ["compressed-tensors", "gguf"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_same_bytes_as_the_gpt_oss_layout(checkpoints, fmt, tmp_path):
     # The same layer written as a gpt-oss Hugging Face checkpoint loads into the same expert
     # blocks and scales, rank by rank (TP 2, padded): the readers' re-packing and gate/up
@@ -159,7 +160,7 @@ def test_same_bytes_as_the_gpt_oss_layout(checkpoints, fmt, tmp_path):
     config = MoEConfig(num_layers=1, num_experts=E, experts_per_token=TOP_K, hidden_size=H, intermediate_size=I)
     hf = write_checkpoint(tmp_path / "hf", config, layers)
     with open_checkpoint(target) as ck, open_checkpoint(hf) as ref:
-        assert ck.layout == fmt
+        assert ck.layout == LAYOUT[fmt]
         for plan in plans(2, 1, "marlin"):
             got, want = load_layer(ck, 0, plan), load_layer(ref, 0, plan)
             for name in ("w13_blocks", "w13_scales", "w2_blocks", "w2_scales"):
@@ -172,10 +173,15 @@ def test_semantics_each_format_implies(checkpoints):
         assert (ck.semantics.activation, ck.semantics.router, ck.semantics.has_bias) == ("silu", "softmax_topk", False)
         assert ck.semantics.norm_topk_prob is False          # the writer's default, as Qwen3MoeConfig's
         assert ck.layer(0).router_bias is None and ck.layer(0).experts[0].gate.bias is None
-    with open_checkpoint(checkpoints["gguf"][0]) as ck:
-        assert (ck.semantics.activation, ck.semantics.router) == ("swiglu_oai", "topk_softmax")
-        assert (ck.config.num_experts, ck.config.experts_per_token, ck.config.hidden_size,
-                ck.config.intermediate_size) == (E, TOP_K, H, I)
+    for fmt in ("gguf", "quark-gpt-oss"):
+        with open_checkpoint(checkpoints[fmt][0]) as ck:
+            assert (ck.semantics.activation, ck.semantics.router) == ("swiglu_oai", "topk_softmax")
+            assert (ck.semantics.swiglu_alpha, ck.semantics.swiglu_limit) == (1.702, 7.0)
+            assert (ck.config.num_experts, ck.config.experts_per_token, ck.config.hidden_size,
+                    ck.config.intermediate_size) == (E, TOP_K, H, I)
+            assert ck.layer(0).router_bias is not None and ck.layer(0).experts[0].down.bias is not None
+    with open_checkpoint(checkpoints["quark-qwen3"][0]) as ck:
+        assert (ck.semantics.activation, ck.semantics.router, ck.family) == ("silu", "softmax_topk", "qwen3_moe")
 
 
 def test_compressed_tensors_norm_topk_prob_is_read(tmp_path):
@@ -196,6 +202,37 @@ def test_compressed_tensors_config_errors_name_the_field(checkpoints, tmp_path):
     (bad / "model.safetensors").symlink_to(target / "model.safetensors")
     with pytest.raises(CheckpointError, match="config_groups.group_0.*group_size"):
         open_checkpoint(bad)
+
+
+def test_quark_non_mxfp4_weight_spec_is_refused(checkpoints, tmp_path):
+    target, _ = checkpoints["quark-qwen3"]
+    raw = json.loads((target / "config.json").read_text())
+    raw["quantization_config"]["global_quant_config"]["weight"]["scale_format"] = "float"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(raw))
+    (bad / "model.safetensors").symlink_to(target / "model.safetensors")
+    with pytest.raises(CheckpointError, match="global_quant_config.weight.*scale_format"):
+        open_checkpoint(bad)
+
+
+def test_quark_packing_as_its_pack_fp4_writes_it(checkpoints):
+    # amd-quark 0.13 torch/utils/pack.py Pack_fp4.pack (its torch side cannot be imported here: it
+    # needs scipy and more), restated: code = bits 22..24 of the float32 x / 2**126 (the E2M1
+    # magnitude) plus the sign bit; tensor[..., 1] << 4 + tensor[..., 0], element 2k low.
+    # export/constants.py: the scale is `weight_scale`, beside the packed `weight`.
+    from safetensors.torch import load_file
+    target, (layer,) = checkpoints["quark-gpt-oss"]
+    stored = load_file(str(target / "model.safetensors"))
+    scale = torch.exp2(layer.w13_scales[2].float() - mxfp4.E8M0_BIAS)                     # [2I, H/32]
+    values = mxfp4.dequantize(layer.w13_blocks[2], layer.w13_scales[2], torch.float32)
+    values = (values.view(2 * I, H // 32, 32) / scale[..., None]).view(2 * I, H)
+    bits = (values / 2.0 ** 126).view(torch.int32)
+    codes = (((bits >> 22) & 0x07) + ((bits >> 28) & 0x08)).to(torch.uint8).view(2 * I, H // 2, 2)
+    packed = (codes[..., 1] << 4) + codes[..., 0]
+    assert torch.equal(stored["model.layers.0.mlp.experts.2.gate_up_proj.weight"], packed)
+    assert torch.equal(stored["model.layers.0.mlp.experts.2.gate_up_proj.weight_scale"], layer.w13_scales[2])
+    assert stored["model.layers.0.mlp.experts.2.gate_up_proj.bias"].shape == (2 * I,)
 
 
 def test_gguf_other_architecture_is_refused(tmp_path):
@@ -246,7 +283,7 @@ def _shift_down_scales(layer: UnfusedLayerTensors) -> UnfusedLayerTensors:
     return dataclasses.replace(layer, experts=experts)
 
 
-@pytest.mark.parametrize("fmt", ["compressed-tensors", "gguf"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("bug", ["gate-up-swapped", "scale-off-by-one"])
 def test_planted_reader_bugs_are_caught(checkpoints, fmt, bug, monkeypatch):
     target, (layer,) = checkpoints[fmt]
@@ -295,21 +332,23 @@ def test_planted_router_order_bug_is_caught(checkpoints, monkeypatch):
         assert float((total - ref).norm() / ref.norm()) > BUG
 
 
-@pytest.mark.parametrize("fmt", ["compressed-tensors", "gguf"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("tp,ep,align", SHARDINGS)
 def test_each_rank_reads_its_share_of_bytes(checkpoints, fmt, tp, ep, align):
     # The loader's byte count, from the tensor sizes: this rank's gate and up rows and down
     # columns (codes and scale bytes, counted in the Hugging Face encoding: 16 + 1 bytes per block,
     # which for GGUF is the file's 17-byte block), biases (GGUF, float32; w2's on TP rank 0 only)
-    # and the whole router (compressed-tensors bf16 without a bias, GGUF float32 with one).
+    # and the whole router (Qwen formats bf16 without a bias; GGUF float32, Quark gpt-oss bf16,
+    # with one).
     target, _ = checkpoints[fmt]
     with open_checkpoint(target) as ck:
         for plan in plans(tp, ep, align):
             n, hb = plan.inter, H // 32
             per_expert = 2 * n * (H // 2 + hb) + H * (n // 2 + n // 32)
-            if fmt == "gguf":
-                per_expert += 2 * n * 4 + (H * 4 if plan.tp_rank == 0 else 0)
-                router = E * H * 4 + E * 4
+            if fmt in ("gguf", "quark-gpt-oss"):
+                size = 4 if fmt == "gguf" else 2                # float32 or bf16 biases and router
+                per_expert += 2 * n * size + (H * size if plan.tp_rank == 0 else 0)
+                router = E * H * size + E * size
             else:
                 router = E * H * 2
             w = load_layer(ck, 0, plan)

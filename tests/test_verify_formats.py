@@ -1,5 +1,6 @@
 """`python -m mxfp4_moe.verify` on the other formats: compressed-tensors MXFP4 (Qwen3-MoE, oracle
-transformers' Qwen3MoeSparseMoeBlock) and GGUF MXFP4 (gpt-oss, oracle GptOssMLP): format,
+transformers' Qwen3MoeSparseMoeBlock), GGUF MXFP4 (gpt-oss, oracle GptOssMLP) and Quark MXFP4
+(both families): format,
 sharding, kernels, consistency and oracle pass on honest files and a NaN scale fails."""
 
 import json
@@ -27,6 +28,9 @@ def _run(path, tmp_path, *args):
     pytest.param("compressed-tensors", ["--tp", "2", "--ep", "2", "--align", "triton", "--backend", "triton",
                                         "--dtype", "float32"], id="compressed-tensors-tp2-ep2-triton-silu-kernel"),
     pytest.param("gguf", ["--tp", "2", "--ep", "2", "--align", "trtllm"], id="gguf-tp2-ep2-trtllm"),
+    pytest.param("quark-qwen3", ["--tp", "3", "--align", "triton"], id="quark-qwen3-tp3-triton"),
+    pytest.param("quark-gpt-oss", ["--tp", "2", "--ep", "2", "--align", "flashinfer-cutlass"],
+                 id="quark-gpt-oss-tp2-ep2-flashinfer"),
 ])
 def test_verify_passes_on_each_format(fmt, args, tmp_path):
     target, _ = make_format_checkpoint(tmp_path / "ckpt", fmt, num_layers=1, seed=2)
@@ -35,7 +39,8 @@ def test_verify_passes_on_each_format(fmt, args, tmp_path):
     assert code == verify.EXIT_OK, [r for r in report["checks"] if not r["passed"]]
     assert {"format", "sharding", "kernels", "consistency", "oracle"} <= checks
     oracle = next(r for r in report["checks"] if r["check"] == "oracle")
-    assert ("Qwen3MoeSparseMoeBlock" if fmt == "compressed-tensors" else "GptOssMLP") in oracle["summary"]
+    qwen = fmt in ("compressed-tensors", "quark-qwen3")
+    assert ("Qwen3MoeSparseMoeBlock" if qwen else "GptOssMLP") in oracle["summary"]
 
 
 def test_verify_fails_on_a_nan_scale(tmp_path):
@@ -48,9 +53,9 @@ def test_verify_fails_on_a_nan_scale(tmp_path):
     assert not fmt["passed"] and "experts.1" in fmt["summary"]
 
 
-@pytest.mark.parametrize("fmt", ["compressed-tensors", "gguf"])
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gguf", "quark-gpt-oss"])
 def test_model_check_refuses_the_other_formats_by_name(fmt, tmp_path, capsys):
     # --model has no reference for these formats yet: a usage error naming the format, not a crash.
     target, _ = make_format_checkpoint(tmp_path / "ckpt", fmt, num_layers=1)
     assert verify.main([str(target), "--model", "--quiet"]) == verify.EXIT_BAD_INPUT
-    assert f"is a {fmt} checkpoint" in capsys.readouterr().err
+    assert f"is a {fmt.removesuffix('-gpt-oss')} checkpoint" in capsys.readouterr().err

@@ -10,6 +10,7 @@ interleaves gate and up into w13 and pads and shards exactly as for every other 
 
   format               module                 detected by
   compressed-tensors   `compressed_tensors`   config.json quantization_config.quant_method
+  AMD Quark            `quark`                config.json quantization_config.quant_method
   GGUF                 `gguf`                 a *.gguf file (or a folder holding exactly one)
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from ..checkpoint import CheckpointError, MoEConfig, NanScaleReport
+from ..checkpoint import CONFIG_FILE, CheckpointError, MoEConfig, NanScaleReport, TensorRef, _FileHandles
 from ..mxfp4 import E8M0_NAN, NanScale
 from ..semantics import MoESemantics
 from ..unfused import UnfusedLayerTensors
@@ -90,11 +91,49 @@ class ExpertReader:
                 yield proj.weight_scale
 
 
+class SafetensorsExpertReader(ExpertReader):
+    """An `ExpertReader` over safetensors files (`tensors`: name -> (file, dtype, shape, nbytes), as
+    `checkpoint._collect_tensors` gives them), with every tensor by name for the dense model."""
+
+    def __init__(self, path: Path, config: MoEConfig, semantics: MoESemantics, tensors: dict, nan_scales: str):
+        self._handles = _FileHandles()
+        self._refs = {name: TensorRef(name, file, shape, dtype, nbytes, self._handles)
+                      for name, (file, dtype, shape, nbytes) in tensors.items()}
+        super().__init__(path, config, semantics, sorted({ref.file for ref in self._refs.values()}), nan_scales)
+
+    def close(self) -> None:
+        self._handles.close()
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name in the checkpoint (dense ones included), sorted."""
+        return sorted(self._refs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._refs
+
+    def tensor(self, name: str) -> TensorRef:
+        """Any tensor by name (the dense model's included)."""
+        return self._ref(name)
+
+    def _ref(self, name: str, *, required: bool = True) -> TensorRef | None:
+        if name not in self._refs:
+            if not required:
+                return None
+            raise CheckpointError(f"{self.path}: tensor {name} is missing (expected in "
+                                  f"{[f.name for f in sorted({r.file for r in self._refs.values()})]})")
+        return self._refs[name]
+
+
 def open_other_format(path: str | Path, *, nan_scales: str = "report") -> ExpertReader | None:
     """The reader for `path` if it is one of this package's formats, else None (then it is a
     gpt-oss layout for `checkpoint.open_checkpoint` to read)."""
-    from . import compressed_tensors, gguf
-    for module in (gguf, compressed_tensors):
+    from . import compressed_tensors, gguf, quark
+    for module in (gguf, compressed_tensors, quark):
         if module.detect(Path(path)):
             return module.open_checkpoint(Path(path), nan_scales=nan_scales)
     return None

@@ -32,12 +32,11 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..checkpoint import (CONFIG_FILE, CheckpointError, MoEConfig, TensorRef, _collect_tensors,
-                          _FileHandles)
+from ..checkpoint import CONFIG_FILE, CheckpointError, MoEConfig, _collect_tensors
 from ..mxfp4 import BLOCK_SIZE
 from ..semantics import qwen_moe
 from ..unfused import PROJECTIONS, UnfusedExpert, UnfusedLayerTensors, UnfusedProjection
-from . import ExpertReader
+from . import SafetensorsExpertReader
 
 QUANT_METHOD = "compressed-tensors"
 MXFP4_FORMAT = "mxfp4-pack-quantized"
@@ -86,6 +85,11 @@ def read_config(raw: dict, source: str) -> tuple[MoEConfig, bool]:
             raise CheckpointError(f"{source}: quantization_config.config_groups.{name}: expected format "
                                   f"{MXFP4_FORMAT!r} with weights {_WEIGHT_ARGS}, found format {group_format!r}"
                                   + (f", weights (expected, found) {wrong}" if wrong else ""))
+    return qwen_moe_config(raw, source, QUANT_METHOD)
+
+
+def qwen_moe_config(raw: dict, source: str, quant_method: str) -> tuple[MoEConfig, bool]:
+    """(MoEConfig, norm_topk_prob) from a Qwen2/3-MoE config.json's own keys; every layer sparse."""
     if raw.get("mlp_only_layers") or raw.get("decoder_sparse_step", 1) != 1:
         raise CheckpointError(f"{source}: mlp_only_layers {raw.get('mlp_only_layers')} / decoder_sparse_step "
                               f"{raw.get('decoder_sparse_step')}: expected every layer sparse (no dense MLP layers)")
@@ -98,48 +102,16 @@ def read_config(raw: dict, source: str) -> tuple[MoEConfig, bool]:
     try:
         config = MoEConfig(num_layers=raw["num_hidden_layers"], num_experts=num_experts,
                            experts_per_token=raw["num_experts_per_tok"], hidden_size=raw["hidden_size"],
-                           intermediate_size=raw["moe_intermediate_size"], quant_method=QUANT_METHOD)
+                           intermediate_size=raw["moe_intermediate_size"], quant_method=quant_method)
     except ValueError as err:
         raise CheckpointError(f"{source}: {err}") from None
     return config, bool(raw.get("norm_topk_prob", False))
 
 
-class CompressedTensorsCheckpoint(ExpertReader):
+class CompressedTensorsCheckpoint(SafetensorsExpertReader):
     """An opened compressed-tensors MXFP4 checkpoint (see the module docstring)."""
 
     layout = QUANT_METHOD
-
-    def __init__(self, path: Path, config: MoEConfig, norm_topk_prob: bool, tensors: dict, nan_scales: str):
-        self._handles = _FileHandles()
-        self._refs = {name: TensorRef(name, file, shape, dtype, nbytes, self._handles)
-                      for name, (file, dtype, shape, nbytes) in tensors.items()}
-        files = sorted({ref.file for ref in self._refs.values()})
-        super().__init__(path, config, qwen_moe(norm_topk_prob), files, nan_scales)
-
-    def close(self) -> None:
-        self._handles.close()
-
-    @property
-    def config_file(self) -> Path:
-        return self.path / CONFIG_FILE
-
-    @property
-    def names(self) -> list[str]:
-        """Every tensor name in the checkpoint (dense ones included), sorted."""
-        return sorted(self._refs)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._refs
-
-    def tensor(self, name: str) -> TensorRef:
-        """Any tensor by name (the dense model's included)."""
-        return self._ref(name)
-
-    def _ref(self, name: str) -> TensorRef:
-        if name not in self._refs:
-            raise CheckpointError(f"{self.path}: tensor {name} is missing (expected in "
-                                  f"{[f.name for f in sorted({r.file for r in self._refs.values()})]})")
-        return self._refs[name]
 
     def _build_layer(self, i: int) -> UnfusedLayerTensors:
         experts = []
@@ -158,7 +130,7 @@ def open_checkpoint(path: Path, *, nan_scales: str = "report") -> CompressedTens
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_file}: config is not valid JSON: {err}") from None
     config, norm_topk_prob = read_config(raw, str(config_file))
-    return CompressedTensorsCheckpoint(path, config, norm_topk_prob, _collect_tensors(path), nan_scales)
+    return CompressedTensorsCheckpoint(path, config, qwen_moe(norm_topk_prob), _collect_tensors(path), nan_scales)
 
 
 # ---- writing (tests' inputs) ------------------------------------------------------------------

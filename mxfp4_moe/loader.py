@@ -334,7 +334,7 @@ def load_layer(checkpoint, layer: int, plan: ShardPlan, device: torch.device | s
 
     checkpoint: a `checkpoint.Checkpoint` (fused gpt-oss layout, HF or original names), an
       `unfused.UnfusedCheckpoint` (per-expert gate/up/down) or a `formats.ExpertReader`
-      (compressed-tensors, GGUF); anything with `.config` (a MoEConfig) and `.layer(i)` returning
+      (compressed-tensors, Quark, GGUF); anything with `.config` (a MoEConfig) and `.layer(i)` returning
       LayerTensors or UnfusedLayerTensors serves, and its `.semantics` (default gpt-oss's) goes
       into the weights' activation and router scoring.
     Returns ExpertWeights on `device` in the padded kernel layout (E_local = plan's local

@@ -1,6 +1,8 @@
 """Triton kernel: grouped MXFP4 matmul over expert-sorted rows, with the gather of input rows,
-the bias / per-channel scale, an optional gpt-oss SwiGLU, the routing weight and the scatter
-(plain store or fp32 atomic add) fused. Launched by `moe_matmul.py`; nothing else calls it.
+the bias / per-channel scale, an optional gated activation on interleaved gate/up columns
+(ACTIVATION: gpt-oss's clamped SwiGLU or SiLU-gated, `mxfp4_moe.semantics`), the routing weight
+and the scatter (plain store or fp32 atomic add) fused. Launched by `moe_matmul.py`; nothing
+else calls it.
 
 Three ways to dequantize a weight tile, picked by the DEQUANT constexpr (same values, exactly):
   "bytes"  uint8 tile, one code at a time in int16 / fp16 / fp32 (any compute dtype; the
@@ -184,11 +186,12 @@ def _moe_matmul_kernel(
         HAS_BIAS: tl.constexpr, HAS_CHANNEL_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
         ROW_WEIGHT: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr,
         COMPUTE_DTYPE: tl.constexpr, DEQUANT: tl.constexpr,
-        RETIRE_MMA_EACH_STEP: tl.constexpr):
+        RETIRE_MMA_EACH_STEP: tl.constexpr, ACTIVATION: tl.constexpr = "swiglu_oai"):
     """One program: one tile of up to BLOCK_M sorted rows of one expert x BLOCK_N weight rows.
 
     Row r of the tile reads x[gather[r]] (or x[r]) [K_X valid columns, zero beyond], multiplies
-    by dequant(W[e])[n, :].T over K, then bias/scale, SwiGLU (output column n // 2), routing
+    by dequant(W[e])[n, :].T over K, then bias/scale, the gated activation if SWIGLU (output
+    column n // 2; ACTIVATION "swiglu_oai" uses alpha and limit, "silu" neither), routing
     weight, and writes y[scatter[r]] (or y[r]) columns < N_OUT, by store or fp32 atomic add.
     DEQUANT "words" / "ptx" read W as uint32 words: stride_wk must be 1 and stride_we, stride_wn
     and w_ptr multiples of 4 bytes (the launcher checks).
@@ -290,9 +293,13 @@ def _moe_matmul_kernel(
     if SWIGLU:
         # Columns are interleaved gate/up pairs: 2j gate, 2j + 1 up -> output column j.
         gate, up = tl.split(acc.reshape(BLOCK_M, BLOCK_N // 2, 2))
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-        out = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
+        tl.static_assert(ACTIVATION == "swiglu_oai" or ACTIVATION == "silu")
+        if ACTIVATION == "swiglu_oai":
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+            out = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
+        else:
+            out = gate * tl.sigmoid(gate) * up
         offs_out = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
     else:
         out = acc

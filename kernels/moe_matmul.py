@@ -15,6 +15,7 @@ import torch
 import triton
 
 from mxfp4_moe.mxfp4 import BLOCK_SIZE      # the format's constants: a leaf module, no cycle
+from mxfp4_moe.semantics import ACTIVATIONS  # (a leaf module too)
 
 from ._compat import LAUNCH_OPTIONS
 from ._device import cuda_major, interpreting
@@ -172,7 +173,8 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                combine: Combine = "none", n_out: int | None = None,
                compute_dtype: torch.dtype = torch.bfloat16, config: MatmulConfig | None = None,
                out: torch.Tensor | None = None, dequant: Dequant = "auto",
-               unsafe_pipelined_rs_mma: bool = False, fragments: FragmentWeights | None = None) -> torch.Tensor:
+               unsafe_pipelined_rs_mma: bool = False, fragments: FragmentWeights | None = None,
+               activation: str = "swiglu_oai") -> torch.Tensor:
     """Grouped MXFP4 matmul over the expert-sorted rows of `meta`.
 
     For sorted row r of local expert e: h[r] = x[src(r)] @ dequant(W[e]).T (* channel_scale[e])
@@ -185,7 +187,11 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
        With `fragments`, both may be shape-only stand-ins on the meta device (a layer that keeps
        only the fragment-order copy); the call then raises if the "rs" kernel cannot run it.
     bias, channel_scale: [E_local, N] float32 or None
-    swiglu: (alpha, limit) on interleaved gate/up columns (2j gate, 2j + 1 up), or None
+    swiglu: (alpha, limit) on interleaved gate/up columns (2j gate, 2j + 1 up), or None: the
+       gated activation's step, whose function `activation` names: "swiglu_oai" (gpt-oss's
+       clamped SwiGLU, alpha and limit used) or "silu" (silu(gate) * up; both unused). Only the
+       portable Triton kernel has "silu": a default config that picks a Gluon kernel ("sm90",
+       "rs") falls back to it once per shape class (`kernel_fallbacks`), an explicit one raises.
     apply_row_weight: multiply row r by meta.sorted_weight[r]
     combine: "none"  -> [R, n_out] compute_dtype, sorted row order; rows of pairs dropped to other
                         ranks (r >= expert_offsets[-1]) are left unwritten
@@ -213,6 +219,8 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"moe_matmul: compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"moe_matmul: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if combine not in ("none", "atomic", "slots"):
         raise ValueError(f"moe_matmul: combine must be 'none', 'atomic' or 'slots', got {combine!r}")
     if x.dim() != 2 or not x.is_floating_point():
@@ -313,9 +321,10 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     fused = dict(K=k, GATHER=gather, SCATTER=scatter is not None, ATOMIC=combine == "atomic",
                  HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
                  SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight)
+    act = activation if swiglu is not None else "swiglu_oai"     # (no activation step: nothing to refuse)
     launch = _Launch(x, blocks, scales_e8m0, fragments, bias, channel_scale, y, meta.max_tiles, routing, fused,
-                     compute_dtype, dequant, unsafe_pipelined_rs_mma)
-    shape_class = _ShapeClass(config, n, k, x.shape[1], swiglu is not None, combine, gather)
+                     compute_dtype, dequant, unsafe_pipelined_rs_mma, act)
+    shape_class = _ShapeClass(config, n, k, x.shape[1], swiglu is not None, combine, gather, act)
     # (No lookup, which hashes the config, until some fallback has been taken.)
     fallback = _FALLBACKS.get(shape_class) if _FALLBACKS and not explicit else None
     if fallback is None:
@@ -380,9 +389,20 @@ class _Launch:
     compute_dtype: torch.dtype
     dequant: str
     unsafe_pipelined_rs_mma: bool
+    activation: str = "swiglu_oai"
+
+
+def _refuse_other_activations(a: _Launch, kernel: str) -> None:
+    """The Gluon kernels' epilogue is gpt-oss's clamped SwiGLU only: raise for any other
+    activation, so a default config falls back to the portable Triton kernel (`_fall_back`,
+    one warning per shape class) and an explicit one fails, instead of computing the wrong one."""
+    if a.fused["SWIGLU"] and a.activation != "swiglu_oai":
+        raise NotImplementedError(f"the {kernel!r} kernel implements only the 'swiglu_oai' activation "
+                                  f"(gpt-oss), not {a.activation!r}")
 
 
 def _launch_rs(a: _Launch, config: MatmulConfig) -> None:
+    _refuse_other_activations(a, "rs")
     from ._moe_matmul_rs import _moe_matmul_rs_kernel
     fw = a.fragments
     dummy = fw.words        # any tensor on the device: its pointer is never read when the flag is off
@@ -405,6 +425,7 @@ def _launch_rs(a: _Launch, config: MatmulConfig) -> None:
 
 
 def _launch_sm90(a: _Launch, config: MatmulConfig) -> None:
+    _refuse_other_activations(a, "sm90")
     from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
     bias = a.bias if a.bias is not None else a.blocks
     cs = a.channel_scale if a.channel_scale is not None else a.blocks
@@ -436,7 +457,7 @@ def _launch_triton(a: _Launch, config: MatmulConfig) -> None:
         *a.routing, SWAP_AB=config.swap_ab, EVEN_K=(a.fused["K"] % config.block_k == 0 and x.shape[1] == a.fused["K"]),
         COMPUTE_DTYPE=_tl_dtype(a.compute_dtype), DEQUANT=a.dequant,
         RETIRE_MMA_EACH_STEP=config.swap_ab and not interpreting() and not a.unsafe_pipelined_rs_mma,
-        num_stages=config.num_stages, **a.fused, **_block_constexprs(config), **LAUNCH_OPTIONS)
+        ACTIVATION=a.activation, num_stages=config.num_stages, **a.fused, **_block_constexprs(config), **LAUNCH_OPTIONS)
 
 
 def _block_constexprs(config: MatmulConfig) -> dict:
@@ -477,9 +498,11 @@ class _ShapeClass(NamedTuple):
     swiglu: bool
     combine: str
     gather: bool
+    activation: str = "swiglu_oai"
 
     def describe(self) -> str:
-        role = "w13 + SwiGLU" if self.swiglu else f"combine {self.combine!r}"
+        act = "SwiGLU" if self.activation == "swiglu_oai" else self.activation
+        role = f"w13 + {act}" if self.swiglu else f"combine {self.combine!r}"
         return (f"[{self.n}, {self.k}] weights (x {self.k_x} wide, {'gathered' if self.gather else 'sorted'} rows, "
                 f"{role}) at {self.config.block_m}-row tiles")
 

@@ -94,7 +94,8 @@ def _compile(kernel, source_type, signature: dict, constexprs: dict, config: Mat
     constexprs = {
         "K": k, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
         "GATHER": not atomic, "SCATTER": atomic, "ATOMIC": atomic, "HAS_BIAS": True,
-        "HAS_CHANNEL_SCALE": False, "SWIGLU": swiglu, "ROW_WEIGHT": atomic, **constexprs,
+        "HAS_CHANNEL_SCALE": False, "SWIGLU": swiglu, "ROW_WEIGHT": atomic, "ACTIVATION": "swiglu_oai",
+        **constexprs,
     }
     names = list(kernel.arg_names)
     constexprs = {name: value for name, value in constexprs.items() if name in names}

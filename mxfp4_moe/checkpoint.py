@@ -685,6 +685,9 @@ def open_checkpoint(path: str | Path, *, nan_scales: NanScalePolicy = "report",
     if layout not in ("auto", "hf", "original"):
         raise ValueError(f"layout must be 'auto', 'hf' or 'original', got {layout!r}")
     root = Path(path)
+    from .formats import open_other_format        # compressed-tensors, Quark, GGUF: a module each
+    if (other := open_other_format(root, nan_scales=nan_scales)) is not None:
+        return other
     if not root.exists():
         raise CheckpointError(f"{root}: checkpoint folder does not exist")
     if not root.is_dir():

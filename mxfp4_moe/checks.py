@@ -82,7 +82,11 @@ def check_format(ckpt, layer: int) -> CheckResult:
     report = ckpt.find_nan_scales(layer)
     figures = {"nan_scale_bytes": report.count}
     for proj in ("w13", "w2"):
-        scales = getattr(tensors, f"{proj}_scales").read_all()
+        if hasattr(tensors, "experts"):       # per-expert gate/up/down (unfused, compressed-tensors, GGUF)
+            projs = [p for ex in tensors.experts for p in ((ex.gate, ex.up) if proj == "w13" else (ex.down,))]
+            scales = torch.cat([p.weight_scale.read_all().flatten() for p in projs])
+        else:
+            scales = getattr(tensors, f"{proj}_scales").read_all()
         exps = scales[scales != E8M0_NAN].to(torch.int32) - E8M0_BIAS
         if exps.numel():
             figures[f"{proj}_scale_exp"] = {"min": int(exps.min()), "median": int(exps.median()),
@@ -118,6 +122,8 @@ def check_shard(tensors, plan, weights) -> list[str]:
     which intermediate blocks) and the documented padding fill. Returns the problems found.
     """
     from .loader import PAD_CHANNEL_SCALE
+    if hasattr(tensors, "experts"):
+        return _check_shard_per_expert(tensors, plan, weights)
     problems: list[str] = []
     w = weights.to("cpu")
     rows, w2_blocks = plan.w13_rows, plan.w2_blocks_range
@@ -149,6 +155,42 @@ def check_shard(tensors, plan, weights) -> list[str]:
     _compare_region(problems, "router_bias", w.router_bias, tensors.router_bias.read_all().float(), 0)
     if w.w2_bias_included != plan.includes_w2_bias:
         problems.append(f"w2_bias_included is {w.w2_bias_included} on {plan.describe()}")
+    return problems
+
+
+def _check_shard_per_expert(tensors, plan, weights) -> list[str]:
+    """`check_shard` for per-expert gate/up/down tensors (`unfused.UnfusedLayerTensors`): expert
+    g's gate rows of this rank go to w13 rows 0, 2, 4, ..., its up rows to 1, 3, 5, ...; down's
+    columns of this rank's blocks to w2. Absent biases must load as zeros."""
+    problems: list[str] = []
+    w = weights.to("cpu")
+    rows, blocks = slice(plan.inter_start, plan.inter_stop), plan.w2_blocks_range
+    down_bytes = slice(plan.inter_start // 2, plan.inter_stop // 2)
+    n = plan.inter
+
+    def interleaved(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return torch.stack((gate, up), dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])
+
+    for local, g in enumerate(plan.local_experts):
+        ex, tag = tensors.experts[g], f"expert {g} (local {local})"
+        if n:
+            _compare_region(problems, f"w13_blocks {tag}", w.w13_blocks[local],
+                            interleaved(ex.gate.weight.read(rows), ex.up.weight.read(rows)), 0)
+            _compare_region(problems, f"w13_scales {tag}", w.w13_scales[local],
+                            interleaved(ex.gate.weight_scale.read(rows), ex.up.weight_scale.read(rows)), PAD_SCALE_E8M0)
+            _compare_region(problems, f"w2_blocks {tag}", w.w2_blocks[local], ex.down.weight.read(slice(None), down_bytes), 0)
+            _compare_region(problems, f"w2_scales {tag}", w.w2_scales[local],
+                            ex.down.weight_scale.read(slice(None), blocks), PAD_SCALE_E8M0)
+            bias = (interleaved(ex.gate.bias.read(rows).float(), ex.up.bias.read(rows).float())
+                    if ex.gate.bias is not None else torch.zeros(2 * n))
+            _compare_region(problems, f"w13_bias {tag}", w.w13_bias[local], bias, 0)
+        bias = ex.down.bias.read().float() if ex.down.bias is not None else torch.zeros(plan.hidden)
+        _compare_region(problems, f"w2_bias {tag}", w.w2_bias[local],
+                        bias if plan.includes_w2_bias else torch.zeros_like(bias), 0)
+    _compare_region(problems, "router_weight", w.router_weight, tensors.router_weight.read_all().float(), 0)
+    router_bias = (tensors.router_bias.read_all().float() if tensors.router_bias is not None
+                   else torch.zeros(plan.num_experts))
+    _compare_region(problems, "router_bias", w.router_bias, router_bias, 0)
     return problems
 
 
@@ -239,7 +281,8 @@ def check_oracle(layer_module, weights, x: torch.Tensor, config) -> CheckResult:
     err = rel_err(got.cpu(), ref.cpu())
     tol = max(ORACLE_TOLERANCE, kernel_tolerance(layer_module.compute_dtype, x.device, layer_module.backend))
     return CheckResult("oracle", None, None, err <= tol,
-                       f"transformers GptOssMLP vs ours: rel err {err:.2e} (<= {tol:.0e})",
+                       f"transformers {'Qwen3MoeSparseMoeBlock' if weights.activation == 'silu' else 'GptOssMLP'} "
+                       f"vs ours: rel err {err:.2e} (<= {tol:.0e})",
                        {"rel_err": err, "tolerance": tol})
 
 

@@ -24,6 +24,7 @@ from typing import Protocol, Sequence
 import torch
 
 from .mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, E8M0_NAN, PAD_SCALE_E8M0
+from .semantics import GPT_OSS
 from .sharding import SHARD_DIMS, ShardPlan
 from .unfused import UnfusedLayerTensors
 from .weights import ExpertWeights
@@ -331,9 +332,11 @@ def load_layer(checkpoint, layer: int, plan: ShardPlan, device: torch.device | s
                max_read_bytes: int = DEFAULT_MAX_READ_BYTES, pinned_staging: bool | None = None) -> ExpertWeights:
     """Build layer `layer`'s expert weights for the rank `plan` describes.
 
-    checkpoint: a `checkpoint.Checkpoint` (fused gpt-oss layout, HF or original names) or an
-      `unfused.UnfusedCheckpoint` (per-expert gate/up/down); anything with `.config` (a
-      MoEConfig) and `.layer(i)` returning LayerTensors or UnfusedLayerTensors serves.
+    checkpoint: a `checkpoint.Checkpoint` (fused gpt-oss layout, HF or original names), an
+      `unfused.UnfusedCheckpoint` (per-expert gate/up/down) or a `formats.ExpertReader`
+      (compressed-tensors, Quark, GGUF); anything with `.config` (a MoEConfig) and `.layer(i)` returning
+      LayerTensors or UnfusedLayerTensors serves, and its `.semantics` (default gpt-oss's) goes
+      into the weights' activation and router scoring.
     Returns ExpertWeights on `device` in the padded kernel layout (E_local = plan's local
     experts, I_pad = plan.inter_pad, H_pad = plan.hidden_pad):
       w13_blocks [E_local, 2*I_pad, H_pad/2] uint8, w13_scales [E_local, 2*I_pad, H_pad/32] uint8,
@@ -356,6 +359,7 @@ def load_layer(checkpoint, layer: int, plan: ShardPlan, device: torch.device | s
     if max_read_bytes < 1:
         raise ValueError(f"load_layer: max_read_bytes must be positive, got {max_read_bytes}")
     config = checkpoint.config
+    semantics = getattr(checkpoint, "semantics", GPT_OSS)     # the format readers' MoE family
     tensors = checkpoint.layer(layer)
     unfused = isinstance(tensors, UnfusedLayerTensors)
     if unfused:
@@ -401,6 +405,7 @@ def load_layer(checkpoint, layer: int, plan: ShardPlan, device: torch.device | s
         local_experts=torch.tensor(plan.local_experts, dtype=torch.int64, device=device),
         expert_map=plan.expert_map.to(device),
         top_k=config.experts_per_token, swiglu_alpha=config.swiglu_alpha, swiglu_limit=config.swiglu_limit,
+        activation=semantics.activation, router_scoring=semantics.router, norm_topk_prob=semantics.norm_topk_prob,
         w13_channel_scale=dest["w13_channel_scale"], w2_channel_scale=dest["w2_channel_scale"],
         w2_bias_included=plan.includes_w2_bias,
         tp_rank=plan.tp_rank, tp_size=plan.tp_size, ep_rank=plan.ep_rank, ep_size=plan.ep_size,

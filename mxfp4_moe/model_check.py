@@ -139,6 +139,10 @@ def undisturbed_tokens(routings: dict, batch: int, seq: int) -> tuple[torch.Tens
 
 def dense_weights_problem(checkpoint) -> str:
     """Why `checkpoint` cannot be checked as a whole model ("" when it can)."""
+    if checkpoint.layout not in ("hf", "original"):      # the other formats (`mxfp4_moe.formats`)
+        return (f"{checkpoint.path} is a {checkpoint.layout} checkpoint: the model check compares gpt-oss "
+                "checkpoints in the Hugging Face layout with transformers' own load; it has no reference for "
+                "this format yet")
     from .integrations.transformers import missing_dense_tensors
     missing = missing_dense_tensors(checkpoint)
     if missing:

@@ -56,7 +56,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 class MXFP4MoE(torch.nn.Module):
-    """gpt-oss MoE layer: route (top-k softmax), w13 + SwiGLU, w2, routing-weighted combine.
+    """MoE layer: route, w13 + activation, w2, routing-weighted combine, with the family's
+    semantics the weights carry (`ExpertWeights.semantics`: gpt-oss's top-k softmax and clamped
+    SwiGLU, or Qwen-style softmax-then-top-k and SiLU-gated experts).
 
     weights: one rank's `ExpertWeights` (padded layout); the layer runs where they live.
     backend: "triton" (CUDA, or the interpreter under TRITON_INTERPRET=1), "torch" (dequantize,
@@ -71,7 +73,7 @@ class MXFP4MoE(torch.nn.Module):
       which the Hopper kernel that feeds decoded weights to the tensor cores from registers reads
       (faster than the checkpoint-order kernels at every T measured, benchmarks/RESULTS.md 3.2).
       None (default): on a Hopper GPU with the triton backend and bf16, when every scale byte is
-      within the layout's range.
+      within the layout's range and the activation is gpt-oss's (the kernel's only epilogue).
     keep_checkpoint_order: whether the layer also holds the checkpoint-order expert weights
       (blocks and scales) once a fragment-order copy exists. None (default): only when there is
       no fragment copy, so on Hopper the layer holds one copy of the expert weights, not two
@@ -177,7 +179,8 @@ class MXFP4MoE(torch.nn.Module):
         if x.device != w.device:
             raise ValueError(f"MXFP4MoE.forward: x is on {x.device}, the weights on {w.device}")
         topk_weights, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k,
-                                       router_weight_bf16=self.router_weight_bf16)
+                                       router_weight_bf16=self.router_weight_bf16, scoring=w.router_scoring,
+                                       norm_topk_prob=w.norm_topk_prob)
         return self.experts(x, topk_weights, topk_ids), topk_weights
 
     def _fragments(self, fragment_order: bool | None) -> dict | None:
@@ -196,6 +199,8 @@ class MXFP4MoE(torch.nn.Module):
         hopper = self.compute_dtype == torch.bfloat16 and on_hopper(w.device)
         if fragment_order is None and not hopper:
             return None             # (before the scale scan below: nothing to build off Hopper)
+        if fragment_order is None and w.activation != "swiglu_oai":
+            return None             # the "rs" kernel's epilogue is gpt-oss's SwiGLU only
         problems = [f"{name}: {problem}" for name, problem in (("w13_scales", fragment_order_problem(w.w13_scales)),
                                                                ("w2_scales", fragment_order_problem(w.w2_scales)))
                     if problem]
@@ -229,8 +234,8 @@ class MXFP4MoE(torch.nn.Module):
         frag = self.fragments or {}
         act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta,
                          channel_scale=w.w13_channel_scale, gather=True,
-                         swiglu=(w.swiglu_alpha, w.swiglu_limit), compute_dtype=self.compute_dtype,
-                         fragments=frag.get("w13"))
+                         swiglu=(w.swiglu_alpha, w.swiglu_limit), activation=w.activation,
+                         compute_dtype=self.compute_dtype, fragments=frag.get("w13"))
         y = moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta,
                        channel_scale=w.w2_channel_scale, gather=False, apply_row_weight=True,
                        combine=self.combine_for(tokens), n_out=w.hidden, compute_dtype=self.compute_dtype,

@@ -1,4 +1,5 @@
-"""The pure-torch reference MoE: dequantize, per-expert matmul, gpt-oss SwiGLU, weighted sum.
+"""The pure-torch reference MoE: dequantize, per-expert matmul, the family's activation
+(`semantics.activate`: gpt-oss SwiGLU or SiLU-gated), weighted sum.
 
 Every fast path (the Triton kernels, the distributed layer) is checked against these functions;
 tests, `verify` and the benchmarks import them from here and nowhere else.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .mxfp4 import dequantize
+from .semantics import activate
 from .weights import ExpertWeights
 
 
@@ -18,9 +20,7 @@ def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     gate = h[..., 0::2] clamped above at `limit`; up = h[..., 1::2] clamped to [-limit, limit];
     out = gate * sigmoid(alpha * gate) * (up + 1).
     """
-    gate = h[..., 0::2].clamp(max=limit)
-    up = h[..., 1::2].clamp(min=-limit, max=limit)
-    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+    return activate(h, "swiglu_oai", alpha, limit)
 
 
 def _pad_hidden(x: torch.Tensor, hidden_pad: int) -> torch.Tensor:
@@ -42,7 +42,7 @@ def reference_expert_mlp(x: torch.Tensor, weights: ExpertWeights, local_expert: 
     if weights.w13_channel_scale is not None:
         h = h * weights.w13_channel_scale[e].to(dtype)
     h = h + weights.w13_bias[e].to(dtype)
-    a = swiglu(h, weights.swiglu_alpha, weights.swiglu_limit)                 # [n, I_pad]
+    a = activate(h, weights.activation, weights.swiglu_alpha, weights.swiglu_limit)   # [n, I_pad]
     w2 = dequantize(weights.w2_blocks[e], weights.w2_scales[e], dtype)        # [H_pad, I_pad]
     o = a @ w2.T
     if weights.w2_channel_scale is not None:
@@ -77,10 +77,11 @@ def reference_moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: tor
                          gather: bool = True, swiglu: tuple[float, float] | None = None,
                          apply_row_weight: bool = False, combine: str = "none", n_out: int | None = None,
                          compute_dtype: torch.dtype = torch.bfloat16, config=None,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
+                         out: torch.Tensor | None = None, activation: str = "swiglu_oai") -> torch.Tensor:
     """Torch twin of `mxfp4_moe.kernels.moe_matmul` (same arguments, same output shapes and
     dtypes), computed in float32 from the dequantized weights. `meta` is a
-    `routing.RoutingMetadata`; `config` is accepted and ignored. Rows the kernel leaves unwritten
+    `routing.RoutingMetadata`; `config` is accepted and ignored. With `swiglu` = (alpha, limit),
+    `activation` picks the function on the interleaved gate/up columns (`semantics.activate`). Rows the kernel leaves unwritten
     (combine="none", pairs dropped to other ranks) are zero here.
     """
     n_experts, n, k_half = blocks.shape
@@ -102,7 +103,7 @@ def reference_moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: tor
         if bias is not None:
             h = h + bias[e]
         if swiglu is not None:
-            h = _swiglu_fn(h, *swiglu)
+            h = activate(h, activation, *swiglu)
         if apply_row_weight:
             h = h * meta.sorted_weight[lo:hi, None]
         h_all[lo:hi] = h
@@ -117,5 +118,3 @@ def reference_moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: tor
     out.index_add_(0, meta.sorted_token[:local].long(), h_all[:local])
     return out
 
-
-_swiglu_fn = swiglu  # the name `swiglu` is a parameter inside reference_moe_matmul

@@ -1,5 +1,6 @@
-"""Routing for the gpt-oss router: logits = x @ W_r.T + b_r, top-k experts per token, softmax
-over the k chosen. Shared by every backend, so the kernels and the reference route identically.
+"""Routing: logits = x @ W_r.T + b_r, then the family's scoring (`semantics.score`): gpt-oss's
+top-k then softmax over the k chosen, or Qwen-style softmax over all experts then top-k
+(renormalised or not). Shared by every backend, so the kernels and the reference route identically.
 Also the metadata a grouped GEMM needs (`routing_metadata`): rows sorted by expert, counts,
 offsets, the tile schedule and the inverse permutation, computed on the device.
 """
@@ -14,7 +15,8 @@ import torch
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, top_k: int, *,
-          router_weight_bf16: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          router_weight_bf16: torch.Tensor | None = None, scoring: str = "topk_softmax",
+          norm_topk_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick each token's experts.
 
     x: [T, H] (or [T, H_pad] with zero padding); router_weight: [E, H_pad]; router_bias: [E].
@@ -25,6 +27,8 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     products; only the order of the float32 sums differs, and it is faster: RESULTS.md 3.4).
     Then the bias, the top-k and the softmax: one Triton launch on CUDA and under the interpreter (`kernels.router_topk`;
     among equal logits the lower expert id first), torch.topk and torch.softmax elsewhere.
+    scoring: "topk_softmax" (gpt-oss, above) or "softmax_topk" (Qwen-style: softmax over all E in
+    float32, top-k, divided by their sum when norm_topk_prob; in torch, `semantics.score`).
     """
     if x.dim() != 2:
         raise ValueError(f"route expects x as [tokens, hidden], got shape {tuple(x.shape)}")
@@ -39,6 +43,9 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
         logits = torch.mm(x, router_weight_bf16[:, :hidden].T, out_dtype=torch.float32)
     else:
         logits = x.float() @ router_weight[:, :hidden].float().T
+    if scoring != "topk_softmax":
+        from .semantics import score
+        return score(logits + router_bias.float(), top_k, scoring, norm_topk_prob)
     if _use_triton(x.device):
         # bias, top-k and softmax in one launch (`kernels.router_topk`; ties: the lower expert id)
         from mxfp4_moe.kernels.router_topk import router_topk

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                f"--align {BUILTIN_LAYOUT['align']} unless those are given. "
                "Exit status: 0 all checks passed, 1 a check failed, 2 unreadable checkpoint or bad arguments.")
     p.add_argument("checkpoint", nargs="?", help="checkpoint folder (Hugging Face layout, original/ layout, "
-                                                 "or a model folder holding original/)")
+                                                 "a model folder holding original/, or compressed-tensors "
+                                                 "MXFP4) or a GGUF file")
     p.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel size (all ranks simulated in one process; under torchrun one process "
                         "per rank, WORLD_SIZE = tp x ep, default tp = WORLD_SIZE)")
@@ -117,7 +118,8 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
         # The reference sees the same (rounded) tokens the layer sees, and routes them as the
         # layer does: routing the unrounded tokens picks other experts for near-ties, which at
         # 2048 tokens in bf16 moved the error to 4e-2 while the kernels were right.
-        topk_weights, topk_ids = route(x_compute, full.router_weight, full.router_bias, cfg.experts_per_token)
+        topk_weights, topk_ids = route(x_compute, full.router_weight, full.router_bias, cfg.experts_per_token,
+                                       scoring=full.router_scoring, norm_topk_prob=full.norm_topk_prob)
         ref_full = reference_moe(x_compute.double(), full, topk_weights, topk_ids, torch.float64)
 
         advance(progress, f"layer {layer}: kernels")

@@ -115,7 +115,8 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
         # keeps only that one on a Hopper GPU, so the shard check reads what the kernel reads).
         shard = moe.local.checkpoint_weights()
         topk_weights, topk_ids = route(x_compute, moe.weights.router_weight, moe.weights.router_bias,
-                                       cfg.experts_per_token)
+                                       cfg.experts_per_token, scoring=moe.weights.router_scoring,
+                                       norm_topk_prob=moe.weights.norm_topk_prob)
         # Collectives need contiguous tensors: with H padded, the MoE's outputs are column views
         # of [T, H_pad] buffers, and torch 2.13's gloo reduces/broadcasts their storage without a
         # word (wrong values), so every tensor sent is made contiguous first.

@@ -52,6 +52,12 @@ class ExpertWeights:
     top_k: int
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    activation: str = "swiglu_oai"
+    """The expert activation on the interleaved w13 rows (`semantics.ACTIVATIONS`)."""
+    router_scoring: str = "topk_softmax"
+    """How the router turns logits into the k weights (`semantics.ROUTER_SCORINGS`)."""
+    norm_topk_prob: bool = True
+    """"softmax_topk" only: renormalise the k probabilities to sum 1."""
     w13_channel_scale: torch.Tensor | None = None
     w2_channel_scale: torch.Tensor | None = None
     w2_bias_included: bool = True
@@ -63,6 +69,14 @@ class ExpertWeights:
     bytes_read: int = 0
     """Bytes this rank read from the checkpoint to build these weights."""
     extras: dict = field(default_factory=dict)
+
+    @property
+    def semantics(self):
+        """The family's MoE semantics these weights run with (`semantics.MoESemantics`)."""
+        from .semantics import MoESemantics
+        return MoESemantics(activation=self.activation, swiglu_alpha=self.swiglu_alpha,
+                            swiglu_limit=self.swiglu_limit, router=self.router_scoring,
+                            norm_topk_prob=self.norm_topk_prob)
 
     # ---- derived sizes ----
     @property
@@ -113,6 +127,10 @@ class ExpertWeights:
         if not (0 < self.hidden <= hp and 0 <= self.inter <= ip):
             raise ValueError(f"ExpertWeights: unpadded sizes hidden {self.hidden}, inter {self.inter} "
                              f"exceed padded {hp}, {ip}")
+        from .semantics import ACTIVATIONS, ROUTER_SCORINGS
+        if self.activation not in ACTIVATIONS or self.router_scoring not in ROUTER_SCORINGS:
+            raise ValueError(f"ExpertWeights: activation {self.activation!r} / router_scoring "
+                             f"{self.router_scoring!r}: expected one of {ACTIVATIONS} / {ROUTER_SCORINGS}")
         if self.local_experts.numel() != e:
             raise ValueError(f"ExpertWeights.local_experts has {self.local_experts.numel()} ids for {e} experts")
 

@@ -248,7 +248,8 @@ def _replace_blocks(model, checkpoint: Checkpoint, plan: ShardPlan | None, backe
 def load_model(path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
                backend: Backend = "auto", plan: ShardPlan | None = None, progress: bool = True,
                attn_implementation: str = "eager", **moe_kwargs):
-    """A `GptOssForCausalLM` for the checkpoint at `path`, with every MoE block on MXFP4 weights.
+    """A `GptOssForCausalLM` for the checkpoint at `path`, with every MoE block on MXFP4 weights
+    (for a compressed-tensors Qwen3-MoE checkpoint, a `Qwen3MoeForCausalLM`: `qwen3_moe.py`).
 
     device: where the model runs (default: the current CUDA device when there is one, else cpu).
     dtype: the dense weights' and activations' dtype (the experts stay MXFP4; our kernels compute
@@ -270,6 +271,10 @@ def load_model(path: str | Path, *, device: torch.device | str | None = None, dt
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
     with open_checkpoint(path) as checkpoint:
+        if checkpoint.layout == "compressed-tensors":       # a Qwen3-MoE model: its own module
+            from .qwen3_moe import load_qwen3_moe_model
+            return load_qwen3_moe_model(checkpoint, device=device, dtype=dtype, backend=backend, plan=plan,
+                                        progress=progress, attn_implementation=attn_implementation, **moe_kwargs)
         config = gpt_oss_config(checkpoint)
         config._attn_implementation = attn_implementation
         with torch.device("meta"):

@@ -603,7 +603,11 @@ def markdown(results: list[dict], header: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, header: dict | None = None) -> None:
+    """Per matmul, time against tokens for each E: ours, triton_kernels when its times are attached
+    (the same run), torch._grouped_mm on bf16 weights when timed, and the roofline floor (weight
+    bytes touched over the measured read rate, or FLOPs over the measured matmul rate). The title
+    names the device and commit: figures from other cards or runs never share a picture."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -611,26 +615,34 @@ def plot(results: list[dict], path: Path) -> None:
     except ImportError:
         print("matplotlib missing: no plot", flush=True)
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors = {128: "tab:blue", 32: "tab:orange"}
     for ax, op in zip(axes, ("w13", "w2")):
         for e in sorted({r["experts"] for r in results}, reverse=True):
             rs = [r for r in results if r["experts"] == e]
             ts = [r["tokens"] for r in rs]
-            ax.plot(ts, [r[op]["ms"] for r in rs], "o-", label=f"ours E={e}")
-            if all("w13_ms" in r.get("grouped_mm_bf16", {}) for r in rs):
-                ax.plot(ts, [r["grouped_mm_bf16"][op + "_ms"] for r in rs], "x--", label=f"_grouped_mm bf16 E={e}")
+            color = colors.get(e)
+            ax.plot(ts, [r[op]["ms"] for r in rs], "o-", color=color, label=f"mxfp4_moe, E = {e}")
             tk = [(r["tokens"], r["triton_kernels"][op]["ms"]) for r in rs if op in r.get("triton_kernels", {})]
             if tk:
-                ax.plot(*zip(*tk), "s:", label=f"triton_kernels E={e} (same run)")
-        if not any("triton_kernels" in r for r in results):
-            ft = sorted(FIELD_BEST_MS[op])
-            ax.plot(ft, [FIELD_BEST_MS[op][t] for t in ft], "k:", label="triton_kernels H100 (brief)")
+                ax.plot(*zip(*tk), "s--", color=color, alpha=0.7, label=f"triton_kernels, E = {e}")
+            if all(op + "_ms" in r.get("grouped_mm_bf16", {}) for r in rs):
+                ax.plot(ts, [r["grouped_mm_bf16"][op + "_ms"] for r in rs], "x:", color=color, alpha=0.5,
+                        label=f"torch._grouped_mm on bf16 weights, E = {e}")
+            ax.plot(ts, [r[op]["floor_ms"] for r in rs], "-", color=color, linewidth=3, alpha=0.25,
+                    label=f"roofline floor, E = {e}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("ms")
+        ax.set_xlabel("tokens (top-4, H = I = 2880)")
+        ax.set_ylabel("ms (CUDA graph, L2 flushed)")
         ax.set_title(op + (" + SwiGLU" if op == "w13" else " + combine"))
         ax.legend(fontsize=7)
+    if header:
+        ceil = header.get("ceilings", {})
+        fig.suptitle(f"{header.get('device', '?')}, commit {header.get('commit', '?')}: read "
+                     f"{ceil.get('read_GBps', float('nan')) / 1e3:.2f} TB/s, bf16 matmul "
+                     f"{ceil.get('bf16_matmul_TFLOPs', float('nan')):.0f} TFLOP/s, both measured in the run",
+                     fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -648,7 +660,7 @@ def write_report(results: list[dict], header: dict, tk_by_experts: dict[int, dic
     (out / "out_moe.json").write_text(json.dumps({"header": header, "results": results}, indent=1))
     md = markdown(results, header)
     (out / "results_moe.md").write_text(md)
-    plot(results, out / "moe.png")
+    plot(results, out / "moe.png", header)
     print(md, flush=True)
 
 

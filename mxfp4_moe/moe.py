@@ -189,14 +189,13 @@ class MXFP4MoE(torch.nn.Module):
         if fragment_order is False:
             return None
         w = self.weights
-        if self.backend != "triton":    # (before any kernel import: the torch backend runs without Triton)
-            if fragment_order:
-                raise ValueError("MXFP4MoE: fragment_order=True needs the triton backend with bf16 on a Hopper "
-                                 f"GPU (backend {self.backend!r})")
-            return None
-        from .kernels.fragment_layout import fragment_order_problem, to_fragment_order
-        from .kernels.moe_matmul import on_hopper
-        hopper = self.compute_dtype == torch.bfloat16 and on_hopper(w.device)
+        if fragment_order is None and self.backend != "triton":
+            return None             # (before the launcher's import: the torch backend runs without Triton)
+        from .kernels.fragment_layout import fragment_order_problem, to_fragment_order   # torch only
+        hopper = False
+        if self.backend == "triton":
+            from .kernels.moe_matmul import on_hopper
+            hopper = self.compute_dtype == torch.bfloat16 and on_hopper(w.device)
         if fragment_order is None and not hopper:
             return None             # (before the scale scan below: nothing to build off Hopper)
         if fragment_order is None and w.activation != "swiglu_oai":

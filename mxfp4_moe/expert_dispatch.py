@@ -200,11 +200,7 @@ class TokenShardedMXFP4MoE(torch.nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's tokens x [T, H(_pad)] -> (topk_weights [T, k] float32, topk_ids [T, k] int64)."""
         w = self.weights
-        if x.dim() != 2 or x.shape[1] not in (w.hidden, w.hidden_pad):
-            raise ValueError(f"TokenShardedMXFP4MoE.forward: x must be this rank's tokens as [tokens, {w.hidden}] "
-                             f"(or [tokens, {w.hidden_pad}] padded), got {tuple(x.shape)} on rank {self.groups.rank}")
-        if x.device != w.device:
-            raise ValueError(f"TokenShardedMXFP4MoE.forward: x is on {x.device}, the weights on {w.device}")
+        w.check_tokens(x, f"TokenShardedMXFP4MoE.forward on rank {self.groups.rank}", "this rank's tokens")
         if x.shape[0] == 0:
             return (torch.empty(0, w.top_k, dtype=torch.float32, device=x.device),
                     torch.empty(0, w.top_k, dtype=torch.int64, device=x.device))

@@ -173,11 +173,7 @@ class MXFP4MoE(torch.nn.Module):
         """(output, routing weights [T, k] float32): the scores' cast to x's dtype is left to the
         callers that want them, off the plain forward's path."""
         w = self.weights
-        if x.dim() != 2 or x.shape[1] not in (w.hidden, w.hidden_pad):
-            raise ValueError(f"MXFP4MoE.forward: x must be [tokens, {w.hidden}] (or [tokens, "
-                             f"{w.hidden_pad}] padded), got {tuple(x.shape)}")
-        if x.device != w.device:
-            raise ValueError(f"MXFP4MoE.forward: x is on {x.device}, the weights on {w.device}")
+        w.check_tokens(x, "MXFP4MoE.forward")
         topk_weights, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k,
                                        router_weight_bf16=self.router_weight_bf16, scoring=w.router_scoring,
                                        norm_topk_prob=w.norm_topk_prob)

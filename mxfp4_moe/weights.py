@@ -134,6 +134,16 @@ class ExpertWeights:
         if self.local_experts.numel() != e:
             raise ValueError(f"ExpertWeights.local_experts has {self.local_experts.numel()} ids for {e} experts")
 
+    def check_tokens(self, x: torch.Tensor, caller: str, rows: str = "") -> None:
+        """Raise ValueError unless x is [T, hidden] or [T, hidden_pad] on the weights' device
+        (caller names the call in the message, rows what x's rows are, when that helps)."""
+        if x.dim() != 2 or x.shape[1] not in (self.hidden, self.hidden_pad):
+            what = f"x ({rows})" if rows else "x"
+            raise ValueError(f"{caller}: {what} must be [tokens, {self.hidden}] (or [tokens, "
+                             f"{self.hidden_pad}] padded), got {tuple(x.shape)}")
+        if x.device != self.device:
+            raise ValueError(f"{caller}: x is on {x.device}, the weights on {self.device}")
+
     def to(self, device: torch.device | str) -> "ExpertWeights":
         """A copy with every tensor moved to `device`."""
         moved = {}

@@ -247,7 +247,7 @@ def _replace_blocks(model, checkpoint: Checkpoint, plan: ShardPlan | None, backe
 
 def load_model(path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
                backend: Backend = "auto", plan: ShardPlan | None = None, progress: bool = True,
-               attn_implementation: str = "eager", **moe_kwargs):
+               attn_implementation: str = "eager", fast_generate: bool | None = None, **moe_kwargs):
     """A `GptOssForCausalLM` for the checkpoint at `path`, with every MoE block on MXFP4 weights
     (for a compressed-tensors Qwen3-MoE checkpoint, a `Qwen3MoeForCausalLM`: `qwen3_moe.py`).
 
@@ -262,6 +262,10 @@ def load_model(path: str | Path, *, device: torch.device | str | None = None, dt
     progress: a progress bar over the layers on a terminal.
     attn_implementation: transformers' attention ("eager" runs anywhere; the sinks gpt-oss uses
       rule out sdpa).
+    fast_generate: `model.generate()` with a static KV cache sized from a few length buckets, which
+      transformers compiles on a GPU (`generation.py`; the first call of each batch size and bucket
+      compiles, saying so on stderr). None (default): on for a CUDA device; False keeps
+      transformers' default (dynamic cache, eager).
     moe_kwargs: passed to `MXFP4MoE` (compute_dtype, combine, fragment_order, ...).
     Raises CheckpointError (naming the file and tensor) for a checkpoint without the dense
     weights or with shapes its config does not give.
@@ -273,8 +277,9 @@ def load_model(path: str | Path, *, device: torch.device | str | None = None, dt
     with open_checkpoint(path) as checkpoint:
         if checkpoint.layout == "compressed-tensors":       # a Qwen3-MoE model: its own module
             from .qwen3_moe import load_qwen3_moe_model
-            return load_qwen3_moe_model(checkpoint, device=device, dtype=dtype, backend=backend, plan=plan,
-                                        progress=progress, attn_implementation=attn_implementation, **moe_kwargs)
+            model = load_qwen3_moe_model(checkpoint, device=device, dtype=dtype, backend=backend, plan=plan,
+                                         progress=progress, attn_implementation=attn_implementation, **moe_kwargs)
+            return _with_generate_default(model, fast_generate, device)
         config = gpt_oss_config(checkpoint)
         config._attn_implementation = attn_implementation
         with torch.device("meta"):
@@ -285,7 +290,16 @@ def load_model(path: str | Path, *, device: torch.device | str | None = None, dt
         _replace_blocks(model, checkpoint, plan, backend, progress, lambda n: device, moe_kwargs)
     # An inference model: the MoE blocks have no backward, and a compiled graph that tracks
     # gradients through their op would fail to build.
-    return model.requires_grad_(False).eval()
+    return _with_generate_default(model.requires_grad_(False).eval(), fast_generate, device)
+
+
+def _with_generate_default(model, fast_generate: bool | None, device: torch.device):
+    """`model`, with `generate()` on a bucketed static cache where `fast_generate` asks for it
+    (None: on CUDA)."""
+    if fast_generate if fast_generate is not None else device.type == "cuda":
+        from .generation import enable_fast_generate
+        enable_fast_generate(model)
+    return model
 
 
 def replace_moe(model, path: str | Path, plan: ShardPlan | None = None, *, backend: Backend = "auto",

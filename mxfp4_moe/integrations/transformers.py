@@ -164,6 +164,37 @@ def missing_dense_tensors(checkpoint: Checkpoint) -> list[str]:
     return _missing(_dense_sources(_dense_parameter_names(config), checkpoint, config), checkpoint)
 
 
+_DENSE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_dense(model, sources: dict, checkpoint: Checkpoint) -> None:
+    """Every dense tensor the model reads must be a float tensor of exactly the shape the config
+    gives its parameter (the original layout's fused qkv: q, k and v rows together, no more, no
+    fewer). Checked on the headers, before any parameter is allocated."""
+    for key, param in model.named_parameters():
+        name, rows = sources.get(key, (key, None))
+        ref = checkpoint.tensor(name)
+        expected = tuple(param.shape)
+        if rows is not None:
+            # The whole fused tensor: the config's q + 2 kv rows (rows.stop of v_proj's slice).
+            total = _fused_qkv_rows(model.config)
+            expected = (total, *param.shape[1:])
+            what = (f"the config's q, k and v rows stacked ({model.config.num_attention_heads} + "
+                    f"2 x {model.config.num_key_value_heads} heads of {model.config.head_dim} = {total} rows)")
+        else:
+            what = f"the model's {key}"
+        if ref.dtype not in _DENSE_DTYPES:
+            raise CheckpointError(f"{ref.file}: tensor {name}: expected a float dtype (bfloat16, float16 or "
+                                  f"float32), found {ref.dtype}")
+        if tuple(ref.shape) != expected:
+            raise CheckpointError(f"{ref.file}: tensor {name}: expected shape {list(expected)} ({what}, from "
+                                  f"config {checkpoint.config_file.name}), found {list(ref.shape)}")
+
+
+def _fused_qkv_rows(config) -> int:
+    return (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+
+
 def _load_dense(model, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
     """Materialize the model's (meta) dense parameters on `device` from the checkpoint."""
     sources = _dense_sources(dict(model.named_parameters()), checkpoint, model.config)
@@ -174,17 +205,13 @@ def _load_dense(model, checkpoint: Checkpoint, device: torch.device, dtype: torc
             f"{checkpoint.path}: no dense weights for the full model: {len(missing)} tensors are missing ({shown}). "
             "load_model needs a full gpt-oss checkpoint (embeddings, attention, norms, unembedding), not the "
             "MoE layers alone")
+    _check_dense(model, sources, checkpoint)
     model.to_empty(device=device)
     with torch.no_grad():
         for key, param in model.named_parameters():
             name, rows = sources.get(key, (key, None))
             ref = checkpoint.tensor(name)
-            value = ref.read_all() if rows is None else ref.read(rows)
-            if tuple(value.shape) != tuple(param.shape):
-                raise CheckpointError(f"{ref.file}: tensor {name}{'' if rows is None else f' rows {rows.start}:{rows.stop}'} "
-                                      f"has shape {list(value.shape)}, but the model's {key} (from config "
-                                      f"{checkpoint.config_file.name}) is {list(param.shape)}")
-            param.copy_(value.to(dtype))
+            param.copy_((ref.read_all() if rows is None else ref.read(rows)).to(dtype))
     # to_empty left the buffers (rotary frequencies, computed at construction) uninitialized.
     rotary = model.model.rotary_emb
     with torch.device(device):

@@ -427,7 +427,10 @@ class _FileHandles:
                 try:
                     handle = safe_open(str(file), framework="pt", device="cpu")
                 except Exception as err:   # safetensors raises its own error type
-                    raise CheckpointError(f"{file}: cannot open safetensors file: {shown(str(err))}") from None
+                    if "mmap" in str(err):
+                        raise MemoryError(f"{file}: cannot map the safetensors file ({file.stat().st_size} bytes) "
+                                          "into memory: out of memory or address space") from None
+                    raise CheckpointError(f"{file}: cannot open safetensors file: {str(err)[:300]}") from None
                 self._handles[file] = handle
             return handle
 
@@ -522,7 +525,7 @@ class TensorRef:
             else:
                 out = handle.get_slice(self.name)[tuple(norm)]
         except Exception as err:   # safetensors' own error type; keep file and tensor in the message
-            raise CheckpointError(f"{self.file}: cannot read tensor {self.name}: {shown(str(err))}") from None
+            raise CheckpointError(f"{self.file}: cannot read tensor {self.name}: {str(err)[:300]}") from None
         if tuple(out.shape) != out_shape or out.dtype != self.dtype:
             # The file's header now says otherwise than when the checkpoint was opened.
             raise CheckpointError(f"{self.file}: tensor {self.name}: expected {self.dtype} {list(out_shape)} as "
@@ -585,9 +588,10 @@ class NanScaleReport:
     def describe(self) -> str:
         if not self.count:
             return f"layer {self.layer}: no NaN scale bytes"
-        shown = "; ".join(loc.describe() for loc in self.locations)
+        where = "; ".join(loc.describe() for loc in self.locations)
         more = "" if len(self.locations) == self.count else f" (first {len(self.locations)} shown)"
-        return f"layer {self.layer}: {self.count} NaN scale bytes{more}: {shown}"
+        noun = "NaN scale byte" if self.count == 1 else "NaN scale bytes"
+        return f"layer {self.layer}: {self.count} {noun}{more}: {where}"
 
 
 class Checkpoint:
@@ -714,8 +718,9 @@ class Checkpoint:
             if report.count:
                 loc = report.locations[0]
                 ref = self._refs[loc.tensor]
+                noun = "NaN scale byte" if report.count == 1 else "NaN scale bytes"
                 raise CheckpointError(f"{ref.file}: {loc.describe()}: expected finite E8M0 scales, found "
-                                      f"{report.count} NaN scale bytes in layer {i} (open with "
+                                      f"{report.count} {noun} in layer {i} (open with "
                                       f"nan_scales='report' to read it anyway)")
             self._nan_checked.add(i)
         return self._layers[i]

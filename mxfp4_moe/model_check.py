@@ -139,12 +139,14 @@ def undisturbed_tokens(routings: dict, batch: int, seq: int) -> tuple[torch.Tens
 
 def dense_weights_problem(checkpoint) -> str:
     """Why `checkpoint` cannot be checked as a whole model ("" when it can)."""
-    from .integrations.transformers import missing_dense_tensors
+    from .integrations.transformers import check_dense_tensors, missing_dense_tensors
     missing = missing_dense_tensors(checkpoint)
     if missing:
         return (f"{checkpoint.path} has no dense weights ({len(missing)} tensors missing, e.g. {missing[0]}): "
                 "the model check needs a full checkpoint (embeddings, attention, norms, unembedding), "
                 "not the MoE layers alone")
+    # Their dtypes and shapes, before transformers' reference model reads them unchecked.
+    check_dense_tensors(checkpoint)
     if checkpoint.layout == "original":
         return (f"{checkpoint.path} is in the original layout, which transformers cannot load, so it has no "
                 "independent reference; check the Hugging Face layout folder of the same model (load_model "

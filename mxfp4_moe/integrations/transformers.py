@@ -34,7 +34,8 @@ from ..moe import Backend, MXFP4MoE
 from ..progress import progress_bar
 from ..sharding import ShardPlan
 
-__all__ = ["MXFP4GptOssMLP", "gpt_oss_config", "load_model", "missing_dense_tensors", "replace_moe", "shard_plan"]
+__all__ = ["MXFP4GptOssMLP", "check_dense_tensors", "gpt_oss_config", "load_model", "missing_dense_tensors",
+           "replace_moe", "shard_plan"]
 
 
 def _require_transformers():
@@ -256,6 +257,18 @@ def _meta_model(config, dtype: torch.dtype | None):
         raise CheckpointError(f"transformers cannot build GptOssForCausalLM from this config: "
                               f"{type(err).__name__}: {shown(str(err))}") from None
     return model if dtype is None else model.to(dtype)
+
+
+def check_dense_tensors(checkpoint: Checkpoint) -> None:
+    """Raise CheckpointError, naming file and tensor, unless every dense tensor the model reads
+    is a float tensor of the shape the config gives it (headers only; nothing is allocated)."""
+    config = gpt_oss_config(checkpoint)
+    model = _meta_model(config, None)
+    for decoder_layer in model.model.layers:
+        decoder_layer.mlp = torch.nn.Identity()            # the MoE tensors are the reader's to check
+    sources = _dense_sources(dict(model.named_parameters()), checkpoint, config)
+    if not _missing(sources, checkpoint):
+        _check_dense(model, sources, checkpoint)
 
 
 def missing_dense_tensors(checkpoint: Checkpoint) -> list[str]:

@@ -108,7 +108,7 @@ def _scale_histogram(ref) -> torch.Tensor:
     step = max(1, SCAN_CHUNK_BYTES // per_expert)
     for start in range(0, ref.shape[0], step):
         chunk = ref.read(slice(start, min(ref.shape[0], start + step)))
-        counts += torch.bincount(chunk.reshape(-1).to(torch.int64), minlength=256)
+        counts += torch.bincount(chunk.reshape(-1), minlength=256)     # (uint8 in: no wider copy)
     return counts
 
 

@@ -130,12 +130,14 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
 
         g = torch.Generator(device="cpu").manual_seed(args.seed + layer)
         x = torch.randn(args.tokens, cfg.hidden_size, generator=g).to(device)
+        args.stage = f"layer {layer}: loading it unsharded"
         full = load_layer(ckpt, layer, full_plan, device=device)
         x_compute = x.to(dtype)
         # The reference sees the same (rounded) tokens the layer sees, and routes them as the
         # layer does: routing the unrounded tokens picks other experts for near-ties, which at
         # 2048 tokens in bf16 moved the error to 4e-2 while the kernels were right.
         topk_weights, topk_ids = route(x_compute, full.router_weight, full.router_bias, cfg.experts_per_token)
+        args.stage = f"layer {layer}: the float64 reference"
         ref_full = reference_moe(x_compute.double(), full, topk_weights, topk_ids, torch.float64)
 
         advance(progress, f"layer {layer}: kernels")

@@ -274,8 +274,9 @@ def full_model(tmp_path_factory):
     ("num_key_value_heads", 3, r"num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
     ("to_dict", 1, r"config key 'to_dict' would replace GptOssConfig's method"),
     ("layer_types", ["full_attention"], r"layer_types: expected a list of num_hidden_layers = 2 entries"),
+    ("sliding_window", None, r"sliding_window: expected an int in \[1, 2147483647\], found None"),
 ], ids=["rope_scaling_string", "vocab_size_string", "zero_heads", "key_self", "negative_head_dim",
-        "kv_heads_not_dividing", "method_name_key", "layer_types_short"])
+        "kv_heads_not_dividing", "method_name_key", "layer_types_short", "sliding_window_null"])
 def test_load_model_checks_the_config_before_transformers(full_model, tmp_path, key, value, message):
     import shutil
     path = tmp_path / "m"

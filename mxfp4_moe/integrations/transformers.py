@@ -84,8 +84,9 @@ class MXFP4GptOssMLP(torch.nn.Module):
 _MAX_SIZE = 2 ** 31 - 1
 _POSITIVE_INTS = ("num_hidden_layers", "vocab_size", "hidden_size", "intermediate_size", "head_dim",
                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "num_local_experts",
-                  "num_experts", "num_experts_per_tok", "experts_per_token", "initial_context_length")
-_OPTIONAL_NONNEGATIVE_INTS = ("sliding_window", "pad_token_id", "bos_token_id")
+                  "num_experts", "num_experts_per_tok", "experts_per_token", "initial_context_length",
+                  "sliding_window")     # (gpt-oss's sliding-attention layers need a window: null breaks them)
+_OPTIONAL_NONNEGATIVE_INTS = ("pad_token_id", "bos_token_id")
 _POSITIVE_NUMBERS = ("rope_theta", "rms_norm_eps", "swiglu_limit", "swiglu_alpha", "rope_scaling_factor",
                      "rope_ntk_alpha", "rope_ntk_beta")
 _NONNEGATIVE_NUMBERS = ("attention_dropout", "initializer_range", "router_aux_loss_coef")

@@ -301,3 +301,42 @@ def test_original_layout_with_hugging_face_config_names_loads_the_same_model(tmp
         expected = _load_model(original)(ids).logits
         got = _load_model(renamed)(ids).logits
     assert torch.equal(got, expected)
+
+
+def test_original_folder_linked_outside_is_refused(tmp_path):
+    # The original/ folder itself a link out of the model folder: its files resolve outside.
+    elsewhere = make_synthetic_checkpoint(tmp_path / "elsewhere", layout="original", **SMALL)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "original").symlink_to(elsewhere)
+    with pytest.raises(CheckpointError, match=r"original/model\.safetensors: a symbolic link to .*elsewhere.*"
+                                              r"outside the checkpoint folder"):
+        open_checkpoint(model)
+
+
+def test_hugging_face_cache_original_folder_loads(tmp_path):
+    # snapshots/<rev>/original/<file> -> ../../../blobs/<hash>, as huggingface_hub writes it.
+    source = make_synthetic_checkpoint(tmp_path / "src", layout="original", **SMALL)
+    entry = tmp_path / "hub" / "models--org--model"
+    (entry / "blobs").mkdir(parents=True)
+    snapshot = entry / "snapshots" / "0123abcd"
+    (snapshot / "original").mkdir(parents=True)
+    for n, file in enumerate(sorted(source.iterdir())):
+        (entry / "blobs" / f"{n:040x}").write_bytes(file.read_bytes())
+        (snapshot / "original" / file.name).symlink_to(Path("../../../blobs") / f"{n:040x}")
+    with open_checkpoint(snapshot) as ckpt, open_checkpoint(source) as intact:
+        assert ckpt.layout == "original" and ckpt.config == intact.config
+        assert torch.equal(ckpt.layer(1).w2_blocks.read_all(), intact.layer(1).w2_blocks.read_all())
+
+
+def test_load_model_names_a_failed_dense_allocation(tmp_path, monkeypatch):
+    # to_empty is where the dense weights are allocated: a failure there says what and how much.
+    pytest.importorskip("transformers")
+    path = make_synthetic_checkpoint(tmp_path / "m", **FULL)
+
+    def no_memory(self, *, device, recurse=True):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 65536 bytes")
+    monkeypatch.setattr(torch.nn.Module, "to_empty", no_memory)
+    with pytest.raises(MemoryError, match=r"load_model: cannot allocate the dense weights \(0\.00 GiB of "
+                                          r"torch\.float32 on cpu\) for .*: DefaultCPUAllocator"):
+        _load_model(path)

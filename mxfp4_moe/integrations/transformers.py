@@ -315,9 +315,9 @@ def _load_dense(model, checkpoint: Checkpoint, device: torch.device, dtype: torc
     sources = _dense_sources(dict(model.named_parameters()), checkpoint, model.config)
     missing = _missing(sources, checkpoint)
     if missing:
-        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        listed = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise CheckpointError(
-            f"{checkpoint.path}: no dense weights for the full model: {len(missing)} tensors are missing ({shown}). "
+            f"{checkpoint.path}: no dense weights for the full model: {len(missing)} tensors are missing ({listed}). "
             "load_model needs a full gpt-oss checkpoint (embeddings, attention, norms, unembedding), not the "
             "MoE layers alone")
     _check_dense(model, sources, checkpoint)
@@ -326,7 +326,7 @@ def _load_dense(model, checkpoint: Checkpoint, device: torch.device, dtype: torc
         model.to_empty(device=device)
     except (MemoryError, torch.OutOfMemoryError, RuntimeError) as err:
         raise MemoryError(f"load_model: cannot allocate the dense weights ({nbytes / 2**30:.2f} GiB of {dtype} on "
-                          f"{device}) for {checkpoint.path}: {shown(str(err))}") from None
+                          f"{device}) for {checkpoint.path}: {str(err)[:200]}") from None
     with torch.no_grad():
         for key, param in model.named_parameters():
             name, rows = sources.get(key, (key, None))

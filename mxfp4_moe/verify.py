@@ -5,8 +5,8 @@ sharding (every rank's shard holds exactly its slice of the checkpoint and clean
 kernels (the MoE layer on random tokens against the float64 reference), TP/EP consistency (the
 ranks' outputs add up to the unsharded output), optionally transformers' GptOssMLP as an oracle,
 and on a GPU the MoE layer's throughput. With no checkpoint it builds and verifies a small
-synthetic one. Exit status: 0 all checks passed, 1 a check failed, 2 unreadable input or bad
-arguments.
+synthetic one. Exit status: 0 all checks passed, 1 a check failed, 2 unreadable input, bad
+arguments or a check out of memory (one `error:` line; with --json, a report holding it).
 
 Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) every process is one rank (global rank =
 ep_rank * tp + tp_rank, device cuda:LOCAL_RANK on a GPU machine, NCCL; gloo on CPU): it loads only

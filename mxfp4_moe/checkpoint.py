@@ -22,9 +22,12 @@ multipliers, [E, rows] or [E, rows, 1]); gpt-oss checkpoints do not have them.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
+import stat
 import struct
 import threading
 from dataclasses import dataclass, fields
@@ -61,11 +64,115 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Read scale bytes at most this many at a time when looking for NaN scales.
 _SCAN_CHUNK_BYTES = 64 * 1024 * 1024
+# config.json and the index are small (gpt-oss-120b's index: about 70 KB); a larger one is not a
+# checkpoint's, and parsing it whole would take memory in proportion to its size.
+MAX_JSON_BYTES = 16 * 1024 * 1024
+# Nesting allowed in config.json and the index (gpt-oss configs nest 2 deep).
+MAX_JSON_DEPTH = 32
+# swiglu_limit and swiglu_alpha are applied in float32.
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+# Longest excerpt of a config value quoted in an error message: a message never echoes a file.
+_SHOWN_CHARS = 60
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read as a gpt-oss MXFP4 MoE checkpoint. The message names the
     file, the tensor (or config key) and what was expected versus found."""
+
+
+def shown(value: Any) -> str:
+    """repr(value), cut to a few dozen characters: what an error message may quote of a file."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + f"... ({len(text)} characters)"
+
+
+# ---- files and symbolic links ------------------------------------------------------------------
+#
+# Policy: a file the reader opens (config.json, the index, a shard, in the folder or in original/)
+# may be a symbolic link only to a regular file inside the checkpoint folder given, or, for a
+# folder in a Hugging Face cache (`models--org--name/snapshots/<rev>/`), inside that cache entry's
+# `blobs/` folder, where the cache links every file. Any other link (to /proc/self/environ, to
+# another user's files) is refused unread; so are directories, sockets, devices, broken links and
+# link loops that carry a reader's file name.
+
+def link_roots(root: Path) -> tuple[Path, ...]:
+    """The folders a file of the checkpoint at `root` may resolve into (see the policy above)."""
+    root = root.resolve()
+    roots = [root]
+    for folder in (root, *root.parents):
+        if folder.parent.name == "snapshots":
+            roots.append(folder.parent.parent / "blobs")
+            break
+    return tuple(roots)
+
+
+def checked_file(path: Path, what: str, roots: tuple[Path, ...]) -> Path:
+    """`path` if it is a regular file (or a link to one inside `roots`); else CheckpointError
+    naming the file and what it is. `what` names the role ("config", "safetensors file")."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise CheckpointError(f"{path}: expected a {what}, found a broken symbolic link "
+                                  f"(to {os.readlink(path)})") from None
+        raise CheckpointError(f"{path}: expected a {what}, found no such file") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise CheckpointError(f"{path}: expected a {what}, found a symbolic link loop") from None
+        raise CheckpointError(f"{path}: cannot read the {what}: {err.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise CheckpointError(f"{path}: expected a {what}, found a directory")
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path}: expected a {what}, found a special file (not a regular file)")
+    target = path.resolve()
+    if not any(target.is_relative_to(r) for r in roots):
+        raise CheckpointError(f"{path}: a symbolic link to {target}, outside the checkpoint folder "
+                              f"{roots[0]}: expected links only into the folder (or into a Hugging Face "
+                              f"cache's blobs/); copy the file into the folder to use it")
+    return path
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int]:
+    """What says a file is still the one read: device, inode, size, modification time."""
+    info = path.stat()
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def read_json(path: Path, what: str, roots: tuple[Path, ...]) -> Any:
+    """Parse a small JSON file (config.json, the index) with bounded size and nesting.
+    Raises CheckpointError naming the file; never quotes its contents."""
+    checked_file(path, what, roots)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the {what}: {err.strerror}") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: expected a {what} of at most {MAX_JSON_BYTES} bytes, found a larger file")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: {what} is not valid JSON: not UTF-8 at byte {err.start}") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: {what} is not valid JSON: {err.msg} at line {err.lineno} "
+                              f"column {err.colno}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: {what} is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    if _too_deep(value):
+        raise CheckpointError(f"{path}: {what} is nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether a parsed JSON value nests deeper than MAX_JSON_DEPTH (walked without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 # ---- names -------------------------------------------------------------------------------------
@@ -110,19 +217,23 @@ def _config_value(raw: dict, keys: tuple[str, ...], source: str, *, required: bo
     if not found:
         if required:
             raise CheckpointError(f"{source}: missing config key: expected one of {list(keys)}, found none "
-                                  f"(keys present: {sorted(raw)})")
+                                  f"(keys present: {shown(sorted(map(str, raw)))})")
         return default
     values = set(json.dumps(v, sort_keys=True) for v in found.values())
     if len(values) > 1:
-        raise CheckpointError(f"{source}: config keys disagree: expected {list(found)} to hold one value, found {found}")
+        raise CheckpointError(f"{source}: config keys disagree: expected {list(found)} to hold one value, "
+                              f"found {shown(found)}")
     return next(iter(found.values()))
 
 
 def _positive_number(raw: dict, key: str, default: float, source: str) -> float:
-    """The config value under `key` (default when absent) as a float, which must be finite and > 0."""
+    """The config value under `key` (default when absent) as a float, which must be > 0 and fit a
+    float32 (the kernels and the reference apply it in float32)."""
     value = _config_value(raw, (key,), source, required=False, default=default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise CheckpointError(f"{source}: {key}: expected a finite number > 0, found {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not (0 < value <= _FLOAT32_MAX)):              # (false for NaN too)
+        raise CheckpointError(f"{source}: {key}: expected a number > 0 and at most {_FLOAT32_MAX:.3e} "
+                              f"(float32), found {shown(value)}")
     return float(value)
 
 
@@ -167,7 +278,8 @@ class MoEConfig:
         if quant_method is None and "num_experts" in raw and "num_local_experts" not in raw:
             quant_method = "mxfp4"          # original layout: MXFP4 by construction, no quantization_config
         if quant_method is not None and quant_method != "mxfp4":
-            raise CheckpointError(f"{source}: quantization_config.quant_method: expected 'mxfp4', found {quant_method!r}")
+            raise CheckpointError(f"{source}: quantization_config.quant_method: expected 'mxfp4', "
+                                  f"found {shown(quant_method)}")
         kwargs = dict(
             num_layers=_config_value(raw, ("num_hidden_layers",), source),
             num_experts=_config_value(raw, ("num_local_experts", "num_experts"), source),
@@ -185,14 +297,11 @@ class MoEConfig:
             raise CheckpointError(f"{source}: {err}") from None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "MoEConfig":
+    def from_file(cls, path: str | Path, roots: tuple[Path, ...] | None = None) -> "MoEConfig":
+        """Read config.json (size, nesting and symbolic links bounded as `read_json` says; roots:
+        the folders it may link into, default its own folder)."""
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: config file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{path}: config is not valid JSON: {err}") from None
+        raw = read_json(path, "config", roots or link_roots(path.parent))
         return cls.from_dict(raw, source=str(path))
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -245,9 +354,9 @@ def _read_header(file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], in
         if not (isinstance(dtype_name, str) and _is_int_list(shape) and _is_int_list(offsets) and len(offsets) == 2):
             raise CheckpointError(f"{file}: corrupt safetensors file: tensor {name}: expected dtype (a string), "
                                   f"shape (a list of ints >= 0) and data_offsets ([begin, end] ints >= 0), "
-                                  f"found {entry!r}")
+                                  f"found {shown(entry)}")
         if dtype_name not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{file}: tensor {name}: unsupported dtype {dtype_name!r} "
+            raise CheckpointError(f"{file}: tensor {name}: unsupported dtype {shown(dtype_name)} "
                                   f"(expected one of {sorted(_SAFETENSORS_DTYPES)})")
         dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[dtype_name], tuple(shape), offsets
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
@@ -278,12 +387,33 @@ def _is_int_list(value) -> bool:
 
 
 class _FileHandles:
-    """Open safetensors handles, one per file, opened on first use and kept until close()."""
+    """Open safetensors handles, one per file, opened on first use and kept until close().
 
-    def __init__(self):
+    identities: {file: `_file_identity`} as the headers were read. Every `get` compares the file
+    with it, so a shard replaced or rewritten since it was opened fails by name instead of being
+    read under the old header's offsets. (Shards are memory-mapped: a file truncated *during* a
+    read still kills the process with SIGBUS; no check before the read can see that.)
+    """
+
+    def __init__(self, identities: dict[Path, tuple] | None = None):
         self._handles: dict[Path, Any] = {}
+        self._identities = identities or {}
         self._lock = threading.Lock()
         self.closed = False
+
+    def _check_unchanged(self, file: Path) -> None:
+        expected = self._identities.get(file)
+        if expected is None:
+            return
+        try:
+            found = _file_identity(file)
+        except OSError as err:
+            raise CheckpointError(f"{file}: the safetensors file is gone since the checkpoint was opened "
+                                  f"({err.strerror}); open it again") from None
+        if found != expected:
+            raise CheckpointError(f"{file}: the safetensors file changed on disk since the checkpoint was opened "
+                                  f"(size {expected[2]} -> {found[2]} bytes, or replaced or rewritten); "
+                                  f"open it again")
 
     def get(self, file: Path):
         from safetensors import safe_open
@@ -291,12 +421,16 @@ class _FileHandles:
         with self._lock:
             if self.closed:
                 raise CheckpointError(f"{file}: the checkpoint was closed; open it again to read")
+            self._check_unchanged(file)
             handle = self._handles.get(file)
             if handle is None:
                 try:
                     handle = safe_open(str(file), framework="pt", device="cpu")
                 except Exception as err:   # safetensors raises its own error type
-                    raise CheckpointError(f"{file}: cannot open safetensors file: {err}") from None
+                    if "mmap" in str(err):
+                        raise MemoryError(f"{file}: cannot map the safetensors file ({file.stat().st_size} bytes) "
+                                          "into memory: out of memory or address space") from None
+                    raise CheckpointError(f"{file}: cannot open safetensors file: {str(err)[:300]}") from None
                 self._handles[file] = handle
             return handle
 
@@ -391,8 +525,12 @@ class TensorRef:
             else:
                 out = handle.get_slice(self.name)[tuple(norm)]
         except Exception as err:   # safetensors' own error type; keep file and tensor in the message
-            raise CheckpointError(f"{self.file}: cannot read tensor {self.name}: {err}") from None
-        assert tuple(out.shape) == out_shape and out.dtype == self.dtype, (self.name, out.shape, out.dtype)
+            raise CheckpointError(f"{self.file}: cannot read tensor {self.name}: {str(err)[:300]}") from None
+        if tuple(out.shape) != out_shape or out.dtype != self.dtype:
+            # The file's header now says otherwise than when the checkpoint was opened.
+            raise CheckpointError(f"{self.file}: tensor {self.name}: expected {self.dtype} {list(out_shape)} as "
+                                  f"the header said when the checkpoint was opened, read {out.dtype} "
+                                  f"{list(out.shape)}: the file changed on disk; open it again")
         return out.contiguous() if contiguous else out
 
     def read_all(self) -> torch.Tensor:
@@ -450,9 +588,10 @@ class NanScaleReport:
     def describe(self) -> str:
         if not self.count:
             return f"layer {self.layer}: no NaN scale bytes"
-        shown = "; ".join(loc.describe() for loc in self.locations)
+        where = "; ".join(loc.describe() for loc in self.locations)
         more = "" if len(self.locations) == self.count else f" (first {len(self.locations)} shown)"
-        return f"layer {self.layer}: {self.count} NaN scale bytes{more}: {shown}"
+        noun = "NaN scale byte" if self.count == 1 else "NaN scale bytes"
+        return f"layer {self.layer}: {self.count} {noun}{more}: {where}"
 
 
 class Checkpoint:
@@ -466,13 +605,13 @@ class Checkpoint:
 
     def __init__(self, path: Path, layout: Layout, config: MoEConfig, config_file: Path,
                  tensors: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]],
-                 nan_scales: NanScalePolicy):
+                 nan_scales: NanScalePolicy, identities: dict[Path, tuple] | None = None):
         self.path = path
         self.layout: Layout = layout
         self.config = config
         self.config_file = config_file
         self.nan_scales = nan_scales
-        self._handles = _FileHandles()
+        self._handles = _FileHandles(identities)
         self._refs = {name: TensorRef(name, file, shape, dtype, nbytes, self._handles)
                       for name, (file, dtype, shape, nbytes) in tensors.items()}
         self.files: list[Path] = sorted({ref.file for ref in self._refs.values()})
@@ -579,8 +718,9 @@ class Checkpoint:
             if report.count:
                 loc = report.locations[0]
                 ref = self._refs[loc.tensor]
+                noun = "NaN scale byte" if report.count == 1 else "NaN scale bytes"
                 raise CheckpointError(f"{ref.file}: {loc.describe()}: expected finite E8M0 scales, found "
-                                      f"{report.count} NaN scale bytes in layer {i} (open with "
+                                      f"{report.count} {noun} in layer {i} (open with "
                                       f"nan_scales='report' to read it anyway)")
             self._nan_checked.add(i)
         return self._layers[i]
@@ -608,33 +748,42 @@ class Checkpoint:
 # ---- opening -----------------------------------------------------------------------------------
 
 def _has_safetensors(folder: Path) -> bool:
-    return folder.is_dir() and (any(folder.glob("*.safetensors")) or (folder / INDEX_FILE).is_file())
+    return folder.is_dir() and (any(folder.glob("*.safetensors")) or os.path.lexists(folder / INDEX_FILE))
 
 
-def _collect_tensors(folder: Path) -> dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]]:
+def _collect_tensors(folder: Path, roots: tuple[Path, ...] | None = None,
+                     identities: dict[Path, tuple] | None = None,
+                     ) -> dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]]:
     """name -> (file, dtype, shape, nbytes) from the index's weight_map, or from every
-    *.safetensors file's header when there is no index."""
+    *.safetensors file's header when there is no index. roots: the folders the files may link
+    into (`link_roots`; default the folder's). identities: filled with each file's
+    `_file_identity` as its header was read."""
+    roots = roots or link_roots(folder)
+    identities = {} if identities is None else identities
     index_file = folder / INDEX_FILE
     tensors = {}
-    if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index_file}: expected JSON with a 'weight_map' object of "
-                                  f"tensor name -> file name, could not read it ({err!r})") from None
+    if os.path.lexists(index_file):
+        index = read_json(index_file, "safetensors index", roots)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            found = (f"a JSON {type(index).__name__}" if not isinstance(index, dict) else
+                     "no weight_map" if weight_map is None else f"a weight_map of type {type(weight_map).__name__}")
+            raise CheckpointError(f"{index_file}: expected a JSON object with a 'weight_map' object of tensor "
+                                  f"name -> file name, found {found}")
         by_file: dict[str, list[str]] = {}
         for name, file_name in weight_map.items():
-            if not (isinstance(file_name, str) and file_name and Path(file_name).name == file_name):
-                raise CheckpointError(f"{index_file}: weight_map maps tensor {name} to {file_name!r}: expected the "
-                                      f"name of a safetensors file in {folder}")
+            if not (isinstance(file_name, str) and file_name and Path(file_name).name == file_name
+                    and file_name not in (".", "..")):
+                raise CheckpointError(f"{index_file}: weight_map maps tensor {shown(name)} to {shown(file_name)}: "
+                                      f"expected the name of a safetensors file in {folder}")
             by_file.setdefault(file_name, []).append(name)
         for file_name, names in sorted(by_file.items()):
             file = folder / file_name
-            if not file.is_file():
+            if not os.path.lexists(file):
                 raise CheckpointError(f"{index_file}: names file {file_name} (holding {names[0]} and "
                                       f"{len(names) - 1} more tensors), expected at {file}, found no such file")
+            checked_file(file, "safetensors file", roots)
+            identities[file] = _file_identity(file)
             header = _read_header(file)
             for name in names:
                 if name not in header:
@@ -646,6 +795,8 @@ def _collect_tensors(folder: Path) -> dict[str, tuple[Path, torch.dtype, tuple[i
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors files and no {INDEX_FILE}")
     for file in files:
+        checked_file(file, "safetensors file", roots)
+        identities[file] = _file_identity(file)
         for name, info in _read_header(file).items():
             if name in tensors:
                 raise CheckpointError(f"{file}: tensor {name} is also in {tensors[name][0]}: "
@@ -699,14 +850,16 @@ def open_checkpoint(path: str | Path, *, nan_scales: NanScalePolicy = "report",
     if not _has_safetensors(folder):
         raise CheckpointError(f"{root}: no *.safetensors files (nor {INDEX_FILE}) in the folder"
                               + (f" or in {original_dir}" if folder == root else ""))
-    tensors = _collect_tensors(folder)
+    roots = link_roots(root)
+    identities: dict[Path, tuple] = {}
+    tensors = _collect_tensors(folder, roots, identities)
     found_layout = _detect_layout(tensors, folder)
     if layout != "auto" and found_layout != layout:
         raise CheckpointError(f"{folder}: expected the {layout!r} layout, found tensors of the {found_layout!r} layout")
     config_file = folder / CONFIG_FILE
-    if not config_file.is_file() and folder != root and (root / CONFIG_FILE).is_file():
+    if not os.path.lexists(config_file) and folder != root and os.path.lexists(root / CONFIG_FILE):
         config_file = root / CONFIG_FILE
-    if not config_file.is_file():
+    if not os.path.lexists(config_file):
         raise CheckpointError(f"{folder}: no {CONFIG_FILE}: expected the model config next to the safetensors files")
-    config = MoEConfig.from_file(config_file)
-    return Checkpoint(folder, found_layout, config, config_file, tensors, nan_scales)
+    config = MoEConfig.from_file(config_file, roots)
+    return Checkpoint(folder, found_layout, config, config_file, tensors, nan_scales, identities)

@@ -143,12 +143,14 @@ def dense_weights_problem(checkpoint) -> str:
         return (f"{checkpoint.path} is a {checkpoint.layout} checkpoint: the model check compares gpt-oss "
                 "checkpoints in the Hugging Face layout with transformers' own load; it has no reference for "
                 "this format yet")
-    from .integrations.transformers import missing_dense_tensors
+    from .integrations.transformers import check_dense_tensors, missing_dense_tensors
     missing = missing_dense_tensors(checkpoint)
     if missing:
         return (f"{checkpoint.path} has no dense weights ({len(missing)} tensors missing, e.g. {missing[0]}): "
                 "the model check needs a full checkpoint (embeddings, attention, norms, unembedding), "
                 "not the MoE layers alone")
+    # Their dtypes and shapes, before transformers' reference model reads them unchecked.
+    check_dense_tensors(checkpoint)
     if checkpoint.layout == "original":
         return (f"{checkpoint.path} is in the original layout, which transformers cannot load, so it has no "
                 "independent reference; check the Hugging Face layout folder of the same model (load_model "

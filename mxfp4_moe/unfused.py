@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .checkpoint import (CONFIG_FILE, INDEX_FILE, CheckpointError, MoEConfig, TensorRef,
-                         _collect_tensors, _FileHandles)
+                         _collect_tensors, _FileHandles, link_roots)
 from .mxfp4 import BLOCK_SIZE
 
 UNFUSED_LAYOUT = "unfused"
@@ -126,11 +126,11 @@ class UnfusedCheckpoint:
     """An opened unfused checkpoint: `path`, `layout` ("unfused"), `config` (MoEConfig), `files`,
     and `layer(i) -> UnfusedLayerTensors`. Close it (or use `with`) to release file handles."""
 
-    def __init__(self, path: Path, config: MoEConfig, tensors: dict):
+    def __init__(self, path: Path, config: MoEConfig, tensors: dict, identities: dict | None = None):
         self.path = path
         self.layout = UNFUSED_LAYOUT
         self.config = config
-        self._handles = _FileHandles()
+        self._handles = _FileHandles(identities)
         self._refs = {name: TensorRef(name, file, shape, dtype, nbytes, self._handles)
                       for name, (file, dtype, shape, nbytes) in tensors.items()}
         self.files = sorted({ref.file for ref in self._refs.values()})
@@ -184,8 +184,9 @@ def open_unfused_checkpoint(path: str | Path) -> UnfusedCheckpoint:
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: expected a checkpoint folder")
-    config = MoEConfig.from_file(folder / CONFIG_FILE)
-    return UnfusedCheckpoint(folder, config, _collect_tensors(folder))
+    roots, identities = link_roots(folder), {}
+    config = MoEConfig.from_file(folder / CONFIG_FILE, roots)
+    return UnfusedCheckpoint(folder, config, _collect_tensors(folder, roots, identities), identities)
 
 
 # ---- writing (for tests and examples) ----------------------------------------------------------

@@ -5,8 +5,8 @@ sharding (every rank's shard holds exactly its slice of the checkpoint and clean
 kernels (the MoE layer on random tokens against the float64 reference), TP/EP consistency (the
 ranks' outputs add up to the unsharded output), optionally transformers' GptOssMLP as an oracle,
 and on a GPU the MoE layer's throughput. With no checkpoint it builds and verifies a small
-synthetic one. Exit status: 0 all checks passed, 1 a check failed, 2 unreadable input or bad
-arguments.
+synthetic one. Exit status: 0 all checks passed, 1 a check failed, 2 unreadable input, bad
+arguments or a check out of memory (one `error:` line; with --json, a report holding it).
 
 Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) every process is one rank (global rank =
 ep_rank * tp + tp_rank, device cuda:LOCAL_RANK on a GPU machine, NCCL; gloo on CPU): it loads only
@@ -28,17 +28,28 @@ import torch
 from .checks import (SHARD_SUM_TOLERANCE, CheckResult, check_coverage, check_format, check_fragment_order,
                      check_kernels, check_oracle, check_shard, kernel_tolerance, measure_throughput, rel_err,
                      run_noting_fallbacks)
+from . import __version__
 from .verify_common import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK,
-                            REPORT_SCHEMA, UsageError, environment, make_plans, parse_align, parse_layers, rank_label,
-                            report, report_header, resolve_compute)
-from .progress import advance, progress_bar
+                            MAX_TOKENS, REPORT_SCHEMA, UsageError, check_arguments, environment, make_plans,
+                            parse_align, parse_device, parse_layers, plural, rank_label, report, report_header,
+                            resolve_compute, write_error_json)
+from .progress import advance as advance_bar
+from .progress import progress_bar
 
 # The exit codes and the report schema are part of the CLI (`verify.EXIT_OK`, ...).
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CHECK_FAILED", "EXIT_OK", "REPORT_SCHEMA", "build_parser", "main", "run_checks"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one `error:` line (exit 2) like every other bad input,
+    not the usage block first."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m mxfp4_moe.verify",
         description="Verify an MXFP4 MoE checkpoint (gpt-oss style): format, TP/EP sharding with padding, "
                     "kernels against the float64 reference, rank consistency, throughput.",
@@ -61,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "trtllm) or 'H,I' alignments (default: none)")
     p.add_argument("--hidden-pad", type=int, default=None, help="explicit padded hidden size (e.g. 3072 for 2688)")
     p.add_argument("--layers", default=None, help="layers to check, e.g. 0,2,5-7 (default: all)")
-    p.add_argument("--tokens", type=int, default=64, help="random tokens per check (default 64)")
+    p.add_argument("--tokens", type=int, default=64, help=f"random tokens per check (default 64, at most {MAX_TOKENS})")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="MoE backend checked against the reference (auto: triton on CUDA; on a CPU, triton "
@@ -78,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the random tokens")
     p.add_argument("--json", dest="json_path", default=None, help="write the report as JSON to this path")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
+    p.add_argument("--version", action="version", version=f"mxfp4_moe {__version__}")
     return p
 
 
@@ -101,9 +113,15 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
     steps_per_layer = 2 + len(checked_plans) + 1
     progress = progress_bar(len(layers) * steps_per_layer + 3, progress_enabled, desc="verify")
 
+    def advance(progress, stage: str) -> None:
+        args.stage = stage              # named by the error if memory runs out (`_main`)
+        advance_bar(progress, stage)
+
     coverage = check_coverage(plans, cfg.num_experts, cfg.intermediate_size)
     results.append(CheckResult("sharding", None, None, not coverage,
-                               "; ".join(coverage) or f"{len(plans)} ranks hold every (expert, block) exactly once",
+                               "; ".join(coverage) or f"{plural(len(plans), 'rank')} "
+                                                      f"{'holds' if len(plans) == 1 else 'hold'} every "
+                                                      "(expert, block) exactly once",
                                {"ranks": len(plans)}))
     oracle_layer = None
     for layer in layers:
@@ -113,6 +131,7 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
 
         g = torch.Generator(device="cpu").manual_seed(args.seed + layer)
         x = torch.randn(args.tokens, cfg.hidden_size, generator=g).to(device)
+        args.stage = f"layer {layer}: loading it unsharded"
         full = load_layer(ckpt, layer, full_plan, device=device)
         x_compute = x.to(dtype)
         # The reference sees the same (rounded) tokens the layer sees, and routes them as the
@@ -120,6 +139,7 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
         # 2048 tokens in bf16 moved the error to 4e-2 while the kernels were right.
         topk_weights, topk_ids = route(x_compute, full.router_weight, full.router_bias, cfg.experts_per_token,
                                        scoring=full.router_scoring, norm_topk_prob=full.norm_topk_prob)
+        args.stage = f"layer {layer}: the float64 reference"
         ref_full = reference_moe(x_compute.double(), full, topk_weights, topk_ids, torch.float64)
 
         advance(progress, f"layer {layer}: kernels")
@@ -159,7 +179,7 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
             ok = ref_err <= SHARD_SUM_TOLERANCE and out_err <= tol
             results.append(CheckResult(
                 "consistency", layer, None, ok,
-                f"sum of {len(plans)} ranks vs unsharded: reference rel err {ref_err:.1e} (<= {SHARD_SUM_TOLERANCE:.0e}), "
+                f"sum of {plural(len(plans), 'rank')} vs unsharded: reference rel err {ref_err:.1e} (<= {SHARD_SUM_TOLERANCE:.0e}), "
                 f"{module.backend} rel err {out_err:.2e} (<= {tol:.0e})",
                 {"reference_rel_err": ref_err, "backend_rel_err": out_err, "ranks": len(plans)}))
         else:
@@ -186,10 +206,13 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI. Returns the exit status: EXIT_OK, EXIT_CHECK_FAILED, or EXIT_BAD_INPUT after one
+    `error:` line on stderr (and, with --json, a report holding that line)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     out = sys.stdout
     try:
+        check_arguments(args)
         from .distributed import DistributedSetupError, torchrun_env
         try:
             launch = torchrun_env()
@@ -200,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             return main_torchrun(args, out, launch)
         return _main(args, out)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        message = str(exc).replace("\n", "\\n")       # one line, whatever a path or argument holds
+        print(f"error: {message}", file=sys.stderr)
+        write_error_json(args.json_path, message)
         return EXIT_BAD_INPUT
 
 
@@ -208,24 +233,12 @@ def _main(args, out) -> int:
     from .checkpoint import CheckpointError, open_checkpoint
 
     builtin = args.checkpoint is None
-    for name, value in (("tp", args.tp), ("ep", args.ep)):
-        if value is not None and value < 1:
-            raise UsageError(f"--{name} must be at least 1, got {value}")
-    if args.tokens < 1:
-        raise UsageError(f"--tokens must be at least 1, got {args.tokens}")
     args.tp = args.tp or (BUILTIN_LAYOUT["tp"] if builtin else 1)
     args.ep = args.ep or (BUILTIN_LAYOUT["ep"] if builtin else 1)
     args.align = parse_align(args.align or (BUILTIN_LAYOUT["align"] if builtin else "none"))
-
-    if args.device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise UsageError(f"--device {args.device}: not a device name (cpu, cuda, cuda:1)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    device = parse_device(args.device)
+    if args.oracle == "transformers":
+        _require_transformers("--oracle transformers")
     # The model check runs the backend asked for: "auto" is the torch reference on a CPU, since a
     # whole model through Triton's interpreter takes minutes (the kernels check covers them).
     args.model_backend = args.backend
@@ -244,20 +257,38 @@ def _main(args, out) -> int:
             header = report_header(args, path, builtin, ckpt, dtype)
             if args.model:
                 _check_model_prerequisites(ckpt)
+            args.stage = "opening the checkpoint"
             results = run_checks(args, ckpt, device, dtype, progress_enabled=not args.quiet)
         except CheckpointError as exc:
-            print(f"error: cannot read the checkpoint: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            raise UsageError(f"cannot read the checkpoint: {exc}") from None
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            raise UsageError(_out_of_memory(args, device, exc)) from None
+        except RuntimeError as exc:
+            # torch's CPU allocator reports a failed allocation as a RuntimeError.
+            if "alloc" not in str(exc).lower():
+                raise
+            raise UsageError(_out_of_memory(args, device, exc)) from None
 
     return report(args, out, env, header, results)
 
 
-def _check_model_prerequisites(ckpt) -> None:
-    """--model needs transformers and a full-model checkpoint in a layout transformers reads."""
+def _out_of_memory(args, device: torch.device, exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    cause = lines[0][:200] if lines else type(exc).__name__
+    return (f"out of memory on {device} while checking {args.stage} ({cause}): check fewer tokens (--tokens), "
+            "one layer (--layers) or one rank (--rank), or use a machine with more memory")
+
+
+def _require_transformers(option: str) -> None:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise UsageError("--model needs transformers: pip install 'mxfp4-moe[transformers]'") from None
+        raise UsageError(f"{option} needs transformers: pip install 'mxfp4-moe[transformers]'") from None
+
+
+def _check_model_prerequisites(ckpt) -> None:
+    """--model needs transformers and a full-model checkpoint in a layout transformers reads."""
+    _require_transformers("--model")
     from .model_check import dense_weights_problem
     problem = dense_weights_problem(ckpt)
     if problem:

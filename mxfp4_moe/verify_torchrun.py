@@ -19,7 +19,7 @@ from .checks import (CheckResult, SHARD_SUM_TOLERANCE, check_coverage,
                      median_ms, rel_err, run_noting_fallbacks)
 from .verify_common import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, UsageError, environment,
                             make_plans, parse_align, parse_layers, rank_label, report, report_header,
-                            resolve_compute)
+                            resolve_compute, write_error_json)
 from .progress import advance, progress_bar
 
 
@@ -255,6 +255,7 @@ def main_torchrun(args, out, launch) -> int:
     def bad_input(message: str) -> int:
         if rank0:
             print(f"error: {message}", file=sys.stderr)
+            write_error_json(args.json_path, message)
         return EXIT_BAD_INPUT
 
     builtin = args.checkpoint is None

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; run on the lent GPU with `pytest -m gpu`")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; run on a CUDA GPU with `pytest -m gpu`")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)

@@ -65,13 +65,16 @@ def test_json_report_follows_documented_schema(small_ckpt, tmp_path):
                         "--quiet"]) == 0
     data = json.loads(report.read_text())
     assert data["schema"] == verify.REPORT_SCHEMA
-    assert set(data) == {"schema", "environment", "checkpoint", "checks", "summary", "exit_code"}
+    assert set(data) == {"schema", "environment", "checkpoint", "checks", "summary", "exit_code", "error"}
+    assert data["error"] is None
     assert {"mxfp4_moe", "torch", "triton", "device"} <= set(data["environment"])
     assert data["checkpoint"]["config"]["num_experts"] == 6 and data["checkpoint"]["tp"] == 2
     for check in data["checks"]:
         assert set(check) == {"check", "layer", "rank", "passed", "summary", "figures", "skipped", "status"}
         assert check["check"] in {"format", "sharding", "kernels", "consistency", "oracle", "throughput"}
         assert check["status"] in {"PASS", "FAIL", "skip"}
+        # A skipped check did not pass: it did not run (issue 25).
+        assert check["passed"] is (None if check["skipped"] else True)
     kinds = {c["check"] for c in data["checks"]}
     assert {"format", "sharding", "kernels", "consistency"} <= kinds
     s = data["summary"]
@@ -86,7 +89,7 @@ def test_nan_scale_byte_fails_the_format_check_and_names_it(small_ckpt, tmp_path
     assert verify.main([str(small_ckpt), "--backend", "torch", "--json", str(report)]) == verify.EXIT_CHECK_FAILED
     out = capsys.readouterr().out
     assert "FAIL" in out and "gate_up_proj_scales" in out and "expert 4, row 7, block 1" in out
-    failed = [c for c in json.loads(report.read_text())["checks"] if not c["passed"]]
+    failed = [c for c in json.loads(report.read_text())["checks"] if c["passed"] is False]
     assert failed and failed[0]["check"] == "format" and failed[0]["layer"] == 1
 
 
@@ -125,7 +128,7 @@ def test_config_disagreeing_with_tensors_exits_2(small_ckpt, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--layers", "7"], "out of range"),
     (["--align", "bogus"], "unknown preset"),
-    (["--tp", "0"], "--tp must be at least 1"),
+    (["--tp", "0"], "--tp must be in [1, 1024], got 0"),
     (["--tp", "8"], "would own no intermediate blocks"),   # I = 160 is 5 blocks: TP 8 leaves ranks empty
     (["--rank", "9", "--tp", "2"], "--rank 9 out of range"),
 ])

@@ -21,18 +21,21 @@ Needs transformers (`pip install "mxfp4-moe[transformers]"`).
 
 from __future__ import annotations
 
-import json
+import keyword
+import math
+import re
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from ..checkpoint import Checkpoint, CheckpointError, link_roots, open_checkpoint, read_json, shown
 from ..loader import load_layer
 from ..moe import Backend, MXFP4MoE
 from ..progress import progress_bar
 from ..sharding import ShardPlan
 
-__all__ = ["MXFP4GptOssMLP", "gpt_oss_config", "load_model", "missing_dense_tensors", "replace_moe", "shard_plan"]
+__all__ = ["MXFP4GptOssMLP", "check_dense_tensors", "gpt_oss_config", "load_model", "missing_dense_tensors",
+           "replace_moe", "shard_plan"]
 
 
 def _require_transformers():
@@ -75,17 +78,95 @@ class MXFP4GptOssMLP(torch.nn.Module):
 
 # ---- the model's config -----------------------------------------------------------------------
 
-def _original_to_hf_config(raw: dict) -> dict:
+# What transformers is handed is checked first, key by key: its config class and model turn a
+# bad value into a ZeroDivisionError, a TypeError or a terabyte allocation far from the file.
+# Sizes are ints in [1, 2**31 - 1] (int32 indexing); the rest as GptOssConfig documents them.
+_MAX_SIZE = 2 ** 31 - 1
+_POSITIVE_INTS = ("num_hidden_layers", "vocab_size", "hidden_size", "intermediate_size", "head_dim",
+                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "num_local_experts",
+                  "num_experts", "num_experts_per_tok", "experts_per_token", "initial_context_length",
+                  "sliding_window")     # (gpt-oss's sliding-attention layers need a window: null breaks them)
+_OPTIONAL_NONNEGATIVE_INTS = ("pad_token_id", "bos_token_id")
+_POSITIVE_NUMBERS = ("rope_theta", "rms_norm_eps", "swiglu_limit", "swiglu_alpha", "rope_scaling_factor",
+                     "rope_ntk_alpha", "rope_ntk_beta")
+_NONNEGATIVE_NUMBERS = ("attention_dropout", "initializer_range", "router_aux_loss_coef")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "use_cache", "output_router_logits")
+_ROPE_KEYS = ("rope_scaling", "rope_parameters")
+_LAYER_TYPES = ("sliding_attention", "full_attention")
+_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= _MAX_SIZE ** 2)
+
+
+def _check_model_config(raw, source) -> None:
+    """Raise CheckpointError naming `source` and the key unless every key transformers reads from
+    `raw` (a config.json of either naming) has the type and range GptOssConfig expects."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, found {type(raw).__name__}")
+    for key, value in raw.items():
+        if not _KEY_RE.match(key) or keyword.iskeyword(key) or key == "self":
+            raise CheckpointError(f"{source}: config key {shown(key)}: expected a name of letters, digits and "
+                                  "underscores (a GptOssConfig attribute), not a Python keyword or 'self'")
+
+        def bad(expected):
+            return CheckpointError(f"{source}: {key}: expected {expected}, found {shown(value)}")
+
+        if key in _POSITIVE_INTS and not (_is_int(value) and 1 <= value <= _MAX_SIZE):
+            raise bad(f"an int in [1, {_MAX_SIZE}]")
+        if key in _OPTIONAL_NONNEGATIVE_INTS and value is not None and not (_is_int(value) and 0 <= value <= _MAX_SIZE):
+            raise bad(f"null or an int in [0, {_MAX_SIZE}]")
+        if key == "eos_token_id" and value is not None and not (
+                (_is_int(value) and 0 <= value <= _MAX_SIZE)
+                or (isinstance(value, list) and all(_is_int(v) and 0 <= v <= _MAX_SIZE for v in value))):
+            raise bad("null, a token id or a list of token ids")
+        if key in _POSITIVE_NUMBERS and not (_is_number(value) and value > 0):
+            raise bad("a finite number > 0")
+        if key in _NONNEGATIVE_NUMBERS and not (_is_number(value) and value >= 0):
+            raise bad("a finite number >= 0")
+        if key in _BOOLS and not isinstance(value, bool):
+            raise bad("true or false")
+        if key == "hidden_act" and value != "silu":
+            raise bad("'silu' (gpt-oss's activation)")
+        if key in _ROPE_KEYS and value is not None:
+            if not isinstance(value, dict):
+                raise bad("null or an object")
+            for name, item in value.items():
+                ok = (isinstance(item, (str, bool)) or item is None or _is_number(item)) and isinstance(name, str)
+                if not ok or (name == "factor" and not (_is_number(item) and item > 0)) or (
+                        name in ("rope_type", "type") and not isinstance(item, str)):
+                    raise CheckpointError(f"{source}: {key}.{shown(name)}: expected a string, a finite number "
+                                          f"(factor > 0), true, false or null, found {shown(item)}")
+    heads, kv_heads = raw.get("num_attention_heads"), raw.get("num_key_value_heads")
+    if _is_int(heads) and _is_int(kv_heads) and heads % kv_heads:
+        raise CheckpointError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                              f"{kv_heads} (each key/value head serves a whole group of query heads)")
+    layers, layer_types = raw.get("num_hidden_layers"), raw.get("layer_types")
+    if layer_types is not None and not (isinstance(layer_types, list) and len(layer_types) == layers
+                                        and all(t in _LAYER_TYPES for t in layer_types)):
+        raise CheckpointError(f"{source}: layer_types: expected a list of num_hidden_layers = {layers} entries, "
+                              f"each one of {list(_LAYER_TYPES)}, found {shown(layer_types)}")
+
+
+def _original_to_hf_config(raw: dict, checkpoint: Checkpoint) -> dict:
     """An original-layout config.json in Hugging Face naming, as transformers' gpt-oss
-    conversion script writes it."""
-    num_layers = raw["num_hidden_layers"]
+    conversion script writes it. The MoE sizes come from the checkpoint's `MoEConfig`, which
+    reads either naming (a model folder's config.json next to `original/` is in HF naming)."""
+    cfg = checkpoint.config
+    num_layers = cfg.num_layers
     context = raw.get("initial_context_length", 4096)
     factor = raw.get("rope_scaling_factor", 32.0)
     hf = {key: raw[key] for key in ("num_hidden_layers", "vocab_size", "hidden_size", "intermediate_size",
                                     "head_dim", "num_attention_heads", "num_key_value_heads",
                                     "sliding_window", "rope_theta", "swiglu_limit") if key in raw}
     hf.update(
-        num_local_experts=raw["num_experts"], num_experts_per_tok=raw["experts_per_token"],
+        num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
         # The original model alternates sliding-window (even layers) and full attention.
         layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
         max_position_embeddings=raw.get("max_position_embeddings", int(context * factor)),
@@ -99,13 +180,25 @@ def _original_to_hf_config(raw: dict) -> dict:
 
 
 def gpt_oss_config(checkpoint: Checkpoint):
-    """transformers' `GptOssConfig` for an open checkpoint of either layout."""
+    """transformers' `GptOssConfig` for an open checkpoint of either layout. Raises
+    CheckpointError naming config.json and the key for a value transformers cannot take."""
     _, GptOssConfig, _ = _require_transformers()
-    raw = json.loads(checkpoint.config_file.read_text())
-    if checkpoint.layout == "original":
-        raw = _original_to_hf_config(raw)
+    source = checkpoint.config_file
+    raw = read_json(source, "config", link_roots(source.parent))
+    _check_model_config(raw, source)
+    # An original-layout folder may carry a config in Hugging Face naming (the model folder's).
+    if checkpoint.layout == "original" and "num_local_experts" not in raw:
+        raw = _original_to_hf_config(raw, checkpoint)
+        _check_model_config(raw, f"{source} (in Hugging Face naming)")
     raw = {k: v for k, v in raw.items() if k != "quantization_config"}     # we, not transformers, load the experts
-    config = GptOssConfig(**raw)
+    for key in raw:
+        if callable(getattr(GptOssConfig, key, None)):
+            raise CheckpointError(f"{source}: config key {key!r} would replace GptOssConfig's method of that name")
+    try:
+        config = GptOssConfig(**raw)
+    except Exception as err:     # transformers' own checks, whatever their type, after ours passed
+        raise CheckpointError(f"{source}: transformers' GptOssConfig refuses this config: "
+                              f"{type(err).__name__}: {shown(str(err))}") from None
     if "swiglu_alpha" in raw:           # (not a GptOssConfig argument; its experts read the attribute)
         config.swiglu_alpha = raw["swiglu_alpha"]
     return config
@@ -151,10 +244,32 @@ def _missing(sources: dict, checkpoint: Checkpoint) -> list[str]:
 
 def _dense_parameter_names(config) -> list[str]:
     """The model's dense parameters (every one but the MoE blocks'), from a meta-device build."""
-    _, _, GptOssForCausalLM = _require_transformers()
-    with torch.device("meta"):
-        model = GptOssForCausalLM(config)
+    model = _meta_model(config, None)
     return [name for name, _ in model.named_parameters() if ".mlp." not in name]
+
+
+def _meta_model(config, dtype: torch.dtype | None):
+    """GptOssForCausalLM(config) on the meta device (nothing allocated)."""
+    _, _, GptOssForCausalLM = _require_transformers()
+    try:
+        with torch.device("meta"):
+            model = GptOssForCausalLM(config)
+    except Exception as err:     # transformers' model code on a config our checks let through
+        raise CheckpointError(f"transformers cannot build GptOssForCausalLM from this config: "
+                              f"{type(err).__name__}: {shown(str(err))}") from None
+    return model if dtype is None else model.to(dtype)
+
+
+def check_dense_tensors(checkpoint: Checkpoint) -> None:
+    """Raise CheckpointError, naming file and tensor, unless every dense tensor the model reads
+    is a float tensor of the shape the config gives it (headers only; nothing is allocated)."""
+    config = gpt_oss_config(checkpoint)
+    model = _meta_model(config, None)
+    for decoder_layer in model.model.layers:
+        decoder_layer.mlp = torch.nn.Identity()            # the MoE tensors are the reader's to check
+    sources = _dense_sources(dict(model.named_parameters()), checkpoint, config)
+    if not _missing(sources, checkpoint):
+        _check_dense(model, sources, checkpoint)
 
 
 def missing_dense_tensors(checkpoint: Checkpoint) -> list[str]:
@@ -164,27 +279,59 @@ def missing_dense_tensors(checkpoint: Checkpoint) -> list[str]:
     return _missing(_dense_sources(_dense_parameter_names(config), checkpoint, config), checkpoint)
 
 
+_DENSE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_dense(model, sources: dict, checkpoint: Checkpoint) -> None:
+    """Every dense tensor the model reads must be a float tensor of exactly the shape the config
+    gives its parameter (the original layout's fused qkv: q, k and v rows together, no more, no
+    fewer). Checked on the headers, before any parameter is allocated."""
+    for key, param in model.named_parameters():
+        name, rows = sources.get(key, (key, None))
+        ref = checkpoint.tensor(name)
+        expected = tuple(param.shape)
+        if rows is not None:
+            # The whole fused tensor: the config's q + 2 kv rows (rows.stop of v_proj's slice).
+            total = _fused_qkv_rows(model.config)
+            expected = (total, *param.shape[1:])
+            what = (f"the config's q, k and v rows stacked ({model.config.num_attention_heads} + "
+                    f"2 x {model.config.num_key_value_heads} heads of {model.config.head_dim} = {total} rows)")
+        else:
+            what = f"the model's {key}"
+        if ref.dtype not in _DENSE_DTYPES:
+            raise CheckpointError(f"{ref.file}: tensor {name}: expected a float dtype (bfloat16, float16 or "
+                                  f"float32), found {ref.dtype}")
+        if tuple(ref.shape) != expected:
+            raise CheckpointError(f"{ref.file}: tensor {name}: expected shape {list(expected)} ({what}, from "
+                                  f"config {checkpoint.config_file.name}), found {list(ref.shape)}")
+
+
+def _fused_qkv_rows(config) -> int:
+    return (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+
+
 def _load_dense(model, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
     """Materialize the model's (meta) dense parameters on `device` from the checkpoint."""
     sources = _dense_sources(dict(model.named_parameters()), checkpoint, model.config)
     missing = _missing(sources, checkpoint)
     if missing:
-        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        listed = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise CheckpointError(
-            f"{checkpoint.path}: no dense weights for the full model: {len(missing)} tensors are missing ({shown}). "
+            f"{checkpoint.path}: no dense weights for the full model: {len(missing)} tensors are missing ({listed}). "
             "load_model needs a full gpt-oss checkpoint (embeddings, attention, norms, unembedding), not the "
             "MoE layers alone")
-    model.to_empty(device=device)
+    _check_dense(model, sources, checkpoint)
+    nbytes = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+    try:
+        model.to_empty(device=device)
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as err:
+        raise MemoryError(f"load_model: cannot allocate the dense weights ({nbytes / 2**30:.2f} GiB of {dtype} on "
+                          f"{device}) for {checkpoint.path}: {str(err)[:200]}") from None
     with torch.no_grad():
         for key, param in model.named_parameters():
             name, rows = sources.get(key, (key, None))
             ref = checkpoint.tensor(name)
-            value = ref.read_all() if rows is None else ref.read(rows)
-            if tuple(value.shape) != tuple(param.shape):
-                raise CheckpointError(f"{ref.file}: tensor {name}{'' if rows is None else f' rows {rows.start}:{rows.stop}'} "
-                                      f"has shape {list(value.shape)}, but the model's {key} (from config "
-                                      f"{checkpoint.config_file.name}) is {list(param.shape)}")
-            param.copy_(value.to(dtype))
+            param.copy_((ref.read_all() if rows is None else ref.read(rows)).to(dtype))
     # to_empty left the buffers (rotary frequencies, computed at construction) uninitialized.
     rotary = model.model.rotary_emb
     with torch.device(device):
@@ -270,7 +417,7 @@ def load_model(path: str | Path, *, device: torch.device | str | None = None, dt
     Raises CheckpointError (naming the file and tensor) for a checkpoint without the dense
     weights or with shapes its config does not give.
     """
-    _, _, GptOssForCausalLM = _require_transformers()
+    _require_transformers()
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
@@ -282,8 +429,7 @@ def load_model(path: str | Path, *, device: torch.device | str | None = None, dt
             return _with_generate_default(model, fast_generate, device)
         config = gpt_oss_config(checkpoint)
         config._attn_implementation = attn_implementation
-        with torch.device("meta"):
-            model = GptOssForCausalLM(config).to(dtype)
+        model = _meta_model(config, dtype)
         for decoder_layer in model.model.layers:
             decoder_layer.mlp = torch.nn.Identity()        # the meta bf16 experts go before anything is allocated
         _load_dense(model, checkpoint, device, dtype)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from mxfp4_moe import distributed as D
 from mxfp4_moe.checkpoint import open_checkpoint
-from mxfp4_moe.checks import median_ms, rel_err
+from mxfp4_moe.verify.checks import median_ms, rel_err
 from mxfp4_moe.loader import load_layer
 from mxfp4_moe.moe import MXFP4MoE
 from mxfp4_moe.sharding import ShardPlan

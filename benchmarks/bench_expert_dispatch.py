@@ -46,7 +46,7 @@ import torch.distributed as dist
 from bench_distributed import TOLERANCE, git_commit
 from mxfp4_moe import distributed as D
 from mxfp4_moe.checkpoint import open_checkpoint
-from mxfp4_moe.checks import median_ms, rel_err
+from mxfp4_moe.verify.checks import median_ms, rel_err
 from mxfp4_moe.expert_dispatch import EXCHANGES, TokenShardedMXFP4MoE
 
 FULL = dict(num_layers=1, num_experts=128, hidden=2880, intermediate=2880, top_k=4, seed=0)

@@ -44,7 +44,7 @@ from bench_moe import git_commit
 from mxfp4_moe import distributed as D
 from mxfp4_moe.checkpoint import open_checkpoint
 from mxfp4_moe.integrations.transformers import load_model, shard_plan
-from mxfp4_moe.model_check import FLOAT32_TOLERANCE
+from mxfp4_moe.verify.model_check import FLOAT32_TOLERANCE
 
 PROMPTS, PROMPT_LEN, GREEDY_TOKENS = 4, 16, 16
 

@@ -338,7 +338,7 @@ def test_gluon_kernels_padded_hidden(config):
 @pytest.mark.parametrize("tokens", [64, 512])
 def test_layer_vs_transformers_gpt_oss_mlp(tokens):
     pytest.importorskip("transformers")
-    from mxfp4_moe.oracle import build_transformers_moe
+    from mxfp4_moe.verify.oracle import build_transformers_moe
     E, H, I, k = 32, 2880, 2880, 4
     weights, _ = random_expert_weights(E, H, I, top_k=k, seed=tokens, device="cuda", dense=False)
     mlp = build_transformers_moe(weights, device="cuda")

@@ -51,7 +51,7 @@ import torch
 
 pytest.importorskip("transformers", reason="the model integration needs Hugging Face transformers")
 
-from mxfp4_moe import model_check  # noqa: E402
+from mxfp4_moe.verify import model_check  # noqa: E402
 from mxfp4_moe.integrations.transformers import load_model  # noqa: E402
 from mxfp4_moe.synthetic import make_synthetic_checkpoint  # noqa: E402
 

@@ -41,7 +41,7 @@ def test_triton_backend_matches_torch_backend(E, H, I, H_pad, I_pad, T, local, d
 
 def test_torch_backend_matches_transformers_gpt_oss_mlp():
     pytest.importorskip("transformers")
-    from mxfp4_moe.oracle import build_transformers_moe
+    from mxfp4_moe.verify.oracle import build_transformers_moe
     E, H, I, k, T = 8, 64, 96, 4, 13
     weights, _ = random_expert_weights(E, H, I, hidden_pad=128, inter_pad=128, top_k=k, seed=7)
     mlp = build_transformers_moe(weights)

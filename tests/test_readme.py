@@ -68,11 +68,15 @@ def test_torchrun_example_runs_under_torchrun(tmp_path, name):
     script.write_text(block)
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["CUDA_VISIBLE_DEVICES"] = ""
+    # Each rank's output in its own file (--redirects 3): ranks printing at once would interleave.
+    logs = tmp_path / "logs"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if line[:2] in ("0 ", "1 "))
-    assert [line.split()[0] for line in lines] == ["0", "1"], proc.stdout
+                           "--redirects", "3", "--log-dir", str(logs), str(script)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    rank_out = {int(f.parent.name): f.read_text() for f in logs.rglob("stdout.log")}
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + str(rank_out)
+    lines = [rank_out[rank].strip() for rank in sorted(rank_out)]
+    assert [line.split()[0] for line in lines] == ["0", "1"], rank_out
     if "load_model" in block:
         assert all("(1, 4, " in line for line in lines), lines
     elif "TokenSharded" in block:                       # 3 + 5 * rank tokens of its own on each rank

@@ -122,7 +122,7 @@ def _routings(batch, seq, layers, experts, disagreements):
 
 
 def test_a_disagreement_far_from_a_tie_fails_the_routing():
-    from mxfp4_moe import model_check
+    from mxfp4_moe.verify import model_check
     left, problems = model_check.undisturbed_tokens(_routings(2, 6, 2, 4, [(1, 2, 1, 0.4)]), 2, 6)
     assert len(problems) == 1 and "sequence 1 token 2" in problems[0] and "not a near-tie" in problems[0]
 
@@ -131,7 +131,7 @@ def test_a_near_tie_leaves_out_its_later_tokens_and_what_it_explains():
     # A near-tie at token 1 in layer 0 reaches tokens 1.. of its sequence through layer 1's
     # attention: a disagreement there at token 4, far from a tie, is its consequence, not a bug.
     # The same far disagreement in the other sequence, which no near-tie precedes, is judged.
-    from mxfp4_moe import model_check
+    from mxfp4_moe.verify import model_check
     ties = [(0, 1, 0, 0.01), (0, 4, 1, 0.4)]
     left, problems = model_check.undisturbed_tokens(_routings(2, 6, 2, 4, ties), 2, 6)
     assert problems == []

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .mxfp4 import BLOCK_SIZE, E8M0_BIAS, E8M0_NAN, PAD_SCALE_E8M0
+from ..mxfp4 import BLOCK_SIZE, E8M0_BIAS, E8M0_NAN, PAD_SCALE_E8M0
 
 # Relative Frobenius error allowed between the MoE layer and the float64 reference, by compute
 # dtype. bf16 operands round to 8 bits (2**-9 relative), fp16 to 11; float32 on a GPU may use
@@ -138,7 +138,7 @@ def check_shard(tensors, plan, weights) -> list[str]:
     Independent of the loader's copy logic: it only uses the plan's ranges (which global experts,
     which intermediate blocks) and the documented padding fill. Returns the problems found.
     """
-    from .loader import PAD_CHANNEL_SCALE
+    from ..loader import PAD_CHANNEL_SCALE
     if hasattr(tensors, "experts"):
         return _check_shard_per_expert(tensors, plan, weights)
     problems: list[str] = []
@@ -239,7 +239,7 @@ def run_noting_fallbacks(module, x: torch.Tensor) -> tuple[torch.Tensor, list[di
     kernel that could not compile for a shape, replaced by the portable Triton kernel)."""
     if getattr(module, "backend", None) != "triton":
         return module(x), []
-    from .kernels.moe_matmul import kernel_fallbacks
+    from ..kernels.moe_matmul import kernel_fallbacks
     before = {id(f): f.calls for f in kernel_fallbacks()}
     out = module(x)
     return out, [f.as_dict() for f in kernel_fallbacks() if f.calls > before.get(id(f), 0)]
@@ -269,7 +269,7 @@ def check_fragment_order(layer_module, weights, layer: int) -> CheckResult:
     """The expert blocks and scales rebuilt from the layer's fragment-order copy (what its Hopper
     kernel reads; `MXFP4MoE.checkpoint_weights`) against the loaded checkpoint-order `weights`,
     byte for byte, padding included."""
-    from .moe import CHECKPOINT_ORDER_TENSORS
+    from ..moe import CHECKPOINT_ORDER_TENSORS
     rebuilt = layer_module.checkpoint_weights()
     problems = []
     for name in CHECKPOINT_ORDER_TENSORS:

@@ -28,13 +28,13 @@ import torch
 from .checks import (SHARD_SUM_TOLERANCE, CheckResult, check_coverage, check_format, check_fragment_order,
                      check_kernels, check_oracle, check_shard, kernel_tolerance, measure_throughput, rel_err,
                      run_noting_fallbacks)
-from . import __version__
-from .verify_common import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK,
+from .. import __version__
+from .common import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK,
                             MAX_TOKENS, REPORT_SCHEMA, UsageError, check_arguments, environment, make_plans,
                             parse_align, parse_device, parse_layers, plural, rank_label, report, report_header,
                             resolve_compute, write_error_json)
-from .progress import advance as advance_bar
-from .progress import progress_bar
+from ..progress import advance as advance_bar
+from ..progress import progress_bar
 
 # The exit codes and the report schema are part of the CLI (`verify.EXIT_OK`, ...).
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CHECK_FAILED", "EXIT_OK", "REPORT_SCHEMA", "build_parser", "main", "run_checks"]
@@ -94,10 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_enabled: bool) -> list[CheckResult]:
-    from .loader import load_layer
-    from .moe import MXFP4MoE
-    from .reference import reference_moe
-    from .routing import route
+    from ..loader import load_layer
+    from ..moe import MXFP4MoE
+    from ..reference import reference_moe
+    from ..routing import route
 
     cfg = ckpt.config
     layers = parse_layers(args.layers, cfg.num_layers)
@@ -213,13 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout
     try:
         check_arguments(args)
-        from .distributed import DistributedSetupError, torchrun_env
+        from ..distributed import DistributedSetupError, torchrun_env
         try:
             launch = torchrun_env()
         except DistributedSetupError as exc:
             raise UsageError(str(exc)) from None
         if launch is not None:
-            from .verify_torchrun import main_torchrun
+            from .torchrun import main_torchrun
             return main_torchrun(args, out, launch)
         return _main(args, out)
     except UsageError as exc:
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args, out) -> int:
-    from .checkpoint import CheckpointError, open_checkpoint
+    from ..checkpoint import CheckpointError, open_checkpoint
 
     builtin = args.checkpoint is None
     args.tp = args.tp or (BUILTIN_LAYOUT["tp"] if builtin else 1)
@@ -246,7 +246,7 @@ def _main(args, out) -> int:
 
     with ExitStack() as stack:
         if builtin:
-            from .synthetic import make_synthetic_checkpoint
+            from ..synthetic import make_synthetic_checkpoint
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mxfp4_moe_verify_")))
             path = make_synthetic_checkpoint(folder / "checkpoint", **BUILTIN_CHECKPOINT)
         else:
@@ -294,6 +294,3 @@ def _check_model_prerequisites(ckpt) -> None:
     if problem:
         raise UsageError(f"--model: {problem}")
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

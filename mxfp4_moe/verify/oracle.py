@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .mxfp4 import dequantize
-from .weights import ExpertWeights
+from ..mxfp4 import dequantize
+from ..weights import ExpertWeights
 
 
 def _require_transformers():

@@ -63,8 +63,8 @@ def forward_with_routing(model, ids: torch.Tensor) -> tuple[torch.Tensor, list]:
     """A model's logits [B, S, V] float32 and, per layer, (expert ids [T, k] sorted, float32
     router logits [T, E]) as it routed each token (T = B * S), seen at its MoE block's input.
     Works for our `MXFP4GptOssMLP` and transformers' `GptOssMLP`."""
-    from .integrations.transformers import MXFP4GptOssMLP
-    from .routing import route
+    from ..integrations.transformers import MXFP4GptOssMLP
+    from ..routing import route
     routing = []
 
     def hook(module, args, kwargs):
@@ -143,7 +143,7 @@ def dense_weights_problem(checkpoint) -> str:
         return (f"{checkpoint.path} is a {checkpoint.layout} checkpoint: the model check compares gpt-oss "
                 "checkpoints in the Hugging Face layout with transformers' own load; it has no reference for "
                 "this format yet")
-    from .integrations.transformers import check_dense_tensors, missing_dense_tensors
+    from ..integrations.transformers import check_dense_tensors, missing_dense_tensors
     missing = missing_dense_tensors(checkpoint)
     if missing:
         return (f"{checkpoint.path} has no dense weights ({len(missing)} tensors missing, e.g. {missing[0]}): "
@@ -184,7 +184,7 @@ def _greedy(model, prompt: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]
 def check_model(path: str | Path, device: torch.device, dtype: torch.dtype, backend: str, seed: int,
                 **load_kwargs) -> CheckResult:
     """The `model` row of verify's report (see the module docstring)."""
-    from .integrations.transformers import load_model
+    from ..integrations.transformers import load_model
     ours = load_model(path, device=device, dtype=dtype, backend=backend, progress=False, **load_kwargs)
     theirs = _reference_model(Path(path), device, dtype)
     exact = _reference_model(Path(path), device, torch.float32) if dtype != torch.float32 else None

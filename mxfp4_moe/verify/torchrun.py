@@ -17,10 +17,10 @@ import torch
 from .checks import (CheckResult, SHARD_SUM_TOLERANCE, check_coverage,
                      check_format, check_fragment_order, check_kernels, check_oracle, check_shard, kernel_tolerance,
                      median_ms, rel_err, run_noting_fallbacks)
-from .verify_common import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, UsageError, environment,
+from .common import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, UsageError, environment,
                             make_plans, parse_align, parse_layers, rank_label, report, report_header,
                             resolve_compute, write_error_json)
-from .progress import advance, progress_bar
+from ..progress import advance, progress_bar
 
 
 # ---- one process per rank (torchrun) ------------------------------------------------------------
@@ -66,12 +66,12 @@ def run_distributed_checks(args, ckpt, device: torch.device, dtype: torch.dtype,
     every rank alike."""
     import torch.distributed as dist
 
-    from . import distributed as D
-    from .checkpoint import CheckpointError
-    from .loader import load_layer
-    from .moe import MXFP4MoE
-    from .reference import reference_moe
-    from .routing import route
+    from .. import distributed as D
+    from ..checkpoint import CheckpointError
+    from ..loader import load_layer
+    from ..moe import MXFP4MoE
+    from ..reference import reference_moe
+    from ..routing import route
 
     rank, world = dist.get_rank(), dist.get_world_size()
     rank0 = rank == 0
@@ -245,8 +245,8 @@ def main_torchrun(args, out, launch) -> int:
     same exit status."""
     import torch.distributed as dist
 
-    from . import distributed as D
-    from .checkpoint import CheckpointError, open_checkpoint
+    from .. import distributed as D
+    from ..checkpoint import CheckpointError, open_checkpoint
 
     rank0 = launch.rank == 0
     if not rank0:
@@ -279,7 +279,7 @@ def main_torchrun(args, out, launch) -> int:
             error, path = None, None
             if builtin:
                 if rank0:
-                    from .synthetic import make_synthetic_checkpoint
+                    from ..synthetic import make_synthetic_checkpoint
                     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mxfp4_moe_verify_")))
                     path = str(make_synthetic_checkpoint(folder / "checkpoint", **BUILTIN_CHECKPOINT))
                 path = D.broadcast_object(path, device=device if device.type == "cuda" else None)

@@ -1,5 +1,5 @@
-"""What `python -m mxfp4_moe.verify` shares between its single-process run (`verify.py`) and its
-torchrun mode (`verify_torchrun.py`): exit codes, the built-in checkpoint, argument parsing
+"""What `python -m mxfp4_moe.verify` shares between its single-process run (`cli.py`) and its
+torchrun mode (`torchrun.py`): exit codes, the built-in checkpoint, argument parsing
 helpers, the rank plans and the report (table, summary line, JSON).
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .checks import CheckResult
-from .moe import triton_installed
+from ..moe import triton_installed
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 REPORT_SCHEMA = "mxfp4_moe.verify/1"
@@ -157,7 +157,7 @@ def check_json_path(json_path: str) -> None:
 
 def parse_align(spec: str):
     """'triton' (a preset) or 'H,I' (two integers) -> what ShardPlan.create takes."""
-    from .sharding import ALIGN_PRESETS
+    from ..sharding import ALIGN_PRESETS
     if "," in spec:
         try:
             h_align, i_align = (int(p) for p in spec.split(","))
@@ -173,7 +173,7 @@ def parse_align(spec: str):
 def make_plans(args, cfg):
     """Every rank's ShardPlan (ordered ep-major, as global ranks are) and the unsharded plan with
     the same padding. A layout the checkpoint cannot take is a usage error (exit 2)."""
-    from .sharding import ShardPlan
+    from ..sharding import ShardPlan
     plan_args = dict(num_experts=cfg.num_experts, hidden=cfg.hidden_size, inter=cfg.intermediate_size,
                      placement=args.placement, align=args.align, hidden_pad=args.hidden_pad)
     try:

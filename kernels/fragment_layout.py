@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mxfp4_moe.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, E2M1_SIGN_BIT, E8M0_BIAS, E8M0_NAN, NIBBLE_BITS
+from ._format import BLOCK_SIZE, BYTES_PER_BLOCK, E2M1_SIGN_BIT, E8M0_BIAS, E8M0_NAN, NIBBLE_BITS
 
 LANES = 32
 ROWS_PER_GROUP = 16           # a warp's share of the wgmma's 64 rows

@@ -194,7 +194,7 @@ class MXFP4MoE(torch.nn.Module):
         from .kernels.fragment_layout import fragment_order_problem, to_fragment_order   # torch only
         hopper = False
         if self.backend == "triton":
-            from .kernels.moe_matmul import on_hopper
+            from .kernels._device import on_hopper
             hopper = self.compute_dtype == torch.bfloat16 and on_hopper(w.device)
         if fragment_order is None and not hopper:
             return None             # (before the scale scan below: nothing to build off Hopper)

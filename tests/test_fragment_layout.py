@@ -107,7 +107,7 @@ def test_rs_kernel_is_the_hopper_default_with_fragments(monkeypatch):
     # off Hopper, the checkpoint-order defaults stay.
     import importlib
     launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
-    monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    monkeypatch.setattr(importlib.import_module("mxfp4_moe.kernels._device"), "interpreting", lambda: False)
     for block_m in (16, 32, 64, 128):
         for swiglu in (True, False):
             cfg = launcher.default_config(block_m, 5760, 2880, swiglu=swiglu, sm90=True, fragments=True, rows=4096)
@@ -127,7 +127,8 @@ def _rs_problem(launcher, cfg, split_k_ok):
     import unittest.mock
     x = torch.zeros(8, 256, dtype=torch.bfloat16)
     fw = to_fragment_order(torch.zeros(1, 32, 128, dtype=torch.uint8), torch.full((1, 32, 8), 127, dtype=torch.uint8))
-    with unittest.mock.patch.object(launcher, "on_hopper", lambda device: True):
+    from mxfp4_moe.kernels import _device
+    with unittest.mock.patch.object(_device, "on_hopper", lambda device: True):
         return launcher._rs_unsupported(x, fw, 32, 256, cfg, torch.bfloat16, {}, split_k_ok=split_k_ok)
 
 
@@ -264,8 +265,9 @@ def rs_launches(monkeypatch):
     rs_module = importlib.import_module("mxfp4_moe.kernels._moe_matmul_rs")
     recorder = _RecordingKernel()
     monkeypatch.setattr(rs_module, "_moe_matmul_rs_kernel", recorder)
-    monkeypatch.setattr(launcher, "on_hopper", lambda device: True)
-    monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    device = importlib.import_module("mxfp4_moe.kernels._device")    # where every kernel module asks
+    monkeypatch.setattr(device, "on_hopper", lambda device: True)
+    monkeypatch.setattr(device, "interpreting", lambda: False)
     return launcher, recorder
 
 

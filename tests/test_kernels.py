@@ -348,7 +348,8 @@ def test_sm90_race_check_flags_pipelined_register_operand_wgmma():
 def test_ptx_decode_is_the_bf16_default(monkeypatch):
     import importlib
     launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")   # the module, not the function
-    monkeypatch.setattr(launcher, "interpreting", lambda: False)      # as on the GPU
+    monkeypatch.setattr(importlib.import_module("mxfp4_moe.kernels._device"), "interpreting",
+                        lambda: False)                                # as on the GPU
     blocks = torch.zeros(2, 64, 32, dtype=torch.uint8)
     assert launcher.pick_dequant(torch.bfloat16, blocks) == "ptx"      # whatever the block config
     assert launcher.pick_dequant(torch.float16, blocks) == "bytes"
@@ -361,8 +362,9 @@ def test_sm90_kernel_selection(monkeypatch):
     import importlib
     launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
     C = launcher.MatmulConfig
-    monkeypatch.setattr(launcher, "interpreting", lambda: False)
-    monkeypatch.setattr(launcher, "on_hopper", lambda device: True)
+    device = importlib.import_module("mxfp4_moe.kernels._device")    # where every kernel module asks
+    monkeypatch.setattr(device, "interpreting", lambda: False)
+    monkeypatch.setattr(device, "on_hopper", lambda device: True)
     for block_m, kernel in ((16, "triton"), (32, "triton"), (64, "sm90"), (128, "sm90")):
         for swiglu in (True, False):
             assert launcher.default_config(block_m, 5760, 2880, swiglu=swiglu, sm90=True).kernel == kernel
@@ -437,7 +439,7 @@ def launcher_without_fallbacks(monkeypatch):
     """The launcher module with an empty fallback record (restored after the test)."""
     import importlib
     launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
-    monkeypatch.setattr(launcher, "_FALLBACKS", {})
+    monkeypatch.setattr(importlib.import_module("mxfp4_moe.kernels.moe_matmul_fallbacks"), "_FALLBACKS", {})
     return launcher
 
 

@@ -347,13 +347,17 @@ def test_rs_constexprs_name_every_tiling_constexpr_of_the_kernel():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                     reason="runs the layer's other Triton kernels on CPU tensors: needs the interpreter "
                            "(a GPU machine runs the real launch in tests/test_gpu.py)")
-def test_layer_with_only_the_fragment_copy_launches_from_it(rs_launches):
+def test_layer_with_only_the_fragment_copy_launches_from_it(rs_launches, monkeypatch):
     # As on a Hopper GPU (the Gluon kernel replaced by a recorder): by default the layer builds
     # the fragment copy and drops checkpoint order, leaving the caller's weights as they were;
     # checkpoint_weights() rebuilds them exactly, and forward, even on float32 tokens with an
     # odd row stride, launches the "rs" kernel on the fragments for both matmuls.
+    from mxfp4_moe import kernel_api
     from mxfp4_moe.moe import CHECKPOINT_ORDER_TENSORS, MXFP4MoE, random_expert_weights
     _, recorder = rs_launches
+    # Only the kernels see a GPU: the package (the layer's backend, the routing kernels) still
+    # runs through the interpreter on these CPU tensors.
+    monkeypatch.setattr(kernel_api, "interpreting", lambda: True, raising=False)
     w, _ = random_expert_weights(4, 64, 64, top_k=2, dense=False)
     originals = {name: getattr(w, name).clone() for name in CHECKPOINT_ORDER_TENSORS}
     layer = MXFP4MoE(w, backend="triton", compute_dtype=torch.bfloat16)

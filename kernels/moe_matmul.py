@@ -335,7 +335,7 @@ class _Launch:
 
 def _refuse_other_activations(a: _Launch, kernel: str) -> None:
     """The Gluon kernels' epilogue is gpt-oss's clamped SwiGLU only: raise for any other
-    activation, so a default config falls back to the portable Triton kernel (`_fall_back`,
+    activation, so a default config falls back to the portable Triton kernel (`fall_back`,
     one warning per shape class) and an explicit one fails, instead of computing the wrong one."""
     if a.fused["SWIGLU"] and a.activation != "swiglu_oai":
         raise NotImplementedError(f"the {kernel!r} kernel implements only the 'swiglu_oai' activation "

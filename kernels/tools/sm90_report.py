@@ -4,9 +4,9 @@ became wgmma (HGMMA in the SASS). Used by a CPU test and before spending GPU tim
 drives the compiler, not a runtime module: it sits in kernels/tools/, apart from the kernels it
 compiles, and nothing at run time imports it.
 
-    python -m mxfp4_moe.kernels.tools.sm90_report                      # one JSON line per default config
-    python -m mxfp4_moe.kernels.tools.sm90_report --dequant=bytes      # the Triton kernel's one-code-at-a-time path
-    python -m mxfp4_moe.kernels.tools.sm90_report --small-shapes       # every default config at small H, I
+    python -m mxfp4_moe.kernels.tools.sm90_report                  # one JSON line per default config
+    python -m mxfp4_moe.kernels.tools.sm90_report --dequant=bytes  # the Triton kernel's one-code-at-a-time path
+    python -m mxfp4_moe.kernels.tools.sm90_report --small-shapes   # every default config at small H, I
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ kernels, and what does it make of them?
 
 Each `--triton VERSION=PATH` names a folder holding that release's `triton` package (for example
 `pip install --no-deps --target PATH triton==VERSION`), put first on PYTHONPATH; an empty PATH
-means the Triton installed beside this Python. Per release it runs `mxfp4_moe.kernels.sm90_report`
+means the Triton installed beside this Python. Per release it runs `mxfp4_moe.kernels.tools.sm90_report`
 twice in a fresh process: the gpt-oss default configs (registers, spills, HGMMA count) and
 `--small-shapes` (every default config at small H and I). Writes compile_matrix.json and
 compile_matrix.md to --out and prints the markdown.
@@ -30,7 +30,7 @@ def _run_report(path: str, *args: str) -> tuple[list[dict], str, int]:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH", "")) if p)
     probe = [sys.executable, "-c", "import triton; print(triton.__version__)"]
     version = subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip()
-    proc = subprocess.run([sys.executable, "-m", "mxfp4_moe.kernels.sm90_report", *args], env=env,
+    proc = subprocess.run([sys.executable, "-m", "mxfp4_moe.kernels.tools.sm90_report", *args], env=env,
                           capture_output=True, text=True)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     for line in lines:

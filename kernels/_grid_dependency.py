@@ -14,7 +14,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from ._device import cuda_major, interpreting
+from . import _device
 
 
 # inline_asm_elementwise needs an output: `$0` is a register the instruction never writes.
@@ -39,4 +39,4 @@ switch for A/B measurements: benchmarks/RESULTS.md 3.4)."""
 def pdl_launch(device: torch.device) -> bool:
     """Whether kernels on `device` are launched with `launch_pdl` (and wait for their predecessor
     in the kernel): on a CUDA GPU of compute capability 9 or newer, outside the interpreter."""
-    return ENABLED and device.type == "cuda" and not interpreting() and cuda_major(device) >= 9
+    return ENABLED and device.type == "cuda" and not _device.interpreting() and _device.cuda_major(device) >= 9

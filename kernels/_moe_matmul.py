@@ -16,15 +16,15 @@ import struct
 import triton
 import triton.language as tl
 
-from mxfp4_moe import mxfp4
+from . import _format
 
 
-_NIBBLE_BITS: tl.constexpr = tl.constexpr(mxfp4.NIBBLE_BITS)
-_NIBBLE_MASK: tl.constexpr = tl.constexpr(mxfp4.NIBBLE_MASK)
-_E2M1_SIGN_BIT: tl.constexpr = tl.constexpr(mxfp4.E2M1_SIGN_BIT)
-_MAGNITUDE_MASK: tl.constexpr = tl.constexpr(mxfp4.E2M1_SIGN_BIT - 1)
-_BLOCK_SIZE: tl.constexpr = tl.constexpr(mxfp4.BLOCK_SIZE)
-_E8M0_NAN: tl.constexpr = tl.constexpr(mxfp4.E8M0_NAN)
+_NIBBLE_BITS: tl.constexpr = tl.constexpr(_format.NIBBLE_BITS)
+_NIBBLE_MASK: tl.constexpr = tl.constexpr(_format.NIBBLE_MASK)
+_E2M1_SIGN_BIT: tl.constexpr = tl.constexpr(_format.E2M1_SIGN_BIT)
+_MAGNITUDE_MASK: tl.constexpr = tl.constexpr(_format.E2M1_SIGN_BIT - 1)
+_BLOCK_SIZE: tl.constexpr = tl.constexpr(_format.BLOCK_SIZE)
+_E8M0_NAN: tl.constexpr = tl.constexpr(_format.E8M0_NAN)
 # An E2M1 code's 3 magnitude bits `e1 e0 m` placed at fp16 bits 11..9 read as an fp16 whose
 # exponent field is e and whose top mantissa bit is m: that fp16 equals the E2M1 value times
 # 2 ** -(15 - 1) (fp16 bias 15, E2M1 bias 1), normals and the subnormal 0.5 alike.
@@ -32,7 +32,7 @@ _FP16_SIGN_SHIFT: tl.constexpr = tl.constexpr(15 - 3)     # E2M1 sign bit 3 -> f
 _FP16_MAG_SHIFT: tl.constexpr = tl.constexpr(10 - 1)      # E2M1 bit 0 (m) -> fp16 bit 9
 _FP16_REBIAS: tl.constexpr = tl.constexpr(15 - 1)         # undo the 2 ** -14 above
 _FP32_MANTISSA_BITS: tl.constexpr = tl.constexpr(23)
-_CODES_PER_WORD: tl.constexpr = tl.constexpr(32 // mxfp4.NIBBLE_BITS)
+_CODES_PER_WORD: tl.constexpr = tl.constexpr(32 // _format.NIBBLE_BITS)
 # E8M0 byte b -> bf16 2 ** (b - 127): the exponent field is b itself (bf16 and E8M0 share the
 # bias), except b = 0 (2 ** -127, the bf16 subnormal with only the top mantissa bit) and NaN.
 _BF16_MANTISSA_BITS: tl.constexpr = tl.constexpr(7)
@@ -52,7 +52,7 @@ def _byte_table(values) -> str:
 
 # bf16 bits of the 8 E2M1 magnitudes (codes 0..7), split into low and high bytes: prmt looks up
 # 4 magnitudes at once, one 3-bit selector nibble per output byte, in two 4-byte registers.
-_MAG_BITS = [_bf16_bits(v) for v in mxfp4.E2M1_VALUES[:mxfp4.E2M1_SIGN_BIT]]
+_MAG_BITS = [_bf16_bits(v) for v in _format.E2M1_VALUES[:_format.E2M1_SIGN_BIT]]
 _LO = [b & 0xFF for b in _MAG_BITS]
 _HI = [b >> 8 for b in _MAG_BITS]
 

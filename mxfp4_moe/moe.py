@@ -5,7 +5,6 @@ between the Triton kernels (`mxfp4_moe.kernels`) and the pure-torch reference (`
 from __future__ import annotations
 
 import importlib.util
-import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from . import kernel_api
 from .reference import reference_moe
 from .routing import exact_bf16, route, routing_metadata
 from .weights import ExpertWeights
@@ -21,10 +21,6 @@ Backend = Literal["auto", "triton", "torch"]
 # The ExpertWeights fields a layer with a fragment-order copy need not keep (`keep_checkpoint_order`).
 CHECKPOINT_ORDER_TENSORS = ("w13_blocks", "w13_scales", "w2_blocks", "w2_scales")
 Combine = Literal["auto", "atomic", "slots"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_installed() -> bool:
@@ -47,7 +43,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton" and not triton_installed():
         raise ImportError("MXFP4MoE: backend='triton' needs Triton, which is not installed: "
                           "`pip install 'triton>=3.6,<3.10'` (Linux), or use backend='torch'")
-    if backend == "triton" and device.type != "cuda" and not _interpreting():
+    if backend == "triton" and device.type != "cuda" and not kernel_api.interpreting():
         raise ValueError(
             f"MXFP4MoE: backend='triton' needs the weights on a CUDA device (they are on {device}); "
             "on a CPU set TRITON_INTERPRET=1 before importing mxfp4_moe.kernels to run the kernels "
@@ -126,9 +122,8 @@ class MXFP4MoE(torch.nn.Module):
         rebuilt from it (exact; a new copy of the expert weights in memory)."""
         if self.holds_checkpoint_order:
             return self.weights
-        from .kernels.fragment_layout import from_fragment_order
-        w13_blocks, w13_scales = from_fragment_order(self.fragments["w13"])
-        w2_blocks, w2_scales = from_fragment_order(self.fragments["w2"])
+        w13_blocks, w13_scales = kernel_api.from_fragment_order(self.fragments["w13"])
+        w2_blocks, w2_scales = kernel_api.from_fragment_order(self.fragments["w2"])
         return replace(self.weights, w13_blocks=w13_blocks, w13_scales=w13_scales,
                        w2_blocks=w2_blocks, w2_scales=w2_scales)
 
@@ -187,11 +182,9 @@ class MXFP4MoE(torch.nn.Module):
         w = self.weights
         if fragment_order is None and self.backend != "triton":
             return None             # (before the launcher's import: the torch backend runs without Triton)
-        from .kernels.fragment_layout import fragment_order_problem, to_fragment_order   # torch only
-        hopper = False
-        if self.backend == "triton":
-            from .kernels.moe_matmul import on_hopper
-            hopper = self.compute_dtype == torch.bfloat16 and on_hopper(w.device)
+        # (the fragment layout and the device checks are torch only: no Triton imported here)
+        fragment_order_problem, to_fragment_order = kernel_api.fragment_order_problem, kernel_api.to_fragment_order
+        hopper = self.backend == "triton" and self.compute_dtype == torch.bfloat16 and kernel_api.on_hopper(w.device)
         if fragment_order is None and not hopper:
             return None             # (before the scale scan below: nothing to build off Hopper)
         if fragment_order is None and w.activation != "swiglu_oai":
@@ -218,7 +211,7 @@ class MXFP4MoE(torch.nn.Module):
         w = self.weights
         if self.backend == "torch":
             return reference_moe(x, w, topk_weights, topk_ids, torch.float32).to(x.dtype)
-        from .kernels.moe_matmul import moe_matmul, pick_block_m
+        moe_matmul, pick_block_m = kernel_api.moe_matmul, kernel_api.pick_block_m
         tokens, out_dtype = x.shape[0], x.dtype
         if tokens == 0:
             return x.new_zeros((0, w.hidden))

@@ -8,10 +8,11 @@ offsets, the tile schedule and the inverse permutation, computed on the device.
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
+
+from . import kernel_api
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, top_k: int, *,
@@ -48,8 +49,7 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
         return score(logits + router_bias.float(), top_k, scoring, norm_topk_prob)
     if _use_triton(x.device):
         # bias, top-k and softmax in one launch (`kernels.router_topk`; ties: the lower expert id)
-        from mxfp4_moe.kernels.router_topk import router_topk
-        return router_topk(logits, router_bias.float(), top_k)
+        return kernel_api.router_topk(logits, router_bias.float(), top_k)
     top_logits, topk_ids = torch.topk(logits + router_bias.float(), top_k, dim=-1)
     topk_weights = torch.softmax(top_logits, dim=-1)
     return topk_weights, topk_ids
@@ -143,7 +143,7 @@ def _use_triton(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return True
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return kernel_api.interpreting()
 
 
 def tile_schedule_torch(offsets: torch.Tensor, num_tiles: int, block_m: int
@@ -194,9 +194,9 @@ def routing_metadata(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, nu
     rows = tokens * top_k
     n_tiles = max_tiles(rows, num_local_experts, block_m)
     if _use_triton(device):
-        from mxfp4_moe.kernels.expert_sort import sort_and_schedule
         (sorted_slot, sorted_token, sorted_weight, inverse, offsets, counts, tile_expert,
-         row_start) = sort_and_schedule(topk_ids, expert_map, num_local_experts, topk_weights, n_tiles, block_m)
+         row_start) = kernel_api.sort_and_schedule(topk_ids, expert_map, num_local_experts, topk_weights, n_tiles,
+                                                   block_m)
     else:
         sorted_slot, sorted_token, sorted_weight, inverse, offsets = expert_sort_torch(
             topk_ids, expert_map, num_local_experts, topk_weights)

@@ -107,7 +107,7 @@ def test_rs_kernel_is_the_hopper_default_with_fragments(monkeypatch):
     # off Hopper, the checkpoint-order defaults stay.
     import importlib
     launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
-    monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    monkeypatch.setattr(importlib.import_module("mxfp4_moe.kernels._device"), "interpreting", lambda: False)
     for block_m in (16, 32, 64, 128):
         for swiglu in (True, False):
             cfg = launcher.default_config(block_m, 5760, 2880, swiglu=swiglu, sm90=True, fragments=True, rows=4096)
@@ -127,7 +127,8 @@ def _rs_problem(launcher, cfg, split_k_ok):
     import unittest.mock
     x = torch.zeros(8, 256, dtype=torch.bfloat16)
     fw = to_fragment_order(torch.zeros(1, 32, 128, dtype=torch.uint8), torch.full((1, 32, 8), 127, dtype=torch.uint8))
-    with unittest.mock.patch.object(launcher, "on_hopper", lambda device: True):
+    from mxfp4_moe.kernels import _device
+    with unittest.mock.patch.object(_device, "on_hopper", lambda device: True):
         return launcher._rs_unsupported(x, fw, 32, 256, cfg, torch.bfloat16, {}, split_k_ok=split_k_ok)
 
 
@@ -264,8 +265,9 @@ def rs_launches(monkeypatch):
     rs_module = importlib.import_module("mxfp4_moe.kernels._moe_matmul_rs")
     recorder = _RecordingKernel()
     monkeypatch.setattr(rs_module, "_moe_matmul_rs_kernel", recorder)
-    monkeypatch.setattr(launcher, "on_hopper", lambda device: True)
-    monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    device = importlib.import_module("mxfp4_moe.kernels._device")    # where every kernel module asks
+    monkeypatch.setattr(device, "on_hopper", lambda device: True)
+    monkeypatch.setattr(device, "interpreting", lambda: False)
     return launcher, recorder
 
 
@@ -345,13 +347,17 @@ def test_rs_constexprs_name_every_tiling_constexpr_of_the_kernel():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                     reason="runs the layer's other Triton kernels on CPU tensors: needs the interpreter "
                            "(a GPU machine runs the real launch in tests/test_gpu.py)")
-def test_layer_with_only_the_fragment_copy_launches_from_it(rs_launches):
+def test_layer_with_only_the_fragment_copy_launches_from_it(rs_launches, monkeypatch):
     # As on a Hopper GPU (the Gluon kernel replaced by a recorder): by default the layer builds
     # the fragment copy and drops checkpoint order, leaving the caller's weights as they were;
     # checkpoint_weights() rebuilds them exactly, and forward, even on float32 tokens with an
     # odd row stride, launches the "rs" kernel on the fragments for both matmuls.
+    from mxfp4_moe import kernel_api
     from mxfp4_moe.moe import CHECKPOINT_ORDER_TENSORS, MXFP4MoE, random_expert_weights
     _, recorder = rs_launches
+    # Only the kernels see a GPU: the package (the layer's backend, the routing kernels) still
+    # runs through the interpreter on these CPU tensors.
+    monkeypatch.setattr(kernel_api, "interpreting", lambda: True, raising=False)
     w, _ = random_expert_weights(4, 64, 64, top_k=2, dense=False)
     originals = {name: getattr(w, name).clone() for name in CHECKPOINT_ORDER_TENSORS}
     layer = MXFP4MoE(w, backend="triton", compute_dtype=torch.bfloat16)

@@ -1,4 +1,4 @@
-"""The prototype that takes every E8M0 scale byte into fragment order (`fragment_layout.
+"""The prototype that takes every E8M0 scale byte into fragment order (`prototype_row_shift.
 shift_rows_into_range`: a per-row power of two moved out of the K loop into the epilogue's channel
 scale), on the CPU: the kernel's decode (emulated in torch) times the row scale against
 `mxfp4.dequantize` for all 256 bytes, the exactness check, and the same algebra through the
@@ -11,6 +11,7 @@ import torch
 
 from mxfp4_moe import mxfp4
 from mxfp4_moe.kernels import fragment_layout as fl
+from mxfp4_moe.kernels import prototype_row_shift as row_shift
 from mxfp4_moe.kernels.moe_matmul import moe_matmul, pick_block_m
 from mxfp4_moe.kernels.fragment_layout import to_fragment_order
 from mxfp4_moe.moe import random_expert_weights
@@ -38,9 +39,9 @@ def test_every_scale_byte_decodes_exactly_after_the_row_shift():
     scales = scales.to(torch.uint8)
     blocks = _nonzero_codes((1, n, 48), gen)
     blocks[:, :, 32:] = torch.randint(0, 2, (1, n, 16), generator=gen, dtype=torch.uint8) * 0x88     # +-0 codes
-    assert fl.fragment_order_problem(scales) != "" and fl.row_shift_problem(blocks, scales) == ""
+    assert fl.fragment_order_problem(scales) != "" and row_shift.row_shift_problem(blocks, scales) == ""
 
-    shifted, row_scale = fl.shift_rows_into_range(scales)
+    shifted, row_scale = row_shift.shift_rows_into_range(scales)
     assert shifted.dtype == torch.uint8 and int(shifted.max()) <= fl.MAX_SCALE_BYTE
     assert fl.fragment_order_problem(shifted) == ""
     expected_shift = (finite - fl.MAX_SCALE_BYTE).clamp(min=0)
@@ -61,13 +62,13 @@ def test_a_clamped_block_with_codes_is_reported():
     blocks = _nonzero_codes((2, 16, 32), gen)
     scales = torch.full((2, 16, 2), 120, dtype=torch.uint8)
     scales[1, 5] = torch.tensor([250, 250 - fl.MAX_SCALE_BYTE - 1], dtype=torch.uint8)     # span 129
-    problem = fl.row_shift_problem(blocks, scales)
+    problem = row_shift.row_shift_problem(blocks, scales)
     assert "expert 1, row 5, block 1" in problem and "row max 250" in problem
     blocks[1, 5, 16:] = 0                       # the clamped block all zero: exact again
-    assert fl.row_shift_problem(blocks, scales) == ""
+    assert row_shift.row_shift_problem(blocks, scales) == ""
     scales[1, 5, 0] = mxfp4.E8M0_NAN             # a NaN row: its outputs are NaN whatever the rest
     blocks[1, 5, 16:] = 0x11
-    assert fl.row_shift_problem(blocks, scales) == ""
+    assert row_shift.row_shift_problem(blocks, scales) == ""
 
 
 @pytest.mark.parametrize("with_channel_scale", [False, True], ids=["no-channel-scale", "channel-scale"])
@@ -96,8 +97,8 @@ def test_row_shift_through_the_kernel_is_bit_exact(with_channel_scale):
         """(the kernel on the original scales, the kernel on the shifted ones with the row scale)"""
         plain = moe_matmul(x, blocks, scales, bias, meta, channel_scale=channel_scale, compute_dtype=torch.float32,
                            **kw)
-        assert fl.row_shift_problem(blocks, scales) == ""
-        shifted, row_scale = fl.shift_rows_into_range(scales)
+        assert row_shift.row_shift_problem(blocks, scales) == ""
+        shifted, row_scale = row_shift.shift_rows_into_range(scales)
         combined = row_scale if channel_scale is None else row_scale * channel_scale
         moved = moe_matmul(x, blocks, shifted, bias, meta, channel_scale=combined, compute_dtype=torch.float32, **kw)
         return plain, moved

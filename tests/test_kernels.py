@@ -267,9 +267,9 @@ def test_compiles_for_sm90_without_spills():
     # Ahead-of-time compile for the H100 (no GPU needed), every default config: HGMMA present,
     # no local memory; the K loop at most 8 SASS instructions per weight element (the inline-PTX
     # decode: 5.3-7.1; one code at a time it was 10.5-12.3, the loop then bound by issue slots).
-    stdout = run_compiler_script("-m", "mxfp4_moe.kernels.sm90_report")
+    stdout = run_compiler_script("-m", "mxfp4_moe.kernels.tools.sm90_report")
     reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    from mxfp4_moe.kernels.sm90_report import VARIANTS
+    from mxfp4_moe.kernels.tools.sm90_report import VARIANTS
     names = [r["variant"] for r in reports]
     assert [n for n in names if not n.endswith(("_sm90", "_rs", "_rs_few"))] == [v[0] for v in VARIANTS]
     gluon = [r for r in reports if r["config"]["kernel"] == "sm90"]    # the Hopper defaults from 64 rows up
@@ -295,7 +295,7 @@ def test_gluon_configs_of_the_gpu_tests_compile_for_sm90():
     configs = SM90_CONFIGS + RS_CONFIGS
     script = (
         "import json, sys\n"
-        "from mxfp4_moe.kernels.sm90_report import compile_variant, resource_report\n"
+        "from mxfp4_moe.kernels.tools.sm90_report import compile_variant, resource_report\n"
         "from mxfp4_moe.kernels.moe_matmul import MatmulConfig\n"
         "for fields in json.loads(sys.argv[1]):\n"
         "    cfg = MatmulConfig(*fields)\n"
@@ -327,7 +327,7 @@ def test_sm90_race_check_flags_pipelined_register_operand_wgmma():
     # registers: the same loop then has wgmmas pending at the back edge and no overwrite.
     script = (
         "import json\n"
-        "from mxfp4_moe.kernels.sm90_report import compile_variant, resource_report, sm90_ptxas_version\n"
+        "from mxfp4_moe.kernels.tools.sm90_report import compile_variant, resource_report, sm90_ptxas_version\n"
         "from mxfp4_moe.kernels.moe_matmul import MatmulConfig\n"
         "print(json.dumps({'ptxas': sm90_ptxas_version()}))\n"
         "cfg = MatmulConfig(64, 128, 64, True, 4, 3)\n"
@@ -348,7 +348,8 @@ def test_sm90_race_check_flags_pipelined_register_operand_wgmma():
 def test_ptx_decode_is_the_bf16_default(monkeypatch):
     import importlib
     launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")   # the module, not the function
-    monkeypatch.setattr(launcher, "interpreting", lambda: False)      # as on the GPU
+    monkeypatch.setattr(importlib.import_module("mxfp4_moe.kernels._device"), "interpreting",
+                        lambda: False)                                # as on the GPU
     blocks = torch.zeros(2, 64, 32, dtype=torch.uint8)
     assert launcher.pick_dequant(torch.bfloat16, blocks) == "ptx"      # whatever the block config
     assert launcher.pick_dequant(torch.float16, blocks) == "bytes"
@@ -361,8 +362,9 @@ def test_sm90_kernel_selection(monkeypatch):
     import importlib
     launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
     C = launcher.MatmulConfig
-    monkeypatch.setattr(launcher, "interpreting", lambda: False)
-    monkeypatch.setattr(launcher, "on_hopper", lambda device: True)
+    device = importlib.import_module("mxfp4_moe.kernels._device")    # where every kernel module asks
+    monkeypatch.setattr(device, "interpreting", lambda: False)
+    monkeypatch.setattr(device, "on_hopper", lambda device: True)
     for block_m, kernel in ((16, "triton"), (32, "triton"), (64, "sm90"), (128, "sm90")):
         for swiglu in (True, False):
             assert launcher.default_config(block_m, 5760, 2880, swiglu=swiglu, sm90=True).kernel == kernel
@@ -419,9 +421,9 @@ def test_every_default_config_compiles_for_sm90_at_small_shapes():
     # split-K programs of one step each: Triton 3.6 failed to lower the copies the folded
     # one-step loop left dead (issue: short K loops). Every config the defaults can pick for
     # sm_90, at H and I in sm90_report.SMALL_SIZES, must compile, without spills.
-    stdout = run_compiler_script("-m", "mxfp4_moe.kernels.sm90_report", "--small-shapes")
+    stdout = run_compiler_script("-m", "mxfp4_moe.kernels.tools.sm90_report", "--small-shapes")
     reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    from mxfp4_moe.kernels.sm90_report import SMALL_SIZES
+    from mxfp4_moe.kernels.tools.sm90_report import SMALL_SIZES
     assert {r["config"]["kernel"] for r in reports} == {"triton", "sm90", "rs"}
     assert {r["k"] for r in reports} == set(SMALL_SIZES)
     rs = [r for r in reports if r["config"]["kernel"] == "rs"]
@@ -437,7 +439,7 @@ def launcher_without_fallbacks(monkeypatch):
     """The launcher module with an empty fallback record (restored after the test)."""
     import importlib
     launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
-    monkeypatch.setattr(launcher, "_FALLBACKS", {})
+    monkeypatch.setattr(importlib.import_module("mxfp4_moe.kernels.moe_matmul_fallbacks"), "_FALLBACKS", {})
     return launcher
 
 

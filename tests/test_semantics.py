@@ -154,7 +154,7 @@ def test_gluon_launchers_refuse_other_activations():
 def test_default_gluon_config_falls_back_once_for_silu(monkeypatch):
     # As on a Hopper GPU, where the default config of a 64-row tile is the "sm90" Gluon kernel:
     # for "silu" it refuses, and the portable kernel runs that shape class, with one warning.
-    monkeypatch.setattr(moe_matmul_module, "_FALLBACKS", {})
+    monkeypatch.setattr(importlib.import_module("mxfp4_moe.kernels.moe_matmul_fallbacks"), "_FALLBACKS", {})
     sm90 = MatmulConfig(16, 32, 64, True, kernel="sm90")
     monkeypatch.setattr(moe_matmul_module, "_pick_config", lambda *args: sm90)
     weights, _ = silu_weights(2, 64, 64, top_k=1, seed=6)

@@ -89,7 +89,7 @@ def variant_kernels(tmp: Path) -> dict:
 def sass_report(kernels: dict) -> int:
     """Compile every variant's default configs at the gpt-oss shapes for sm_90 (no GPU needed)."""
     from mxfp4_moe.kernels.moe_matmul import default_config
-    from mxfp4_moe.kernels.sm90_report import compile_variant, resource_report
+    from mxfp4_moe.kernels.tools.sm90_report import compile_variant, resource_report
     for block_m in (16, 64, 128):
         for op, n, swiglu in (("w13", 5760, True), ("w2", 2880, False)):
             config = default_config(block_m, n, 2880, swiglu=swiglu, sm90=True, fragments=True)

@@ -9,7 +9,7 @@ and w2 + routing weight + atomic combine, each path on its own copy of the same 
               without "sm90")
     rs        the "rs" kernel's default config on fragment-order weights (the layer's Hopper
               default whenever every scale byte is <= 128)
-    rs_shift  "rs" on fragment order built from `fragment_layout.shift_rows_into_range`'s scales,
+    rs_shift  "rs" on fragment order built from `prototype_row_shift.shift_rows_into_range`'s scales,
               with its row scale as channel_scale: taking every scale byte (0..254, NaN) into
               fragment order by a per-row power of two in the epilogue (these weights' shifts are
               all 0; the multiply runs all the same)
@@ -54,7 +54,7 @@ from bench_moe import SWEEP_AGREEMENT, git_commit, record, time_graph  # noqa: E
 from mxfp4_moe.kernels.moe_matmul import (MatmulConfig, default_config, interpreting, moe_matmul,  # noqa: E402
                                           on_hopper, pick_block_m)
 from mxfp4_moe.kernels.fragment_layout import from_fragment_order, to_fragment_order  # noqa: E402
-from mxfp4_moe.kernels import fragment_layout  # noqa: E402
+from mxfp4_moe.kernels import fragment_layout, prototype_row_shift  # noqa: E402
 from mxfp4_moe.moe import random_expert_weights  # noqa: E402
 from mxfp4_moe.mxfp4 import E8M0_NAN  # noqa: E402
 from mxfp4_moe.reference import reference_moe_matmul  # noqa: E402
@@ -147,10 +147,10 @@ class Weights:
 
     def set_scales(self, op: str, blocks: torch.Tensor, scales: torch.Tensor) -> None:
         setattr(self, op + "_scales", scales)
-        problem = fragment_layout.row_shift_problem(blocks, scales)
+        problem = prototype_row_shift.row_shift_problem(blocks, scales)
         if problem:
             raise ValueError(f"probe_sm90_place: {op}: {problem}")
-        shifted, self.row_scale[op] = fragment_layout.shift_rows_into_range(scales)
+        shifted, self.row_scale[op] = prototype_row_shift.shift_rows_into_range(scales)
         self.frag[op] = to_fragment_order(blocks, scales) if not fragment_layout.fragment_order_problem(scales) \
             else None
         self.shift_frag[op] = to_fragment_order(blocks, shifted)
@@ -346,9 +346,9 @@ def markdown(header: dict, rows: list[dict], check: dict | None) -> str:
 
 
 def compile_only(args) -> int:
-    """Compile for sm_90 (no GPU: `kernels/sm90_report.py`) every distinct config the timing run
+    """Compile for sm_90 (no GPU: `kernels/tools/sm90_report.py`) every distinct config the timing run
     launches at these points; rs_shift(_mma) is rs with HAS_CHANNEL_SCALE (and the kernel copy)."""
-    from mxfp4_moe.kernels import sm90_report
+    from mxfp4_moe.kernels.tools import sm90_report
     launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")     # the module, not its function
     seen, failed = set(), 0
     for experts in args.experts:

@@ -239,7 +239,7 @@ def run_noting_fallbacks(module, x: torch.Tensor) -> tuple[torch.Tensor, list[di
     kernel that could not compile for a shape, replaced by the portable Triton kernel)."""
     if getattr(module, "backend", None) != "triton":
         return module(x), []
-    from ..kernels.moe_matmul import kernel_fallbacks
+    from ..kernel_api import kernel_fallbacks
     before = {id(f): f.calls for f in kernel_fallbacks()}
     out = module(x)
     return out, [f.as_dict() for f in kernel_fallbacks() if f.calls > before.get(id(f), 0)]

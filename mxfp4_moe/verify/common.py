@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .. import __version__, kernel_api
 from .checks import CheckResult
 from ..moe import triton_installed
 
@@ -67,7 +67,7 @@ def environment(device: torch.device) -> dict:
         device_name = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     return {"mxfp4_moe": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "triton": triton_version, "device": device_name,
-            "triton_interpreter": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")}
+            "triton_interpreter": kernel_api.interpreting()}
 
 
 def parse_layer_spec(spec: str) -> list[tuple[int, int]]:

@@ -1,10 +1,12 @@
 """Compile the grouped-matmul kernel ahead of time for Hopper (sm_90) on any machine, no GPU
 needed, and report its resource use: registers, spills, shared memory and whether the dots
-became wgmma (HGMMA in the SASS). Used by a CPU test and before spending GPU time.
+became wgmma (HGMMA in the SASS). Used by a CPU test and before spending GPU time. A tool that
+drives the compiler, not a runtime module: it sits in kernels/tools/, apart from the kernels it
+compiles, and nothing at run time imports it.
 
-    python -m mxfp4_moe.kernels.sm90_report                      # one JSON line per default config
-    python -m mxfp4_moe.kernels.sm90_report --dequant=bytes      # the Triton kernel's one-code-at-a-time path
-    python -m mxfp4_moe.kernels.sm90_report --small-shapes       # every default config at small H, I
+    python -m mxfp4_moe.kernels.tools.sm90_report                  # one JSON line per default config
+    python -m mxfp4_moe.kernels.tools.sm90_report --dequant=bytes  # the Triton kernel's one-code-at-a-time path
+    python -m mxfp4_moe.kernels.tools.sm90_report --small-shapes   # every default config at small H, I
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ._compat import LAUNCH_OPTIONS
-from .moe_matmul import MatmulConfig, default_config
+from .. import _device
+from .._compat import LAUNCH_OPTIONS
+from ..moe_matmul import MatmulConfig, default_config
 
 _TL_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -117,13 +120,13 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
     retire_mma_each_step, its RETIRE_MMA_EACH_STEP (default: as the launcher sets it on a GPU,
     i.e. config.swap_ab). The Gluon kernels ("sm90", "rs") are bf16 only. rs_kernel: compile this
     variant of the "rs" kernel (same arguments) in its place (`benchmarks/probes/probe_rs_parts.py`)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if _device.interpreting():
         raise RuntimeError("sm90_report needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
     if config.kernel == "rs":
         from triton.experimental.gluon._runtime import GluonASTSource
-        from ._moe_matmul_rs import _moe_matmul_rs_kernel
-        from .fragment_layout import layout_shape
-        from .moe_matmul import rs_constexprs, rs_x_tma_block
+        from .._moe_matmul_rs import _moe_matmul_rs_kernel
+        from ..fragment_layout import layout_shape
+        from ..moe_matmul import rs_constexprs, rs_x_tma_block
         signature = {**_signature("*bf16", "*fp32" if atomic else "*bf16"), "words_ptr": "*i32", "row_groups": "i32"}
         # PDL as the launcher sets it on Hopper (`_grid_dependency.pdl_launch`).
         constexprs = {**rs_constexprs(config, *layout_shape(n, k), k, k), "num_warps": config.num_warps, "PDL": True}
@@ -139,8 +142,8 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
                         swiglu=swiglu, atomic=atomic, options={"num_warps": config.num_warps})
     if config.kernel == "sm90":
         from triton.experimental.gluon._runtime import GluonASTSource
-        from ._moe_matmul_sm90 import _moe_matmul_sm90_kernel
-        from .moe_matmul import words_tma_block
+        from .._moe_matmul_sm90 import _moe_matmul_sm90_kernel
+        from ..moe_matmul import words_tma_block
         block, words_layout = words_tma_block(config)
         signature = {**_signature("*bf16", "*fp32" if atomic else "*bf16"),
                      "words_desc": f"tensordesc<i32[{block[0]}, {block[1]}],{words_layout!r}>",
@@ -149,7 +152,7 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
                         {"STAGES": config.num_stages, "SWAP_AB": config.swap_ab, "num_warps": config.num_warps},
                         config, k=k, n=n, swiglu=swiglu, atomic=atomic, options={"num_warps": config.num_warps})
     import triton.language as tl
-    from ._moe_matmul import _moe_matmul_kernel
+    from .._moe_matmul import _moe_matmul_kernel
     constexprs = {
         **{name: 1 for name in _UNIT_STRIDES},
         "SWAP_AB": config.swap_ab, "EVEN_K": k % config.block_k == 0, "COMPUTE_DTYPE": getattr(tl, compute),
@@ -189,8 +192,8 @@ def _compile_key(config: MatmulConfig, n: int, k: int, swiglu: bool, atomic: boo
     """What the compiled code depends on: for the "rs" kernel its tiling constexprs (N enters
     only through ROW_MASK); for the others the config and K (N is a runtime argument)."""
     if config.kernel == "rs":
-        from .fragment_layout import layout_shape
-        from .moe_matmul import rs_constexprs
+        from ..fragment_layout import layout_shape
+        from ..moe_matmul import rs_constexprs
         return (config, swiglu, atomic, tuple(sorted(rs_constexprs(config, *layout_shape(n, k), k, k).items())))
     return (config, k, swiglu, atomic)
 

@@ -1,0 +1,33 @@
+"""The one place the package reaches into its Triton kernels (`mxfp4_moe.kernels`, the folder
+`kernels/`): each name below is imported from its kernel module on first use, never when the
+package is imported, so the torch path runs where Triton is not installed
+(tests/test_without_triton.py). `interpreting` and `on_hopper` come from `kernels/_device.py`,
+which imports no Triton: asking them never loads a kernel.
+
+Each access looks the name up in its module again (a dictionary lookup), so a test or probe that
+replaces a kernel module's function is seen here; one that sets a name on this module replaces
+it for the whole package.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import import_module
+
+# name -> the module of mxfp4_moe.kernels that defines it
+_HOMES = {
+    "interpreting": "_device", "on_hopper": "_device",
+    "moe_matmul": "moe_matmul", "pick_block_m": "moe_matmul_configs", "kernel_fallbacks": "moe_matmul_fallbacks",
+    "router_topk": "router_topk", "sort_and_schedule": "expert_sort",
+    "to_fragment_order": "fragment_layout", "from_fragment_order": "fragment_layout",
+    "fragment_order_problem": "fragment_layout",
+}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        module = f"mxfp4_moe.kernels.{_HOMES[name]}"
+        return getattr(sys.modules.get(module) or import_module(module), name)
+    raise AttributeError(f"module 'mxfp4_moe.kernel_api' has no attribute {name!r}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mxfp4_moe.checkpoint import CONFIG_FILE, INDEX_FILE, CheckpointError, MoEConfig, open_checkpoint
+from mxfp4_moe.checkpoint import CONFIG_FILE, INDEX_FILE, CheckpointError, open_checkpoint
 from mxfp4_moe.synthetic import DenseSpec, make_synthetic_checkpoint
 
 # The model: original-layout qkv of 4 q heads + 2 x 2 kv heads of 16 = 128 rows.

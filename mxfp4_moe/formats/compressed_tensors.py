@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..checkpoint import CONFIG_FILE, CheckpointError, MoEConfig, _collect_tensors
+from ..checkpoint import CONFIG_FILE, CheckpointError, MoEConfig, _collect_tensors, link_roots, read_json
 from ..mxfp4 import BLOCK_SIZE
 from ..semantics import qwen_moe
 from ..unfused import PROJECTIONS, UnfusedExpert, UnfusedLayerTensors, UnfusedProjection
@@ -64,8 +64,8 @@ def detect(path: Path) -> bool:
     if not (path.is_dir() and config_file.is_file()):
         return False
     try:
-        return _quant_config(json.loads(config_file.read_text())) is not None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _quant_config(read_json(config_file, "config", link_roots(path))) is not None
+    except CheckpointError:
         return False                         # open_checkpoint's own reading reports it
 
 
@@ -125,10 +125,7 @@ class CompressedTensorsCheckpoint(SafetensorsExpertReader):
 
 def open_checkpoint(path: Path, *, nan_scales: str = "report") -> CompressedTensorsCheckpoint:
     config_file = path / CONFIG_FILE
-    try:
-        raw = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{config_file}: config is not valid JSON: {err}") from None
+    raw = read_json(config_file, "config", link_roots(path))     # bounded, and inside the folder
     config, norm_topk_prob = read_config(raw, str(config_file))
     return CompressedTensorsCheckpoint(path, config, qwen_moe(norm_topk_prob), _collect_tensors(path), nan_scales)
 

@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..checkpoint import CONFIG_FILE, CheckpointError, MoEConfig, _collect_tensors
+from ..checkpoint import CONFIG_FILE, CheckpointError, MoEConfig, _collect_tensors, link_roots, read_json
 from ..mxfp4 import BLOCK_SIZE
 from ..semantics import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT, MoESemantics, qwen_moe
 from ..unfused import PROJECTIONS, UnfusedExpert, UnfusedLayerTensors, UnfusedProjection
@@ -61,8 +61,8 @@ def detect(path: Path) -> bool:
     if not (path.is_dir() and config_file.is_file()):
         return False
     try:
-        quant = json.loads(config_file.read_text()).get("quantization_config")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        quant = read_json(config_file, "config", link_roots(path)).get("quantization_config")
+    except (CheckpointError, AttributeError):
         return False
     return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
 
@@ -149,10 +149,7 @@ class QuarkCheckpoint(SafetensorsExpertReader):
 
 def open_checkpoint(path: Path, *, nan_scales: str = "report") -> QuarkCheckpoint:
     config_file = path / CONFIG_FILE
-    try:
-        raw = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{config_file}: config is not valid JSON: {err}") from None
+    raw = read_json(config_file, "config", link_roots(path))     # bounded, and inside the folder
     config, semantics, family = read_config(raw, str(config_file))
     return QuarkCheckpoint(path, config, semantics, family, _collect_tensors(path), nan_scales)
 

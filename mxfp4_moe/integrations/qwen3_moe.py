@@ -12,11 +12,10 @@ layer must be sparse (compressed-tensors reader).
 
 from __future__ import annotations
 
-import json
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, link_roots, read_json
 from ..formats.compressed_tensors import CompressedTensorsCheckpoint
 from ..moe import Backend
 from ..mxfp4 import dequantize
@@ -59,7 +58,7 @@ def qwen3_moe_config(checkpoint: CompressedTensorsCheckpoint):
     """transformers' `Qwen3MoeConfig` from the checkpoint's config.json (its quantization_config
     left out: we, not transformers, read the quantized tensors)."""
     Qwen3MoeConfig, _ = _require_transformers()
-    raw = json.loads(checkpoint.config_file.read_text())
+    raw = read_json(checkpoint.config_file, "config", link_roots(checkpoint.path))
     return Qwen3MoeConfig(**{k: v for k, v in raw.items() if k != "quantization_config"})
 
 

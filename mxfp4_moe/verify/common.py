@@ -10,7 +10,6 @@ import math
 import os
 import platform
 import re
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path

@@ -21,7 +21,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 step() { echo; echo "=== $1"; shift; "$@"; echo "=== rc=$?"; }
 
 if [ "${SKIP_GPU_TESTS:-0}" != 1 ]; then
-  step "gpu tests ${GPU_TESTS_K:+(-k $GPU_TESTS_K)}" python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_model.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+  step "gpu tests ${GPU_TESTS_K:+(-k $GPU_TESTS_K)}" python3 -m pytest -q -m gpu tests/ ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 fi
 # verify (with the whole-model check) at decode and at 64 tokens, on the built-in checkpoint and on a
 # tiny transformers-loadable model (H = I = 64: one K step per program in every kernel)

@@ -2,7 +2,7 @@
 with a fake implementation, so a compiled model has no graph break inside the layer and gives the
 eager layer's output. CPU: the torch backend under the "eager" and "aot_eager" compiler
 backends (dynamo's trace, and the fake-tensor trace of AOT autograd); the CUDA-graph mode is in
-tests/test_gpu.py.
+tests/test_kernels_on_gpu.py.
 """
 
 import operator

@@ -1,6 +1,6 @@
 """The fragment-order weight layout (`mxfp4_moe.kernels.fragment_layout`) on the CPU: where each
 code lands, the kernel's bit-level decode (emulated in torch) against `mxfp4.dequantize`, and the
-errors. The kernel that reads it runs only on a Hopper GPU (tests/test_gpu.py)."""
+errors. The kernel that reads it runs only on a Hopper GPU (tests/test_kernels_on_gpu.py)."""
 
 import dataclasses
 import os
@@ -346,7 +346,7 @@ def test_rs_constexprs_name_every_tiling_constexpr_of_the_kernel():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                     reason="runs the layer's other Triton kernels on CPU tensors: needs the interpreter "
-                           "(a GPU machine runs the real launch in tests/test_gpu.py)")
+                           "(a GPU machine runs the real launch in tests/test_kernels_on_gpu.py)")
 def test_layer_with_only_the_fragment_copy_launches_from_it(rs_launches, monkeypatch):
     # As on a Hopper GPU (the Gluon kernel replaced by a recorder): by default the layer builds
     # the fragment copy and drops checkpoint order, leaving the caller's weights as they were;

@@ -1,5 +1,5 @@
 """`mxfp4_moe.graphs` on the CPU: the token buckets and the errors. Capture and replay need a
-GPU (tests/test_gpu.py)."""
+GPU (tests/test_layer_on_gpu.py)."""
 
 import pytest
 

@@ -5,7 +5,7 @@ Tolerances (relative Frobenius error, ||out - ref|| / ||ref||): float32 compute 
 operands, float32 sums in another order); float16 compute 2e-3 (x and the SwiGLU output rounded
 to fp16, ~2**-11 each). Decoding of codes and scales is checked exactly, for each dequantization
 path the interpreter runs ("bytes", "words") and, through a small interpreter of the PTX subset it
-uses, for the inline-PTX path's program text (its run on the GPU: tests/test_gpu.py).
+uses, for the inline-PTX path's program text (its run on the GPU: tests/test_kernels_on_gpu.py).
 """
 
 import json

@@ -178,7 +178,7 @@ def test_default_gluon_config_falls_back_once_for_silu(monkeypatch):
 def test_silu_layer_on_the_gpu_bf16(tokens):
     # bf16 on the GPU: at 512 tokens x top-2 over 8 experts the tiles are 128 rows, where the
     # defaults pick the "sm90" Gluon kernel: w13 must fall back (silu), w2 may keep it. Tolerance
-    # as tests/test_gpu.py: 5e-3 relative Frobenius error against the float32 reference.
+    # as tests/test_kernels_on_gpu.py: 5e-3 relative Frobenius error against the float32 reference.
     weights, _ = silu_weights(8, 512, 256, top_k=2, seed=tokens, device="cuda")
     x = torch.randn(tokens, 512, generator=torch.Generator().manual_seed(tokens)).cuda().bfloat16()
     layer = MXFP4MoE(weights, backend="triton")

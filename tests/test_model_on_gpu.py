@@ -1,7 +1,7 @@
 """Whole models on a GPU: `load_model`'s bf16 model (our Triton kernels) against transformers'
 model of the same checkpoint with the experts dequantized to bf16 (`Mxfp4Config(dequantize=True)`,
 eager attention), both against transformers' float32 model; and torch.compile of one MoE block and
-of the whole model (reduce-overhead). Run with `pytest -m gpu tests/test_gpu_model.py`; skipped
+of the whole model (reduce-overhead). Run with `pytest -m gpu tests/test_model_on_gpu.py`; skipped
 without CUDA.
 
 Logits bound, bf16 models: relative Frobenius error below LOGITS_BOUND = 3e-2. Every bf16 model

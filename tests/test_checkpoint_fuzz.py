@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from mxfp4_moe.checkpoint import CONFIG_FILE, INDEX_FILE, CheckpointError, open_checkpoint
 from mxfp4_moe.synthetic import make_synthetic_checkpoint
+from safetensors_edit import read_header, write_header  # (tests/ is on sys.path)
 
 # Any JSON value, to put where the reader expects a particular one.
 JSON_VALUES = st.recursive(
@@ -46,17 +47,6 @@ def _read_everything(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _header(file: Path) -> tuple[dict, bytes]:
-    raw = file.read_bytes()
-    (length,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + length]), raw[8 + length:]
-
-
-def _write_header(file: Path, header: dict, data: bytes) -> None:
-    text = json.dumps(header).encode()
-    file.write_bytes(struct.pack("<Q", len(text)) + text + data)
-
-
 def _shards(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
@@ -79,7 +69,7 @@ def _mutate(folder: Path, data) -> str:
         shard.write_bytes(struct.pack("<Q", length) + raw[8:])
         return f"{kind} {length} in {shard.name}"
     if kind == "entry field":
-        header, body = _header(shard)
+        header, body = read_header(shard)
         name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
         field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets", "whole entry", "drop key"]))
         if field == "whole entry":
@@ -89,7 +79,7 @@ def _mutate(folder: Path, data) -> str:
         else:
             header[name][field] = data.draw(JSON_VALUES | st.lists(st.integers(-5, 2 ** 20), max_size=5)
                                             | st.sampled_from(["U8", "I8", "BF16", "F32", "F4"]))
-        _write_header(shard, header, body)
+        write_header(shard, header, body)
         return f"{kind} {field} of {name} in {shard.name}"
     if kind in ("index value", "index top"):
         index_file = folder / INDEX_FILE

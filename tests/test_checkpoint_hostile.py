@@ -4,7 +4,6 @@ key) and saying what was expected and found, never in a silent wrong load or a f
 """
 
 import json
-import struct
 from pathlib import Path
 
 import pytest
@@ -12,21 +11,11 @@ import torch
 
 from mxfp4_moe.checkpoint import CONFIG_FILE, INDEX_FILE, CheckpointError, open_checkpoint
 from mxfp4_moe.synthetic import DenseSpec, make_synthetic_checkpoint
+from safetensors_edit import read_header, write_header  # (tests/ is on sys.path)
 
 # The issue's model: original-layout qkv of 4 q heads + 2 x 2 kv heads of 16 = 128 rows.
 FULL = dict(num_layers=2, num_experts=4, hidden=64, intermediate=64, top_k=2, seed=5, full_model=True,
             dense=DenseSpec(vocab_size=128))
-
-
-def _header(file: Path) -> tuple[dict, bytes]:
-    raw = file.read_bytes()
-    (length,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + length]), raw[8 + length:]
-
-
-def _write_header(file: Path, header: dict, data: bytes) -> None:
-    text = json.dumps(header).encode()
-    file.write_bytes(struct.pack("<Q", len(text)) + text + data)
 
 
 def _edit_config(folder: Path, **changes) -> None:
@@ -60,9 +49,9 @@ def test_dense_tensor_of_integer_dtype_is_refused(tmp_path):
     # code cast the integers to floats.
     path = make_synthetic_checkpoint(tmp_path / "m", **FULL)
     file = path / "model.safetensors"
-    header, data = _header(file)
+    header, data = read_header(file)
     header["model.embed_tokens.weight"]["dtype"] = "I16"
-    _write_header(file, header, data)
+    write_header(file, header, data)
     with pytest.raises(CheckpointError) as err:
         _load_model(path)
     msg = str(err.value)
@@ -233,10 +222,10 @@ def test_shard_rewritten_after_open_fails_by_name(one_file):
     file = one_file / "model.safetensors"
     name = "model.layers.0.mlp.experts.gate_up_proj_blocks"
     with open_checkpoint(one_file) as ckpt:
-        header, data = _header(file)
+        header, data = read_header(file)
         shape = header[name]["shape"]
         header[name]["shape"] = [shape[0] * shape[1], *shape[2:]]
-        _write_header(file, header, data)
+        write_header(file, header, data)
         with pytest.raises(CheckpointError, match=r"model\.safetensors: the safetensors file changed on disk since "
                                                   r"the checkpoint was opened"):
             ckpt.layer(0).w13_blocks.read_all()
@@ -248,10 +237,10 @@ def test_read_of_a_changed_header_fails_even_with_the_same_identity(one_file, mo
     file = one_file / "model.safetensors"
     name = "model.layers.0.mlp.experts.gate_up_proj_blocks"
     with open_checkpoint(one_file) as ckpt:
-        header, data = _header(file)
+        header, data = read_header(file)
         shape = header[name]["shape"]
         header[name]["shape"] = [shape[0] * shape[1], *shape[2:]]
-        _write_header(file, header, data)
+        write_header(file, header, data)
         monkeypatch.setattr(checkpoint._FileHandles, "_check_unchanged", lambda self, f: None)
         with pytest.raises(CheckpointError, match=r"tensor model\.layers\.0\.mlp\.experts\.gate_up_proj_blocks: "
                                                   r"expected torch\.uint8 \[4, 128, 2, 16\] as the header said"):

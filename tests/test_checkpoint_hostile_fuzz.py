@@ -15,7 +15,6 @@ test_checkpoint_hostile.py and test_verify_hostile.py generalised.
 
 import json
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from hypothesis import strategies as st
 from mxfp4_moe import verify
 from mxfp4_moe.checkpoint import CONFIG_FILE, INDEX_FILE, CheckpointError
 from mxfp4_moe.synthetic import DenseSpec, make_synthetic_checkpoint
+from safetensors_edit import read_header, write_header  # (tests/ is on sys.path)
 
 MAX_JSON_BYTES = 16 * 2 ** 20     # checkpoint.MAX_JSON_BYTES, the bound on config.json and the index
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -45,17 +45,6 @@ SAFETENSORS_DTYPES = ["BOOL", "U8", "I8", "I16", "I32", "I64", "F16", "BF16", "F
 WIDTH = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "F16": 2, "BF16": 2, "F32": 4, "F64": 8,
          "F8_E4M3": 1, "F8_E5M2": 1}
 FLOATS = {"F16", "BF16", "F32"}
-
-
-def _header(file: Path) -> tuple[dict, bytes]:
-    raw = file.read_bytes()
-    (length,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + length]), raw[8 + length:]
-
-
-def _write_header(file: Path, header: dict, data: bytes) -> None:
-    text = json.dumps(header).encode()
-    file.write_bytes(struct.pack("<Q", len(text)) + text + data)
 
 
 def _load_model(path):
@@ -165,8 +154,8 @@ def test_random_tensor_dtype_and_shape_refused_or_intact(intact, name, dtype, sh
     path, logits = intact
     with tempfile.TemporaryDirectory() as root:
         ckpt = _copy(path, root)
-        (file,) = [f for f in ckpt.glob("*.safetensors") if name in _header(f)[0]]
-        header, blob = _header(file)
+        (file,) = [f for f in ckpt.glob("*.safetensors") if name in read_header(f)[0]]
+        header, blob = read_header(file)
         entry = header[name]
         nbytes = entry["data_offsets"][1] - entry["data_offsets"][0]
         if shape_kind == "same":
@@ -178,7 +167,7 @@ def test_random_tensor_dtype_and_shape_refused_or_intact(intact, name, dtype, sh
         same_width_float = (dtype in FLOATS and entry["dtype"] in FLOATS and WIDTH[dtype] == WIDTH[entry["dtype"]]
                             and shape == entry["shape"])
         entry["dtype"], entry["shape"] = dtype, shape
-        _write_header(file, header, blob)
+        write_header(file, header, blob)
         _assert_loads_as_intact_or_refuses(ckpt, logits, may_differ=same_width_float)
 
 

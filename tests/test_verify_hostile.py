@@ -243,3 +243,12 @@ def test_model_check_refuses_an_integer_embedding_before_transformers_reads_it(t
     line = _one_error_line(capsys)
     assert line.startswith("error: cannot read the checkpoint: ") and "model.embed_tokens.weight" in line
     assert "expected a float dtype (bfloat16, float16 or float32), found torch.int16" in line
+
+
+@pytest.mark.parametrize("value", ["\r", "a\nb", "\x1b[31m", "tab\there"])
+def test_control_characters_in_an_argument_stay_on_the_error_line(value, capsys):
+    # Found by the command-line property test: '--align=\r' split the error over two lines.
+    assert verify.main(["--align", value]) == verify.EXIT_BAD_INPUT
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --align "), lines
+    assert value not in lines[0] and value.encode("unicode_escape").decode() in lines[0]

@@ -30,7 +30,7 @@ from .checks import (SHARD_SUM_TOLERANCE, CheckResult, check_coverage, check_for
                      run_noting_fallbacks)
 from .. import __version__
 from .common import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK,
-                            MAX_TOKENS, REPORT_SCHEMA, UsageError, check_arguments, environment, make_plans,
+                            MAX_TOKENS, REPORT_SCHEMA, UsageError, check_arguments, environment, make_plans, one_line,
                             parse_align, parse_device, parse_layers, plural, rank_label, report, report_header,
                             resolve_compute, write_error_json)
 from ..progress import advance as advance_bar
@@ -45,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
     not the usage block first."""
 
     def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"error: {message} (see --help)\n")
+        self.exit(EXIT_BAD_INPUT, f"error: {one_line(message)} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             return main_torchrun(args, out, launch)
         return _main(args, out)
     except UsageError as exc:
-        message = str(exc).replace("\n", "\\n")       # one line, whatever a path or argument holds
+        message = one_line(str(exc))
         print(f"error: {message}", file=sys.stderr)
         write_error_json(args.json_path, message)
         return EXIT_BAD_INPUT

@@ -45,6 +45,13 @@ class UsageError(Exception):
     """Bad input, the command line's or the checkpoint's: reported in one line, exit status 2."""
 
 
+def one_line(message: str) -> str:
+    """`message` with every control character escaped (a newline as \\n, a carriage return as
+    \\r, ...): an error is one line, whatever a path or argument in it holds."""
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+                   for ch in message)
+
+
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
     """'1 rank', '2 ranks' ('1 NaN scale byte', '3 NaN scale bytes')."""
     return f"{count} {noun if count == 1 else (nouns or noun + 's')}"

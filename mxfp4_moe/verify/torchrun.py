@@ -18,7 +18,7 @@ from .checks import (CheckResult, SHARD_SUM_TOLERANCE, check_coverage,
                      check_format, check_fragment_order, check_kernels, check_oracle, check_shard, kernel_tolerance,
                      median_ms, rel_err, run_noting_fallbacks)
 from .common import (BUILTIN_CHECKPOINT, BUILTIN_LAYOUT, EXIT_BAD_INPUT, UsageError, environment,
-                            make_plans, parse_align, parse_layers, rank_label, report, report_header,
+                            make_plans, one_line, parse_align, parse_layers, rank_label, report, report_header,
                             resolve_compute, write_error_json)
 from ..progress import advance, progress_bar
 
@@ -253,6 +253,7 @@ def main_torchrun(args, out, launch) -> int:
         out = open(os.devnull, "w")
 
     def bad_input(message: str) -> int:
+        message = one_line(message)
         if rank0:
             print(f"error: {message}", file=sys.stderr)
             write_error_json(args.json_path, message)

@@ -4,9 +4,9 @@ time of the distributed forward (shard compute + all-reduce) at TP and EP over N
 Default: gpt-oss-20b-like layer (E 32, H = I = 2880, top-4; one layer of a seeded synthetic
 checkpoint written here), TP N and EP N on N = 2 GPUs with NCCL, Triton backend, bf16.
 
-    python benchmarks/bench_distributed.py                      # 2 GPUs; spawns its own ranks
-    torchrun --nproc-per-node 2 benchmarks/bench_distributed.py # the same under torchrun
-    python benchmarks/bench_distributed.py --device cpu --tiny  # CPU, gloo, tiny shapes (a check)
+    python -m benchmarks.bench_distributed                      # 2 GPUs; spawns its own ranks
+    torchrun --nproc-per-node 2 -m benchmarks.bench_distributed # the same under torchrun
+    python -m benchmarks.bench_distributed --device cpu --tiny  # CPU, gloo, tiny shapes (a check)
 
 Timing: per rank, CUDA events around each forward after warm-up, median of --iters; the layer's
 time is the slowest rank's median (every rank waits in the all-reduce). Beside it: the rank's
@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ if os.environ.get("NCCL_NVLS_ENABLE") != "0":
 import torch
 import torch.distributed as dist
 
+from benchmarks.common import git_commit
 from mxfp4_moe import distributed as D
 from mxfp4_moe.checkpoint import open_checkpoint
 from mxfp4_moe.checks import median_ms, rel_err
@@ -50,17 +50,6 @@ TINY_TOKENS = (1, 16, 64)
 # ranks' partials are rounded to bf16 before the sum) as verify's bf16 kernel bound; float32 as
 # verify's float32 bound.
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
-
-
-def git_commit() -> str:
-    """HEAD's short hash, or $MXFP4_COMMIT where the tree was copied without git metadata."""
-    if os.environ.get("MXFP4_COMMIT"):
-        return os.environ["MXFP4_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -9,9 +9,9 @@
 Default: a gpt-oss-120b-like layer (E 128, H = I = 2880, top-4; one layer of a seeded synthetic
 checkpoint written here), EP = N (TP 1), Triton backend, bf16, T = 1, 2, 4, ..., 8192.
 
-    torchrun --nproc-per-node 8 benchmarks/bench_expert_dispatch.py --out $OUT   # 8 GPUs, NCCL
-    python benchmarks/bench_expert_dispatch.py --nproc 4                         # spawns its own ranks
-    python benchmarks/bench_expert_dispatch.py --device cpu --tiny --nproc 2 --tokens 1,8 --iters 2  # gloo smoke
+    torchrun --nproc-per-node 8 -m benchmarks.bench_expert_dispatch --out $OUT   # 8 GPUs, NCCL
+    python -m benchmarks.bench_expert_dispatch --nproc 4                         # spawns its own ranks
+    python -m benchmarks.bench_expert_dispatch --device cpu --tiny --nproc 2 --tokens 1,8 --iters 2  # gloo smoke
 
 Timing: per rank, CUDA events (perf_counter on a CPU) around each forward after warm-up, median
 of --iters; a layer's time is the slowest rank's median (every rank waits in the collectives).
@@ -43,7 +43,8 @@ if os.environ.get("NCCL_NVLS_ENABLE") != "0":
 import torch
 import torch.distributed as dist
 
-from bench_distributed import TOLERANCE, git_commit
+from benchmarks.bench_distributed import TOLERANCE
+from benchmarks.common import git_commit
 from mxfp4_moe import distributed as D
 from mxfp4_moe.checkpoint import open_checkpoint
 from mxfp4_moe.checks import median_ms, rel_err

@@ -2,10 +2,10 @@
 rank, each MoE block all-reducing its partial output (`DistributedMXFP4MoE`, tokens replicated),
 against the same model on one device.
 
-    torchrun --nproc-per-node 2 benchmarks/bench_model_torchrun.py --tp 2 --out $OUT          # NCCL
-    torchrun --nproc-per-node 2 benchmarks/bench_model_torchrun.py --ep 2 --out $OUT
-    torchrun --nproc-per-node 4 benchmarks/bench_model_torchrun.py --tp 2 --ep 2 --out $OUT
-    python benchmarks/bench_model_torchrun.py --tiny --device cpu --nproc 2 --tp 2             # gloo smoke
+    torchrun --nproc-per-node 2 -m benchmarks.bench_model_torchrun --tp 2 --out $OUT          # NCCL
+    torchrun --nproc-per-node 2 -m benchmarks.bench_model_torchrun --ep 2 --out $OUT
+    torchrun --nproc-per-node 4 -m benchmarks.bench_model_torchrun --tp 2 --ep 2 --out $OUT
+    python -m benchmarks.bench_model_torchrun --tiny --device cpu --nproc 2 --tp 2             # gloo smoke
 
 Model: --model 20b or 120b (bench_model's gpt-oss-shaped random models; --layers N keeps the first
 N layers, 120b default 12 as bench_model, for the disk), or --checkpoint DIR; --tiny: bench_model's
@@ -39,8 +39,8 @@ if os.environ.get("NCCL_NVLS_ENABLE") != "0":
 import torch
 import torch.distributed as dist
 
-from bench_model import SHAPES, TINY_SHAPES, reset_peak, time_decode, write_random_checkpoint
-from bench_moe import git_commit
+from benchmarks.bench_model import SHAPES, TINY_SHAPES, reset_peak, time_decode, write_random_checkpoint
+from benchmarks.common import git_commit
 from mxfp4_moe import distributed as D
 from mxfp4_moe.checkpoint import open_checkpoint
 from mxfp4_moe.integrations.transformers import load_model, shard_plan

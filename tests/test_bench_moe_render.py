@@ -2,15 +2,11 @@
 floor reproduces the anchors' README table (benchmarks/RESULTS.md 3.1) from that run's times,
 and bench_tk.py's tk_results.json is read as that script writes it."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("bench_moe", Path(__file__).parents[1] / "benchmarks" / "bench_moe.py")
-bench_moe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_moe)
+from benchmarks import bench_moe
 
 # The ceilings of the README's run: read 4.48 TB/s; "687 TFLOP/s" rounded from a rate that puts
 # the T = 8192 w13 floor at 1583 us (687.0 would give 1582).

@@ -1,0 +1,105 @@
+"""What the benchmarks and probes share: the commit a result records, the GPU timing of a call
+(CUDA-graph replay with L2 flushed, or eager) and the probes' header, rows and gpt-oss-shaped
+routed inputs. Scripts import it as `benchmarks.common` (they run as `python -m benchmarks.x`).
+
+torch and triton are imported inside the helpers that use them: the CPU-only scripts
+(bench_loader, compile_matrix) take the commit from here and start without either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+# gpt-oss-120b and -20b: hidden and intermediate sizes (unpadded: 2880 = 90 MXFP4 blocks) and top-k.
+HIDDEN, INTER, TOP_K = 2880, 2880, 4
+
+# do_bench's measuring time per call, ms (after 10 ms of warm-up).
+REP_MS = 40
+
+# Relative Frobenius difference a swept config may have from the default (another summation
+# order: bf16-rounding differences only) before its time counts.
+SWEEP_AGREEMENT = 1e-2
+
+
+def git_commit() -> str:
+    """The commit a result records: $MXFP4_COMMIT where set (the device scripts set it: the device's
+    copy of the checkout may carry no or stale git metadata), else the short hash of HEAD of the
+    checkout holding this file, else "unknown"."""
+    if os.environ.get("MXFP4_COMMIT"):
+        return os.environ["MXFP4_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def graph_of(fn):
+    """Capture fn into a CUDA graph (after a warm-up on a side stream); returns (graph, outputs)."""
+    import torch
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def time_graph(fn) -> float:
+    """GPU time of fn in ms: its CUDA graph replayed by triton.testing.do_bench (L2 flushed
+    between replays), median."""
+    from triton.testing import do_bench
+    graph, _ = graph_of(fn)
+    return do_bench(graph.replay, warmup=10, rep=REP_MS, return_mode="median")
+
+
+def time_eager(fn) -> float:
+    """Time of fn called eagerly (launch overhead included), ms, do_bench's median."""
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=10, rep=REP_MS, return_mode="median")
+
+
+def routed_points(spec: str):
+    """For probes: "E:T,E:T,..." -> (experts, tokens, weights, x, topk_weights, topk_ids) per
+    point, at gpt-oss shapes (H = I = 2880, top-4, random weights seeded by E, tokens by T); the
+    weights of one E are built once and reused by consecutive points."""
+    import torch
+
+    from mxfp4_moe.moe import random_expert_weights
+    from mxfp4_moe.routing import route
+    weights = {}
+    for point in filter(None, spec.split(",")):
+        experts, tokens = map(int, point.split(":"))
+        if experts not in weights:
+            weights.clear()
+            torch.cuda.empty_cache()
+            weights[experts], _ = random_expert_weights(experts, HIDDEN, INTER, top_k=TOP_K, seed=experts,
+                                                        device="cuda", dense=False)
+        w = weights[experts]
+        x = torch.randn(tokens, HIDDEN, generator=torch.Generator(device="cuda").manual_seed(tokens),
+                        device="cuda").to(torch.bfloat16)
+        topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
+        yield experts, tokens, w, x, topk_w, topk_ids
+
+
+def start_probe(out: Path, **extra) -> dict:
+    """For probes: create `out`, print the header (device, commit, `extra`) and return it."""
+    import torch
+    out.mkdir(parents=True, exist_ok=True)
+    header = {"device": torch.cuda.get_device_name(), "commit": git_commit(), **extra}
+    print(json.dumps(header), flush=True)
+    return header
+
+
+def record(row: dict, rows: list[dict], path: Path, header: dict) -> None:
+    """For probes: print one result row, keep it, and rewrite `path` with every row so far (a
+    run cut short still leaves its rows)."""
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+    path.write_text(json.dumps({"header": header, "rows": rows}, indent=1))

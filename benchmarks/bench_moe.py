@@ -46,13 +46,6 @@ from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
 from mxfp4_moe.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, dequantize
 from mxfp4_moe.routing import route, routing_metadata
 
-# triton_kernels (matmul_ogs) on an H100, CUDA-graph GPU time in ms (from the project brief): the
-# "tk H100 x" columns, and the plot's line where no run of the same call is given (--tk-json).
-FIELD_BEST_MS = {
-    "w13": {1: 0.035, 8: 0.115, 32: 0.257, 128: 0.407, 512: 0.480, 2048: 0.954, 8192: 2.40},
-    "w2": {1: 0.041, 8: 0.092, 32: 0.168, 128: 0.247, 512: 0.284, 2048: 0.604, 8192: 1.65},
-}
-
 
 @triton.jit
 def _stream_read_kernel(src_ptr, folded_ptr, numel, steps, BLOCK: tl.constexpr):
@@ -262,9 +255,6 @@ def bench_point(w, layer, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_refer
         op_stats(op, default_ms, fl, wb)
         op_stats(op + "_best", best_ms, fl, wb)
         res[op + "_best"]["config"] = best_cfg.__dict__
-        if tokens in FIELD_BEST_MS[op]:
-            res[op]["vs_triton_kernels"] = FIELD_BEST_MS[op][tokens] / default_ms
-            res[op + "_best"]["vs_triton_kernels"] = FIELD_BEST_MS[op][tokens] / best_ms
     res["w2_slots_ms"] = time_graph(lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, gather=False,
                                                        apply_row_weight=True, combine="slots", n_out=h))
     res["routing_metadata_ms"] = time_graph(lambda: routing_metadata(topk_ids, w.expert_map, w.num_local_experts,
@@ -498,24 +488,22 @@ def markdown(results: list[dict], header: dict) -> str:
     if header.get("render_command"):
         lines.append(f"rendered by: `{header['render_command']}`")
     lines += ["", *roofline_table(results, header), "", "## All figures", "",
-              "Times in ms (CUDA-graph replay, L2 flushed, median). `tk H100 x` = triton_kernels time on an H100 "
-              "(the project brief's, not this run) / ours (>1: we are faster). `gmm x` = torch._grouped_mm bf16 "
-              "time / ours. roof = roofline floor (above) / time.", "",
+              "Times in ms (CUDA-graph replay, L2 flushed, median). `gmm x` = torch._grouped_mm bf16 time / ours "
+              "(>1: we are faster). roof = roofline floor (above) / time. triton_kernels, where timed in the same "
+              "call, is in the table above.", "",
               "`ckpt` = the checkpoint-order default, same run (where the default reads fragment order).", "",
-              "| E | T | bm | hit | w13+swiglu | roof | tk H100 x | gmm x | best w13 | ckpt w13 | w2+combine | roof "
-              "| tk H100 x | gmm x | best w2 | ckpt w2 | w2 slots | layer | layer eager | layer TFLOP/s | weight GB/s "
+              "| E | T | bm | hit | w13+swiglu | roof | gmm x | best w13 | ckpt w13 | w2+combine | roof "
+              "| gmm x | best w2 | ckpt w2 | w2 slots | layer | layer eager | layer TFLOP/s | weight GB/s "
               "| torch ref |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for r in results:
         g = r.get("grouped_mm_bf16", {})
         lines.append(
             f"| {r['experts']} | {r['tokens']} | {r['block_m']} | {r['experts_hit']} | {r['w13']['ms']:.3f} | "
-            f"{r['w13']['roofline_frac']:.2f} | {r['w13'].get('vs_triton_kernels', nan):.2f} | "
-            f"{g.get('speedup_w13', nan):.2f} | {r['w13_best']['ms']:.3f} | {r.get('w13_checkpoint_order_ms', nan):.3f} | "
+            f"{r['w13']['roofline_frac']:.2f} | {g.get('speedup_w13', nan):.2f} | {r['w13_best']['ms']:.3f} | {r.get('w13_checkpoint_order_ms', nan):.3f} | "
             f"{r['w2']['ms']:.3f} | "
-            f"{r['w2']['roofline_frac']:.2f} | {r['w2'].get('vs_triton_kernels', nan):.2f} | "
-            f"{g.get('speedup_w2', nan):.2f} | {r['w2_best']['ms']:.3f} | {r.get('w2_checkpoint_order_ms', nan):.3f} | "
+            f"{r['w2']['roofline_frac']:.2f} | {g.get('speedup_w2', nan):.2f} | {r['w2_best']['ms']:.3f} | {r.get('w2_checkpoint_order_ms', nan):.3f} | "
             f"{r['w2_slots_ms']:.3f} | "
             f"{r['layer']['ms']:.3f} | {r['layer']['eager_ms']:.3f} | {r['layer']['TFLOPs']:.0f} | "
             f"{r['layer']['weight_GBps']:.0f} | {r.get('torch_reference_eager_ms', float('nan')):.2f} |")

@@ -33,7 +33,7 @@ if os.environ.get("NCCL_NVLS_ENABLE") != "0":
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import git_commit
+from benchmarks.common import git_commit, run_ranks
 from mxfp4_moe import distributed as D
 from mxfp4_moe.checkpoint import open_checkpoint
 from mxfp4_moe.checks import median_ms, rel_err
@@ -250,12 +250,6 @@ def report(args, rows, device, pg, world, dtype, ckpt_path, cfg) -> None:
         print(f"\nwrote {path}")
 
 
-def _spawned(args: argparse.Namespace, ckpt_path: str) -> None:
-    code = rank_main(args, ckpt_path)
-    if code:
-        raise SystemExit(code)
-
-
 def write_checkpoint(args: argparse.Namespace, folder: Path) -> str:
     from mxfp4_moe.synthetic import make_synthetic_checkpoint
     spec = TINY if args.tiny else FULL
@@ -269,18 +263,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if D.torchrun_env() is not None:
-        return rank_main(args, args.checkpoint)          # rank 0 writes the checkpoint when none is given
-    if args.device == "cuda" and torch.cuda.device_count() < args.nproc:
-        raise SystemExit(f"--nproc {args.nproc} needs {args.nproc} GPUs, found {torch.cuda.device_count()}")
-    with tempfile.TemporaryDirectory(prefix="bench_distributed_") as tmp:
-        ckpt_path = args.checkpoint or write_checkpoint(args, Path(tmp))
-        try:
-            D.spawn_local(_spawned, args.nproc, (args, ckpt_path))
-        except Exception as exc:                         # a rank failed: its traceback is above
-            print(f"bench_distributed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
-    return 0
+    return run_ranks("bench_distributed", rank_main, args, write_checkpoint)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What the benchmarks and probes share: the commit a result records, the GPU timing of a call
-(CUDA-graph replay with L2 flushed, or eager) and the probes' header, rows and gpt-oss-shaped
-routed inputs. Scripts import it as `benchmarks.common` (they run as `python -m benchmarks.x`).
+(CUDA-graph replay with L2 flushed, or eager), the probes' header, rows and gpt-oss-shaped
+routed inputs, and the start of the multi-process runners' ranks (torchrun or spawned). Scripts
+import it as `benchmarks.common` (they run as `python -m benchmarks.x`).
 
 torch and triton are imported inside the helpers that use them: the CPU-only scripts
 (bench_loader, compile_matrix) take the commit from here and start without either.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 # gpt-oss-120b and -20b: hidden and intermediate sizes (unpadded: 2880 = 90 MXFP4 blocks) and top-k.
@@ -103,3 +106,36 @@ def record(row: dict, rows: list[dict], path: Path, header: dict) -> None:
     print(json.dumps(row), flush=True)
     rows.append(row)
     path.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+
+
+def _rank_entry(rank_main, args, checkpoint) -> None:
+    code = rank_main(args, checkpoint)
+    if code:
+        raise SystemExit(code)
+
+
+def spawn_ranks(name: str, rank_main, args, checkpoint: str | None) -> int:
+    """Run `rank_main(args, checkpoint)` (a module-level function returning an exit status) in
+    args.nproc processes spawned on this host; 1 when any fails (its traceback is printed), else 0."""
+    from mxfp4_moe import distributed as D
+    try:
+        D.spawn_local(_rank_entry, args.nproc, (rank_main, args, checkpoint))
+    except Exception as exc:                         # a rank failed: its traceback is above
+        print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_ranks(name: str, rank_main, args, write_checkpoint) -> int:
+    """Under torchrun: `rank_main(args, args.checkpoint)` in this process (rank 0 writes the
+    checkpoint when none is given). Else args.nproc spawned ranks (one GPU each on "cuda"), on
+    args.checkpoint or on the one `write_checkpoint(args, folder)` writes into a temporary folder."""
+    import torch
+
+    from mxfp4_moe import distributed as D
+    if D.torchrun_env() is not None:
+        return rank_main(args, args.checkpoint)
+    if args.device == "cuda" and torch.cuda.device_count() < args.nproc:
+        raise SystemExit(f"--nproc {args.nproc} needs {args.nproc} GPUs, found {torch.cuda.device_count()}")
+    with tempfile.TemporaryDirectory(prefix=f"{name}_") as tmp:
+        return spawn_ranks(name, rank_main, args, args.checkpoint or write_checkpoint(args, Path(tmp)))

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ if os.environ.get("NCCL_NVLS_ENABLE") != "0":
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import git_commit, run_ranks
+from benchmarks.common import git_commit, run_ranks, start_rank
 from mxfp4_moe import distributed as D
 from mxfp4_moe.checkpoint import open_checkpoint
 from mxfp4_moe.checks import median_ms, rel_err
@@ -112,19 +111,8 @@ def capture_graph(fn, device: torch.device):
 # ---- one rank -------------------------------------------------------------------------------
 
 def rank_main(args: argparse.Namespace, ckpt_path: str | None) -> int:
-    env = D.torchrun_env()
-    device = D.rank_device(env.local_rank, args.device)
-    # Generous timeout: under torchrun rank 0 may first write a gpt-oss-size checkpoint.
-    pg = D.init_process_group(device, timeout_s=1800)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    obj_device = device if device.type == "cuda" else None
-    tmp = None
-    if ckpt_path is None:
-        if rank == 0:
-            tmp = tempfile.TemporaryDirectory(prefix="bench_distributed_")
-            ckpt_path = write_checkpoint(args, Path(tmp.name))
-        ckpt_path = D.broadcast_object(ckpt_path, device=obj_device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    me = start_rank("bench_distributed", args, ckpt_path, write_checkpoint)
+    device, pg, rank, world, ckpt_path, dtype = me.device, me.pg, me.rank, me.world, me.checkpoint, me.dtype
     tokens_list = [int(t) for t in (args.tokens.split(",") if args.tokens else
                                     (TINY_TOKENS if args.tiny else FULL_TOKENS))]
     iters = args.iters or (50 if device.type == "cuda" else 5)
@@ -193,13 +181,8 @@ def rank_main(args: argparse.Namespace, ckpt_path: str | None) -> int:
                                      "rel_err": err, "tolerance": tol, "passed": ok, "ranks": infos})
                 del layer
     finally:
-        code = D.broadcast_object(1 if failed else 0, device=obj_device)
-        if rank == 0 and cfg is not None:
-            report(args, rows, device, pg, world, dtype, ckpt_path, cfg)
-        dist.barrier()                                   # rank 0's checkpoint folder outlives every read
-        dist.destroy_process_group()
-        if tmp is not None:
-            tmp.cleanup()
+        code = me.finish(failed, None if cfg is None else
+                         lambda: report(args, rows, device, pg, world, dtype, ckpt_path, cfg))
     return code
 
 

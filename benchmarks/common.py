@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 # gpt-oss-120b and -20b: hidden and intermediate sizes (unpadded: 2880 = 90 MXFP4 blocks) and top-k.
@@ -106,6 +107,60 @@ def record(row: dict, rows: list[dict], path: Path, header: dict) -> None:
     print(json.dumps(row), flush=True)
     rows.append(row)
     path.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+
+
+@dataclass
+class Rank:
+    """One rank of a multi-process runner, from start_rank: its device, process group kind ("nccl"
+    or "gloo"), rank and world size, the checkpoint every rank reads, and the compute dtype."""
+    device: "torch.device"
+    pg: str
+    rank: int
+    world: int
+    checkpoint: str
+    dtype: "torch.dtype"
+    _tmp: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def obj_device(self):
+        """Where broadcast_object stages its bytes: the GPU under NCCL, None (the CPU) under gloo."""
+        return self.device if self.device.type == "cuda" else None
+
+    def finish(self, failed: bool, report=None) -> int:
+        """Every rank's exit status (1 when any rank failed), after rank 0 runs `report()`; then the
+        process group ends and rank 0's temporary checkpoint goes, once every rank is done with it."""
+        import torch.distributed as dist
+
+        from mxfp4_moe import distributed as D
+        code = D.broadcast_object(1 if failed else 0, device=self.obj_device)
+        if self.rank == 0 and report is not None:
+            report()
+        dist.barrier()                                   # rank 0's checkpoint folder outlives every read
+        dist.destroy_process_group()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        return code
+
+
+def start_rank(name: str, args, checkpoint: str | None, write_checkpoint) -> Rank:
+    """This process's rank (under torchrun or spawned): its device (args.device), the process group,
+    the checkpoint (given, or written by rank 0 with `write_checkpoint(args, folder)` into a
+    temporary folder and broadcast) and the dtype (args.dtype, else bf16 on a GPU, float32 on a CPU)."""
+    import torch
+    import torch.distributed as dist
+
+    from mxfp4_moe import distributed as D
+    device = D.rank_device(D.torchrun_env().local_rank, args.device)
+    # Generous timeout: under torchrun rank 0 may first write a gpt-oss-size checkpoint.
+    pg = D.init_process_group(device, timeout_s=1800)
+    rank = Rank(device, pg, dist.get_rank(), dist.get_world_size(), checkpoint,
+                getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32))
+    if checkpoint is None:
+        if rank.rank == 0:
+            rank._tmp = tempfile.TemporaryDirectory(prefix=f"{name}_")
+            checkpoint = write_checkpoint(args, Path(rank._tmp.name))
+        rank.checkpoint = D.broadcast_object(checkpoint, device=rank.obj_device)
+    return rank
 
 
 def _rank_entry(rank_main, args, checkpoint) -> None:

@@ -31,8 +31,6 @@ import argparse
 import json
 import os
 import platform
-import sys
-import time
 from pathlib import Path
 
 # Before torch / NCCL start: never enable NVLink multicast on the lent machines.
@@ -43,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.bench_distributed import TOLERANCE
-from benchmarks.common import git_commit, run_ranks, start_rank
+from benchmarks.common import git_commit, run_ranks, start_rank, write_synthetic_layer
 from mxfp4_moe import distributed as D
 from mxfp4_moe.checkpoint import open_checkpoint
 from mxfp4_moe.checks import median_ms, rel_err
@@ -207,21 +205,14 @@ def report(args, rows, device, pg, world, dtype, ckpt_path, cfg) -> None:
 
 
 def write_checkpoint(args: argparse.Namespace, folder: Path) -> str:
-    from mxfp4_moe.synthetic import make_synthetic_checkpoint
     spec = dict(TINY if args.tiny else FULL)
     if args.experts:
         spec["num_experts"] = args.experts
-    t0 = time.perf_counter()
-    path = str(make_synthetic_checkpoint(folder / "ckpt", **spec))
-    print(f"wrote synthetic checkpoint {spec} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return path
+    return write_synthetic_layer(spec, folder)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    return run_ranks("bench_expert_dispatch", rank_main, args, write_checkpoint)
+    return run_ranks("bench_expert_dispatch", rank_main, parse_args(argv), write_checkpoint)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +164,16 @@ def start_rank(name: str, args, checkpoint: str | None, write_checkpoint) -> Ran
     return rank
 
 
+def write_synthetic_layer(spec: dict, folder: Path) -> str:
+    """A seeded synthetic checkpoint (`spec`: make_synthetic_checkpoint's arguments) written into
+    folder/ckpt; its path."""
+    from mxfp4_moe.synthetic import make_synthetic_checkpoint
+    t0 = time.perf_counter()
+    path = str(make_synthetic_checkpoint(folder / "ckpt", **spec))
+    print(f"wrote synthetic checkpoint {spec} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return path
+
+
 def _rank_entry(rank_main, args, checkpoint) -> None:
     code = rank_main(args, checkpoint)
     if code:
@@ -184,10 +195,13 @@ def spawn_ranks(name: str, rank_main, args, checkpoint: str | None) -> int:
 def run_ranks(name: str, rank_main, args, write_checkpoint) -> int:
     """Under torchrun: `rank_main(args, args.checkpoint)` in this process (rank 0 writes the
     checkpoint when none is given). Else args.nproc spawned ranks (one GPU each on "cuda"), on
-    args.checkpoint or on the one `write_checkpoint(args, folder)` writes into a temporary folder."""
+    args.checkpoint or on the one `write_checkpoint(args, folder)` writes into a temporary folder.
+    args.device None becomes "cuda" where a GPU is visible, else "cpu"."""
     import torch
 
     from mxfp4_moe import distributed as D
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if D.torchrun_env() is not None:
         return rank_main(args, args.checkpoint)
     if args.device == "cuda" and torch.cuda.device_count() < args.nproc:

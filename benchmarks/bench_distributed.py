@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 from pathlib import Path
 
 # Before torch / NCCL start: never enable NVLink multicast on the lent machines.
@@ -30,7 +29,7 @@ if os.environ.get("NCCL_NVLS_ENABLE") != "0":
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import git_commit, run_ranks, start_rank, write_synthetic_layer
+from benchmarks.common import layer_run_header, run_ranks, start_rank, write_synthetic_layer
 from mxfp4_moe import distributed as D
 from mxfp4_moe.checkpoint import open_checkpoint
 from mxfp4_moe.checks import median_ms, rel_err
@@ -185,23 +184,8 @@ def rank_main(args: argparse.Namespace, ckpt_path: str | None) -> int:
 
 
 def report(args, rows, device, pg, world, dtype, ckpt_path, cfg) -> None:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        device_name = f"{world} x {props.name}"
-    else:
-        device_name = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads per rank), {world} ranks"
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    header = {"device": device_name, "process_group": pg, "torch": torch.__version__, "triton": triton_version,
-              "commit": git_commit(), "dtype": str(dtype).removeprefix("torch."), "backend": args.backend,
-              "align": args.align, "checkpoint": ckpt_path,
-              "layer": {"num_experts": cfg.num_experts, "hidden": cfg.hidden_size,
-                        "intermediate": cfg.intermediate_size, "top_k": cfg.experts_per_token},
-              "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")}
-    print(f"# bench_distributed: {device_name}, {pg}, torch {torch.__version__}, triton {triton_version}, "
+    header = layer_run_header(args, device, pg, world, dtype, ckpt_path, cfg)
+    print(f"# bench_distributed: {header['device']}, {pg}, torch {torch.__version__}, triton {header['triton']}, "
           f"commit {header['commit']}")
     print(f"layer: E {cfg.num_experts}, H {cfg.hidden_size}, I {cfg.intermediate_size}, top-{cfg.experts_per_token}; "
           f"{header['dtype']}, backend {args.backend}, align {args.align}; median ms, slowest rank; eager "

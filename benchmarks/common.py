@@ -164,6 +164,30 @@ def start_rank(name: str, args, checkpoint: str | None, write_checkpoint) -> Ran
     return rank
 
 
+def layer_run_header(args, device, pg: str, world: int, dtype, checkpoint: str, cfg, **extra) -> dict:
+    """The JSON header of a multi-rank layer run: devices ("N x <GPU>" or the CPU and its threads),
+    process group, torch, triton (None where absent), commit, dtype, args.backend, args.align, then
+    `extra`, the checkpoint, the layer's sizes (`cfg`: its MoEConfig) and NCCL_NVLS_ENABLE."""
+    import platform
+
+    import torch
+    if device.type == "cuda":
+        device_name = f"{world} x {torch.cuda.get_device_properties(device).name}"
+    else:
+        device_name = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads per rank), {world} ranks"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_name, "process_group": pg, "torch": torch.__version__, "triton": triton_version,
+            "commit": git_commit(), "dtype": str(dtype).removeprefix("torch."), "backend": args.backend,
+            "align": args.align, **extra, "checkpoint": checkpoint,
+            "layer": {"num_experts": cfg.num_experts, "hidden": cfg.hidden_size,
+                      "intermediate": cfg.intermediate_size, "top_k": cfg.experts_per_token},
+            "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")}
+
+
 def write_synthetic_layer(spec: dict, folder: Path) -> str:
     """A seeded synthetic checkpoint (`spec`: make_synthetic_checkpoint's arguments) written into
     folder/ckpt; its path."""

@@ -501,9 +501,11 @@ def markdown(results: list[dict], header: dict) -> str:
         g = r.get("grouped_mm_bf16", {})
         lines.append(
             f"| {r['experts']} | {r['tokens']} | {r['block_m']} | {r['experts_hit']} | {r['w13']['ms']:.3f} | "
-            f"{r['w13']['roofline_frac']:.2f} | {g.get('speedup_w13', nan):.2f} | {r['w13_best']['ms']:.3f} | {r.get('w13_checkpoint_order_ms', nan):.3f} | "
+            f"{r['w13']['roofline_frac']:.2f} | {g.get('speedup_w13', nan):.2f} | {r['w13_best']['ms']:.3f} | "
+            f"{r.get('w13_checkpoint_order_ms', nan):.3f} | "
             f"{r['w2']['ms']:.3f} | "
-            f"{r['w2']['roofline_frac']:.2f} | {g.get('speedup_w2', nan):.2f} | {r['w2_best']['ms']:.3f} | {r.get('w2_checkpoint_order_ms', nan):.3f} | "
+            f"{r['w2']['roofline_frac']:.2f} | {g.get('speedup_w2', nan):.2f} | {r['w2_best']['ms']:.3f} | "
+            f"{r.get('w2_checkpoint_order_ms', nan):.3f} | "
             f"{r['w2_slots_ms']:.3f} | "
             f"{r['layer']['ms']:.3f} | {r['layer']['eager_ms']:.3f} | {r['layer']['TFLOPs']:.0f} | "
             f"{r['layer']['weight_GBps']:.0f} | {r.get('torch_reference_eager_ms', float('nan')):.2f} |")

@@ -3,8 +3,8 @@
 routed inputs, and the start of the multi-process runners' ranks (torchrun or spawned). Scripts
 import it as `benchmarks.common` (they run as `python -m benchmarks.x`).
 
-torch and triton are imported inside the helpers that use them: the CPU-only scripts
-(bench_loader, compile_matrix) take the commit from here and start without either.
+torch and triton are imported inside the helpers that use them: bench_loader, which needs
+neither, takes the commit from here and still starts without them.
 """
 
 from __future__ import annotations
@@ -114,12 +114,12 @@ def record(row: dict, rows: list[dict], path: Path, header: dict) -> None:
 class Rank:
     """One rank of a multi-process runner, from start_rank: its device, process group kind ("nccl"
     or "gloo"), rank and world size, the checkpoint every rank reads, and the compute dtype."""
-    device: "torch.device"
+    device: torch.device
     pg: str
     rank: int
     world: int
     checkpoint: str
-    dtype: "torch.dtype"
+    dtype: torch.dtype
     _tmp: tempfile.TemporaryDirectory | None = None
 
     @property
@@ -154,8 +154,8 @@ def start_rank(name: str, args, checkpoint: str | None, write_checkpoint) -> Ran
     device = D.rank_device(D.torchrun_env().local_rank, args.device)
     # Generous timeout: under torchrun rank 0 may first write a gpt-oss-size checkpoint.
     pg = D.init_process_group(device, timeout_s=1800)
-    rank = Rank(device, pg, dist.get_rank(), dist.get_world_size(), checkpoint,
-                getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rank = Rank(device, pg, dist.get_rank(), dist.get_world_size(), checkpoint, dtype)
     if checkpoint is None:
         if rank.rank == 0:
             rank._tmp = tempfile.TemporaryDirectory(prefix=f"{name}_")

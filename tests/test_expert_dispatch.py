@@ -316,8 +316,8 @@ def test_benchmark_smoke_on_gloo(tmp_path):
     from pathlib import Path
     root = Path(__file__).parents[1]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "benchmarks.bench_expert_dispatch", "--device", "cpu", "--tiny", "--nproc", "2", "--tokens", "1,4",
-           "--iters", "1", "--backend", "torch", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_expert_dispatch", "--device", "cpu", "--tiny", "--nproc", "2",
+           "--tokens", "1,4", "--iters", "1", "--backend", "torch", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "crossover" in proc.stdout

@@ -1,7 +1,7 @@
 """Dequantize throughput of the pure-torch format core, in GB/s of packed blocks read.
 
 Default: one gpt-oss-20b layer's gate_up blocks ([32, 5760, 90, 16] uint8, 265 MB) to bf16.
-    python benchmarks/bench_dequantize.py [--experts 32] [--repeat 3] [--threads 2] [--device cpu]
+    python -m benchmarks.bench_dequantize [--experts 32] [--repeat 3] [--threads 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -10,20 +10,12 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 
 import torch
 
+from benchmarks.common import git_commit
 from mxfp4_moe.mxfp4 import BYTES_PER_BLOCK, dequantize
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

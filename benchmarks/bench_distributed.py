@@ -4,9 +4,9 @@ time of the distributed forward (shard compute + all-reduce) at TP and EP over N
 Default: gpt-oss-20b-like layer (E 32, H = I = 2880, top-4; one layer of a seeded synthetic
 checkpoint written here), TP N and EP N on N = 2 GPUs with NCCL, Triton backend, bf16.
 
-    python benchmarks/bench_distributed.py                      # 2 GPUs; spawns its own ranks
-    torchrun --nproc-per-node 2 benchmarks/bench_distributed.py # the same under torchrun
-    python benchmarks/bench_distributed.py --device cpu --tiny  # CPU, gloo, tiny shapes (a check)
+    python -m benchmarks.bench_distributed                      # 2 GPUs; spawns its own ranks
+    torchrun --nproc-per-node 2 -m benchmarks.bench_distributed # the same under torchrun
+    python -m benchmarks.bench_distributed --device cpu --tiny  # CPU, gloo, tiny shapes (a check)
 
 Timing: per rank, CUDA events around each forward after warm-up, median of --iters; the layer's
 time is the slowest rank's median (every rank waits in the all-reduce). Beside it: the rank's
@@ -20,11 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 # Before torch / NCCL start: never enable NVLink multicast on the lent machines.
@@ -34,6 +29,7 @@ if os.environ.get("NCCL_NVLS_ENABLE") != "0":
 import torch
 import torch.distributed as dist
 
+from benchmarks.common import layer_run_header, run_ranks, start_rank, write_synthetic_layer
 from mxfp4_moe import distributed as D
 from mxfp4_moe.checkpoint import open_checkpoint
 from mxfp4_moe.verify.checks import median_ms, rel_err
@@ -50,17 +46,6 @@ TINY_TOKENS = (1, 16, 64)
 # ranks' partials are rounded to bf16 before the sum) as verify's bf16 kernel bound; float32 as
 # verify's float32 bound.
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
-
-
-def git_commit() -> str:
-    """HEAD's short hash, or $MXFP4_COMMIT where the tree was copied without git metadata."""
-    if os.environ.get("MXFP4_COMMIT"):
-        return os.environ["MXFP4_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,19 +108,8 @@ def capture_graph(fn, device: torch.device):
 # ---- one rank -------------------------------------------------------------------------------
 
 def rank_main(args: argparse.Namespace, ckpt_path: str | None) -> int:
-    env = D.torchrun_env()
-    device = D.rank_device(env.local_rank, args.device)
-    # Generous timeout: under torchrun rank 0 may first write a gpt-oss-size checkpoint.
-    pg = D.init_process_group(device, timeout_s=1800)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    obj_device = device if device.type == "cuda" else None
-    tmp = None
-    if ckpt_path is None:
-        if rank == 0:
-            tmp = tempfile.TemporaryDirectory(prefix="bench_distributed_")
-            ckpt_path = write_checkpoint(args, Path(tmp.name))
-        ckpt_path = D.broadcast_object(ckpt_path, device=obj_device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    me = start_rank("bench_distributed", args, ckpt_path, write_checkpoint)
+    device, pg, rank, world, ckpt_path, dtype = me.device, me.pg, me.rank, me.world, me.checkpoint, me.dtype
     tokens_list = [int(t) for t in (args.tokens.split(",") if args.tokens else
                                     (TINY_TOKENS if args.tiny else FULL_TOKENS))]
     iters = args.iters or (50 if device.type == "cuda" else 5)
@@ -204,34 +178,14 @@ def rank_main(args: argparse.Namespace, ckpt_path: str | None) -> int:
                                      "rel_err": err, "tolerance": tol, "passed": ok, "ranks": infos})
                 del layer
     finally:
-        code = D.broadcast_object(1 if failed else 0, device=obj_device)
-        if rank == 0 and cfg is not None:
-            report(args, rows, device, pg, world, dtype, ckpt_path, cfg)
-        dist.barrier()                                   # rank 0's checkpoint folder outlives every read
-        dist.destroy_process_group()
-        if tmp is not None:
-            tmp.cleanup()
+        code = me.finish(failed, None if cfg is None else
+                         lambda: report(args, rows, device, pg, world, dtype, ckpt_path, cfg))
     return code
 
 
 def report(args, rows, device, pg, world, dtype, ckpt_path, cfg) -> None:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        device_name = f"{world} x {props.name}"
-    else:
-        device_name = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads per rank), {world} ranks"
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    header = {"device": device_name, "process_group": pg, "torch": torch.__version__, "triton": triton_version,
-              "commit": git_commit(), "dtype": str(dtype).removeprefix("torch."), "backend": args.backend,
-              "align": args.align, "checkpoint": ckpt_path,
-              "layer": {"num_experts": cfg.num_experts, "hidden": cfg.hidden_size,
-                        "intermediate": cfg.intermediate_size, "top_k": cfg.experts_per_token},
-              "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")}
-    print(f"# bench_distributed: {device_name}, {pg}, torch {torch.__version__}, triton {triton_version}, "
+    header = layer_run_header(args, device, pg, world, dtype, ckpt_path, cfg)
+    print(f"# bench_distributed: {header['device']}, {pg}, torch {torch.__version__}, triton {header['triton']}, "
           f"commit {header['commit']}")
     print(f"layer: E {cfg.num_experts}, H {cfg.hidden_size}, I {cfg.intermediate_size}, top-{cfg.experts_per_token}; "
           f"{header['dtype']}, backend {args.backend}, align {args.align}; median ms, slowest rank; eager "
@@ -261,37 +215,12 @@ def report(args, rows, device, pg, world, dtype, ckpt_path, cfg) -> None:
         print(f"\nwrote {path}")
 
 
-def _spawned(args: argparse.Namespace, ckpt_path: str) -> None:
-    code = rank_main(args, ckpt_path)
-    if code:
-        raise SystemExit(code)
-
-
 def write_checkpoint(args: argparse.Namespace, folder: Path) -> str:
-    from mxfp4_moe.synthetic import make_synthetic_checkpoint
-    spec = TINY if args.tiny else FULL
-    t0 = time.perf_counter()
-    path = str(make_synthetic_checkpoint(folder / "ckpt", **spec))
-    print(f"wrote synthetic checkpoint {spec} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return path
+    return write_synthetic_layer(TINY if args.tiny else FULL, folder)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if D.torchrun_env() is not None:
-        return rank_main(args, args.checkpoint)          # rank 0 writes the checkpoint when none is given
-    if args.device == "cuda" and torch.cuda.device_count() < args.nproc:
-        raise SystemExit(f"--nproc {args.nproc} needs {args.nproc} GPUs, found {torch.cuda.device_count()}")
-    with tempfile.TemporaryDirectory(prefix="bench_distributed_") as tmp:
-        ckpt_path = args.checkpoint or write_checkpoint(args, Path(tmp))
-        try:
-            D.spawn_local(_spawned, args.nproc, (args, ckpt_path))
-        except Exception as exc:                         # a rank failed: its traceback is above
-            print(f"bench_distributed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
-    return 0
+    return run_ranks("bench_distributed", rank_main, parse_args(argv), write_checkpoint)
 
 
 if __name__ == "__main__":

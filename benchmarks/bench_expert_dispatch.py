@@ -9,9 +9,9 @@
 Default: a gpt-oss-120b-like layer (E 128, H = I = 2880, top-4; one layer of a seeded synthetic
 checkpoint written here), EP = N (TP 1), Triton backend, bf16, T = 1, 2, 4, ..., 8192.
 
-    torchrun --nproc-per-node 8 benchmarks/bench_expert_dispatch.py --out $OUT   # 8 GPUs, NCCL
-    python benchmarks/bench_expert_dispatch.py --nproc 4                         # spawns its own ranks
-    python benchmarks/bench_expert_dispatch.py --device cpu --tiny --nproc 2 --tokens 1,8 --iters 2  # gloo smoke
+    torchrun --nproc-per-node 8 -m benchmarks.bench_expert_dispatch --out $OUT   # 8 GPUs, NCCL
+    python -m benchmarks.bench_expert_dispatch --nproc 4                         # spawns its own ranks
+    python -m benchmarks.bench_expert_dispatch --device cpu --tiny --nproc 2 --tokens 1,8 --iters 2  # gloo smoke
 
 Timing: per rank, CUDA events (perf_counter on a CPU) around each forward after warm-up, median
 of --iters; a layer's time is the slowest rank's median (every rank waits in the collectives).
@@ -30,10 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 # Before torch / NCCL start: never enable NVLink multicast on the lent machines.
@@ -43,7 +39,8 @@ if os.environ.get("NCCL_NVLS_ENABLE") != "0":
 import torch
 import torch.distributed as dist
 
-from bench_distributed import TOLERANCE, git_commit
+from benchmarks.bench_distributed import TOLERANCE
+from benchmarks.common import layer_run_header, run_ranks, start_rank, write_synthetic_layer
 from mxfp4_moe import distributed as D
 from mxfp4_moe.checkpoint import open_checkpoint
 from mxfp4_moe.verify.checks import median_ms, rel_err
@@ -81,19 +78,8 @@ def ring_allreduce_bytes(world: int, values: int, itemsize: int) -> int:
 
 
 def rank_main(args: argparse.Namespace, ckpt_path: str | None) -> int:
-    env = D.torchrun_env()
-    device = D.rank_device(env.local_rank, args.device)
-    # Generous timeout: under torchrun rank 0 may first write a gpt-oss-size checkpoint.
-    pg = D.init_process_group(device, timeout_s=1800)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    obj_device = device if device.type == "cuda" else None
-    tmp = None
-    if ckpt_path is None:
-        if rank == 0:
-            tmp = tempfile.TemporaryDirectory(prefix="bench_expert_dispatch_")
-            ckpt_path = write_checkpoint(args, Path(tmp.name))
-        ckpt_path = D.broadcast_object(ckpt_path, device=obj_device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    me = start_rank("bench_expert_dispatch", args, ckpt_path, write_checkpoint)
+    device, pg, rank, world, ckpt_path, dtype = me.device, me.pg, me.rank, me.world, me.checkpoint, me.dtype
     tokens_list = [int(t) for t in (args.tokens.split(",") if args.tokens else
                                     (TINY_TOKENS if args.tiny else FULL_TOKENS))]
     iters = args.iters or (20 if device.type == "cuda" else 3)
@@ -151,13 +137,8 @@ def rank_main(args: argparse.Namespace, ckpt_path: str | None) -> int:
                                  "dispatch_bytes": max(i["dispatch_bytes"]["total"] for i in infos),
                                  "rel_err": worst, "tolerance": tol, "passed": ok, "ranks": infos})
     finally:
-        code = D.broadcast_object(1 if failed else 0, device=obj_device)
-        if rank == 0 and cfg is not None:
-            report(args, rows, device, pg, world, dtype, ckpt_path, cfg)
-        dist.barrier()                                   # rank 0's checkpoint folder outlives every read
-        dist.destroy_process_group()
-        if tmp is not None:
-            tmp.cleanup()
+        code = me.finish(failed, None if cfg is None else
+                         lambda: report(args, rows, device, pg, world, dtype, ckpt_path, cfg))
     return code
 
 
@@ -174,22 +155,8 @@ def crossover(rows: list[dict], key: str) -> int | None:
 
 
 def report(args, rows, device, pg, world, dtype, ckpt_path, cfg) -> None:
-    if device.type == "cuda":
-        device_name = f"{world} x {torch.cuda.get_device_properties(device).name}"
-    else:
-        device_name = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads per rank), {world} ranks"
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    header = {"device": device_name, "process_group": pg, "torch": torch.__version__, "triton": triton_version,
-              "commit": git_commit(), "dtype": str(dtype).removeprefix("torch."), "backend": args.backend,
-              "align": args.align, "exchange": args.exchange, "checkpoint": ckpt_path,
-              "layer": {"num_experts": cfg.num_experts, "hidden": cfg.hidden_size,
-                        "intermediate": cfg.intermediate_size, "top_k": cfg.experts_per_token},
-              "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")}
-    print(f"# bench_expert_dispatch: {device_name}, {pg}, torch {torch.__version__}, triton {triton_version}, "
+    header = layer_run_header(args, device, pg, world, dtype, ckpt_path, cfg, exchange=args.exchange)
+    print(f"# bench_expert_dispatch: {header['device']}, {pg}, torch {torch.__version__}, triton {header['triton']}, "
           f"commit {header['commit']}")
     print(f"layer: E {cfg.num_experts}, H {cfg.hidden_size}, I {cfg.intermediate_size}, top-{cfg.experts_per_token}; "
           f"{header['dtype']}, backend {args.backend}, align {args.align}, exchange {args.exchange}; "
@@ -222,39 +189,15 @@ def report(args, rows, device, pg, world, dtype, ckpt_path, cfg) -> None:
         print(f"\nwrote {path}")
 
 
-def _spawned(args: argparse.Namespace, ckpt_path: str) -> None:
-    code = rank_main(args, ckpt_path)
-    if code:
-        raise SystemExit(code)
-
-
 def write_checkpoint(args: argparse.Namespace, folder: Path) -> str:
-    from mxfp4_moe.synthetic import make_synthetic_checkpoint
     spec = dict(TINY if args.tiny else FULL)
     if args.experts:
         spec["num_experts"] = args.experts
-    t0 = time.perf_counter()
-    path = str(make_synthetic_checkpoint(folder / "ckpt", **spec))
-    print(f"wrote synthetic checkpoint {spec} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return path
+    return write_synthetic_layer(spec, folder)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if D.torchrun_env() is not None:
-        return rank_main(args, args.checkpoint)          # rank 0 writes the checkpoint when none is given
-    if args.device == "cuda" and torch.cuda.device_count() < args.nproc:
-        raise SystemExit(f"--nproc {args.nproc} needs {args.nproc} GPUs, found {torch.cuda.device_count()}")
-    with tempfile.TemporaryDirectory(prefix="bench_expert_dispatch_") as tmp:
-        ckpt_path = args.checkpoint or write_checkpoint(args, Path(tmp))
-        try:
-            D.spawn_local(_spawned, args.nproc, (args, ckpt_path))
-        except Exception as exc:                         # a rank failed: its traceback is above
-            print(f"bench_expert_dispatch: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
-    return 0
+    return run_ranks("bench_expert_dispatch", rank_main, parse_args(argv), write_checkpoint)
 
 
 if __name__ == "__main__":

@@ -4,24 +4,21 @@ and `from_fragment_order` to rebuild checkpoint order (median of 3, synchronised
 checkpoint-order bytes), and the GPU memory an `MXFP4MoE` holds with only the fragment copy (the
 default on Hopper) and with both orders (keep_checkpoint_order=True).
 
-    python benchmarks/bench_fragment_layout.py --out DIR    # writes DIR/bench_fragment_layout.json
+    python -m benchmarks.bench_fragment_layout --out DIR    # writes DIR/bench_fragment_layout.json
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe import record, start_probe  # noqa: E402
-
-from mxfp4_moe.kernels.fragment_layout import from_fragment_order, to_fragment_order  # noqa: E402
-from mxfp4_moe.moe import MXFP4MoE, random_expert_weights  # noqa: E402
+from benchmarks.common import record, start_probe
+from mxfp4_moe.kernels.fragment_layout import from_fragment_order, to_fragment_order
+from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
 
 
 def seconds(fn, repeats: int = 3) -> float:

@@ -1,8 +1,8 @@
 """Load time and peak host memory of `load_layer` for one rank of a gpt-oss-120b-size layer
 (E = 128, H = I = 2880), beside safetensors alone reading the same bytes.
 
-    python benchmarks/bench_loader.py [--dir /tmp/mxfp4_bench_120b] [--repeats 3]
-                                      [--out benchmarks/out/results_loader.md]
+    python -m benchmarks.bench_loader [--dir /tmp/mxfp4_bench_120b] [--repeats 3]
+                                    [--out benchmarks/out/results_loader.md]
 
 Every measurement runs in a fresh child process, so its peak RSS is its own. Peak memory is
 reported two ways: ru_maxrss (all resident pages, including the file pages safetensors maps
@@ -27,6 +27,10 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.common import git_commit
+
+# The checkout holding this file: the measuring children import this module from it.
+ROOT = Path(__file__).resolve().parents[1]
 E, H, I = 128, 2880, 2880
 NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
 CASES = [  # (tp_size, tp_rank, align)
@@ -163,18 +167,10 @@ def warm_cache(folder: Path) -> int:
 
 
 def run_child(argv: list[str]) -> dict:
-    env = dict(os.environ)
-    out = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True,
-                         env=env, check=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_loader", "--child", *argv], capture_output=True,
+                         text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _cpu_model() -> str:
@@ -250,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Loader benchmark: one rank of a gpt-oss-120b-size layer",
         "",
-        f"- command: `python benchmarks/bench_loader.py --repeats {args.repeats} --threads {args.threads}"
+        f"- command: `python -m benchmarks.bench_loader --repeats {args.repeats} --threads {args.threads}"
         + (f" --max-read-bytes {args.max_read_bytes}" if args.max_read_bytes else "") + "`",
-        f"- commit: {_git_commit()} (plus the working tree at the time of the run)",
+        f"- commit: {git_commit()} (plus the working tree at the time of the run)",
         f"- machine: {os.cpu_count()} CPU cores ({_cpu_model()}), "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, no GPU; "
         f"load average at the end {os.getloadavg()[0]:.1f} (the cores are shared with other work)",

@@ -5,9 +5,9 @@ own model of the same checkpoint with the experts dequantized to bf16: load time
 decode latency per step and prefill; the MoE part of loading against a raw read of the same
 bytes; a decode step eager, compiled and compiled with reduce-overhead.
 
-    python benchmarks/bench_model.py --out DIR [--models 20b 120b] [--batches 1 8 64] [--prefill 2048]
+    python -m benchmarks.bench_model --out DIR [--models 20b 120b] [--batches 1 8 64] [--prefill 2048]
         [--decode-steps N] [--layers-120b 12] [--no-dequantized] [--no-compile] [--workdir /tmp/bench_model]
-    python benchmarks/bench_model.py --tiny --out DIR     # the whole pipeline on a CPU-sized model
+    python -m benchmarks.bench_model --tiny --out DIR     # the whole pipeline on a CPU-sized model
 Writes DIR/out_model.json and DIR/results_model.md after every part (a run cut short keeps what
 finished), DIR/model.png at the end when matplotlib is importable, and prints the markdown.
 
@@ -65,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-from bench_moe import git_commit       # the commit the JSON records, as every benchmark does
+from benchmarks.common import git_commit
 from mxfp4_moe.checkpoint import MoEConfig, open_checkpoint
 from mxfp4_moe.integrations.transformers import MXFP4GptOssMLP, load_model, shard_plan
 from mxfp4_moe.loader import load_layer
@@ -609,7 +609,7 @@ def header(args) -> dict:
            "transformers": transformers.__version__, "safetensors": safetensors.__version__,
            "mxfp4_moe": mxfp4_moe.__version__,
            "python": platform.python_version(), "commit": git_commit(), "tiny": args.tiny,
-           "command": "python benchmarks/bench_model.py " + " ".join(args.argv),
+           "command": "python -m benchmarks.bench_model " + " ".join(args.argv),
            "cpu_count": os.cpu_count(), "host_memory_GiB": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB,
            "workdir": str(args.workdir), "backend": args.backend, "dtype": "bfloat16"}
     return out

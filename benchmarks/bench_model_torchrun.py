@@ -2,10 +2,10 @@
 rank, each MoE block all-reducing its partial output (`DistributedMXFP4MoE`, tokens replicated),
 against the same model on one device.
 
-    torchrun --nproc-per-node 2 benchmarks/bench_model_torchrun.py --tp 2 --out $OUT          # NCCL
-    torchrun --nproc-per-node 2 benchmarks/bench_model_torchrun.py --ep 2 --out $OUT
-    torchrun --nproc-per-node 4 benchmarks/bench_model_torchrun.py --tp 2 --ep 2 --out $OUT
-    python benchmarks/bench_model_torchrun.py --tiny --device cpu --nproc 2 --tp 2             # gloo smoke
+    torchrun --nproc-per-node 2 -m benchmarks.bench_model_torchrun --tp 2 --out $OUT          # NCCL
+    torchrun --nproc-per-node 2 -m benchmarks.bench_model_torchrun --ep 2 --out $OUT
+    torchrun --nproc-per-node 4 -m benchmarks.bench_model_torchrun --tp 2 --ep 2 --out $OUT
+    python -m benchmarks.bench_model_torchrun --tiny --device cpu --nproc 2 --tp 2             # gloo smoke
 
 Model: --model 20b or 120b (bench_model's gpt-oss-shaped random models; --layers N keeps the first
 N layers, 120b default 12 as bench_model, for the disk), or --checkpoint DIR; --tiny: bench_model's
@@ -39,8 +39,8 @@ if os.environ.get("NCCL_NVLS_ENABLE") != "0":
 import torch
 import torch.distributed as dist
 
-from bench_model import SHAPES, TINY_SHAPES, reset_peak, time_decode, write_random_checkpoint
-from bench_moe import git_commit
+from benchmarks.bench_model import SHAPES, TINY_SHAPES, reset_peak, time_decode, write_random_checkpoint
+from benchmarks.common import git_commit, spawn_ranks
 from mxfp4_moe import distributed as D
 from mxfp4_moe.checkpoint import open_checkpoint
 from mxfp4_moe.integrations.transformers import load_model, shard_plan
@@ -218,12 +218,6 @@ def write_checkpoint(args, folder: Path, device: torch.device) -> str:
     return info["path"]
 
 
-def _spawned(args, ckpt_path: str | None) -> None:
-    code = rank_main(args, ckpt_path)
-    if code:
-        raise SystemExit(code)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.batch_list = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -231,12 +225,7 @@ def main(argv=None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if D.torchrun_env() is not None:
         return rank_main(args, args.checkpoint)
-    try:
-        D.spawn_local(_spawned, args.nproc, (args, args.checkpoint))
-    except Exception as exc:                         # a rank failed: its traceback is above
-        print(f"bench_model_torchrun: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return spawn_ranks("bench_model_torchrun", rank_main, args, args.checkpoint)   # rank 0 writes one if none
 
 
 if __name__ == "__main__":

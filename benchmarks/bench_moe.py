@@ -8,16 +8,16 @@ read kernel, bf16 matmul) are measured in the same run. Side by side: torch._gro
 bf16-dequantized weights and, at small T, the torch reference layer. Routing comes from random
 router logits.
 
-    python benchmarks/bench_moe.py --out DIR [--experts 128 32] [--tokens 1 8 ...] [--no-sweep]
+    python -m benchmarks.bench_moe --out DIR [--experts 128 32] [--tokens 1 8 ...] [--no-sweep]
 Writes DIR/out_moe.json, DIR/results_moe.md and DIR/moe.png.
 
-    python benchmarks/bench_moe.py --render-only DIR/out_moe.json --tk-json 128=TK128.json 32=TK32.json --out DIR
+    python -m benchmarks.bench_moe --render-only DIR/out_moe.json --tk-json 128=TK128.json 32=TK32.json --out DIR
 Rebuilds those three files from a saved out_moe.json without timing anything (no GPU needed); with
 --tk-json (here or in a timing run) each (E, T) row also gets OpenAI triton_kernels' times from
 the tk_results.json that the anchors' bench_tk.py wrote in the same device call, on the same
 roofline. benchmarks/bench_vs_anchors.sh runs the whole comparison in one call.
 
-    python benchmarks/bench_moe.py --ab --out DIR [--experts ...] [--tokens ...]
+    python -m benchmarks.bench_moe --ab --out DIR [--experts ...] [--tokens ...]
 Times w13 + SwiGLU and w2 + combine with each dequantization path ("bytes": one code at a time,
 "ptx": inline PTX on uint32 words) at the default configs, plus a few other configs with "ptx";
 writes DIR/ab_dequant.json and DIR/ab_dequant.md.
@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,89 +39,12 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
+from benchmarks.common import HIDDEN, INTER, SWEEP_AGREEMENT, TOP_K, git_commit, time_eager, time_graph
 from mxfp4_moe.kernels.moe_matmul import MatmulConfig, default_config, moe_matmul, pick_block_m
 from mxfp4_moe.kernels.moe_matmul import on_hopper
 from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
 from mxfp4_moe.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, dequantize
 from mxfp4_moe.routing import route, routing_metadata
-
-# gpt-oss-120b and -20b: hidden and intermediate sizes (unpadded: 2880 = 90 MXFP4 blocks) and top-k.
-HIDDEN, INTER, TOP_K = 2880, 2880, 4
-
-# triton_kernels (matmul_ogs) on an H100, CUDA-graph GPU time in ms (from the project brief): the
-# "tk H100 x" columns, and the plot's line where no run of the same call is given (--tk-json).
-FIELD_BEST_MS = {
-    "w13": {1: 0.035, 8: 0.115, 32: 0.257, 128: 0.407, 512: 0.480, 2048: 0.954, 8192: 2.40},
-    "w2": {1: 0.041, 8: 0.092, 32: 0.168, 128: 0.247, 512: 0.284, 2048: 0.604, 8192: 1.65},
-}
-REP_MS = 40
-
-
-def git_commit() -> str:
-    if os.environ.get("MXFP4_COMMIT"):
-        return os.environ["MXFP4_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
-def graph_of(fn):
-    """Capture fn into a CUDA graph (after a warm-up on a side stream); returns (graph, outputs)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
-def time_graph(fn) -> float:
-    graph, _ = graph_of(fn)
-    return do_bench(graph.replay, warmup=10, rep=REP_MS, return_mode="median")
-
-
-def routed_points(spec: str):
-    """For probes: "E:T,E:T,..." -> (experts, tokens, weights, x, topk_weights, topk_ids) per
-    point, at gpt-oss shapes (H = I = 2880, top-4, random weights seeded by E, tokens by T); the
-    weights of one E are built once and reused by consecutive points."""
-    weights = {}
-    for point in filter(None, spec.split(",")):
-        experts, tokens = map(int, point.split(":"))
-        if experts not in weights:
-            weights.clear()
-            torch.cuda.empty_cache()
-            weights[experts], _ = random_expert_weights(experts, HIDDEN, INTER, top_k=TOP_K, seed=experts,
-                                                        device="cuda", dense=False)
-        w = weights[experts]
-        x = torch.randn(tokens, HIDDEN, generator=torch.Generator(device="cuda").manual_seed(tokens),
-                        device="cuda").to(torch.bfloat16)
-        topk_w, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k)
-        yield experts, tokens, w, x, topk_w, topk_ids
-
-
-def start_probe(out: Path, **extra) -> dict:
-    """For probes: create `out`, print the header (device, commit, `extra`) and return it."""
-    out.mkdir(parents=True, exist_ok=True)
-    header = {"device": torch.cuda.get_device_name(), "commit": git_commit(), **extra}
-    print(json.dumps(header), flush=True)
-    return header
-
-
-def record(row: dict, rows: list[dict], path: Path, header: dict) -> None:
-    """For probes: print one result row, keep it, and rewrite `path` with every row so far (a
-    run cut short still leaves its rows)."""
-    print(json.dumps(row), flush=True)
-    rows.append(row)
-    path.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
-
-
-def time_eager(fn) -> float:
-    return do_bench(fn, warmup=10, rep=REP_MS, return_mode="median")
 
 
 @triton.jit
@@ -197,9 +118,6 @@ def roofline_floor_ms(weight_bytes: float, flops: float, ceil: dict) -> float:
     """The roofline floor of the anchors' README: max(weight bytes touched / HBM read bandwidth,
     FLOPs / bf16 matmul rate), in ms, on the ceilings `ceil` measured in the same run."""
     return max(weight_bytes / (ceil["read_GBps"] * 1e9), flops / (ceil["bf16_matmul_TFLOPs"] * 1e12)) * 1e3
-
-
-SWEEP_AGREEMENT = 1e-2   # relative Frobenius difference a swept config may have from the default
 
 
 def candidates(block_m: int, n: int, k: int, swiglu: bool, mean_rows: float,
@@ -337,9 +255,6 @@ def bench_point(w, layer, w13_bf16, w2_bf16, tokens: int, ceil: dict, with_refer
         op_stats(op, default_ms, fl, wb)
         op_stats(op + "_best", best_ms, fl, wb)
         res[op + "_best"]["config"] = best_cfg.__dict__
-        if tokens in FIELD_BEST_MS[op]:
-            res[op]["vs_triton_kernels"] = FIELD_BEST_MS[op][tokens] / default_ms
-            res[op + "_best"]["vs_triton_kernels"] = FIELD_BEST_MS[op][tokens] / best_ms
     res["w2_slots_ms"] = time_graph(lambda: moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta, gather=False,
                                                        apply_row_weight=True, combine="slots", n_out=h))
     res["routing_metadata_ms"] = time_graph(lambda: routing_metadata(topk_ids, w.expert_map, w.num_local_experts,
@@ -573,24 +488,24 @@ def markdown(results: list[dict], header: dict) -> str:
     if header.get("render_command"):
         lines.append(f"rendered by: `{header['render_command']}`")
     lines += ["", *roofline_table(results, header), "", "## All figures", "",
-              "Times in ms (CUDA-graph replay, L2 flushed, median). `tk H100 x` = triton_kernels time on an H100 "
-              "(the project brief's, not this run) / ours (>1: we are faster). `gmm x` = torch._grouped_mm bf16 "
-              "time / ours. roof = roofline floor (above) / time.", "",
+              "Times in ms (CUDA-graph replay, L2 flushed, median). `gmm x` = torch._grouped_mm bf16 time / ours "
+              "(>1: we are faster). roof = roofline floor (above) / time. triton_kernels, where timed in the same "
+              "call, is in the table above.", "",
               "`ckpt` = the checkpoint-order default, same run (where the default reads fragment order).", "",
-              "| E | T | bm | hit | w13+swiglu | roof | tk H100 x | gmm x | best w13 | ckpt w13 | w2+combine | roof "
-              "| tk H100 x | gmm x | best w2 | ckpt w2 | w2 slots | layer | layer eager | layer TFLOP/s | weight GB/s "
+              "| E | T | bm | hit | w13+swiglu | roof | gmm x | best w13 | ckpt w13 | w2+combine | roof "
+              "| gmm x | best w2 | ckpt w2 | w2 slots | layer | layer eager | layer TFLOP/s | weight GB/s "
               "| torch ref |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for r in results:
         g = r.get("grouped_mm_bf16", {})
         lines.append(
             f"| {r['experts']} | {r['tokens']} | {r['block_m']} | {r['experts_hit']} | {r['w13']['ms']:.3f} | "
-            f"{r['w13']['roofline_frac']:.2f} | {r['w13'].get('vs_triton_kernels', nan):.2f} | "
-            f"{g.get('speedup_w13', nan):.2f} | {r['w13_best']['ms']:.3f} | {r.get('w13_checkpoint_order_ms', nan):.3f} | "
+            f"{r['w13']['roofline_frac']:.2f} | {g.get('speedup_w13', nan):.2f} | {r['w13_best']['ms']:.3f} | "
+            f"{r.get('w13_checkpoint_order_ms', nan):.3f} | "
             f"{r['w2']['ms']:.3f} | "
-            f"{r['w2']['roofline_frac']:.2f} | {r['w2'].get('vs_triton_kernels', nan):.2f} | "
-            f"{g.get('speedup_w2', nan):.2f} | {r['w2_best']['ms']:.3f} | {r.get('w2_checkpoint_order_ms', nan):.3f} | "
+            f"{r['w2']['roofline_frac']:.2f} | {g.get('speedup_w2', nan):.2f} | {r['w2_best']['ms']:.3f} | "
+            f"{r.get('w2_checkpoint_order_ms', nan):.3f} | "
             f"{r['w2_slots_ms']:.3f} | "
             f"{r['layer']['ms']:.3f} | {r['layer']['eager_ms']:.3f} | {r['layer']['TFLOPs']:.0f} | "
             f"{r['layer']['weight_GBps']:.0f} | {r.get('torch_reference_eager_ms', float('nan')):.2f} |")
@@ -683,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="time nothing: rebuild results_moe.md, moe.png and out_moe.json in --out from this saved "
                         "out_moe.json (with --tk-json: adding triton_kernels' times); needs no GPU")
     args = p.parse_args(argv)
-    command = "python benchmarks/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.bench_moe " + " ".join(argv if argv is not None else sys.argv[1:])
     tk_by_experts = {}
     for spec in args.tk_json:      # read before any timing, so a bad file fails at once
         experts, path = parse_tk_spec(spec)

@@ -37,7 +37,7 @@ in_dir() { (cd "$1" && shift && "$@"); }
 
 if [ "${SKIP_MOE:-0}" != 1 ]; then
   step "bench_moe --no-sweep" "$OUT/moe/bench_moe.log" \
-    python3 benchmarks/bench_moe.py --no-sweep ${BENCH_MOE_ARGS:-} --out "$OUT/moe"
+    python3 -m benchmarks.bench_moe --no-sweep ${BENCH_MOE_ARGS:-} --out "$OUT/moe"
 fi
 if [ "${SKIP_TK:-0}" != 1 ]; then
   # bench_tk imports triton_kernels alone (not our package) and writes $OUT/tk_results.json.
@@ -53,7 +53,7 @@ for e in 128 32; do
   [ -f "$OUT/tk$e/tk_results.json" ] && tk_specs+=("$e=tk$e/tk_results.json")
 done
 step "render with triton_kernels (${tk_specs[*]:-none})" "$OUT/render.log" in_dir "$OUT" \
-  python3 "$ROOT/benchmarks/bench_moe.py" --render-only moe/out_moe.json ${tk_specs[@]:+--tk-json "${tk_specs[@]}"} \
+  python3 -m benchmarks.bench_moe --render-only moe/out_moe.json ${tk_specs[@]:+--tk-json "${tk_specs[@]}"} \
   --out moe
 sed -n '/^## Against/,/^## All/p' "$OUT/render.log"
 (cd "$OUT" && cp moe/results_moe.md . 2>/dev/null; tar czf /tmp/bench_vs_anchors.tar.gz --exclude=./results_moe.md \

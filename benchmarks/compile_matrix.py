@@ -2,7 +2,7 @@
 releases, and tabulate registers and spills per release: does each supported Triton compile our
 kernels, and what does it make of them?
 
-    python benchmarks/compile_matrix.py --triton 3.6.0= --triton 3.9.0=/path/to/triton-3.9.0 --out DIR
+    python -m benchmarks.compile_matrix --triton 3.6.0= --triton 3.9.0=/path/to/triton-3.9.0 --out DIR
 
 Each `--triton VERSION=PATH` names a folder holding that release's `triton` package (for example
 `pip install --no-deps --target PATH triton==VERSION`), put first on PYTHONPATH; an empty PATH

@@ -44,11 +44,11 @@ if [ "${SKIP_20B:-0}" != 1 ]; then
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     step "torchrun verify tp2" torchrun --nproc-per-node 2 -m mxfp4_moe.verify $CK --tp 2 --align triton --tokens 256 --json "$OUT/torchrun_tp2.json" > "$OUT/torchrun_tp2.txt" 2>&1; tail -12 "$OUT/torchrun_tp2.txt"
     step "torchrun verify ep2" torchrun --nproc-per-node 2 -m mxfp4_moe.verify $CK --ep 2 --tokens 256 --json "$OUT/torchrun_ep2.json" > "$OUT/torchrun_ep2.txt" 2>&1; tail -6 "$OUT/torchrun_ep2.txt"
-    step "bench distributed" python3 benchmarks/bench_distributed.py --checkpoint $CK --out "$OUT" 2>&1 | tee "$OUT/bench_distributed.log" | tail -20
+    step "bench distributed" python3 -m benchmarks.bench_distributed --checkpoint $CK --out "$OUT" 2>&1 | tee "$OUT/bench_distributed.log" | tail -20
   fi
 fi
 if [ "${BENCH_MOE:-0}" = 1 ]; then
-  step "bench_moe (default configs)" env MXFP4_COMMIT="$commit" python3 benchmarks/bench_moe.py --no-sweep ${BENCH_MOE_ARGS:-} --out "$OUT/moe" 2>&1 | grep -v '^{' | tail -40
+  step "bench_moe (default configs)" env MXFP4_COMMIT="$commit" python3 -m benchmarks.bench_moe --no-sweep ${BENCH_MOE_ARGS:-} --out "$OUT/moe" 2>&1 | grep -v '^{' | tail -40
 fi
 # The device tool brings back at most 8 files: pack them into one.
 (cd "$OUT" && tar czf /tmp/gpu_session.tar.gz . && rm -rf ./* && mv /tmp/gpu_session.tar.gz .)

@@ -29,12 +29,12 @@ for s in ${STEPS:-tests model dispatch}; do
     layouts=("--tp 2" "--ep 2")
     [ "$gpus" -ge 4 ] && layouts+=("--tp 2 --ep 2" "--tp 4" "--ep 4")
     [ "$gpus" -ge 8 ] && layouts+=("--tp 2 --ep 4" "--ep 8")
-    step "model float32, TP 2" torchrun --nproc-per-node 2 benchmarks/bench_model_torchrun.py --tp 2 --dtype float32 --batches "" --workdir "$WORK" --out "$OUT/model_fp32" 2>&1 | tee "$OUT/model_fp32_tp2.log" | tail -12
+    step "model float32, TP 2" torchrun --nproc-per-node 2 -m benchmarks.bench_model_torchrun --tp 2 --dtype float32 --batches "" --workdir "$WORK" --out "$OUT/model_fp32" 2>&1 | tee "$OUT/model_fp32_tp2.log" | tail -12
     for layout in "${layouts[@]}"; do
       read -r -a flags <<< "$layout"
       n=1; for ((i = 1; i < ${#flags[@]}; i += 2)); do n=$((n * flags[i])); done
       tag=$(echo "$layout" | tr -d ' -')
-      step "model bf16, $layout" torchrun --nproc-per-node "$n" benchmarks/bench_model_torchrun.py $layout --workdir "$WORK" --out "$OUT" 2>&1 | tee "$OUT/model_$tag.log" | tail -14
+      step "model bf16, $layout" torchrun --nproc-per-node "$n" -m benchmarks.bench_model_torchrun $layout --workdir "$WORK" --out "$OUT" 2>&1 | tee "$OUT/model_$tag.log" | tail -14
     done
     ;;
   dispatch)
@@ -44,7 +44,7 @@ from mxfp4_moe.synthetic import make_synthetic_checkpoint
 make_synthetic_checkpoint('$CK', num_layers=1, num_experts=128, hidden=2880, intermediate=2880, top_k=4, seed=0)"
     for n in 2 4 8; do
       [ "$gpus" -ge "$n" ] || continue
-      step "EP schemes, $n ranks" torchrun --nproc-per-node "$n" benchmarks/bench_expert_dispatch.py --checkpoint "$CK" --out "$OUT" 2>&1 | tee "$OUT/dispatch_n$n.log" | tail -22
+      step "EP schemes, $n ranks" torchrun --nproc-per-node "$n" -m benchmarks.bench_expert_dispatch --checkpoint "$CK" --out "$OUT" 2>&1 | tee "$OUT/dispatch_n$n.log" | tail -22
     done
     ;;
   *) echo "unknown step $s (tests, model, dispatch)"; exit 2 ;;

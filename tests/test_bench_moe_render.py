@@ -2,15 +2,11 @@
 floor reproduces the anchors' README table (benchmarks/RESULTS.md 3.1) from that run's times,
 and bench_tk.py's tk_results.json is read as that script writes it."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("bench_moe", Path(__file__).parents[1] / "benchmarks" / "bench_moe.py")
-bench_moe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_moe)
+from benchmarks import bench_moe
 
 # The ceilings of the README's run: read 4.48 TB/s; "687 TFLOP/s" rounded from a rate that puts
 # the T = 8192 w13 floor at 1583 us (687.0 would give 1582).
@@ -120,3 +116,37 @@ def test_tk_json_at_other_shapes_is_refused(tmp_path):
 def test_tk_spec_needs_the_expert_count(spec):
     with pytest.raises(ValueError, match="E=PATH"):
         bench_moe.parse_tk_spec(spec)
+
+
+def full_row(experts, tokens, hit, w13_us, w2_us):
+    """bench_row plus the fields of the report's "All figures" table, as bench_point fills them."""
+    row = bench_row(experts, tokens, hit, w13_us, w2_us)
+    config = {"block_m": 16, "block_n": 64, "block_k": 128, "swap_ab": True, "num_warps": 4, "num_stages": 4,
+              "kernel": "rs", "prefetch": 3}
+    for op in ("w13", "w2"):
+        row[op]["roofline_frac"] = row[op]["floor_ms"] / row[op]["ms"]
+        row[op + "_best"] = {"ms": row[op]["ms"], "config": config}
+    row["layer"].update(eager_ms=0.5, TFLOPs=4.0, weight_GBps=975.0)
+    row.update(block_m=16, w2_slots_ms=0.034, grouped_mm_bf16={"speedup_w13": 2.88, "speedup_w2": 2.79})
+    return row
+
+
+def test_report_compares_with_triton_kernels_once_and_from_the_same_run(tmp_path):
+    # The report's only triton_kernels figures are the ones attached from the same call's
+    # tk_results.json (the roofline table); the "All figures" table carries none: a stored
+    # triton_kernels time from another card and run under the same heading would read as a
+    # same-run comparison.
+    results = [full_row(128, 1, 4, 24.6, 15.6)]
+    path = write_tk_json(tmp_path / "tk.json", [tk_entry(1, "mx_w13_gather_swiglu(w4)", "w13", 4, 31.6),
+                                                tk_entry(1, "mx_w2_scatter(w4)", "w2", 4, 40.4)])
+    header = {**HEADER, "torch": "2.11", "triton": "3.6.0", "commit": "2911932", "command": "bench_moe"}
+    bench_moe.attach_tk(results, header, {128: bench_moe.load_tk_results(path, 128)})
+    md = bench_moe.markdown(results, header)
+    tables = [[line for line in part.splitlines() if line.startswith("| E |")] for part in md.split("\n## ")[1:]]
+    roofline, figures = tables
+    assert roofline == ["| E | T | hit | w13 floor | ours w13 | tk w13 | w13 x | w2 floor | ours w2 | tk w2 | w2 x |"]
+    (figures_header,) = figures
+    assert not [cell for cell in figures_header.split("|") if cell.strip().startswith("tk")], figures_header
+    assert "H100" not in md
+    assert "| 128 | 1 | 4 | 7.9 | 24.6 (32%) | 31.6 (25%) | 1.28 | 3.9 | 15.6 (25%) | 40.4 (10%) | 2.59 |" in md
+    assert "| 128 | 1 | 16 | 4 | 0.025 | 0.32 | 2.88 | 0.025 | nan | 0.016 | 0.25 | 2.79 | 0.016 | nan | 0.034 |" in md

@@ -308,17 +308,17 @@ def test_construction_errors_name_the_problem():
 # ---- the benchmark's gloo smoke --------------------------------------------------------------------
 
 def test_benchmark_smoke_on_gloo(tmp_path):
-    # benchmarks/bench_expert_dispatch.py end to end at its tiny size: both schemes on 2 ranks,
+    # benchmarks.bench_expert_dispatch end to end at its tiny size: both schemes on 2 ranks,
     # outputs within tolerance (exit 0), the JSON's rows and byte counts filled in.
     import json
     import subprocess
     import sys
     from pathlib import Path
-    script = Path(__file__).parents[1] / "benchmarks" / "bench_expert_dispatch.py"
+    root = Path(__file__).parents[1]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(script), "--device", "cpu", "--tiny", "--nproc", "2", "--tokens", "1,4",
-           "--iters", "1", "--backend", "torch", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    cmd = [sys.executable, "-m", "benchmarks.bench_expert_dispatch", "--device", "cpu", "--tiny", "--nproc", "2",
+           "--tokens", "1,4", "--iters", "1", "--backend", "torch", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "crossover" in proc.stdout
     data = json.loads((tmp_path / "bench_expert_dispatch_n2.json").read_text())

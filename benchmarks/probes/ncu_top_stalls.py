@@ -1,7 +1,7 @@
 """Summarise `ncu --page source --print-source sass --csv` output: the SASS instructions with the
 most warp-stall samples, with their top stall reasons. Reads the CSV from stdin.
 
-    ncu --import rep.ncu-rep --page source --print-source sass --csv | python benchmarks/probes/ncu_top_stalls.py
+    ncu --import rep.ncu-rep --page source --print-source sass --csv | python -m benchmarks.probes.ncu_top_stalls
 """
 
 from __future__ import annotations

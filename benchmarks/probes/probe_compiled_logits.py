@@ -14,8 +14,8 @@ greedy ids of 16 steps, eager against compiled (first differing step and the eag
 between its top two there). If compiled sits as far from float32 as eager does, the gap between
 them is bf16 noise amplified by the random model; if compiled is much farther, it is a bug.
 
-    python benchmarks/probes/probe_compiled_logits.py --out DIR [--layers 24] [--model 20b]
-    python benchmarks/probes/probe_compiled_logits.py --tiny --layers 2 --out DIR   # CPU harness check
+    python -m benchmarks.probes.probe_compiled_logits --out DIR [--layers 24] [--model 20b]
+    python -m benchmarks.probes.probe_compiled_logits --tiny --layers 2 --out DIR   # CPU harness check
 """
 
 from __future__ import annotations
@@ -29,10 +29,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench_model as bm  # noqa: E402
-
-from mxfp4_moe.integrations.transformers import load_model  # noqa: E402
+from benchmarks import bench_model as bm
+from mxfp4_moe.integrations.transformers import load_model
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

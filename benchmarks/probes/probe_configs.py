@@ -3,7 +3,7 @@
 output agrees with the default's (relative Frobenius difference < 1e-2, as in bench_moe's sweep).
 Lighter than `bench_moe.py`'s full sweep when only a handful of configs is in question.
 
-    python benchmarks/probes/probe_configs.py --points 128:1,128:8 \\
+    python -m benchmarks.probes.probe_configs --points 128:1,128:8 \\
         --configs "16,64,256,1,4,3,triton;16,64,128,1,4,4,triton" --out DIR    # DIR/probe_configs.json
 
 --rs-maxnreg N caps the registers per thread of the listed "rs" configs (ptxas maxnreg; the
@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
-from bench_moe import SWEEP_AGREEMENT, record, routed_points, start_probe, time_graph  # noqa: E402
-
-from mxfp4_moe.kernels.moe_matmul import MatmulConfig, moe_matmul, pick_block_m  # noqa: E402
-from mxfp4_moe.kernels.fragment_layout import to_fragment_order  # noqa: E402
-from mxfp4_moe.routing import routing_metadata  # noqa: E402
+from benchmarks.common import SWEEP_AGREEMENT, record, routed_points, start_probe, time_graph
+from mxfp4_moe.kernels.moe_matmul import MatmulConfig, moe_matmul, pick_block_m
+from mxfp4_moe.kernels.fragment_layout import to_fragment_order
+from mxfp4_moe.routing import routing_metadata
 
 
 def parse_config(text: str) -> MatmulConfig:

@@ -6,7 +6,7 @@ a Triton launch of an empty kernel with as many arguments as the matmul kernel, 
 launched through its compiled handle (no Triton Python dispatch), torch.empty and a torch.mm.
 gpt-oss shapes (H = I = 2880, top-4). Issue 27's target: the whole call <= 100 us.
 
-    python benchmarks/probes/probe_host_cost.py --experts 32,128 --tokens 1,8
+    python -m benchmarks.probes.probe_host_cost --experts 32,128 --tokens 1,8
 """
 
 from __future__ import annotations

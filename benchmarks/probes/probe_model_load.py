@@ -9,7 +9,7 @@ against bench_model's raw route (safetensors views through two pinned 64 MiB buf
 alternating rounds (raw, every variant, raw, ...); per variant the medians of the whole, of
 load_layer alone and of the MXFP4MoE construction alone, each timed between synchronizations.
 
-    python benchmarks/probes/probe_model_load.py --out DIR [--models 20b 120b] [--layers-120b 12]
+    python -m benchmarks.probes.probe_model_load --out DIR [--models 20b 120b] [--layers-120b 12]
         [--read-mib 16 64 256] [--builders torch triton] [--rounds 2]
 """
 
@@ -26,14 +26,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench_model as bm  # noqa: E402
-
-import mxfp4_moe.kernels as kernels  # noqa: E402
-from mxfp4_moe.checkpoint import open_checkpoint  # noqa: E402
-from mxfp4_moe.integrations.transformers import MXFP4GptOssMLP, shard_plan  # noqa: E402
-from mxfp4_moe.loader import load_layer  # noqa: E402
-from mxfp4_moe.moe import MXFP4MoE  # noqa: E402
+from benchmarks import bench_model as bm
+import mxfp4_moe.kernels as kernels
+from mxfp4_moe.checkpoint import open_checkpoint
+from mxfp4_moe.integrations.transformers import MXFP4GptOssMLP, shard_plan
+from mxfp4_moe.loader import load_layer
+from mxfp4_moe.moe import MXFP4MoE
 
 MIB = 2 ** 20
 

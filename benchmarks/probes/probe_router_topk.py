@@ -2,22 +2,19 @@
 runs on CUDA) against torch.topk + torch.softmax on the same logits, and the whole layer, same
 run, gpt-oss shapes (H = I = 2880, top-4; CUDA-graph replay, L2 flushed).
 
-    python benchmarks/probes/probe_router_topk.py --out DIR        # writes DIR/probe_router_topk.json
+    python -m benchmarks.probes.probe_router_topk --out DIR        # writes DIR/probe_router_topk.json
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
-from bench_moe import record, start_probe, time_graph  # noqa: E402
-
-from mxfp4_moe.kernels.router_topk import router_topk  # noqa: E402
-from mxfp4_moe.moe import MXFP4MoE, random_expert_weights  # noqa: E402
+from benchmarks.common import record, start_probe, time_graph
+from mxfp4_moe.kernels.router_topk import router_topk
+from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
 
 
 def probe_experts(experts: int, token_counts: list[int], rows: list[dict], path: Path, header: dict) -> None:

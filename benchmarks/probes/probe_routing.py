@@ -2,23 +2,20 @@
 (`routing_metadata` now) against the four-launch path (`expert_sort` + `tile_schedule`), and
 the whole layer, same run, gpt-oss shapes (H = I = 2880, top-4).
 
-    python benchmarks/probes/probe_routing.py --out DIR        # writes DIR/probe_routing.json
+    python -m benchmarks.probes.probe_routing --out DIR        # writes DIR/probe_routing.json
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
-from bench_moe import record, routed_points, start_probe, time_graph  # noqa: E402
-
-from mxfp4_moe.kernels.moe_matmul import pick_block_m  # noqa: E402
-from mxfp4_moe.kernels.expert_sort import expert_sort  # noqa: E402
-from mxfp4_moe.kernels.tile_schedule import tile_schedule  # noqa: E402
-from mxfp4_moe.moe import MXFP4MoE  # noqa: E402
-from mxfp4_moe.routing import max_tiles, routing_metadata  # noqa: E402
+from benchmarks.common import record, routed_points, start_probe, time_graph
+from mxfp4_moe.kernels.moe_matmul import pick_block_m
+from mxfp4_moe.kernels.expert_sort import expert_sort
+from mxfp4_moe.kernels.tile_schedule import tile_schedule
+from mxfp4_moe.moe import MXFP4MoE
+from mxfp4_moe.routing import max_tiles, routing_metadata
 
 
 def main() -> int:

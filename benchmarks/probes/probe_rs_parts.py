@@ -13,8 +13,8 @@ and their combinations ("+"). With every part but the weight loads and the wgmma
 what is left is the floor of this loop structure. Every launch copies x by cp.async, the path
 these edits take apart (w2 otherwise reads its sorted rows by TMA from 64-wide K steps).
 
-    python benchmarks/probes/probe_rs_parts.py --out DIR               # GPU: DIR/probe_rs_parts.json
-    python benchmarks/probes/probe_rs_parts.py --sass                  # any machine: registers and K-loop
+    python -m benchmarks.probes.probe_rs_parts --out DIR               # GPU: DIR/probe_rs_parts.json
+    python -m benchmarks.probes.probe_rs_parts --sass                  # any machine: registers and K-loop
                                                                 # SASS instructions of each variant
 """
 
@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
 
 RS_SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "_moe_matmul_rs.py"
 VARIANTS = ("base", "no_decode", "no_x_copy", "no_x_sync", "no_x_copy+no_x_sync",
@@ -116,7 +115,7 @@ def main() -> int:
     if args.sass:
         return sass_report(kernels)
 
-    from bench_moe import record, routed_points, start_probe, time_graph
+    from benchmarks.common import record, routed_points, start_probe, time_graph
 
     from mxfp4_moe.kernels.moe_matmul import moe_matmul, pick_block_m
     from mxfp4_moe.kernels.fragment_layout import to_fragment_order

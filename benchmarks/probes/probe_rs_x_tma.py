@@ -3,22 +3,19 @@ order, no gather) copied by TMA, as the launcher does from 64-wide K steps, agai
 launch with the cp.async ring the gathered w13 uses; same run, in alternating order (the median
 of --repeats timings each), outputs checked to agree.
 
-    python benchmarks/probes/probe_rs_x_tma.py --points 32:512,128:2048 --out DIR    # DIR/probe_rs_x_tma.json
+    python -m benchmarks.probes.probe_rs_x_tma --points 32:512,128:2048 --out DIR    # DIR/probe_rs_x_tma.json
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
-from bench_moe import record, routed_points, start_probe, time_graph  # noqa: E402
-
-from mxfp4_moe.kernels.moe_matmul import moe_matmul, pick_block_m  # noqa: E402
-from mxfp4_moe.kernels.fragment_layout import to_fragment_order  # noqa: E402
-from mxfp4_moe.routing import routing_metadata  # noqa: E402
+from benchmarks.common import record, routed_points, start_probe, time_graph
+from mxfp4_moe.kernels.moe_matmul import moe_matmul, pick_block_m
+from mxfp4_moe.kernels.fragment_layout import to_fragment_order
+from mxfp4_moe.routing import routing_metadata
 
 launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
 

@@ -1,6 +1,6 @@
 """Probe (GPU): does the "sm90" kernel earn its place beside the Triton kernel and an "rs" taking every scale byte?
 
-Per (E, T), bf16, CUDA-graph GPU time with L2 flushed (`bench_moe.time_graph`) of w13 + SwiGLU
+Per (E, T), bf16, CUDA-graph GPU time with L2 flushed (`benchmarks.common.time_graph`) of w13 + SwiGLU
 and w2 + routing weight + atomic combine, each path on its own copy of the same weights:
 
     sm90      the "sm90" kernel, checkpoint order: its default config where the checkpoint-order
@@ -18,7 +18,7 @@ and w2 + routing weight + atomic combine, each path on its own copy of the same 
               `_moe_matmul_rs.py` edited by CS_IN_MMA_LAYOUT (the kernel's own channel-scale path
               costs w13 10-54 more registers, `--compile-only`)
 
-Every output must agree with triton's (relative Frobenius difference <= bench_moe.SWEEP_AGREEMENT)
+Every output must agree with triton's (relative Frobenius difference <= benchmarks.common.SWEEP_AGREEMENT)
 before its time counts. Then at --check-point, weights with scale bytes lifted past 128 on an
 eighth of the rows and one NaN byte: rs_shift(_mma) against sm90, column by column, NaN columns
 equal.
@@ -26,9 +26,9 @@ Off Hopper (TRITON_INTERPRET=1 with --tiny), the Gluon paths run as the Triton k
 they would read (checkpoint order rebuilt from their fragments): a check of the harness, no
 times.
 
-    python benchmarks/probes/probe_sm90_place.py --out DIR   # DIR/probe_sm90_place.json and .md
-    TRITON_INTERPRET=1 python benchmarks/probes/probe_sm90_place.py --tiny --out DIR
-    python benchmarks/probes/probe_sm90_place.py --compile-only   # its Gluon configs for sm_90, on a CPU
+    python -m benchmarks.probes.probe_sm90_place --out DIR   # DIR/probe_sm90_place.json and .md
+    TRITON_INTERPRET=1 python -m benchmarks.probes.probe_sm90_place --tiny --out DIR
+    python -m benchmarks.probes.probe_sm90_place --compile-only   # its Gluon configs for sm_90, on a CPU
 """
 
 from __future__ import annotations
@@ -48,17 +48,15 @@ from pathlib import Path
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
-from bench_moe import SWEEP_AGREEMENT, git_commit, record, time_graph  # noqa: E402
-
-from mxfp4_moe.kernels.moe_matmul import (MatmulConfig, default_config, interpreting, moe_matmul,  # noqa: E402
+from benchmarks.common import SWEEP_AGREEMENT, git_commit, record, time_graph
+from mxfp4_moe.kernels.moe_matmul import (MatmulConfig, default_config, interpreting, moe_matmul,
                                           on_hopper, pick_block_m)
-from mxfp4_moe.kernels.fragment_layout import from_fragment_order, to_fragment_order  # noqa: E402
-from mxfp4_moe.kernels import fragment_layout, prototype_row_shift  # noqa: E402
-from mxfp4_moe.moe import random_expert_weights  # noqa: E402
-from mxfp4_moe.mxfp4 import E8M0_NAN  # noqa: E402
-from mxfp4_moe.reference import reference_moe_matmul  # noqa: E402
-from mxfp4_moe.routing import route, routing_metadata  # noqa: E402
+from mxfp4_moe.kernels.fragment_layout import from_fragment_order, to_fragment_order
+from mxfp4_moe.kernels import fragment_layout, prototype_row_shift
+from mxfp4_moe.moe import random_expert_weights
+from mxfp4_moe.mxfp4 import E8M0_NAN
+from mxfp4_moe.reference import reference_moe_matmul
+from mxfp4_moe.routing import route, routing_metadata
 
 PATHS = ("sm90", "triton", "rs", "rs_shift", "rs_shift_mma")
 GLUON_PATHS = ("sm90", "rs", "rs_shift", "rs_shift_mma")
@@ -430,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     header = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or 'interpreter'})",
               "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit(),
-              "command": "python benchmarks/probes/probe_sm90_place.py " + " ".join(sys.argv[1:] if argv is None
+              "command": "python -m benchmarks.probes.probe_sm90_place " + " ".join(sys.argv[1:] if argv is None
                                                                                      else argv),
               "shapes": f"H = {args.hidden}, I = {args.inter}, top-{args.top_k}, {str(compute_dtype)[6:]}",
               "gluon": on_hopper(device), "timed": timed}

@@ -8,7 +8,7 @@ on purpose, only the time counts):
     neither      both removed
 and the floor of the timing harness (a graph holding one trivial kernel).
 
-    python benchmarks/probes/probe_small_t.py --out DIR        # writes DIR/probe_small_t.json
+    python -m benchmarks.probes.probe_small_t --out DIR        # writes DIR/probe_small_t.json
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
-from bench_moe import git_commit, time_graph  # noqa: E402
-
-from mxfp4_moe.kernels.moe_matmul import pick_block_m  # noqa: E402
-from mxfp4_moe.moe import random_expert_weights  # noqa: E402
-from mxfp4_moe.routing import route, routing_metadata  # noqa: E402
+from benchmarks.common import git_commit, time_graph
+from mxfp4_moe.kernels.moe_matmul import pick_block_m
+from mxfp4_moe.moe import random_expert_weights
+from mxfp4_moe.routing import route, routing_metadata
 
 launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
 

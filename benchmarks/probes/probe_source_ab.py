@@ -3,7 +3,7 @@ it is ("new") and as other sources of it (e.g. `git show REV:kernels/_moe_matmul
 old.py`; named by file stem), same shapes (gpt-oss, H = I = 2880, top-4), same run, outputs
 checked to agree with "new".
 
-    python benchmarks/probes/probe_source_ab.py --module _moe_matmul_sm90 --kernel _moe_matmul_sm90_kernel \\
+    python -m benchmarks.probes.probe_source_ab --module _moe_matmul_sm90 --kernel _moe_matmul_sm90_kernel \\
         --old old.py [other.py ...] --out DIR                     # writes DIR/probe_source_ab.json
 """
 
@@ -18,11 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
-from bench_moe import SWEEP_AGREEMENT, git_commit, record, routed_points, time_graph  # noqa: E402
-
-from mxfp4_moe.kernels.moe_matmul import moe_matmul, pick_block_m  # noqa: E402
-from mxfp4_moe.routing import routing_metadata  # noqa: E402
+from benchmarks.common import SWEEP_AGREEMENT, git_commit, record, routed_points, time_graph
+from mxfp4_moe.kernels.moe_matmul import moe_matmul, pick_block_m
+from mxfp4_moe.routing import routing_metadata
 
 
 def load_source(path: Path, name: str):

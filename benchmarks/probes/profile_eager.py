@@ -5,7 +5,7 @@ launches cost), the GPU time of the same forward (CUDA-graph replay), the same t
 included), and the functions that take the eager host time (cProfile, own time and
 cumulative). gpt-oss shapes (H = I = 2880, top-4).
 
-    python benchmarks/probes/profile_eager.py --experts 32 --tokens 1,512
+    python -m benchmarks.probes.profile_eager --experts 32 --tokens 1,512
 """
 
 from __future__ import annotations

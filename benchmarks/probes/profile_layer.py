@@ -1,7 +1,7 @@
 """Profile (GPU): where the MoE layer's GPU time goes, kernel by kernel (torch.profiler, GPU
 time per forward, eager calls after a warm-up), gpt-oss shapes (H = I = 2880, top-4).
 
-    python benchmarks/probes/profile_layer.py --experts 128 --tokens 8192,2048
+    python -m benchmarks.probes.profile_layer --experts 128 --tokens 8192,2048
 """
 
 from __future__ import annotations

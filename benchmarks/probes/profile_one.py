@@ -1,23 +1,19 @@
 """Launch one grouped-matmul configuration a few times at E = 32, T = 8192 (gpt-oss-20b shapes),
-for a profiler such as Nsight Compute to pick up (`ncu -k regex:moe_matmul ... python
-benchmarks/probes/profile_one.py --config 128,128,64,1,8,4,rs,3 --op w13`). Configs as in
+for a profiler such as Nsight Compute to pick up (`ncu -k regex:moe_matmul ... python -m
+benchmarks.probes.profile_one --config 128,128,64,1,8,4,rs,3 --op w13`). Configs as in
 `probe_configs.py`; an "rs" config gets the weights in fragment order."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/: bench_moe
-from probe_configs import parse_config  # noqa: E402
-
-from mxfp4_moe.kernels.moe_matmul import moe_matmul  # noqa: E402
-from mxfp4_moe.kernels.fragment_layout import to_fragment_order  # noqa: E402
-from mxfp4_moe.moe import random_expert_weights  # noqa: E402
-from mxfp4_moe.routing import route, routing_metadata  # noqa: E402
+from benchmarks.probes.probe_configs import parse_config
+from mxfp4_moe.kernels.moe_matmul import moe_matmul
+from mxfp4_moe.kernels.fragment_layout import to_fragment_order
+from mxfp4_moe.moe import random_expert_weights
+from mxfp4_moe.routing import route, routing_metadata
 
 
 def main() -> int:

@@ -18,7 +18,8 @@ import torch
 
 from benchmarks.common import record, start_probe
 from mxfp4_moe.kernels.fragment_layout import from_fragment_order, to_fragment_order
-from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+from mxfp4_moe.moe import MXFP4MoE
+from mxfp4_moe.synthetic import random_expert_weights
 
 
 def seconds(fn, repeats: int = 3) -> float:

@@ -42,7 +42,8 @@ from triton.testing import do_bench
 from benchmarks.common import HIDDEN, INTER, SWEEP_AGREEMENT, TOP_K, git_commit, time_eager, time_graph
 from mxfp4_moe.kernels.moe_matmul import MatmulConfig, default_config, moe_matmul, pick_block_m
 from mxfp4_moe.kernels.moe_matmul import on_hopper
-from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+from mxfp4_moe.moe import MXFP4MoE
+from mxfp4_moe.synthetic import random_expert_weights
 from mxfp4_moe.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, dequantize
 from mxfp4_moe.routing import route, routing_metadata
 

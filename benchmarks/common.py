@@ -80,7 +80,7 @@ def routed_points(spec: str):
     weights of one E are built once and reused by consecutive points."""
     import torch
 
-    from mxfp4_moe.moe import random_expert_weights
+    from mxfp4_moe.synthetic import random_expert_weights
     from mxfp4_moe.routing import route
     weights = {}
     for point in filter(None, spec.split(",")):

@@ -21,6 +21,7 @@ import torch
 from .checkpoint import (CONFIG_FILE, INDEX_FILE, SAFETENSORS_DTYPE_NAMES, Layout, MoEConfig,
                          layer_tensor_names)
 from .mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, ScaleRounding, quantize
+from .weights import ExpertWeights
 
 _FLOAT_DTYPE = torch.bfloat16          # biases, router and dense weights, as gpt-oss stores them
 _CHANNEL_SCALE_DTYPE = torch.float32
@@ -471,3 +472,69 @@ def make_synthetic_checkpoint(path: str | Path, *, num_layers: int = 2, num_expe
                                   scale_rounding=scale_rounding),
         layout=layout, shards=shards, dense=dense, dense_tensors=dense_tensors,
         scale_rounding=scale_rounding)
+
+
+def random_expert_weights(num_experts: int, hidden: int, inter: int, *, top_k: int = 4,
+                          hidden_pad: int | None = None, inter_pad: int | None = None,
+                          local_experts: list[int] | None = None, channel_scales: bool = False,
+                          seed: int = 0, device: torch.device | str = "cpu",
+                          tp_rank: int = 0, dense: bool = True
+                          ) -> tuple[ExpertWeights, dict[str, torch.Tensor]]:
+    """Random gpt-oss-style weights in the padded ExpertWeights layout, for tests and benchmarks.
+
+    Float weights ~ N(0, 1 / fan_in) are quantized with `mxfp4.quantize` (spec FLOOR scales) and
+    copied into the top-left corner of zero-code, PAD_SCALE_E8M0-scale padded tensors; biases
+    ~ N(0, 0.1) (w2 bias zero unless tp_rank == 0). local_experts: the global ids this rank
+    holds (default all). Everything is drawn and quantized on `device` (fast for gpt-oss sizes
+    on a GPU). Returns (weights, {"w13": [E_local, 2I, H], "w2": [E_local, H, I]} the
+    dequantized unpadded float32 weights, in checkpoint orientation [out, in]; empty if not dense).
+    """
+    from .mxfp4 import BLOCK_SIZE, PAD_SCALE_E8M0, dequantize, quantize
+    hidden_pad = hidden if hidden_pad is None else hidden_pad
+    inter_pad = inter if inter_pad is None else inter_pad
+    local = list(range(num_experts)) if local_experts is None else list(local_experts)
+    e_local = len(local)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    def quantized(out_f: int, in_f: int, out_pad: int, in_pad: int):
+        w = randn(e_local, out_f, in_f)
+        w /= in_f ** 0.5
+        blocks, scales = quantize(w)
+        del w
+        blocks_pad = torch.zeros(e_local, out_pad, in_pad // 2, dtype=torch.uint8, device=device)
+        scales_pad = torch.full((e_local, out_pad, in_pad // BLOCK_SIZE), PAD_SCALE_E8M0, dtype=torch.uint8,
+                                device=device)
+        blocks_pad[:, :out_f, :in_f // 2] = blocks.reshape(e_local, out_f, in_f // 2)
+        scales_pad[:, :out_f, :in_f // BLOCK_SIZE] = scales
+        return blocks_pad, scales_pad, dequantize(blocks, scales, torch.float32) if dense else None
+
+    w13_blocks, w13_scales, w13 = quantized(2 * inter, hidden, 2 * inter_pad, hidden_pad)
+    w2_blocks, w2_scales, w2 = quantized(hidden, inter, hidden_pad, inter_pad)
+    w13_bias = torch.zeros(e_local, 2 * inter_pad, device=device)
+    w13_bias[:, :2 * inter] = 0.1 * randn(e_local, 2 * inter)
+    w2_bias = torch.zeros(e_local, hidden_pad, device=device)
+    if tp_rank == 0:
+        w2_bias[:, :hidden] = 0.1 * randn(e_local, hidden)
+    router_weight = torch.zeros(num_experts, hidden_pad, device=device)
+    # Rounded to bf16 values, as a checkpoint stores them (the layer then routes through a bf16 GEMM).
+    router_weight[:, :hidden] = (randn(num_experts, hidden) / hidden ** 0.5).bfloat16().float()
+    router_bias = 0.1 * randn(num_experts)
+    expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
+    expert_map[torch.tensor(local, dtype=torch.long)] = torch.arange(e_local, dtype=torch.int32)
+    extra = {}
+    if channel_scales:
+        for name, rows, real in (("w13_channel_scale", 2 * inter_pad, 2 * inter), ("w2_channel_scale", hidden_pad, hidden)):
+            extra[name] = torch.zeros(e_local, rows, device=device)
+            extra[name][:, :real] = 0.5 + torch.rand(e_local, real, generator=gen, device=device)
+    weights = ExpertWeights(
+        w13_blocks=w13_blocks, w13_scales=w13_scales, w13_bias=w13_bias,
+        w2_blocks=w2_blocks, w2_scales=w2_scales, w2_bias=w2_bias,
+        router_weight=router_weight, router_bias=router_bias, hidden=hidden, inter=inter,
+        local_experts=torch.tensor(local, dtype=torch.int64), expert_map=expert_map, top_k=top_k,
+        w2_bias_included=tp_rank == 0, tp_rank=tp_rank, **extra)
+    weights.validate()
+    return weights.to(device), ({"w13": w13, "w2": w2} if dense else {})

@@ -10,7 +10,8 @@ import operator
 import pytest
 import torch
 
-from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+from mxfp4_moe.moe import MXFP4MoE
+from mxfp4_moe.synthetic import random_expert_weights
 
 
 @pytest.fixture(scope="module")

@@ -291,7 +291,7 @@ def test_bytes_moved_counts_only_other_ranks():
 
 
 def test_construction_errors_name_the_problem():
-    from mxfp4_moe.moe import random_expert_weights
+    from mxfp4_moe.synthetic import random_expert_weights
     weights, _ = random_expert_weights(4, 64, 64, top_k=2, seed=0)
     local = MXFP4MoE(weights, backend="torch")
     groups = D.MoEGroups(tp_size=1, ep_size=2, tp_rank=0, ep_rank=0, group=object())

@@ -180,7 +180,8 @@ def test_unknown_builder_is_refused():
 def test_layer_keeps_fragment_order_only_where_its_kernel_runs():
     # On a CPU (or the torch backend) the default builds no fragment-order copy, and asking for
     # one says why not; weights outside the layout's scale range are named.
-    from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+    from mxfp4_moe.moe import MXFP4MoE
+    from mxfp4_moe.synthetic import random_expert_weights
     w, _ = random_expert_weights(4, 64, 64, top_k=2, dense=False)
     assert MXFP4MoE(w, backend="torch").fragments is None
     with pytest.raises(ValueError, match="Hopper GPU"):
@@ -220,7 +221,7 @@ def test_shape_only_weights_need_fragments_and_the_rs_kernel():
     # fragments, or where the "rs" kernel cannot run (here: the interpreter), the call says so
     # instead of reading weights that are not there.
     from mxfp4_moe.kernels.moe_matmul import moe_matmul
-    from mxfp4_moe.moe import random_expert_weights
+    from mxfp4_moe.synthetic import random_expert_weights
     from mxfp4_moe.routing import routing_metadata
     w, _ = random_expert_weights(4, 64, 64, top_k=2, dense=False)
     ids = torch.tensor([[0, 1], [2, 3], [1, 2]])
@@ -238,7 +239,8 @@ def test_shape_only_weights_need_fragments_and_the_rs_kernel():
 
 
 def test_layer_cannot_drop_its_only_copy():
-    from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+    from mxfp4_moe.moe import MXFP4MoE
+    from mxfp4_moe.synthetic import random_expert_weights
     w, _ = random_expert_weights(4, 64, 64, top_k=2, dense=False)
     with pytest.raises(ValueError, match="keep_checkpoint_order=False needs the fragment-order copy"):
         MXFP4MoE(w, backend="torch", keep_checkpoint_order=False)
@@ -275,7 +277,7 @@ def test_launcher_picks_the_rs_kernel_and_drops_split_k_where_it_cannot_sum(rs_l
     # The launch moe_matmul would make on a Hopper GPU with fragments, as the kernel sees it: the
     # few-rows w2 config splits K over the grid's third axis with atomic combine, and runs
     # unsplit (one program per tile) when writing rows; an explicit split config there raises.
-    from mxfp4_moe.moe import random_expert_weights
+    from mxfp4_moe.synthetic import random_expert_weights
     from mxfp4_moe.routing import routing_metadata
     launcher, recorder = rs_launches
     w, _ = random_expert_weights(8, 128, 128, top_k=4, dense=False)
@@ -298,7 +300,7 @@ def test_launcher_reads_sorted_rows_by_tma_from_64_wide_k_steps(rs_launches):
     # w2 reads its x rows in sorted order (no gather): with K steps of 64 the "rs" kernel takes
     # them by TMA, one [block_m, 64] box per step over x as it is; w13 gathers token rows and
     # keeps cp.async (no descriptor), as does w2 at K steps of 128.
-    from mxfp4_moe.moe import random_expert_weights
+    from mxfp4_moe.synthetic import random_expert_weights
     from mxfp4_moe.routing import routing_metadata
     launcher, recorder = rs_launches
     w, _ = random_expert_weights(8, 128, 128, top_k=4, dense=False)
@@ -353,7 +355,8 @@ def test_layer_with_only_the_fragment_copy_launches_from_it(rs_launches, monkeyp
     # checkpoint_weights() rebuilds them exactly, and forward, even on float32 tokens with an
     # odd row stride, launches the "rs" kernel on the fragments for both matmuls.
     from mxfp4_moe import kernel_api
-    from mxfp4_moe.moe import CHECKPOINT_ORDER_TENSORS, MXFP4MoE, random_expert_weights
+    from mxfp4_moe.moe import CHECKPOINT_ORDER_TENSORS, MXFP4MoE
+    from mxfp4_moe.synthetic import random_expert_weights
     _, recorder = rs_launches
     # Only the kernels see a GPU: the package (the layer's backend, the routing kernels) still
     # runs through the interpreter on these CPU tensors.
@@ -379,7 +382,7 @@ def test_layer_with_only_the_fragment_copy_launches_from_it(rs_launches, monkeyp
 def test_rs_kernel_waits_for_its_predecessor_exactly_when_launched_dependent(rs_launches, monkeypatch):
     # A programmatic dependent launch that skips griddepcontrol.wait would read its predecessor's
     # outputs early: the PDL constexpr and the launch attribute must always agree.
-    from mxfp4_moe.moe import random_expert_weights
+    from mxfp4_moe.synthetic import random_expert_weights
     from mxfp4_moe.routing import routing_metadata
     launcher, recorder = rs_launches
     w, _ = random_expert_weights(8, 128, 128, top_k=4, dense=False)

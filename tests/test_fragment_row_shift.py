@@ -14,7 +14,7 @@ from mxfp4_moe.kernels import fragment_layout as fl
 from mxfp4_moe.kernels import prototype_row_shift as row_shift
 from mxfp4_moe.kernels.moe_matmul import moe_matmul, pick_block_m
 from mxfp4_moe.kernels.fragment_layout import to_fragment_order
-from mxfp4_moe.moe import random_expert_weights
+from mxfp4_moe.synthetic import random_expert_weights
 from mxfp4_moe.routing import routing_metadata
 
 

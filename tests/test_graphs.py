@@ -20,7 +20,8 @@ def test_pick_bucket_takes_the_smallest_that_holds_the_call():
 
 
 def test_graphs_need_a_cuda_layer_that_can_be_captured():
-    from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+    from mxfp4_moe.moe import MXFP4MoE
+    from mxfp4_moe.synthetic import random_expert_weights
     w, _ = random_expert_weights(4, 64, 64, top_k=2, dense=False)
     with pytest.raises(ValueError, match="need the layer on a CUDA device; its weights are on cpu"):
         CUDAGraphMoE(MXFP4MoE(w, backend="torch"))

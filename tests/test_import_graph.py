@@ -98,7 +98,7 @@ def test_torch_path_imports_no_kernel_but_the_device_check():
     # routing asks `interpreting` (kernels/_device.py, no Triton) to choose between the kernels and
     # their torch twins; nothing else of kernels/ loads, and Triton not at all.
     code = ("import sys, torch, mxfp4_moe.moe, mxfp4_moe.routing, mxfp4_moe.verify.checks, mxfp4_moe.verify.common\n"
-            "from mxfp4_moe.moe import MXFP4MoE, random_expert_weights\n"
+            "from mxfp4_moe.moe import MXFP4MoE\nfrom mxfp4_moe.synthetic import random_expert_weights\n"
             "w, _ = random_expert_weights(4, 64, 64, top_k=2, seed=1)\n"
             "MXFP4MoE(w, backend='torch')(torch.randn(3, 64))\n"
             "loaded = sorted(m for m in sys.modules if m.startswith('mxfp4_moe.kernels.') or m == 'triton')\n"

@@ -18,7 +18,7 @@ from compile_script import run_compiler_script
 
 from mxfp4_moe import mxfp4
 from mxfp4_moe.kernels.moe_matmul import moe_matmul, pick_block_m
-from mxfp4_moe.moe import random_expert_weights
+from mxfp4_moe.synthetic import random_expert_weights
 from mxfp4_moe.reference import reference_moe_matmul
 from mxfp4_moe.routing import routing_metadata
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from mxfp4_moe import mxfp4
-from mxfp4_moe.moe import random_expert_weights
+from mxfp4_moe.synthetic import random_expert_weights
 from mxfp4_moe.kernels.moe_matmul import pick_block_m
 from mxfp4_moe.kernels._moe_matmul import _dequant_mxfp4_words
 from mxfp4_moe.routing import route, routing_metadata

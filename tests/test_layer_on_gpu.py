@@ -7,7 +7,8 @@ elsewhere. Tolerance: relative Frobenius error < 5e-3 (bf16).
 import pytest
 import torch
 
-from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+from mxfp4_moe.moe import MXFP4MoE
+from mxfp4_moe.synthetic import random_expert_weights
 from mxfp4_moe.routing import route
 
 pytestmark = pytest.mark.gpu

@@ -8,7 +8,8 @@ order); float16 kernels 3e-3 (fp16 activations and SwiGLU output, ~2**-11 relati
 import pytest
 import torch
 
-from mxfp4_moe.moe import MXFP4MoE, random_expert_weights, resolve_backend
+from mxfp4_moe.moe import MXFP4MoE, resolve_backend
+from mxfp4_moe.synthetic import random_expert_weights
 from mxfp4_moe.reference import reference_moe
 from mxfp4_moe.routing import route
 

@@ -15,7 +15,8 @@ import torch
 
 from mxfp4_moe import semantics
 from mxfp4_moe.kernels.moe_matmul import MatmulConfig, moe_matmul, pick_block_m
-from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+from mxfp4_moe.moe import MXFP4MoE
+from mxfp4_moe.synthetic import random_expert_weights
 from mxfp4_moe.reference import reference_moe, reference_moe_matmul, swiglu
 from mxfp4_moe.routing import route, routing_metadata
 

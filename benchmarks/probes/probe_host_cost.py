@@ -24,7 +24,8 @@ from triton.testing import do_bench_cudagraph
 
 import mxfp4_moe.kernels.moe_matmul as launcher_module
 import mxfp4_moe.moe as moe_module
-from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+from mxfp4_moe.moe import MXFP4MoE
+from mxfp4_moe.synthetic import random_expert_weights
 
 
 def host_us(fn, calls: int) -> float:

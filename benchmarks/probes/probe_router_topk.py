@@ -14,7 +14,8 @@ import torch
 
 from benchmarks.common import record, start_probe, time_graph
 from mxfp4_moe.kernels.router_topk import router_topk
-from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+from mxfp4_moe.moe import MXFP4MoE
+from mxfp4_moe.synthetic import random_expert_weights
 
 
 def probe_experts(experts: int, token_counts: list[int], rows: list[dict], path: Path, header: dict) -> None:

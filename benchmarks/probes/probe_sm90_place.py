@@ -53,7 +53,7 @@ from mxfp4_moe.kernels.moe_matmul import (MatmulConfig, default_config, interpre
                                           on_hopper, pick_block_m)
 from mxfp4_moe.kernels.fragment_layout import from_fragment_order, to_fragment_order
 from mxfp4_moe.kernels import fragment_layout, prototype_row_shift
-from mxfp4_moe.moe import random_expert_weights
+from mxfp4_moe.synthetic import random_expert_weights
 from mxfp4_moe.mxfp4 import E8M0_NAN
 from mxfp4_moe.reference import reference_moe_matmul
 from mxfp4_moe.routing import route, routing_metadata

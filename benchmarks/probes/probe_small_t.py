@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.common import git_commit, time_graph
 from mxfp4_moe.kernels.moe_matmul import pick_block_m
-from mxfp4_moe.moe import random_expert_weights
+from mxfp4_moe.synthetic import random_expert_weights
 from mxfp4_moe.routing import route, routing_metadata
 
 launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")

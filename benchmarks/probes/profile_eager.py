@@ -20,7 +20,8 @@ import torch
 from triton.testing import do_bench_cudagraph
 
 from mxfp4_moe.graphs import CUDAGraphMoE
-from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+from mxfp4_moe.moe import MXFP4MoE
+from mxfp4_moe.synthetic import random_expert_weights
 
 
 def host_and_wall_ms(fn, calls: int) -> tuple[float, float]:

@@ -11,7 +11,8 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mxfp4_moe.moe import MXFP4MoE, random_expert_weights
+from mxfp4_moe.moe import MXFP4MoE
+from mxfp4_moe.synthetic import random_expert_weights
 
 
 def profile_experts(experts: int, token_counts: list[int], forwards: int, top: int) -> None:

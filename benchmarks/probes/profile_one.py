@@ -12,7 +12,7 @@ import torch
 from benchmarks.probes.probe_configs import parse_config
 from mxfp4_moe.kernels.moe_matmul import moe_matmul
 from mxfp4_moe.kernels.fragment_layout import to_fragment_order
-from mxfp4_moe.moe import random_expert_weights
+from mxfp4_moe.synthetic import random_expert_weights
 from mxfp4_moe.routing import route, routing_metadata
 
 

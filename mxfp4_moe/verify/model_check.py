@@ -3,6 +3,10 @@
 experts dequantized: its reader, its dequantization, its MoE.
 
 - gpt-oss (Hugging Face layout): `GptOssForCausalLM` with `Mxfp4Config(dequantize=True)`.
+- gpt-oss as a GGUF file: transformers' own GGUF loader fails on gpt-oss's rope keys (5.25),
+  so the reference is the same model in the Hugging Face layout (`--reference FOLDER`), loaded as
+  above. It checks our GGUF reading (re-packed MXFP4 experts, dense tensors through gguf's
+  dequantize, the config from the metadata) where the twin holds the GGUF's values.
 - Qwen3-MoE in compressed-tensors MXFP4: `Qwen3MoeForCausalLM` with
   `CompressedTensorsConfig(dequantize=True)` (the compressed-tensors package decompresses). It
   keeps the experts in bf16 whatever dtype is asked for; bf16 holds every MXFP4 value exactly
@@ -153,8 +157,14 @@ def undisturbed_tokens(routings: dict, batch: int, seq: int) -> tuple[torch.Tens
     return left.reshape(-1), problems
 
 
-def dense_weights_problem(checkpoint) -> str:
-    """Why `checkpoint` cannot be checked as a whole model ("" when it can)."""
+def dense_weights_problem(checkpoint, reference: str | Path | None = None) -> str:
+    """Why `checkpoint` cannot be checked as a whole model ("" when it can). `reference`: for a
+    GGUF file, the folder of the same model in the Hugging Face layout (None elsewhere)."""
+    if checkpoint.layout == "gguf":
+        return _gguf_problem(checkpoint, reference)
+    if reference is not None:
+        return (f"--reference is for GGUF files; {checkpoint.path} is a {checkpoint.layout} checkpoint, which "
+                "transformers loads itself")
     if checkpoint.layout == "compressed-tensors":
         return _qwen3_moe_problem(checkpoint)
     if checkpoint.layout not in ("hf", "original"):      # the other formats (`mxfp4_moe.formats`)
@@ -173,6 +183,34 @@ def dense_weights_problem(checkpoint) -> str:
         return (f"{checkpoint.path} is in the original layout, which transformers cannot load, so it has no "
                 "independent reference; check the Hugging Face layout folder of the same model (load_model "
                 "itself reads both)")
+    return ""
+
+
+def _gguf_problem(checkpoint, reference) -> str:
+    from ..checkpoint import open_checkpoint
+    from ..integrations.transformers import check_dense_tensors, gpt_oss_config, missing_dense_tensors
+    if reference is None:
+        return (f"{checkpoint.path} is a GGUF file, which transformers' own GGUF loader cannot read for gpt-oss "
+                "(its rope keys); give --reference FOLDER: the same model in the Hugging Face layout, which "
+                "transformers loads as the reference")
+    missing = missing_dense_tensors(checkpoint)
+    if missing:
+        return (f"{checkpoint.path} has no dense weights ({len(missing)} tensors missing, e.g. {missing[0]}): "
+                "the model check needs a whole model, not the MoE layers alone")
+    check_dense_tensors(checkpoint)
+    with open_checkpoint(reference) as twin:
+        if twin.layout != "hf":
+            return f"--reference {reference}: expected a gpt-oss checkpoint in the Hugging Face layout, found {twin.layout}"
+        problem = dense_weights_problem(twin)
+        if problem:
+            return f"--reference: {problem}"
+        ours, theirs = gpt_oss_config(checkpoint).to_dict(), gpt_oss_config(twin).to_dict()
+        keys = ("num_hidden_layers", "num_local_experts", "num_experts_per_tok", "hidden_size", "intermediate_size",
+                "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+        differ = [f"{k} {ours.get(k)} vs {theirs.get(k)}" for k in keys if ours.get(k) != theirs.get(k)]
+        if differ:
+            return (f"--reference {reference} is not the model of {checkpoint.path}: " + ", ".join(differ)
+                    + " (GGUF metadata vs config.json)")
     return ""
 
 
@@ -228,13 +266,15 @@ def _greedy(model, prompt: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]
 
 
 def check_model(path: str | Path, device: torch.device, dtype: torch.dtype, backend: str, seed: int,
-                **load_kwargs) -> CheckResult:
-    """The `model` row of verify's report (see the module docstring)."""
+                reference: str | Path | None = None, **load_kwargs) -> CheckResult:
+    """The `model` row of verify's report (see the module docstring). `reference`: the folder
+    transformers loads as the reference (default `path`; a GGUF file's Hugging Face twin)."""
     from ..integrations.transformers import load_model
     ours = load_model(path, device=device, dtype=dtype, backend=backend, progress=False, **load_kwargs)
     family = ours.config.model_type                 # "gpt_oss" or "qwen3_moe"
-    theirs = _reference_model(Path(path), family, device, dtype)
-    exact = _reference_model(Path(path), family, device, torch.float32) if dtype != torch.float32 else None
+    source = Path(reference if reference is not None else path)
+    theirs = _reference_model(source, family, device, dtype)
+    exact = _reference_model(source, family, device, torch.float32) if dtype != torch.float32 else None
     vocab = ours.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (PROMPTS, max(max(SEQUENCE_LENGTHS), GREEDY_PROMPT)), generator=g).to(device)
@@ -269,6 +309,7 @@ def check_model(path: str | Path, device: torch.device, dtype: torch.dtype, back
                "rel_err": {str(seq): err for seq, err in errors.items()},
                "tolerance": {str(seq): bound for seq, bound in bounds.items()},
                "reference": "transformers float32" if exact is not None else "transformers (same dtype)",
+               "reference_checkpoint": str(source),
                "tokens_excluded": {str(seq): n for seq, n in excluded.items()}, "routing_problems": routing_problems,
                "greedy_tokens": GREEDY_TOKENS, "ids": ours_ids, "reference_ids": ref_ids,
                "first_difference": first, "logit_noise": noise}

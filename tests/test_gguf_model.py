@@ -70,7 +70,7 @@ def test_metadata_keys_are_gguf_constants(models):
         K.LLM.CONTEXT_LENGTH, K.LLM.BLOCK_COUNT, K.LLM.EMBEDDING_LENGTH, K.LLM.EXPERT_FEED_FORWARD_LENGTH,
         K.LLM.EXPERT_COUNT, K.LLM.EXPERT_USED_COUNT, K.Attention.HEAD_COUNT, K.Attention.HEAD_COUNT_KV,
         K.Attention.KEY_LENGTH, K.Attention.LAYERNORM_RMS_EPS, K.Attention.SLIDING_WINDOW, K.Rope.FREQ_BASE,
-        K.Rope.SCALING_FACTOR, K.Rope.SCALING_ORIG_CTX_LEN)}
+        K.Rope.SCALING_TYPE, K.Rope.SCALING_FACTOR, K.Rope.SCALING_ORIG_CTX_LEN)}
     file, _ = models["BF16"]
     written = set(gguf.GGUFReader(str(file)).fields)
     assert keys <= written, keys - written

@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle", choices=("transformers",), default=None,
                    help="also compare with transformers' GptOssMLP (small models)")
     p.add_argument("--model", action="store_true",
-                   help="also check the whole model: logits and greedy decoding of load_model's GptOssForCausalLM "
-                        "against transformers' dequantized model of the checkpoint (needs the dense weights)")
+                   help="also check the whole model: logits and greedy decoding of load_model's model (gpt-oss or "
+                        "Qwen3-MoE) against transformers' dequantized model of the checkpoint (needs the dense "
+                        "weights; a GGUF file needs --reference)")
     p.add_argument("--reference", default=None, metavar="FOLDER",
                    help="with --model on a GGUF file: the same model in the Hugging Face layout, which transformers "
                         "loads as the reference (its own GGUF loader cannot read gpt-oss); its dense weights must "

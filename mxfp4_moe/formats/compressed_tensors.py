@@ -65,8 +65,8 @@ def detect(path: Path) -> bool:
         return False
     try:
         return _quant_config(json.loads(config_file.read_text())) is not None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False                         # open_checkpoint's own reading reports it
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return False                         # open_checkpoint's own reading reports it (bounds included)
 
 
 def read_config(raw: dict, source: str) -> tuple[MoEConfig, bool]:

@@ -62,7 +62,7 @@ def detect(path: Path) -> bool:
         return False
     try:
         quant = json.loads(config_file.read_text()).get("quantization_config")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError):
         return False
     return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
 

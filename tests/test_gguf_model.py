@@ -120,8 +120,9 @@ def test_quantized_dense_tensors_really_differ_from_the_original(models):
 
 # ---- bad files ----------------------------------------------------------------------------------
 
-def _rewrite(src, dst, *, drop_tensor=None, reshape=None, drop_key=None):
-    """A copy of GGUF file `src` without one tensor / metadata key, or with one tensor's rows cut."""
+def _rewrite(src, dst, *, drop_tensor=None, reshape=None, drop_key=None, to_bf16=()):
+    """A copy of GGUF file `src` without one tensor / metadata key, with one tensor's rows cut, or
+    with the F32 tensors `to_bf16` in BF16."""
     reader = gguf.GGUFReader(str(src))
     writer = gguf.GGUFWriter(str(dst), gguf_format.ARCH)
     for name, field in reader.fields.items():
@@ -136,6 +137,10 @@ def _rewrite(src, dst, *, drop_tensor=None, reshape=None, drop_key=None):
         data = np.array(t.data)
         if t.name == reshape:
             data = data[:-1]
+        if t.name in to_bf16:
+            bf16 = gguf.GGMLQuantizationType.BF16
+            writer.add_tensor(t.name, gguf.quants.quantize(data, bf16), raw_dtype=bf16)
+            continue
         writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -219,3 +224,19 @@ def test_reference_without_model_is_exit_2(models, capsys):
     file, twin = models["BF16"]
     assert verify.main([str(file), "--reference", str(twin), *FAST]) == verify.EXIT_BAD_INPUT
     assert "give --model too" in capsys.readouterr().err
+
+
+def test_bf16_expert_biases_and_router_read_as_f32(models, tmp_path):
+    # llama.cpp's converter may write 2-D float tensors in its --outtype (bf16); the synthetic
+    # values are bf16 already, so the BF16 copy must read exactly as the F32 original.
+    file, _ = models["F32"]
+    names = ("blk.0.ffn_gate_exps.bias", "blk.0.ffn_down_exps.bias", "blk.0.ffn_gate_inp.weight")
+    bf16 = _rewrite(file, tmp_path / "bf16.gguf", to_bf16=names)
+    assert {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(bf16)).tensors if t.name in names} \
+        == dict.fromkeys(names, "BF16")
+    with open_checkpoint(file) as a, open_checkpoint(bf16) as b:
+        la, lb = a.layer(0), b.layer(0)
+        assert torch.equal(la.router_weight.read(), lb.router_weight.read())
+        for ea, eb in zip(la.experts, lb.experts):
+            assert torch.equal(ea.gate.bias.read(), eb.gate.bias.read())
+            assert torch.equal(ea.down.bias.read(), eb.down.bias.read())

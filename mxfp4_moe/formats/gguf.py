@@ -12,7 +12,7 @@ checks them against the package):
   blk.N.ffn_up_exps.weight    MXFP4, data (E, I, H/32 * 17)  up rows   (gate_up[..., 1::2])
   blk.N.ffn_down_exps.weight  MXFP4, data (E, H, I/32 * 17)
   blk.N.ffn_{gate,up}_exps.bias (E, I), blk.N.ffn_down_exps.bias (E, H), blk.N.ffn_gate_inp.weight
-  (E, H) and .bias (E,): F32 or F16 here (other float types are refused by name)
+  (E, H) and .bias (E,): F32, F16 or BF16 here (other types are refused by name)
   metadata: general.architecture "gpt-oss"; gpt-oss.{block_count, expert_count, expert_used_count,
   embedding_length, expert_feed_forward_length}. No SwiGLU keys: llama.cpp hard-codes alpha 1.702
   and limit 7, and the gating is top-k then softmax: `semantics.GPT_OSS`.
@@ -327,11 +327,15 @@ class GGUFCheckpoint(ExpertReader):
         if t is None:
             raise CheckpointError(f"{self._file}: tensor {name} is missing (expected {list(shape)})")
         types = ((gguf.GGMLQuantizationType.MXFP4,) if mxfp4 else
-                 (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16))
-        if t.tensor_type not in types or tuple(t.data.shape) != shape:
+                 (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16))
+        data = t.data
+        if t.tensor_type == gguf.GGMLQuantizationType.BF16 and not mxfp4:
+            # gguf holds BF16 as raw bytes: float32 values of the tensor's shape (it is small).
+            data = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if t.tensor_type not in types or tuple(data.shape) != shape:
             raise CheckpointError(f"{self._file}: tensor {name}: expected {' or '.join(x.name for x in types)} data "
-                                  f"{list(shape)}, found {t.tensor_type.name} {list(t.data.shape)}")
-        return t.data
+                                  f"{list(shape)}, found {t.tensor_type.name} {list(data.shape)}")
+        return data
 
     def _build_layer(self, i: int) -> UnfusedLayerTensors:
         cfg = self.config

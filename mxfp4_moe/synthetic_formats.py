@@ -142,3 +142,50 @@ def make_qwen3_moe_model_checkpoint(path: str | Path, *, num_layers: int = 2, nu
     (folder / "config.json").write_text(__import__("json").dumps(raw, indent=2, default=str))
     save_file(tensors, str(folder / "model.safetensors"))
     return folder, reference
+
+
+def make_gguf_model_checkpoint(path: str | Path, *, dense_type: str = "BF16", num_layers: int = 2,
+                               num_experts: int = 4, hidden: int = 64, intermediate: int = 96, top_k: int = 2,
+                               seed: int = 0, vocab_size: int = 128) -> tuple[Path, Path]:
+    """A tiny whole gpt-oss model as a GGUF file (MXFP4 experts; matrices of the dense model in
+    GGML type `dense_type`: F32, F16, BF16 or a quantized type such as Q8_0; 1-D tensors F32) and
+    its twin in the Hugging Face layout holding the same values: the synthetic full checkpoint
+    (`synthetic.make_synthetic_checkpoint`) with its dense tensors replaced by the float32 values
+    the GGUF file holds (dequantized, so that both files mean one model). Returns (GGUF file,
+    Hugging Face folder)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from .formats import gguf
+    from .synthetic import DenseSpec, make_synthetic_checkpoint
+
+    folder = Path(path)
+    dense_spec = DenseSpec(vocab_size=vocab_size)
+    hf = make_synthetic_checkpoint(folder / "hf", num_layers=num_layers, num_experts=num_experts, hidden=hidden,
+                                   intermediate=intermediate, top_k=top_k, seed=seed, full_model=True,
+                                   dense=dense_spec)
+    model_config = json.loads((hf / "config.json").read_text())
+    [st_file] = sorted(hf.glob("*.safetensors"))
+    tensors = load_file(str(st_file))
+    dense, twin = {}, dict(tensors)
+    for name, value in tensors.items():
+        if ".mlp." in name:
+            continue
+        dense[name], twin[name] = gguf.encode_dense(value, dense_type)
+    save_file({k: v.contiguous() for k, v in twin.items()}, str(st_file))
+    layers = []
+    for n in range(num_layers):
+        # The experts as the Hugging Face file holds them: MXFP4 bytes as they are, the router and
+        # biases rounded to bf16 (GGUF stores them in F32, which holds the bf16 values exactly).
+        p = f"model.layers.{n}.mlp."
+        layers.append({"w13_blocks": tensors[p + "experts.gate_up_proj_blocks"],
+                       "w13_scales": tensors[p + "experts.gate_up_proj_scales"],
+                       "w13_bias": tensors[p + "experts.gate_up_proj_bias"].float(),
+                       "w2_blocks": tensors[p + "experts.down_proj_blocks"],
+                       "w2_scales": tensors[p + "experts.down_proj_scales"],
+                       "w2_bias": tensors[p + "experts.down_proj_bias"].float(),
+                       "router_weight": tensors[p + "router.weight"].float(),
+                       "router_bias": tensors[p + "router.bias"].float()})
+    file = gguf.write_checkpoint(folder / "model.gguf", layers, top_k=top_k, model_config=model_config, dense=dense)
+    return file, hf

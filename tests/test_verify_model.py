@@ -143,3 +143,82 @@ def test_a_near_tie_leaves_out_its_later_tokens_and_what_it_explains():
     for far in [(0, 3, 0, 0.4), (0, 0, 1, 0.4)]:
         _, problems = model_check.undisturbed_tokens(_routings(2, 6, 2, 4, [(0, 1, 0, 0.01), far]), 2, 6)
         assert len(problems) == 1, far
+
+
+# ---- Qwen3-MoE in compressed-tensors MXFP4 ------------------------------------------------------
+# The reference is transformers' Qwen3MoeForCausalLM loading the files through compressed-tensors
+# (CompressedTensorsConfig(dequantize=True)); it keeps the experts in bf16, which the float32
+# reference casts exactly (model_check's docstring).
+
+@pytest.fixture(scope="module")
+def qwen_model(tmp_path_factory):
+    pytest.importorskip("compressed_tensors", reason="the Qwen3-MoE reference is transformers + compressed-tensors")
+    from mxfp4_moe.synthetic_formats import make_qwen3_moe_model_checkpoint
+    # norm_topk_prob False: the setting under which a flipped renormalisation shows.
+    return make_qwen3_moe_model_checkpoint(tmp_path_factory.mktemp("qwen3") / "m", norm_topk_prob=False, seed=1)
+
+
+def test_qwen3_moe_reference_is_float32_with_the_files_values(qwen_model):
+    from mxfp4_moe.verify import model_check
+    folder, expected = qwen_model
+    reference = model_check._reference_model(folder, "qwen3_moe", torch.device("cpu"), torch.float32)
+    want = dict(expected.named_parameters())
+    for name, param in reference.named_parameters():
+        assert param.dtype == torch.float32, name
+        assert torch.equal(param, want[name]), name
+
+
+def test_model_check_passes_on_qwen3_moe(qwen_model, tmp_path):
+    folder, _ = qwen_model
+    report = tmp_path / "r.json"
+    assert verify.main([str(folder), "--model", *FAST, "--json", str(report)]) == verify.EXIT_OK
+    check = _model_check(report)
+    figures = check["figures"]
+    assert check["status"] == "PASS"
+    assert max(figures["rel_err"].values()) <= 1e-5          # the same float32 values: measured ~3e-7
+    assert figures["ids"] == figures["reference_ids"] and figures["first_difference"] is None
+
+
+def _planted(monkeypatch, plant):
+    real_load_layer = integration.load_layer
+
+    def load_layer(*args, **kwargs):
+        weights = real_load_layer(*args, **kwargs)
+        plant(weights)
+        return weights
+
+    monkeypatch.setattr(integration, "load_layer", load_layer)
+
+
+def _swap_gate_up(weights):
+    for name in ("w13_blocks", "w13_scales"):        # (rows interleaved: 2j gate, 2j + 1 up)
+        t = getattr(weights, name)
+        t.copy_(t.view(t.shape[0], -1, 2, *t.shape[2:]).flip(2).reshape(t.shape))
+
+
+def _flip_norm_topk_prob(weights):
+    weights.norm_topk_prob = not weights.norm_topk_prob
+
+
+def _scores_before_softmax(weights):
+    weights.router_scoring = "topk_softmax"          # gpt-oss's order instead of Qwen's softmax_topk
+
+
+@pytest.mark.parametrize("plant", [_swap_gate_up, _flip_norm_topk_prob, _scores_before_softmax],
+                         ids=["gate-up-swapped", "norm_topk_prob-flipped", "router-order-swapped"])
+def test_model_check_fails_on_a_planted_qwen3_moe_bug(qwen_model, tmp_path, monkeypatch, plant):
+    folder, _ = qwen_model
+    _planted(monkeypatch, plant)
+    report = tmp_path / "r.json"
+    assert verify.main([str(folder), "--model", *FAST, "--json", str(report)]) == verify.EXIT_CHECK_FAILED
+    check = _model_check(report)
+    assert check["status"] == "FAIL"
+    assert max(check["figures"]["rel_err"].values()) > 1e-3
+
+
+def test_model_check_on_qwen3_moe_experts_alone_is_exit_2(tmp_path, capsys):
+    pytest.importorskip("compressed_tensors")
+    from mxfp4_moe.synthetic_formats import make_format_checkpoint
+    folder, _ = make_format_checkpoint(tmp_path / "ct", "compressed-tensors")
+    assert verify.main([str(folder), "--model", *FAST]) == verify.EXIT_BAD_INPUT
+    assert "has no dense weights" in capsys.readouterr().err

@@ -79,6 +79,23 @@ def _dense_value(checkpoint: CompressedTensorsCheckpoint, key: str, dtype: torch
                           f"{stem}{PACKED_SUFFIX} + {stem}{SCALE_SUFFIX} (MXFP4); load_model needs a full model")
 
 
+def _dense_present(checkpoint: CompressedTensorsCheckpoint, key: str) -> bool:
+    stem = key.removesuffix(".weight")
+    return key in checkpoint or (key.endswith(".weight") and stem + PACKED_SUFFIX in checkpoint
+                                 and stem + SCALE_SUFFIX in checkpoint)
+
+
+def missing_dense_tensors(checkpoint: CompressedTensorsCheckpoint) -> list[str]:
+    """The dense parameters (embeddings, attention, norms, unembedding) of the model the config
+    describes that the checkpoint holds neither in float nor as MXFP4 packed + scale, by their
+    model names; empty for a full-model checkpoint. Nothing is allocated (a meta build)."""
+    _, Qwen3MoeForCausalLM = _require_transformers()
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(qwen3_moe_config(checkpoint))
+    return sorted(name for name, _ in model.named_parameters()
+                  if ".mlp." not in name and not _dense_present(checkpoint, name))
+
+
 def _load_dense(model, checkpoint: CompressedTensorsCheckpoint, device: torch.device, dtype: torch.dtype) -> None:
     model.to_empty(device=device)
     with torch.no_grad():

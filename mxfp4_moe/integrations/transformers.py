@@ -180,11 +180,16 @@ def _original_to_hf_config(raw: dict, checkpoint: Checkpoint) -> dict:
 
 
 def gpt_oss_config(checkpoint: Checkpoint):
-    """transformers' `GptOssConfig` for an open checkpoint of either layout. Raises
-    CheckpointError naming config.json and the key for a value transformers cannot take."""
+    """transformers' `GptOssConfig` for an open checkpoint of either layout, or a GGUF file (from
+    its metadata). Raises CheckpointError naming config.json (the GGUF file) and the key for a
+    value transformers cannot take."""
     _, GptOssConfig, _ = _require_transformers()
     source = checkpoint.config_file
-    raw = read_json(source, "config", link_roots(source.parent))
+    if checkpoint.layout == "gguf":          # the config is the file's metadata (formats/gguf.py)
+        raw = checkpoint.model_config()
+        source = f"{source} (GGUF metadata as GptOssConfig keys)"
+    else:
+        raw = read_json(source, "config", link_roots(source.parent))
     _check_model_config(raw, source)
     # An original-layout folder may carry a config in Hugging Face naming (the model folder's).
     if checkpoint.layout == "original" and "num_local_experts" not in raw:
@@ -220,6 +225,9 @@ def _dense_sources(model_keys, checkpoint: Checkpoint, config) -> dict[str, tupl
     """Each dense parameter's checkpoint tensor: {model key: (tensor name, row slice or None)}."""
     if checkpoint.layout == "hf":
         return {key: (key, None) for key in model_keys}
+    if checkpoint.layout == "gguf":
+        from ..formats.gguf import dense_tensor_name
+        return {key: (dense_tensor_name(key), None) for key in model_keys}
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
     sources = {"model.embed_tokens.weight": ("embedding.weight", None),

@@ -82,8 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle", choices=("transformers",), default=None,
                    help="also compare with transformers' GptOssMLP (small models)")
     p.add_argument("--model", action="store_true",
-                   help="also check the whole model: logits and greedy decoding of load_model's GptOssForCausalLM "
-                        "against transformers' dequantized model of the checkpoint (needs the dense weights)")
+                   help="also check the whole model: logits and greedy decoding of load_model's model (gpt-oss or "
+                        "Qwen3-MoE) against transformers' dequantized model of the checkpoint (needs the dense "
+                        "weights; a GGUF file needs --reference)")
+    p.add_argument("--reference", default=None, metavar="FOLDER",
+                   help="with --model on a GGUF file: the same model in the Hugging Face layout, which transformers "
+                        "loads as the reference (its own GGUF loader cannot read gpt-oss); its dense weights must "
+                        "hold the GGUF's values (a GGUF whose dense tensors were re-quantized differs by that)")
     p.add_argument("--bench-tokens", type=int, default=None,
                    help="tokens for the GPU throughput measurement (default: --tokens)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random tokens")
@@ -193,7 +198,8 @@ def run_checks(args, ckpt, device: torch.device, dtype: torch.dtype, progress_en
     advance(progress, "model")
     if args.model:
         from .model_check import check_model
-        results.append(check_model(ckpt.path, device, dtype, args.model_backend, args.seed))
+        results.append(check_model(ckpt.path, device, dtype, args.model_backend, args.seed,
+                                   reference=args.reference))
     advance(progress, "throughput")
     if device.type == "cuda":
         full = load_layer(ckpt, layers[0], full_plan, device=device)
@@ -255,8 +261,8 @@ def _main(args, out) -> int:
             ckpt = stack.enter_context(open_checkpoint(path))
             env = environment(device)
             header = report_header(args, path, builtin, ckpt, dtype)
-            if args.model:
-                _check_model_prerequisites(ckpt)
+            if args.model or args.reference:
+                _check_model_prerequisites(ckpt, args)
             args.stage = "opening the checkpoint"
             results = run_checks(args, ckpt, device, dtype, progress_enabled=not args.quiet)
         except CheckpointError as exc:
@@ -286,11 +292,14 @@ def _require_transformers(option: str) -> None:
         raise UsageError(f"{option} needs transformers: pip install 'mxfp4-moe[transformers]'") from None
 
 
-def _check_model_prerequisites(ckpt) -> None:
-    """--model needs transformers and a full-model checkpoint in a layout transformers reads."""
+def _check_model_prerequisites(ckpt, args) -> None:
+    """--model needs transformers and a full-model checkpoint in a layout transformers reads (a
+    GGUF file: its twin in the Hugging Face layout, --reference)."""
+    if not args.model:
+        raise UsageError("--reference is the reference of the model check: give --model too")
     _require_transformers("--model")
     from .model_check import dense_weights_problem
-    problem = dense_weights_problem(ckpt)
+    problem = dense_weights_problem(ckpt, args.reference)
     if problem:
         raise UsageError(f"--model: {problem}")
 

@@ -1,6 +1,18 @@
 """verify's `model` check: the whole model as `integrations.transformers.load_model` builds it
 (our loader, our MoE blocks) against transformers' own model of the same checkpoint with the
-experts dequantized (`Mxfp4Config(dequantize=True)`: its reader, its dequantization, its MoE).
+experts dequantized: its reader, its dequantization, its MoE.
+
+- gpt-oss (Hugging Face layout): `GptOssForCausalLM` with `Mxfp4Config(dequantize=True)`.
+- gpt-oss as a GGUF file: transformers' own GGUF loader fails on gpt-oss's rope keys (5.25),
+  so the reference is the same model in the Hugging Face layout (`--reference FOLDER`), loaded as
+  above. It checks our GGUF reading (re-packed MXFP4 experts, dense tensors through gguf's
+  dequantize, the config from the metadata) where the twin holds the GGUF's values.
+- Qwen3-MoE in compressed-tensors MXFP4: `Qwen3MoeForCausalLM` with
+  `CompressedTensorsConfig(dequantize=True)` (the compressed-tensors package decompresses). It
+  keeps the experts in bf16 whatever dtype is asked for; bf16 holds every MXFP4 value exactly
+  (E2M1 has one mantissa bit, bf16 seven, and float32's exponent range) for scale bytes up to
+  252, so the float32 reference casts those expert tensors to float32, exactly, and runs
+  transformers' eager expert loop on them: the same values in float32, as for gpt-oss.
 
 Routing near-ties: in bf16 a token whose router logits for its k-th and (k+1)-th experts lie
 within the rounding noise may be routed to another expert by each model. Its logits then differ
@@ -26,6 +38,7 @@ Two comparisons on seeded token ids:
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,7 +75,9 @@ MIN_LEFT = 0.25
 def forward_with_routing(model, ids: torch.Tensor) -> tuple[torch.Tensor, list]:
     """A model's logits [B, S, V] float32 and, per layer, (expert ids [T, k] sorted, float32
     router logits [T, E]) as it routed each token (T = B * S), seen at its MoE block's input.
-    Works for our `MXFP4GptOssMLP` and transformers' `GptOssMLP`."""
+    Works for our `MXFP4GptOssMLP` / `MXFP4Qwen3MoeBlock` and transformers' `GptOssMLP` /
+    `Qwen3MoeSparseMoeBlock`."""
+    from ..integrations.qwen3_moe import MXFP4Qwen3MoeBlock
     from ..integrations.transformers import MXFP4GptOssMLP
     from ..routing import route
     routing = []
@@ -70,16 +85,21 @@ def forward_with_routing(model, ids: torch.Tensor) -> tuple[torch.Tensor, list]:
     def hook(module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
         x = x.reshape(-1, x.shape[-1])
-        if isinstance(module, MXFP4GptOssMLP):
+        if isinstance(module, (MXFP4GptOssMLP, MXFP4Qwen3MoeBlock)):
             layer = getattr(module.moe, "local", module.moe)      # (a DistributedMXFP4MoE holds an MXFP4MoE)
             w = layer.weights
             # The call the layer itself makes (deterministic), so these are the experts it used.
             _, expert_ids = route(x, w.router_weight, w.router_bias, w.top_k,
-                                  router_weight_bf16=layer.router_weight_bf16)
+                                  router_weight_bf16=layer.router_weight_bf16, scoring=w.router_scoring,
+                                  norm_topk_prob=w.norm_topk_prob)
             logits = x.float() @ w.router_weight[:, :x.shape[1]].float().T + w.router_bias.float()
         else:
-            expert_ids = module.router(x)[-1]          # (router logits, scores, ids): ids come last
-            logits = F.linear(x.float(), module.router.weight.float(), module.router.bias.float())
+            # transformers' routers return (router logits, scores, ids): ids come last. gpt-oss's
+            # is `router` with a bias, Qwen3-MoE's `gate` without one.
+            router = module.router if hasattr(module, "router") else module.gate
+            expert_ids = router(x)[-1]
+            bias = router.bias.float() if getattr(router, "bias", None) is not None else None
+            logits = F.linear(x.float(), router.weight.float(), bias)
         routing.append((expert_ids.sort(-1).values.cpu(), logits.cpu()))
 
     handles = [layer.mlp.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.layers]
@@ -137,8 +157,16 @@ def undisturbed_tokens(routings: dict, batch: int, seq: int) -> tuple[torch.Tens
     return left.reshape(-1), problems
 
 
-def dense_weights_problem(checkpoint) -> str:
-    """Why `checkpoint` cannot be checked as a whole model ("" when it can)."""
+def dense_weights_problem(checkpoint, reference: str | Path | None = None) -> str:
+    """Why `checkpoint` cannot be checked as a whole model ("" when it can). `reference`: for a
+    GGUF file, the folder of the same model in the Hugging Face layout (None elsewhere)."""
+    if checkpoint.layout == "gguf":
+        return _gguf_problem(checkpoint, reference)
+    if reference is not None:
+        return (f"--reference is for GGUF files; {checkpoint.path} is a {checkpoint.layout} checkpoint, which "
+                "transformers loads itself")
+    if checkpoint.layout == "compressed-tensors":
+        return _qwen3_moe_problem(checkpoint)
     if checkpoint.layout not in ("hf", "original"):      # the other formats (`mxfp4_moe.formats`)
         return (f"{checkpoint.path} is a {checkpoint.layout} checkpoint: the model check compares gpt-oss "
                 "checkpoints in the Hugging Face layout with transformers' own load; it has no reference for "
@@ -158,19 +186,75 @@ def dense_weights_problem(checkpoint) -> str:
     return ""
 
 
-def _reference_model(path: Path, device: torch.device, dtype: torch.dtype):
-    from transformers import GptOssForCausalLM, Mxfp4Config
+def _gguf_problem(checkpoint, reference) -> str:
+    from ..checkpoint import open_checkpoint
+    from ..integrations.transformers import check_dense_tensors, gpt_oss_config, missing_dense_tensors
+    if reference is None:
+        return (f"{checkpoint.path} is a GGUF file, which transformers' own GGUF loader cannot read for gpt-oss "
+                "(its rope keys); give --reference FOLDER: the same model in the Hugging Face layout, which "
+                "transformers loads as the reference")
+    missing = missing_dense_tensors(checkpoint)
+    if missing:
+        return (f"{checkpoint.path} has no dense weights ({len(missing)} tensors missing, e.g. {missing[0]}): "
+                "the model check needs a whole model, not the MoE layers alone")
+    check_dense_tensors(checkpoint)
+    with open_checkpoint(reference) as twin:
+        if twin.layout != "hf":
+            return f"--reference {reference}: expected a gpt-oss checkpoint in the Hugging Face layout, found {twin.layout}"
+        problem = dense_weights_problem(twin)
+        if problem:
+            return f"--reference: {problem}"
+        ours, theirs = gpt_oss_config(checkpoint).to_dict(), gpt_oss_config(twin).to_dict()
+        keys = ("num_hidden_layers", "num_local_experts", "num_experts_per_tok", "hidden_size", "intermediate_size",
+                "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+        differ = [f"{k} {ours.get(k)} vs {theirs.get(k)}" for k in keys if ours.get(k) != theirs.get(k)]
+        if differ:
+            return (f"--reference {reference} is not the model of {checkpoint.path}: " + ", ".join(differ)
+                    + " (GGUF metadata vs config.json)")
+    return ""
+
+
+def _qwen3_moe_problem(checkpoint) -> str:
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        return ("the reference for a compressed-tensors checkpoint is transformers' own load, which needs the "
+                "compressed-tensors package: pip install compressed-tensors")
+    from ..integrations.qwen3_moe import missing_dense_tensors
+    missing = missing_dense_tensors(checkpoint)
+    if missing:
+        return (f"{checkpoint.path} has no dense weights ({len(missing)} tensors missing, e.g. {missing[0]}): "
+                "the model check needs a full checkpoint (embeddings, attention, norms, unembedding), "
+                "not the MoE layers alone")
+    return ""
+
+
+def _reference_model(path: Path, family: str, device: torch.device, dtype: torch.dtype):
+    """transformers' own model of the checkpoint at `path` (family: the model_type, "gpt_oss" or
+    "qwen3_moe"), experts dequantized, in `dtype`."""
+    import transformers
     from transformers.utils import logging
+    if family == "qwen3_moe":
+        cls, quant = transformers.Qwen3MoeForCausalLM, transformers.CompressedTensorsConfig(dequantize=True)
+        extra = {"experts_implementation": "eager"}      # its plain per-expert loop, in the weights' dtype
+    else:
+        cls, quant, extra = transformers.GptOssForCausalLM, transformers.Mxfp4Config(dequantize=True), {}
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()       # (its note that MXFP4 on this device means dequantizing)
     logging.disable_progress_bar()      # (verify draws its own)
     try:
-        model = GptOssForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True),
-                                                  dtype=dtype, attn_implementation="eager")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # (compressed-tensors' notes on its own config)
+            model = cls.from_pretrained(path, quantization_config=quant, dtype=dtype, attn_implementation="eager",
+                                        **extra)
     finally:
         logging.set_verbosity(verbosity)
         if bars:
             logging.enable_progress_bar()
+    if dtype == torch.float32:
+        # compressed-tensors leaves the experts in bf16, which holds their MXFP4 values exactly
+        # (module docstring): casting them is exact and makes the whole reference float32.
+        model = model.float()
     # (loaded on the CPU and moved: a device_map would need accelerate, which we do not require)
     return model.to(device).eval()
 
@@ -182,12 +266,15 @@ def _greedy(model, prompt: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]
 
 
 def check_model(path: str | Path, device: torch.device, dtype: torch.dtype, backend: str, seed: int,
-                **load_kwargs) -> CheckResult:
-    """The `model` row of verify's report (see the module docstring)."""
+                reference: str | Path | None = None, **load_kwargs) -> CheckResult:
+    """The `model` row of verify's report (see the module docstring). `reference`: the folder
+    transformers loads as the reference (default `path`; a GGUF file's Hugging Face twin)."""
     from ..integrations.transformers import load_model
     ours = load_model(path, device=device, dtype=dtype, backend=backend, progress=False, **load_kwargs)
-    theirs = _reference_model(Path(path), device, dtype)
-    exact = _reference_model(Path(path), device, torch.float32) if dtype != torch.float32 else None
+    family = ours.config.model_type                 # "gpt_oss" or "qwen3_moe"
+    source = Path(reference if reference is not None else path)
+    theirs = _reference_model(source, family, device, dtype)
+    exact = _reference_model(source, family, device, torch.float32) if dtype != torch.float32 else None
     vocab = ours.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (PROMPTS, max(max(SEQUENCE_LENGTHS), GREEDY_PROMPT)), generator=g).to(device)
@@ -222,6 +309,7 @@ def check_model(path: str | Path, device: torch.device, dtype: torch.dtype, back
                "rel_err": {str(seq): err for seq, err in errors.items()},
                "tolerance": {str(seq): bound for seq, bound in bounds.items()},
                "reference": "transformers float32" if exact is not None else "transformers (same dtype)",
+               "reference_checkpoint": str(source),
                "tokens_excluded": {str(seq): n for seq, n in excluded.items()}, "routing_problems": routing_problems,
                "greedy_tokens": GREEDY_TOKENS, "ids": ours_ids, "reference_ids": ref_ids,
                "first_difference": first, "logit_noise": noise}

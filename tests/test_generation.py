@@ -49,3 +49,21 @@ def test_a_call_that_picks_its_cache_is_left_alone(tiny_model_path):
     ids = torch.randint(0, fast.config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(1))
     fast.generate(ids, max_new_tokens=3, do_sample=False, max_cache_len=64)
     assert fast._previous_max_cache_length == 64
+
+
+def test_bench_generate_pipeline_at_cpu_sizes(tmp_path):
+    # The benchmark the GPU numbers will come from, run end to end on a tiny model (it times
+    # nothing meaningful on a CPU, where neither mode compiles).
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_generate", "--tiny", "--out", str(tmp_path / "out"),
+                           "--workdir", str(tmp_path / "work"), "--new-tokens", "4", "--batches", "1", "2"],
+                          capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "out" / "out_generate.json").read_text())
+    assert [row["mode"] for row in data["modes"]] == ["default", "eager"]
+    assert all([b["batch"] for b in row["batches"]] == [1, 2] for row in data["modes"])
+    assert data["second_process"]["first_call_s"] > 0

@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from mxfp4_moe.checkpoint import CheckpointError  # noqa: E402
 from mxfp4_moe.integrations.qwen3_moe import MXFP4Qwen3MoeBlock  # noqa: E402
 from mxfp4_moe.integrations.transformers import load_model  # noqa: E402
 from mxfp4_moe.synthetic_formats import make_qwen3_moe_model_checkpoint  # noqa: E402
@@ -77,3 +78,22 @@ def test_compressed_tensors_decompresses_the_file_to_the_same_weights(qwen):
     assert params.keys() == ours.keys()
     for name, param in params.items():
         assert torch.equal(param.float(), ours[name]), name
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"self": 1}, "config key 'self'"),                                   # a TypeError inside transformers before
+    ({"vocab_size": 2 ** 34}, r"vocab_size: expected an int in \[1, 2147483647\]"),   # 4 TB allocated before
+    ({"num_attention_heads": 0}, r"num_attention_heads: expected an int"),
+    ({"to_dict": 3}, "would replace Qwen3MoeConfig's method"),
+])
+def test_hostile_qwen3_config_is_a_checkpoint_error(qwen, tmp_path, change, message):
+    # The same checks as gpt-oss's config (issue 26), before transformers sees the values.
+    folder, _ = qwen
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    raw = json.loads((folder / "config.json").read_text())
+    raw.update(change)
+    (bad / "config.json").write_text(json.dumps(raw))
+    shutil.copy(folder / "model.safetensors", bad / "model.safetensors")
+    with pytest.raises(CheckpointError, match=message):
+        load_model(bad, device="cpu", dtype=torch.float32, backend="torch", progress=False)

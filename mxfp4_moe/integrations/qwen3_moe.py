@@ -58,8 +58,11 @@ def qwen3_moe_config(checkpoint: CompressedTensorsCheckpoint):
     """transformers' `Qwen3MoeConfig` from the checkpoint's config.json (its quantization_config
     left out: we, not transformers, read the quantized tensors)."""
     Qwen3MoeConfig, _ = _require_transformers()
+    from .transformers import check_model_config, build_config
     raw = read_json(checkpoint.config_file, "config", link_roots(checkpoint.path))
-    return Qwen3MoeConfig(**{k: v for k, v in raw.items() if k != "quantization_config"})
+    # (Qwen3-MoE sets sliding_window null where it uses none, unlike gpt-oss.)
+    check_model_config(raw, checkpoint.config_file, nullable=("sliding_window",))
+    return build_config(Qwen3MoeConfig, raw, checkpoint.config_file)
 
 
 def _dense_value(checkpoint: CompressedTensorsCheckpoint, key: str, dtype: torch.dtype) -> torch.Tensor:

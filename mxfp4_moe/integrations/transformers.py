@@ -105,20 +105,22 @@ def _is_number(value) -> bool:
             and abs(value) <= _MAX_SIZE ** 2)
 
 
-def _check_model_config(raw, source) -> None:
+def check_model_config(raw, source, nullable: tuple[str, ...] = ()) -> None:
     """Raise CheckpointError naming `source` and the key unless every key transformers reads from
-    `raw` (a config.json of either naming) has the type and range GptOssConfig expects."""
+    `raw` (a config.json of either naming, or a Qwen3-MoE one) has the type and range transformers
+    expects. nullable: keys of `_POSITIVE_INTS` that this family may set to null."""
     if not isinstance(raw, dict):
         raise CheckpointError(f"{source}: expected a JSON object, found {type(raw).__name__}")
     for key, value in raw.items():
         if not _KEY_RE.match(key) or keyword.iskeyword(key) or key == "self":
             raise CheckpointError(f"{source}: config key {shown(key)}: expected a name of letters, digits and "
-                                  "underscores (a GptOssConfig attribute), not a Python keyword or 'self'")
+                                  "underscores (a config attribute), not a Python keyword or 'self'")
 
         def bad(expected):
             return CheckpointError(f"{source}: {key}: expected {expected}, found {shown(value)}")
 
-        if key in _POSITIVE_INTS and not (_is_int(value) and 1 <= value <= _MAX_SIZE):
+        if key in _POSITIVE_INTS and not (_is_int(value) and 1 <= value <= _MAX_SIZE) and not (
+                value is None and key in nullable):
             raise bad(f"an int in [1, {_MAX_SIZE}]")
         if key in _OPTIONAL_NONNEGATIVE_INTS and value is not None and not (_is_int(value) and 0 <= value <= _MAX_SIZE):
             raise bad(f"null or an int in [0, {_MAX_SIZE}]")
@@ -179,6 +181,23 @@ def _original_to_hf_config(raw: dict, checkpoint: Checkpoint) -> dict:
     return hf
 
 
+def build_config(config_class, raw: dict, source):
+    """`config_class(**raw)` (a transformers config) for a config.json already through
+    `check_model_config`, its quantization_config left out (we, not transformers, load the
+    experts). Raises CheckpointError naming `source` for a key that would replace one of the
+    class's methods, or whatever transformers' own checks refuse."""
+    raw = {k: v for k, v in raw.items() if k != "quantization_config"}
+    name = config_class.__name__
+    for key in raw:
+        if callable(getattr(config_class, key, None)):
+            raise CheckpointError(f"{source}: config key {key!r} would replace {name}'s method of that name")
+    try:
+        return config_class(**raw)
+    except Exception as err:     # transformers' own checks, whatever their type, after ours passed
+        raise CheckpointError(f"{source}: transformers' {name} refuses this config: "
+                              f"{type(err).__name__}: {shown(str(err))}") from None
+
+
 def gpt_oss_config(checkpoint: Checkpoint):
     """transformers' `GptOssConfig` for an open checkpoint of either layout, or a GGUF file (from
     its metadata). Raises CheckpointError naming config.json (the GGUF file) and the key for a
@@ -190,20 +209,12 @@ def gpt_oss_config(checkpoint: Checkpoint):
         source = f"{source} (GGUF metadata as GptOssConfig keys)"
     else:
         raw = read_json(source, "config", link_roots(source.parent))
-    _check_model_config(raw, source)
+    check_model_config(raw, source)
     # An original-layout folder may carry a config in Hugging Face naming (the model folder's).
     if checkpoint.layout == "original" and "num_local_experts" not in raw:
         raw = _original_to_hf_config(raw, checkpoint)
-        _check_model_config(raw, f"{source} (in Hugging Face naming)")
-    raw = {k: v for k, v in raw.items() if k != "quantization_config"}     # we, not transformers, load the experts
-    for key in raw:
-        if callable(getattr(GptOssConfig, key, None)):
-            raise CheckpointError(f"{source}: config key {key!r} would replace GptOssConfig's method of that name")
-    try:
-        config = GptOssConfig(**raw)
-    except Exception as err:     # transformers' own checks, whatever their type, after ours passed
-        raise CheckpointError(f"{source}: transformers' GptOssConfig refuses this config: "
-                              f"{type(err).__name__}: {shown(str(err))}") from None
+        check_model_config(raw, f"{source} (in Hugging Face naming)")
+    config = build_config(GptOssConfig, raw, source)
     if "swiglu_alpha" in raw:           # (not a GptOssConfig argument; its experts read the attribute)
         config.swiglu_alpha = raw["swiglu_alpha"]
     return config

@@ -291,7 +291,7 @@ def test_gluon_configs_of_the_gpu_tests_compile_for_sm90():
     # tiles, the fragment-order kernel); GPU time is scarce, so an edit that breaks one of them
     # should fail here first: every one compiles for sm_90, w13 (SwiGLU) and w2 (atomic
     # combine), without local memory.
-    from test_gpu import RS_CONFIGS, SM90_CONFIGS
+    from test_kernels_on_gpu import RS_CONFIGS, SM90_CONFIGS
     configs = SM90_CONFIGS + RS_CONFIGS
     script = (
         "import json, sys\n"

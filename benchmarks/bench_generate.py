@@ -22,14 +22,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_model import SHAPES, sync, write_random_checkpoint
 from benchmarks.common import git_commit
 
 MODES = {"default": None, "eager": False}      # load_model(fast_generate=...)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
@@ -135,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
             path = make_synthetic_checkpoint(args.workdir / "tiny", full_model=True, num_layers=2, num_experts=4,
                                              hidden=64, intermediate=64, top_k=2)
         else:
-            from benchmarks.bench_model import SHAPES, write_random_checkpoint
             path = args.workdir / f"gpt-oss-20b-{args.layers}l"
             if not (path / "config.json").exists():
                 write_random_checkpoint(path, SHAPES["20b"], args.layers, device, seed=0)

@@ -11,6 +11,8 @@ it for the whole package.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import sys
 from importlib import import_module
 
@@ -23,7 +25,14 @@ _HOMES = {
     "fragment_order_problem": "fragment_layout",
 }
 
-__all__ = list(_HOMES)
+__all__ = [*_HOMES, "triton_installed"]
+
+
+@functools.cache
+def triton_installed() -> bool:
+    """Whether Triton can be imported (a dependency on Linux only); without it every torch path
+    still runs. Asked once per process: the layer and the routing ask it on every call."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def __getattr__(name: str):

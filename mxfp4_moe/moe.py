@@ -4,7 +4,6 @@ between the Triton kernels (`mxfp4_moe.kernels`) and the pure-torch reference (`
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -23,24 +22,18 @@ CHECKPOINT_ORDER_TENSORS = ("w13_blocks", "w13_scales", "w2_blocks", "w2_scales"
 Combine = Literal["auto", "atomic", "slots"]
 
 
-def triton_installed() -> bool:
-    """Whether Triton can be imported (it is a dependency on Linux only): without it every torch
-    path still runs."""
-    return importlib.util.find_spec("triton") is not None
-
-
 def resolve_backend(backend: str, device: torch.device) -> str:
     """"auto" -> "triton" for CUDA weights (when Triton is installed), "torch" elsewhere; check
     that "triton" can run here."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"MXFP4MoE: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda" and not triton_installed():
+        if device.type == "cuda" and not kernel_api.triton_installed():
             warnings.warn("MXFP4MoE: Triton is not installed, so the layer runs the torch reference "
                           "(slow); `pip install triton` for the kernels", stacklevel=3)
             return "torch"
         return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and not triton_installed():
+    if backend == "triton" and not kernel_api.triton_installed():
         raise ImportError("MXFP4MoE: backend='triton' needs Triton, which is not installed: "
                           "`pip install 'triton>=3.6,<3.10'` (Linux), or use backend='torch'")
     if backend == "triton" and device.type != "cuda" and not kernel_api.interpreting():

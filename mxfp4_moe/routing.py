@@ -7,7 +7,6 @@ offsets, the tile schedule and the inverse permutation, computed on the device.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -139,7 +138,7 @@ def _use_triton(device: torch.device) -> bool:
     """The Triton router top-k, expert sort and tile schedule on CUDA, and under Triton's
     interpreter so that the CPU tests run them; their torch twins elsewhere (and wherever
     Triton is not installed)."""
-    if importlib.util.find_spec("triton") is None:
+    if not kernel_api.triton_installed():
         return False
     if device.type == "cuda":
         return True

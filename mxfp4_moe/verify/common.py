@@ -18,7 +18,6 @@ import torch
 
 from .. import __version__, kernel_api
 from .checks import CheckResult
-from ..moe import triton_installed
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 REPORT_SCHEMA = "mxfp4_moe.verify/1"
@@ -234,8 +233,8 @@ def resolve_compute(args, device: torch.device, builtin: bool) -> torch.dtype:
         # On a CPU the built-in checkpoint is small enough to check the Triton kernels themselves,
         # through Triton's interpreter (one to two minutes on 2 cores).
         kernels_here = device.type == "cuda" or builtin
-        args.backend = "triton" if kernels_here and triton_installed() else "torch"
-    if args.backend == "triton" and not triton_installed():
+        args.backend = "triton" if kernels_here and kernel_api.triton_installed() else "torch"
+    if args.backend == "triton" and not kernel_api.triton_installed():
         raise UsageError("--backend triton needs Triton, which is not installed: "
                          "pip install 'triton>=3.6,<3.10' (Linux), or use --backend torch")
     if args.backend == "triton" and device.type != "cuda":

@@ -738,6 +738,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--no-dequantized", action="store_true", help="skip transformers' dequantized-bf16 model")
     p.add_argument("--dequantized-sliced", action="store_true",
                    help="run the dequantized model on a layer slice that fits even when the full model would not")
+    p.add_argument("--without-eager-plans", action="store_true",
+                   help="also time our model with the layers' eager plans off (mxfp4_moe.eager_plan)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile decode step")
     p.add_argument("--compile-modes", nargs="+", default=["reduce-overhead", "default"],
                    choices=["reduce-overhead", "default", "max-autotune-no-cudagraphs"])
@@ -855,14 +857,25 @@ def main(argv: list[str] | None = None) -> int:
             def build_ours():
                 return load_model(path, device=device, backend=args.backend, progress=False)
 
-            try:
-                model_row["runs"].append(measure_model(build_ours, "ours", shape, layers, shape.expert_mxfp4_bytes(),
-                                                       args, device, ceiling))
-            except Exception as exc:
-                model_row["runs"].append({"impl": "ours", "error": error_text(exc)})
-                log(f"  ours: FAILED {error_text(exc)}")
-                free_memory(device)
-            save()
+            def build_ours_without_plans():
+                model = build_ours()
+                for module in model.modules():
+                    if isinstance(module, MXFP4MoE):
+                        module.eager_plans = False
+                return model
+
+            builds = [("ours", build_ours)]
+            if args.without_eager_plans:
+                builds.append(("ours, no eager plans", build_ours_without_plans))
+            for impl, build in builds:
+                try:
+                    model_row["runs"].append(measure_model(build, impl, shape, layers, shape.expert_mxfp4_bytes(),
+                                                           args, device, ceiling))
+                except Exception as exc:
+                    model_row["runs"].append({"impl": impl, "error": error_text(exc)})
+                    log(f"  {impl}: FAILED {error_text(exc)}")
+                    free_memory(device)
+                save()
             log(f"{name}: loading the experts, ours against a raw read")
             try:
                 model_row["loading"] = measure_loading(path, device, args.backend, args.load_repeats)

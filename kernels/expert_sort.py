@@ -8,6 +8,7 @@ import torch
 import triton
 
 from ._compat import LAUNCH_OPTIONS
+from .launches import launch
 from ._grid_dependency import pdl_launch
 from ._expert_sort import _histogram_kernel, _scan_kernel, _scatter_kernel, _sort_one_chunk_kernel
 from .tile_schedule import TILES_PER_PROGRAM, tile_schedule
@@ -71,15 +72,15 @@ def expert_sort(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_loc
     s = _Sort(topk_ids, expert_map, num_local_experts, topk_weights)
     counts = torch.empty((s.num_chunks, s.block_e), dtype=torch.int32, device=s.ids.device)
     start = torch.empty_like(counts)
-    _histogram_kernel[(s.num_chunks,)](s.ids, s.map, counts, s.rows, s.num_local,
+    launch(_histogram_kernel, (s.num_chunks,), s.ids, s.map, counts, s.rows, s.num_local,
                                        HAS_MAP=s.has_map, BLOCK_R=s.block_r, BLOCK_E=s.block_e, num_warps=_NUM_WARPS,
                                        **LAUNCH_OPTIONS)
-    _scan_kernel[(1,)](counts, start, s.offsets, s.num_chunks, s.num_local,
+    launch(_scan_kernel, (1,), counts, start, s.offsets, s.num_chunks, s.num_local,
                        MAX_CHUNKS=max(s.block_r, triton.next_power_of_2(s.num_chunks)), BLOCK_C=s.block_r,
                        BLOCK_E=s.block_e, num_warps=_NUM_WARPS, **LAUNCH_OPTIONS)
     if s.rows:
         ids, map_t, weights, sorted_slot, sorted_token, sorted_weight = s.scatter_pointers()
-        _scatter_kernel[(s.num_chunks,)](
+        launch(_scatter_kernel, (s.num_chunks,),
             ids, map_t, weights, start, sorted_slot, sorted_token, sorted_weight, s.inverse, s.rows, s.num_local,
             s.top_k, HAS_MAP=s.has_map, HAS_WEIGHTS=s.weights is not None, BLOCK_R=s.block_r, BLOCK_E=s.block_e,
             num_warps=_NUM_WARPS, **LAUNCH_OPTIONS)
@@ -110,7 +111,7 @@ def sort_and_schedule(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, n
     counts, tile_expert, tile_row_start = (torch.empty(num_local_experts, dtype=torch.int32, device=device),
                                            torch.empty(num_tiles, dtype=torch.int32, device=device),
                                            torch.empty(num_tiles, dtype=torch.int32, device=device))
-    _sort_one_chunk_kernel[(1,)](
+    launch(_sort_one_chunk_kernel, (1,),
         *s.scatter_pointers(), s.inverse, s.offsets, counts, tile_expert, tile_row_start,
         s.rows, s.num_local, s.top_k, num_tiles,
         HAS_MAP=s.has_map, HAS_WEIGHTS=s.weights is not None, BLOCK_R=block_r, BLOCK_E=s.block_e,

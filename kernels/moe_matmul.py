@@ -20,6 +20,7 @@ import triton
 
 from . import _device
 from ._compat import LAUNCH_OPTIONS
+from .launches import launch
 from ._device import interpreting, on_hopper  # noqa: F401  (callers import them from here)
 from ._format import BLOCK_SIZE
 from ._grid_dependency import pdl_launch
@@ -352,7 +353,7 @@ def _launch_rs(a: _Launch, config: MatmulConfig) -> None:
     x_desc = rs_x_descriptor(a.x, config) if not a.fused["GATHER"] else None
     grid = (triton.cdiv(fw.n, config.block_n), a.max_tiles, config.split_k)
     pdl = pdl_launch(a.x.device)
-    _moe_matmul_rs_kernel[grid](             # unit strides along the last dims (checked by moe_matmul)
+    launch(_moe_matmul_rs_kernel, grid,      # unit strides along the last dims (checked by moe_matmul)
         a.x, a.x.stride(0), x_desc,
         fw.words, fw.scales, fw.row_groups,
         bias, bias.stride(0),
@@ -372,7 +373,7 @@ def _launch_sm90(a: _Launch, config: MatmulConfig) -> None:
     cs = a.channel_scale if a.channel_scale is not None else a.blocks
     words_desc, rows_per_expert = _words_descriptor(a.blocks, config)
     grid = (triton.cdiv(a.blocks.shape[1], config.block_n), a.max_tiles)
-    _moe_matmul_sm90_kernel[grid](           # unit strides along the last dims (checked by moe_matmul)
+    launch(_moe_matmul_sm90_kernel, grid,    # unit strides along the last dims (checked by moe_matmul)
         a.x, a.x.stride(0),
         words_desc, rows_per_expert,
         a.scales_e8m0, a.scales_e8m0.stride(0), a.scales_e8m0.stride(1),
@@ -388,7 +389,7 @@ def _launch_triton(a: _Launch, config: MatmulConfig) -> None:
     bias = a.bias if a.bias is not None else blocks
     cs = a.channel_scale if a.channel_scale is not None else blocks
     grid = (triton.cdiv(blocks.shape[1], config.block_n), a.max_tiles)
-    _moe_matmul_kernel[grid](
+    launch(_moe_matmul_kernel, grid,
         x, x.stride(0), x.stride(1),
         blocks, blocks.stride(0), blocks.stride(1), blocks.stride(2),
         scales, scales.stride(0), scales.stride(1), scales.stride(2),

@@ -7,6 +7,7 @@ import torch
 import triton
 
 from ._compat import LAUNCH_OPTIONS
+from .launches import launch
 from ._grid_dependency import pdl_launch
 from ._router_topk import _router_topk_kernel
 
@@ -37,7 +38,7 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int,
     block_e = triton.next_power_of_2(num_experts)
     block_t = max(1, min(triton.next_power_of_2(tokens), _TILE_ELEMENTS // block_e))
     pdl = pdl_launch(logits.device)
-    _router_topk_kernel[(triton.cdiv(tokens, block_t),)](
+    launch(_router_topk_kernel, (triton.cdiv(tokens, block_t),),
         logits, bias, weights, ids, tokens, num_experts, logits.stride(0), TOP_K=top_k,
         BLOCK_K=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=block_e, PDL=pdl, num_warps=4,
         launch_pdl=pdl, **LAUNCH_OPTIONS)

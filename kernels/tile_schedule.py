@@ -7,6 +7,7 @@ import torch
 import triton
 
 from ._compat import LAUNCH_OPTIONS
+from .launches import launch
 from ._tile_schedule import _tile_schedule_kernel
 
 TILES_PER_PROGRAM = 128     # tiles one program (or one step of the one-launch sort) schedules
@@ -23,7 +24,7 @@ def tile_schedule(offsets: torch.Tensor, num_tiles: int, block_m: int
     counts = torch.empty(num_experts, dtype=torch.int32, device=device)
     tile_expert = torch.empty(num_tiles, dtype=torch.int32, device=device)
     tile_row_start = torch.empty(num_tiles, dtype=torch.int32, device=device)
-    _tile_schedule_kernel[(triton.cdiv(num_tiles, TILES_PER_PROGRAM),)](
+    launch(_tile_schedule_kernel, (triton.cdiv(num_tiles, TILES_PER_PROGRAM),),
         offsets, counts, tile_expert, tile_row_start, num_experts, num_tiles,
         BLOCK_M=block_m, BLOCK_E=max(16, triton.next_power_of_2(num_experts)), BLOCK_T=TILES_PER_PROGRAM,
         num_warps=4, **LAUNCH_OPTIONS)

@@ -22,7 +22,7 @@ _HOMES = {
     "moe_matmul": "moe_matmul", "pick_block_m": "moe_matmul_configs", "kernel_fallbacks": "moe_matmul_fallbacks",
     "router_topk": "router_topk", "sort_and_schedule": "expert_sort",
     "to_fragment_order": "fragment_layout", "from_fragment_order": "fragment_layout",
-    "fragment_order_problem": "fragment_layout",
+    "fragment_order_problem": "fragment_layout", "record_launches": "launches",
 }
 
 __all__ = [*_HOMES, "triton_installed"]

@@ -13,6 +13,7 @@ import torch
 
 from . import kernel_api
 from .reference import reference_moe
+from .eager_plan import planned_call
 from .routing import exact_bf16, route, routing_metadata
 from .weights import ExpertWeights
 
@@ -72,6 +73,12 @@ class MXFP4MoE(torch.nn.Module):
       device) stand-ins for them, and `checkpoint_weights()` rebuilds them exactly from the
       fragment copy.
 
+    eager_plans: whether eager calls of up to `eager_plan.MAX_PLANNED_TOKENS` tokens replay the
+      launches the first call at that token count recorded (`eager_plan`), which costs the host
+      a fraction of choosing them again. None (default): on CUDA with the triton backend. A plan
+      keeps its call's intermediate tensors as workspace (about 0.05 MB per token at gpt-oss
+      sizes, at most `eager_plan.MAX_PLANS` plans).
+
     forward(x [T, H] or [T, H_pad]) -> [T, H] in x's dtype. Under TP it is this rank's partial sum
     (w2 bias only on rank 0); under EP, pairs routed to other ranks' experts contribute nothing.
     Under torch.compile the forward is one custom op (`mxfp4_moe::moe_forward`, `custom_ops.py`),
@@ -80,7 +87,8 @@ class MXFP4MoE(torch.nn.Module):
 
     def __init__(self, weights: ExpertWeights, backend: Backend = "auto",
                  compute_dtype: torch.dtype | None = None, combine: Combine = "auto",
-                 fragment_order: bool | None = None, keep_checkpoint_order: bool | None = None):
+                 fragment_order: bool | None = None, keep_checkpoint_order: bool | None = None,
+                 eager_plans: bool | None = None):
         super().__init__()
         weights.validate()
         self.weights = weights
@@ -97,6 +105,9 @@ class MXFP4MoE(torch.nn.Module):
             raise ValueError("MXFP4MoE: keep_checkpoint_order=False needs the fragment-order copy (fragment_order "
                              "True, or None on a Hopper GPU with the triton backend and bf16); without it the "
                              "checkpoint-order weights are the only copy")
+        self.eager_plans = (self.backend == "triton" and weights.device.type == "cuda") if eager_plans is None \
+            else eager_plans
+        self._eager_plans: dict = {}        # plan key -> eager_plan.EagerPlan
         from .custom_ops import register_layer
         self.op_name = register_layer(self)     # what torch.compile's graphs call this layer by
         if self.fragments is not None and not keep_checkpoint_order:
@@ -155,13 +166,18 @@ class MXFP4MoE(torch.nn.Module):
 
     def eager_forward_with_router_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y, topk_weights = self._route_and_run(x)
-        return y, topk_weights.to(x.dtype)
+        return y, topk_weights.to(x.dtype, copy=True)     # (a copy: an eager plan's weights are its workspace)
 
     def _route_and_run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(output, routing weights [T, k] float32): the scores' cast to x's dtype is left to the
-        callers that want them, off the plain forward's path."""
+        callers that want them, off the plain forward's path. At decode sizes on the triton
+        backend, from the layer's recorded launches (`eager_plan`) where they apply."""
         w = self.weights
         w.check_tokens(x, "MXFP4MoE.forward")
+        if self.eager_plans:
+            planned = planned_call(self, x)
+            if planned is not None:
+                return planned
         topk_weights, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k,
                                        router_weight_bf16=self.router_weight_bf16, scoring=w.router_scoring,
                                        norm_topk_prob=w.norm_topk_prob)
@@ -201,11 +217,16 @@ class MXFP4MoE(torch.nn.Module):
 
     def experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """The expert part on already-routed tokens: x [T, H(_pad)], topk_* [T, k] -> [T, H] x.dtype."""
+        return self.expert_sums(x, topk_weights, topk_ids).to(x.dtype)
+
+    def expert_sums(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """`experts` before the cast to x's dtype: [T, H] as the backend sums (float32 but for
+        an empty x)."""
         w = self.weights
         if self.backend == "torch":
-            return reference_moe(x, w, topk_weights, topk_ids, torch.float32).to(x.dtype)
+            return reference_moe(x, w, topk_weights, topk_ids, torch.float32)
         moe_matmul, pick_block_m = kernel_api.moe_matmul, kernel_api.pick_block_m
-        tokens, out_dtype = x.shape[0], x.dtype
+        tokens = x.shape[0]
         if tokens == 0:
             return x.new_zeros((0, w.hidden))
         if self.fragments is not None:
@@ -221,7 +242,7 @@ class MXFP4MoE(torch.nn.Module):
                        channel_scale=w.w2_channel_scale, gather=False, apply_row_weight=True,
                        combine=self.combine_for(tokens), n_out=w.hidden, compute_dtype=self.compute_dtype,
                        fragments=frag.get("w2"))
-        return y.to(out_dtype)
+        return y
 
 
 def _fragment_kernel_input(x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:

@@ -38,11 +38,7 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     hidden = x.shape[1]
     if hidden > router_weight.shape[1]:
         raise ValueError(f"x has hidden size {hidden} but the router weight only {router_weight.shape[1]}")
-    # Padded router columns are zero, so narrowing the weight to x's width changes nothing.
-    if router_weight_bf16 is not None and x.dtype == torch.bfloat16 and _bf16_gemm_fp32_out(x.device):
-        logits = torch.mm(x, router_weight_bf16[:, :hidden].T, out_dtype=torch.float32)
-    else:
-        logits = x.float() @ router_weight[:, :hidden].float().T
+    logits = router_logits(x, router_weight, router_weight_bf16)
     if scoring != "topk_softmax":
         from .semantics import score
         return score(logits + router_bias.float(), top_k, scoring, norm_topk_prob)
@@ -52,6 +48,17 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     top_logits, topk_ids = torch.topk(logits + router_bias.float(), top_k, dim=-1)
     topk_weights = torch.softmax(top_logits, dim=-1)
     return topk_weights, topk_ids
+
+
+def router_logits(x: torch.Tensor, router_weight: torch.Tensor,
+                  router_weight_bf16: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, H(_pad)] @ router_weight[:, :H].T -> [T, E] float32 logits without the bias, as
+    `route` computes them (its docstring says when the bf16 GEMM is taken)."""
+    hidden = x.shape[1]
+    # Padded router columns are zero, so narrowing the weight to x's width changes nothing.
+    if router_weight_bf16 is not None and x.dtype == torch.bfloat16 and _bf16_gemm_fp32_out(x.device):
+        return torch.mm(x, router_weight_bf16[:, :hidden].T, out_dtype=torch.float32)
+    return x.float() @ router_weight[:, :hidden].float().T
 
 
 def exact_bf16(weight: torch.Tensor) -> torch.Tensor | None:

@@ -4,7 +4,9 @@ GPU idle (synchronise, time the call's issue alone, synchronise), median of many
 each moe_matmul, timed by wrapping the functions the layer calls), then the floors they stand on:
 a Triton launch of an empty kernel with as many arguments as the matmul kernel, the same kernel
 launched through its compiled handle (no Triton Python dispatch), torch.empty and a torch.mm.
-gpt-oss shapes (H = I = 2880, top-4). Issue 27's target: the whole call <= 100 us.
+Each point is timed twice: with the layer's eager plans (the default; the parts are then the
+router GEMM and each replayed launch) and without them (`mxfp4_moe.eager_plan`). gpt-oss shapes
+(H = I = 2880, top-4). Issue 27's target: the whole call <= 100 us.
 
     python -m benchmarks.probes.probe_host_cost --experts 32,128 --tokens 1,8
 """
@@ -22,6 +24,8 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
+import mxfp4_moe.eager_plan as eager_plan
+import mxfp4_moe.kernels.launches as launches
 import mxfp4_moe.kernels.moe_matmul as launcher_module
 import mxfp4_moe.moe as moe_module
 from mxfp4_moe.moe import MXFP4MoE
@@ -117,25 +121,31 @@ def main() -> int:
         del w
         for tokens in map(int, args.tokens.split(",")):
             x = torch.randn(tokens, 2880, device="cuda").to(torch.bfloat16)
-            for _ in range(10):
-                layer(x)
-            whole = host_us(lambda: layer(x), args.calls)
-            timer = PartTimer()
-            timer.wrap(moe_module, "route")
-            timer.wrap(moe_module, "routing_metadata")
-            timer.wrap(launcher_module, "moe_matmul",
-                       label=lambda a, kw: "moe_matmul_w13" if kw.get("gather") else "moe_matmul_w2")
-            try:
-                host_us(lambda: layer(x), args.calls)
-            finally:
-                timer.undo()
-            parts = timer.medians_us()
-            gpu_us = do_bench_cudagraph(lambda: layer(x), rep=100, return_mode="median") * 1e3   # L2 warm
-            point = {"experts": experts, "tokens": tokens, "whole_us": round(whole, 1), "parts_us": parts,
-                     "gpu_graph_us_l2_warm": round(gpu_us, 1)}
+            point = {"experts": experts, "tokens": tokens}
+            for plans in (True, False):
+                layer.eager_plans = plans
+                for _ in range(10):
+                    layer(x)
+                point["whole_us" if plans else "whole_us_without_plans"] = round(host_us(lambda: layer(x), args.calls), 1)
+                timer = PartTimer()
+                if plans:       # the replayed call: the router GEMM, then each recorded launch
+                    timer.wrap(eager_plan, "router_logits")
+                    timer.wrap(launches.RecordedLaunch, "replay", label=lambda a, kw: f"replay {a[0].kernel.__name__}")
+                else:
+                    timer.wrap(moe_module, "route")
+                    timer.wrap(moe_module, "routing_metadata")
+                    timer.wrap(launcher_module, "moe_matmul",
+                               label=lambda a, kw: "moe_matmul_w13" if kw.get("gather") else "moe_matmul_w2")
+                try:
+                    host_us(lambda: layer(x), args.calls)
+                finally:
+                    timer.undo()
+                point["parts_us" if plans else "parts_us_without_plans"] = timer.medians_us()
+            layer.eager_plans = True
+            point["gpu_graph_us_l2_warm"] = round(do_bench_cudagraph(lambda: layer(x), rep=100, return_mode="median")
+                                                  * 1e3, 1)
             results["points"].append(point)
-            print(f"E={experts} T={tokens}: whole call {whole:.1f} us; parts {parts}; GPU {gpu_us:.1f} us "
-                  "(CUDA graph, L2 warm)", flush=True)
+            print(json.dumps(point), flush=True)
         del layer
         torch.cuda.empty_cache()
     if args.json:

@@ -1,0 +1,109 @@
+"""The MoE layer's eager call at decode sizes, replayed from a plan instead of re-decided.
+
+At T <= 64 tokens an eager call of `MXFP4MoE` (outside any CUDA graph or compile) costs the host
+several times the GPU's work: the routing and matmul launchers check their arguments, pick a
+config and allocate, and Triton binds and specialises each launch (benchmarks/RESULTS.md 3.3).
+None of that changes between two calls with the same token count. So the first call at a token
+count runs the layer's ordinary path while `kernels.launches.record_launches` keeps its launches, and
+keeps the tensors those launches wrote (the routing metadata, the activation, the float32 sum)
+as the plan's workspace. Later calls compute the router logits, zero the sum and replay the
+launches through the compiled kernels, with only x and the logits swapped in.
+
+This is sound because every workspace tensor is rewritten by the launches before it is read on
+each call (the same property that lets `graphs.CUDAGraphMoE` capture the layer), and because
+a plan is keyed on everything that could change a launch's specialisation: the token count, x's
+width and 16-byte alignment, and the CUDA stream (workspaces are not shared between streams).
+A plan holds on to its layer's weight tensors: it is used only while the layer's `weights` and
+fragment copy are the objects it was recorded with.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import kernel_api
+from .routing import router_logits
+
+MAX_PLANNED_TOKENS = 64
+"""Token counts up to this get plans: decode sizes, where the host cost dominates; a plan's
+workspace grows with T (about 0.05 MB per token at H = I = 2880, top-4)."""
+MAX_PLANS = 8
+"""Plans kept per layer (the oldest goes first): a decode loop needs one per batch size."""
+
+
+def planned_call(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(output in x's dtype, routing weights [T, k] float32) of `layer` on x from its plan for
+    x's key, recording the plan on the first call; None where no plan applies (the caller runs
+    the ordinary path): the layer's `eager_plans` off, a call this path does not cover, while a
+    CUDA graph is being captured, or a key whose recorded launches this plan cannot replay."""
+    key = _plan_key(layer, x)
+    if key is None:
+        return None
+    plans = layer._eager_plans
+    plan = plans.get(key)
+    if plan is not None and plan.weights is layer.weights and plan.fragments is layer.fragments:
+        if not plan.replayable:
+            return None
+        try:
+            return plan(x)
+        except Exception as error:      # a Triton whose launcher differs: the ordinary path still runs
+            layer.eager_plans = False
+            warnings.warn(f"MXFP4MoE: replaying the recorded launches failed ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); this layer's eager calls "
+                          "take the ordinary path from now on", RuntimeWarning, stacklevel=4)
+            return None
+    plan = EagerPlan(layer, x)
+    plans.pop(key, None)
+    plans[key] = plan
+    while len(plans) > MAX_PLANS:
+        plans.pop(next(iter(plans)))
+    return plan.first_result
+
+
+def _plan_key(layer, x: torch.Tensor) -> tuple | None:
+    """The key of x's plan, or None where this path does not cover the call."""
+    tokens = x.shape[0]
+    if not (layer.eager_plans and 0 < tokens <= MAX_PLANNED_TOKENS and x.dtype == layer.compute_dtype
+            and x.is_contiguous() and layer.weights.router_scoring == "topk_softmax"
+            and layer.combine_for(tokens) == "atomic"):
+        return None
+    stream = None
+    if x.device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return None     # (a graph captured whole records the launches itself)
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+    return tokens, x.shape[1], x.data_ptr() % 16 == 0, stream
+
+
+class EagerPlan:
+    """One layer's launches at one key (`_plan_key`), and the workspace they write."""
+
+    def __init__(self, layer, x: torch.Tensor):
+        w = layer.weights
+        self.weights, self.fragments = w, layer.fragments
+        self.router_weight, self.router_weight_bf16 = w.router_weight, layer.router_weight_bf16
+        self.out_dtype = x.dtype
+        logits = router_logits(x, w.router_weight, layer.router_weight_bf16)
+        with kernel_api.record_launches() as launches:
+            self.topk_weights, topk_ids = kernel_api.router_topk(logits, w.router_bias.float(), w.top_k)
+            self.sums = layer.expert_sums(x, self.topk_weights, topk_ids)       # [T, H] float32
+        self.first_result = (self.sums.to(self.out_dtype, copy=True), self.topk_weights.clone())
+        # Where x and the logits enter the launches; the last launch must be the only one that
+        # adds into the sums (zeroed just before it). Anything else: the ordinary path runs.
+        self.launches = [(launch, launch.positions_of(x), launch.positions_of(logits)) for launch in launches]
+        adders = [i for i, launch in enumerate(launches) if launch.positions_of(self.sums)]
+        self.replayable = (self.sums.dtype == torch.float32 and adders == [len(launches) - 1]
+                           and any(x_positions for _, x_positions, _ in self.launches))
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = router_logits(x, self.router_weight, self.router_weight_bf16)
+        last = len(self.launches) - 1
+        for i, (launch, x_positions, logits_positions) in enumerate(self.launches):
+            if i == last:
+                self.sums.zero_()
+            replaced = {p: x for p in x_positions}
+            replaced.update((p, logits) for p in logits_positions)
+            launch.replay(replaced)
+        return self.sums.to(self.out_dtype, copy=True), self.topk_weights

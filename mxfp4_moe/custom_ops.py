@@ -37,8 +37,10 @@ def _layer(name: str):
 @torch.library.custom_op("mxfp4_moe::moe_forward", mutates_args=())
 def moe_forward(x: torch.Tensor, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H or H_pad] -> (y [T, H], router scores [T, k]), both in x's dtype: the named
-    layer's `MXFP4MoE.forward_with_router_scores`, run eagerly."""
-    return _layer(layer_name).eager_forward_with_router_scores(x)
+    layer's `MXFP4MoE.forward_with_router_scores`, run eagerly, without the layer's eager plans:
+    a compiled graph may run it while torch's CUDA-graph trees warm up, where a plan's workspace
+    would be allocated in (and outlive) their memory pool."""
+    return _layer(layer_name).eager_forward_with_router_scores(x, use_plans=False)
 
 
 @moe_forward.register_fake

@@ -83,9 +83,11 @@ class EagerPlan:
     def __init__(self, layer, x: torch.Tensor):
         w = layer.weights
         self.weights, self.fragments = w, layer.fragments
-        self.router_weight, self.router_weight_bf16 = w.router_weight, layer.router_weight_bf16
+        # The router weight narrowed to x's width once (`router_logits` narrows it on every call).
+        narrow = lambda weight: weight[:, :x.shape[1]] if weight is not None else None
+        self.router_weight, self.router_weight_bf16 = narrow(w.router_weight), narrow(layer.router_weight_bf16)
         self.out_dtype = x.dtype
-        logits = router_logits(x, w.router_weight, layer.router_weight_bf16)
+        logits = router_logits(x, self.router_weight, self.router_weight_bf16)
         with kernel_api.record_launches() as launches:
             self.topk_weights, topk_ids = kernel_api.router_topk(logits, w.router_bias.float(), w.top_k)
             self.sums = layer.expert_sums(x, self.topk_weights, topk_ids)       # [T, H] float32

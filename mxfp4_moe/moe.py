@@ -164,17 +164,18 @@ class MXFP4MoE(torch.nn.Module):
         """`forward` outside torch.compile: route, then `experts`."""
         return self._route_and_run(x)[0]
 
-    def eager_forward_with_router_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y, topk_weights = self._route_and_run(x)
+    def eager_forward_with_router_scores(self, x: torch.Tensor, use_plans: bool = True
+                                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        y, topk_weights = self._route_and_run(x, use_plans)
         return y, topk_weights.to(x.dtype, copy=True)     # (a copy: an eager plan's weights are its workspace)
 
-    def _route_and_run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route_and_run(self, x: torch.Tensor, use_plans: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(output, routing weights [T, k] float32): the scores' cast to x's dtype is left to the
         callers that want them, off the plain forward's path. At decode sizes on the triton
         backend, from the layer's recorded launches (`eager_plan`) where they apply."""
         w = self.weights
         w.check_tokens(x, "MXFP4MoE.forward")
-        if self.eager_plans:
+        if use_plans and self.eager_plans:
             planned = planned_call(self, x)
             if planned is not None:
                 return planned

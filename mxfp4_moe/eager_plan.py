@@ -50,9 +50,9 @@ def planned_call(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | 
             return plan(x)
         except Exception as error:      # a Triton whose launcher differs: the ordinary path still runs
             layer.eager_plans = False
-            warnings.warn(f"MXFP4MoE: replaying the recorded launches failed ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); this layer's eager calls "
-                          "take the ordinary path from now on", RuntimeWarning, stacklevel=4)
+            first_line = str(error).split("\n")[0]
+            warnings.warn(f"MXFP4MoE: replaying the recorded launches failed ({type(error).__name__}: {first_line}); "
+                          "this layer's eager calls take the ordinary path from now on", RuntimeWarning, stacklevel=4)
             return None
     plan = EagerPlan(layer, x)
     plans.pop(key, None)
@@ -98,6 +98,8 @@ class EagerPlan:
         adders = [i for i, launch in enumerate(launches) if launch.positions_of(self.sums)]
         self.replayable = (self.sums.dtype == torch.float32 and adders == [len(launches) - 1]
                            and any(x_positions for _, x_positions, _ in self.launches))
+        if not self.replayable:         # (the key stays, so that it is not recorded again; its memory goes)
+            self.launches, self.sums, self.topk_weights = [], None, None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = router_logits(x, self.router_weight, self.router_weight_bf16)

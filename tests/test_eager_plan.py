@@ -155,6 +155,18 @@ def test_a_failed_replay_falls_back_with_one_warning(monkeypatch):
         agree(planned(x), plain(x))
 
 
+def test_a_call_whose_launches_cannot_be_replayed_keeps_the_ordinary_path(monkeypatch):
+    planned, plain = layers(8, 64, 2)
+    expert_sums = planned.expert_sums
+    # x copied before the kernels see it: the recording finds no launch that reads x itself.
+    monkeypatch.setattr(planned, "expert_sums", lambda x, *rest: expert_sums(x.clone(), *rest))
+    for _ in range(3):
+        x = torch.randn(3, 64, device=DEVICE).to(DTYPE)
+        agree(planned(x), plain(x))
+    (plan,) = planned._eager_plans.values()
+    assert not plan.replayable and plan.sums is None
+
+
 def test_the_compiled_graphs_op_runs_without_plans():
     # torch.compile's graphs call the layer through this op, possibly while CUDA-graph trees warm
     # up: a plan's workspace must not be allocated there.

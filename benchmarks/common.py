@@ -168,6 +168,15 @@ def start_rank(name: str, args, checkpoint: str | None, write_checkpoint) -> Ran
     return rank
 
 
+def tokens_and_iters(args, device, full_tokens, tiny_tokens, iters_gpu_cpu: tuple[int, int]
+                     ) -> tuple[list[int], int]:
+    """What a multi-rank layer runner times on `device`: the token counts (args.tokens,
+    comma-separated, else tiny_tokens under args.tiny, else full_tokens) and the timed forwards per
+    case (args.iters, else iters_gpu_cpu[0] on a GPU, iters_gpu_cpu[1] on a CPU)."""
+    tokens = [int(t) for t in (args.tokens.split(",") if args.tokens else (tiny_tokens if args.tiny else full_tokens))]
+    return tokens, args.iters or iters_gpu_cpu[0 if device.type == "cuda" else 1]
+
+
 def layer_run_header(args, device, pg: str, world: int, dtype, checkpoint: str, cfg, **extra) -> dict:
     """The JSON header of a multi-rank layer run: devices ("N x <GPU>" or the CPU and its threads),
     process group, torch, triton (None where absent), commit, dtype, args.backend, args.align, then

@@ -29,7 +29,7 @@ if os.environ.get("NCCL_NVLS_ENABLE") != "0":
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import layer_run_header, run_ranks, start_rank, write_synthetic_layer
+from benchmarks.common import layer_run_header, run_ranks, start_rank, tokens_and_iters, write_synthetic_layer
 from mxfp4_moe import distributed as D
 from mxfp4_moe.checkpoint import open_checkpoint
 from mxfp4_moe.verify.checks import median_ms, rel_err
@@ -110,9 +110,7 @@ def capture_graph(fn, device: torch.device):
 def rank_main(args: argparse.Namespace, ckpt_path: str | None) -> int:
     me = start_rank("bench_distributed", args, ckpt_path, write_checkpoint)
     device, pg, rank, world, ckpt_path, dtype = me.device, me.pg, me.rank, me.world, me.checkpoint, me.dtype
-    tokens_list = [int(t) for t in (args.tokens.split(",") if args.tokens else
-                                    (TINY_TOKENS if args.tiny else FULL_TOKENS))]
-    iters = args.iters or (50 if device.type == "cuda" else 5)
+    tokens_list, iters = tokens_and_iters(args, device, FULL_TOKENS, TINY_TOKENS, iters_gpu_cpu=(50, 5))
     tol = TOLERANCE[dtype]
     rows, failed, cfg = [], False, None
     try:

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import record, start_probe
+from benchmarks.common import gpt_oss_weights, record, start_probe
 from mxfp4_moe.kernels.fragment_layout import from_fragment_order, to_fragment_order
 from mxfp4_moe.moe import MXFP4MoE
-from mxfp4_moe.synthetic import random_expert_weights
 
 
 def seconds(fn, repeats: int = 3) -> float:
@@ -38,7 +37,7 @@ def layer_bytes(experts: int, keep: bool | None) -> int:
     """GPU memory held by a layer built from fresh weights the caller then drops."""
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    weights, _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda", dense=False)
+    weights = gpt_oss_weights(experts)
     layer = MXFP4MoE(weights, backend="triton", keep_checkpoint_order=keep)
     del weights
     torch.cuda.synchronize()
@@ -57,7 +56,7 @@ def main() -> int:
     rows: list[dict] = []
     path = args.out / "bench_fragment_layout.json"
     for experts in map(int, args.experts.split(",")):
-        w, _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda", dense=False)
+        w = gpt_oss_weights(experts)
         for name in ("w13", "w2"):
             blocks, scales = getattr(w, f"{name}_blocks"), getattr(w, f"{name}_scales")
             checkpoint_bytes = blocks.numel() + scales.numel()

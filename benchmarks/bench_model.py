@@ -60,7 +60,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -85,6 +85,11 @@ DEQUANTIZED_MARGIN_BYTES = 10 * GIB  # activations, eager attention's score tens
 GUESS_S = {"dequantized": 60.0, "compile_mode": 60.0, "model": 60.0}
 
 
+# gpt-oss's attention and vocabulary: 64 query / 8 KV heads of 64, vocab 201088, sliding window 128.
+GPT_OSS_DENSE = DenseSpec(vocab_size=201088, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                          sliding_window=128, max_position_embeddings=131072, rope_theta=150000.0)
+
+
 @dataclass(frozen=True)
 class ModelShape:
     name: str
@@ -93,20 +98,11 @@ class ModelShape:
     hidden: int = 2880
     inter: int = 2880
     top_k: int = 4
-    heads: int = 64
-    kv_heads: int = 8
-    head_dim: int = 64
-    vocab: int = 201088
-    sliding_window: int = 128
+    dense: DenseSpec = GPT_OSS_DENSE
 
     def moe_config(self, layers: int) -> MoEConfig:
         return MoEConfig(num_layers=layers, num_experts=self.experts, experts_per_token=self.top_k,
                          hidden_size=self.hidden, intermediate_size=self.inter)
-
-    def dense_spec(self) -> DenseSpec:
-        return DenseSpec(vocab_size=self.vocab, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
-                         head_dim=self.head_dim, sliding_window=self.sliding_window,
-                         max_position_embeddings=131072, rope_theta=150000.0)
 
     def label(self, layers: int) -> str:
         which = f"{layers} layers" if layers == self.layers_full else f"{layers} of {self.layers_full} layers"
@@ -125,11 +121,12 @@ class ModelShape:
 
     def attention_bytes(self) -> int:
         """One decoder layer's attention and norms in bf16 (weights, biases, sinks)."""
-        q, kv, h = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden
-        return 2 * ((q + 2 * kv) * h + h * q + q + 2 * kv + h + self.heads + 2 * h)
+        heads, head_dim = self.dense.num_attention_heads, self.dense.head_dim
+        q, kv, h = heads * head_dim, self.dense.num_key_value_heads * head_dim, self.hidden
+        return 2 * ((q + 2 * kv) * h + h * q + q + 2 * kv + h + heads + 2 * h)
 
     def dense_bytes(self, layers: int) -> int:
-        return layers * self.attention_bytes() + 2 * (2 * self.vocab * self.hidden + self.hidden)
+        return layers * self.attention_bytes() + 2 * (2 * self.dense.vocab_size * self.hidden + self.hidden)
 
     def dequantized_bytes(self, layers: int) -> int:
         router = 2 * self.experts * (self.hidden + 1)
@@ -139,14 +136,15 @@ class ModelShape:
         """Bytes one decode step reads at least: the dense weights but the embedding table (it
         gathers B rows), plus the experts B tokens hit per layer under uniform routing."""
         hit = self.experts * (1 - (1 - self.top_k / self.experts) ** batch)
-        dense = layers * self.attention_bytes() + 2 * self.vocab * self.hidden
+        dense = layers * self.attention_bytes() + 2 * self.dense.vocab_size * self.hidden
         return dense + layers * hit * expert_bytes
 
 
 SHAPES = {"20b": ModelShape("20b", layers_full=24, experts=32), "120b": ModelShape("120b", layers_full=36, experts=128)}
 # --tiny: the same pipeline at CPU sizes (E 4, H = I = 64, vocab 256), a sliding window the prefill crosses.
-TINY_SHAPES = {name: ModelShape(name, layers_full=layers, experts=4, hidden=64, inter=64, top_k=2, heads=4,
-                                kv_heads=2, head_dim=16, vocab=256, sliding_window=16)
+TINY_DENSE = replace(GPT_OSS_DENSE, vocab_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     sliding_window=16)
+TINY_SHAPES = {name: ModelShape(name, layers_full=layers, experts=4, hidden=64, inter=64, top_k=2, dense=TINY_DENSE)
                for name, layers in (("20b", 2), ("120b", 3))}
 
 
@@ -256,8 +254,9 @@ def dense_shapes(shape: ModelShape, layers: int) -> dict[str, tuple[int, ...]]:
     mini = synthetic_dense_tensors(
         MoEConfig(num_layers=layers, num_experts=1, experts_per_token=1, hidden_size=32, intermediate_size=32),
         DenseSpec(vocab_size=3, num_attention_heads=2, num_key_value_heads=1, head_dim=5))
-    sizes = {32: shape.hidden, 3: shape.vocab, 10: shape.heads * shape.head_dim, 5: shape.kv_heads * shape.head_dim,
-             2: shape.heads}
+    dense = shape.dense
+    sizes = {32: shape.hidden, 3: dense.vocab_size, 10: dense.num_attention_heads * dense.head_dim,
+             5: dense.num_key_value_heads * dense.head_dim, 2: dense.num_attention_heads}
     return {name: tuple(sizes[d] for d in t.shape) for name, t in mini.items()}
 
 
@@ -308,7 +307,7 @@ def write_random_checkpoint(path: Path, shape: ModelShape, layers: int, device: 
     start = time.perf_counter()
     dense_tensors = random_dense_tensors(shape, layers, device, seed)
     write_checkpoint(path, config, lambda n: random_layer(shape, n, device, seed), layout="hf", shards=shards,
-                     dense=shape.dense_spec(), dense_tensors=dense_tensors)
+                     dense=shape.dense, dense_tensors=dense_tensors)
     del dense_tensors
     free_memory(device)
     seconds = time.perf_counter() - start
@@ -504,8 +503,8 @@ def measure_compiled(path: Path, shape: ModelShape, layers: int, args, device: t
     model = load_model(path, device=device, backend=args.backend, progress=False)
     steps = COMPILE_WARMUP + args.decode_steps
     gen = torch.Generator().manual_seed(7)
-    prompt = torch.randint(0, shape.vocab, (1, args.prompt), generator=gen).to(device)
-    tokens = torch.randint(0, shape.vocab, (steps, 1, 1), generator=gen).to(device)
+    prompt = torch.randint(0, shape.dense.vocab_size, (1, args.prompt), generator=gen).to(device)
+    tokens = torch.randint(0, shape.dense.vocab_size, (steps, 1, 1), generator=gen).to(device)
     key = cache_keyword(model)
     eager_logits = None
     for mode in ["eager"] + list(args.compile_modes):

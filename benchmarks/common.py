@@ -1,5 +1,5 @@
 """What the benchmarks and probes share: the commit a result records, the GPU timing of a call
-(CUDA-graph replay with L2 flushed, or eager), the probes' header, rows and gpt-oss-shaped
+(CUDA-graph replay with L2 flushed, or eager), the probes' header, rows, gpt-oss-shaped weights and
 routed inputs, and the start of the multi-process runners' ranks (torchrun or spawned). Scripts
 import it as `benchmarks.common` (they run as `python -m benchmarks.x`).
 
@@ -74,13 +74,21 @@ def time_eager(fn) -> float:
     return do_bench(fn, warmup=10, rep=REP_MS, return_mode="median")
 
 
+def gpt_oss_weights(experts: int):
+    """For probes: random MXFP4 expert weights of gpt-oss shape (H = I = 2880, top-4) with
+    `experts` experts, seeded by the expert count, drawn on the GPU (ExpertWeights only, no float
+    copy)."""
+    from mxfp4_moe.synthetic import random_expert_weights
+    weights, _ = random_expert_weights(experts, HIDDEN, INTER, top_k=TOP_K, seed=experts, device="cuda", dense=False)
+    return weights
+
+
 def routed_points(spec: str):
     """For probes: "E:T,E:T,..." -> (experts, tokens, weights, x, topk_weights, topk_ids) per
     point, at gpt-oss shapes (H = I = 2880, top-4, random weights seeded by E, tokens by T); the
     weights of one E are built once and reused by consecutive points."""
     import torch
 
-    from mxfp4_moe.synthetic import random_expert_weights
     from mxfp4_moe.routing import route
     weights = {}
     for point in filter(None, spec.split(",")):
@@ -88,8 +96,7 @@ def routed_points(spec: str):
         if experts not in weights:
             weights.clear()
             torch.cuda.empty_cache()
-            weights[experts], _ = random_expert_weights(experts, HIDDEN, INTER, top_k=TOP_K, seed=experts,
-                                                        device="cuda", dense=False)
+            weights[experts] = gpt_oss_weights(experts)
         w = weights[experts]
         x = torch.randn(tokens, HIDDEN, generator=torch.Generator(device="cuda").manual_seed(tokens),
                         device="cuda").to(torch.bfloat16)
@@ -166,6 +173,15 @@ def start_rank(name: str, args, checkpoint: str | None, write_checkpoint) -> Ran
             checkpoint = write_checkpoint(args, Path(rank._tmp.name))
         rank.checkpoint = D.broadcast_object(checkpoint, device=rank.obj_device)
     return rank
+
+
+def tokens_and_iters(args, device, full_tokens, tiny_tokens, iters_gpu_cpu: tuple[int, int]
+                     ) -> tuple[list[int], int]:
+    """What a multi-rank layer runner times on `device`: the token counts (args.tokens,
+    comma-separated, else tiny_tokens under args.tiny, else full_tokens) and the timed forwards per
+    case (args.iters, else iters_gpu_cpu[0] on a GPU, iters_gpu_cpu[1] on a CPU)."""
+    tokens = [int(t) for t in (args.tokens.split(",") if args.tokens else (tiny_tokens if args.tiny else full_tokens))]
+    return tokens, args.iters or iters_gpu_cpu[0 if device.type == "cuda" else 1]
 
 
 def layer_run_header(args, device, pg: str, world: int, dtype, checkpoint: str, cfg, **extra) -> dict:

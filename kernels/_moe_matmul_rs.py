@@ -39,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from ._compat import cp_async_load, cta_barrier, tma_async_load
 from ._grid_dependency import gdc_launch_dependents_gluon, gdc_wait_gluon
 from ._moe_matmul import _BLOCK_SIZE
-from ._moe_matmul_sm90 import _store_tile, _tile_rows, _x_row_pointers
+from ._moe_matmul_sm90 import _program_tile, _store_tile, _tile_rows, _x_row_pointers
 from .fragment_layout import BF16_MANTISSA_BITS, LAST_PAIR_MASKS, LAST_PAIR_ROTATIONS, PAIR_MASK, PAIR_ROTATIONS
 
 _LANES: gl.constexpr = gl.constexpr(32)
@@ -208,9 +208,8 @@ def _moe_matmul_rs_kernel(
         gdc_wait_gluon()
         gdc_launch_dependents_gluon()
     pid_n = gl.program_id(0)
-    tile = gl.program_id(1)
+    tile, expert = _program_tile(tile_expert_ptr)
     split = gl.program_id(2)
-    expert = gl.load(tile_expert_ptr + tile)
     if expert < 0:
         return  # past the last real tile
     row_start, row_end = _tile_rows(expert_offsets_ptr, tile_row_start_ptr, tile, expert)

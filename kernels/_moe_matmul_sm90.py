@@ -117,8 +117,7 @@ def _moe_matmul_sm90_kernel(
     w_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16)
 
     pid_n = gl.program_id(0)
-    tile = gl.program_id(1)
-    expert = gl.load(tile_expert_ptr + tile)
+    tile, expert = _program_tile(tile_expert_ptr)
     if expert < 0:
         return  # past the last real tile
     row_start, row_end = _tile_rows(expert_offsets_ptr, tile_row_start_ptr, tile, expert)
@@ -253,6 +252,14 @@ def _store_tile(acc, pid_n, expert64, row_start, row_end, bias_ptr, stride_be, w
         gl.atomic_add(y_ptrs, out, mask=mask_y, sem="relaxed")
     else:
         gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+@gluon.jit
+def _program_tile(tile_expert_ptr):
+    """This program's tile (grid axis 1 of both Gluon kernels) and its expert, -1 for a program
+    past the last real tile (the routing metadata pads tile_expert to its worst-case length)."""
+    tile = gl.program_id(1)
+    return tile, gl.load(tile_expert_ptr + tile)
 
 
 @gluon.jit

@@ -594,7 +594,33 @@ class NanScaleReport:
         return f"layer {self.layer}: {self.count} {noun}{more}: {where}"
 
 
-class Checkpoint:
+class SafetensorsTensors:
+    """Every tensor of a set of safetensors files by name, each a lazy TensorRef read through one
+    set of file handles: what `Checkpoint`, `unfused.UnfusedCheckpoint` and the safetensors format
+    readers (`formats.SafetensorsExpertReader`) share."""
+
+    def _index_tensors(self, tensors: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]],
+                       identities: dict[Path, tuple] | None = None) -> None:
+        """tensors: name -> (file, dtype, shape, nbytes), as `_collect_tensors` gives them;
+        identities: as `_FileHandles` takes them."""
+        self._handles = _FileHandles(identities)
+        self._refs = {name: TensorRef(name, file, shape, dtype, nbytes, self._handles)
+                      for name, (file, dtype, shape, nbytes) in tensors.items()}
+
+    def close(self) -> None:
+        """Release the file handles; TensorRefs of this checkpoint cannot be read afterwards."""
+        self._handles.close()
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name in the checkpoint (dense ones included), sorted."""
+        return sorted(self._refs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._refs
+
+
+class Checkpoint(SafetensorsTensors):
     """An opened checkpoint. Use as a context manager or call close(); file handles are opened on
     first read and kept.
 
@@ -611,9 +637,7 @@ class Checkpoint:
         self.config = config
         self.config_file = config_file
         self.nan_scales = nan_scales
-        self._handles = _FileHandles(identities)
-        self._refs = {name: TensorRef(name, file, shape, dtype, nbytes, self._handles)
-                      for name, (file, dtype, shape, nbytes) in tensors.items()}
+        self._index_tensors(tensors, identities)
         self.files: list[Path] = sorted({ref.file for ref in self._refs.values()})
         self._nan_checked: set[int] = set()
         self._layers = [self._build_layer(i) for i in range(config.num_layers)]
@@ -626,21 +650,9 @@ class Checkpoint:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def close(self) -> None:
-        """Release the file handles; TensorRefs of this checkpoint cannot be read afterwards."""
-        self._handles.close()
-
     def __repr__(self) -> str:
         return (f"Checkpoint({str(self.path)!r}, layout={self.layout!r}, layers={self.config.num_layers}, "
                 f"experts={self.config.num_experts}, files={len(self.files)})")
-
-    @property
-    def names(self) -> list[str]:
-        """Every tensor name in the checkpoint, sorted."""
-        return sorted(self._refs)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._refs
 
     def tensor(self, name: str) -> TensorRef:
         """Any tensor by name (dense tensors included)."""

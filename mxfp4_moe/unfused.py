@@ -31,8 +31,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .checkpoint import (CONFIG_FILE, INDEX_FILE, CheckpointError, MoEConfig, TensorRef,
-                         _collect_tensors, _FileHandles, link_roots)
+from .checkpoint import (CONFIG_FILE, INDEX_FILE, CheckpointError, MoEConfig, SafetensorsTensors, TensorRef,
+                         _collect_tensors, link_roots)
 from .mxfp4 import BLOCK_SIZE
 
 UNFUSED_LAYOUT = "unfused"
@@ -122,7 +122,7 @@ class UnfusedLayerTensors:
                                       f"gate and up (and down) or on none; {ex.gate.weight.name} differs")
 
 
-class UnfusedCheckpoint:
+class UnfusedCheckpoint(SafetensorsTensors):
     """An opened unfused checkpoint: `path`, `layout` ("unfused"), `config` (MoEConfig), `files`,
     and `layer(i) -> UnfusedLayerTensors`. Close it (or use `with`) to release file handles."""
 
@@ -130,9 +130,7 @@ class UnfusedCheckpoint:
         self.path = path
         self.layout = UNFUSED_LAYOUT
         self.config = config
-        self._handles = _FileHandles(identities)
-        self._refs = {name: TensorRef(name, file, shape, dtype, nbytes, self._handles)
-                      for name, (file, dtype, shape, nbytes) in tensors.items()}
+        self._index_tensors(tensors, identities)
         self.files = sorted({ref.file for ref in self._refs.values()})
         self._layers = [self._build_layer(i) for i in range(config.num_layers)]
 
@@ -141,9 +139,6 @@ class UnfusedCheckpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def close(self) -> None:
-        self._handles.close()
 
     def _ref(self, name: str, *, required: bool = True) -> TensorRef | None:
         if name in self._refs:

@@ -17,6 +17,7 @@ from mxfp4_moe.checkpoint import (CheckpointError, LayerTensors, MoEConfig, Tens
                                   open_checkpoint)
 from mxfp4_moe.mxfp4 import E8M0_NAN
 from mxfp4_moe.synthetic import make_synthetic_checkpoint
+from safetensors_edit import assert_refused  # (tests/ is on sys.path)
 
 # Small and not square: E=4, H=64 (2 blocks), I=96 (3 blocks), so H and I cannot be confused.
 E, H, I, LAYERS = 4, 64, 96, 2
@@ -180,8 +181,7 @@ def test_config_sizes_not_multiple_of_block():
 
 def test_config_quant_method_not_mxfp4(hf_one, tmp_path):
     path = _rewrite(hf_one, tmp_path / "q", config_update={"quantization_config": {"quant_method": "fp8"}})
-    with pytest.raises(CheckpointError, match=r"config\.json: quantization_config\.quant_method: expected 'mxfp4', found 'fp8'"):
-        open_checkpoint(path)
+    assert_refused(path, r"config\.json: quantization_config\.quant_method: expected 'mxfp4', found 'fp8'")
 
 
 # ---- lazy reads ------------------------------------------------------------------------------
@@ -270,165 +270,138 @@ def _rewrite(src, dst, *, replace=None, drop=(), config_update=None):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(CheckpointError, match=r"nope: checkpoint folder does not exist"):
-        open_checkpoint(tmp_path / "nope")
+    assert_refused(tmp_path / "nope", r"nope: checkpoint folder does not exist")
 
 
 def test_path_is_a_file(hf_one):
-    with pytest.raises(CheckpointError, match="expected a checkpoint folder, found a file"):
-        open_checkpoint(hf_one / "config.json")
+    assert_refused(hf_one / "config.json", "expected a checkpoint folder, found a file")
 
 
 def test_no_safetensors_files(hf_one, tmp_path):
     (tmp_path / "empty").mkdir()
     shutil.copy(hf_one / "config.json", tmp_path / "empty")
-    with pytest.raises(CheckpointError, match=r"empty: no \*\.safetensors files"):
-        open_checkpoint(tmp_path / "empty")
+    assert_refused(tmp_path / "empty", r"empty: no \*\.safetensors files")
 
 
 def test_index_names_absent_file(hf_sharded, tmp_path):
-    path = tmp_path / "m"
-    shutil.copytree(hf_sharded, path)
+    path = shutil.copytree(hf_sharded, tmp_path / "m")
     (path / "model-00002-of-00004.safetensors").unlink()
-    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: names file model-00002-of-00004"
-                                              r"\.safetensors .*found no such file"):
-        open_checkpoint(path)
+    assert_refused(path, r"model\.safetensors\.index\.json: names file model-00002-of-00004"
+                         r"\.safetensors .*found no such file")
 
 
 def test_index_maps_tensor_to_wrong_file(hf_sharded, tmp_path):
-    path = tmp_path / "m"
-    shutil.copytree(hf_sharded, path)
+    path = shutil.copytree(hf_sharded, tmp_path / "m")
     index = json.loads((path / "model.safetensors.index.json").read_text())
     name = "model.layers.1.mlp.router.bias"
     other = next(f for f in set(index["weight_map"].values()) if f != index["weight_map"][name])
     index["weight_map"][name] = other
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=f"maps tensor {name} to {other}, but .* has no tensor of that name"):
-        open_checkpoint(path)
+    assert_refused(path, f"maps tensor {name} to {other}, but .* has no tensor of that name")
 
 
 def test_truncated_file(hf_one, tmp_path):
-    path = tmp_path / "m"
-    shutil.copytree(hf_one, path)
+    path = shutil.copytree(hf_one, tmp_path / "m")
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[:-100])     # the last tensor loses its tail
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated safetensors file: tensor .* needs "
-                                              r"bytes up to \d+ of the data section, the file holds only \d+"):
-        open_checkpoint(path)
+    assert_refused(path, r"model\.safetensors: truncated safetensors file: tensor .* needs "
+                         r"bytes up to \d+ of the data section, the file holds only \d+")
 
 
 def test_truncated_inside_header(hf_one, tmp_path):
-    path = tmp_path / "m"
-    shutil.copytree(hf_one, path)
+    path = shutil.copytree(hf_one, tmp_path / "m")
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[:50])
-    with pytest.raises(CheckpointError, match=r"corrupt or truncated safetensors file: the length field says \d+ "
-                                              r"header bytes, the file has 42 after it"):
-        open_checkpoint(path)
+    assert_refused(path, r"corrupt or truncated safetensors file: the length field says \d+ "
+                         r"header bytes, the file has 42 after it")
 
 
 def test_file_shorter_than_length_field(hf_one, tmp_path):
-    path = tmp_path / "m"
-    shutil.copytree(hf_one, path)
+    path = shutil.copytree(hf_one, tmp_path / "m")
     (path / "model.safetensors").write_bytes(b"\x01\x02\x03")
-    with pytest.raises(CheckpointError, match="expected at least 8 bytes .*found 3"):
-        open_checkpoint(path)
+    assert_refused(path, "expected at least 8 bytes .*found 3")
 
 
 def test_corrupt_header(hf_one, tmp_path):
-    path = tmp_path / "m"
-    shutil.copytree(hf_one, path)
+    path = shutil.copytree(hf_one, tmp_path / "m")
     data = bytearray((path / "model.safetensors").read_bytes())
     data[8:12] = b"\xff\xfe{["                                  # not UTF-8 JSON any more
     (path / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt safetensors file: header is not valid JSON"):
-        open_checkpoint(path)
+    assert_refused(path, r"model\.safetensors: corrupt safetensors file: header is not valid JSON")
 
 
 def test_tensor_missing_for_a_layer(hf_one, tmp_path):
     name = "model.layers.1.mlp.experts.down_proj_scales"
     path = _rewrite(hf_one, tmp_path / "m", drop=[name])
-    with pytest.raises(CheckpointError, match=rf"layer 1: tensor {name} is missing \(expected \[4, 64, 3\]"):
-        open_checkpoint(path)
+    assert_refused(path, rf"layer 1: tensor {name} is missing \(expected \[4, 64, 3\]")
 
 
 def test_config_has_more_layers_than_the_files(hf_one, tmp_path):
     path = _rewrite(hf_one, tmp_path / "m", config_update={"num_hidden_layers": 3})
-    with pytest.raises(CheckpointError, match="layer 2: tensor model.layers.2.mlp.experts.gate_up_proj_blocks is missing"):
-        open_checkpoint(path)
+    assert_refused(path, "layer 2: tensor model.layers.2.mlp.experts.gate_up_proj_blocks is missing")
 
 
 def test_config_has_fewer_layers_than_the_files(hf_one, tmp_path):
     path = _rewrite(hf_one, tmp_path / "m", config_update={"num_hidden_layers": 1})
-    with pytest.raises(CheckpointError, match=r"belongs to layer 1, but config .* has num_hidden_layers=1"):
-        open_checkpoint(path)
+    assert_refused(path, r"belongs to layer 1, but config .* has num_hidden_layers=1")
 
 
 def test_blocks_not_uint8(hf_one, tmp_path):
     name = "model.layers.0.mlp.experts.gate_up_proj_blocks"
     blocks = load_file(str(hf_one / "model.safetensors"))[name]
     path = _rewrite(hf_one, tmp_path / "m", replace={name: blocks.view(torch.int8)})
-    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor {name}: expected uint8 \[E, rows, K/32, 16\]"
-                                              r".*found torch\.int8 \[4, 192, 2, 16\]"):
-        open_checkpoint(path)
+    assert_refused(path, rf"model\.safetensors: tensor {name}: expected uint8 \[E, rows, K/32, 16\]"
+                         r".*found torch\.int8 \[4, 192, 2, 16\]")
 
 
 def test_blocks_last_dim_not_16(hf_one, tmp_path):
     name = "model.layers.1.mlp.experts.down_proj_blocks"
     blocks = load_file(str(hf_one / "model.safetensors"))[name]
     path = _rewrite(hf_one, tmp_path / "m", replace={name: blocks.reshape(E, H, 2 * I // 32, 8)})
-    with pytest.raises(CheckpointError, match=rf"tensor {name}: expected uint8 .*found torch\.uint8 \[4, 64, 6, 8\]"):
-        open_checkpoint(path)
+    assert_refused(path, rf"tensor {name}: expected uint8 .*found torch\.uint8 \[4, 64, 6, 8\]")
 
 
 def test_scales_shape_not_blocks_without_last_dim(hf_one, tmp_path):
     name = "model.layers.0.mlp.experts.gate_up_proj_scales"
     scales = load_file(str(hf_one / "model.safetensors"))[name]
     path = _rewrite(hf_one, tmp_path / "m", replace={name: scales[:, :-2].contiguous()})
-    with pytest.raises(CheckpointError, match=rf"tensor {name}: expected uint8 \[4, 192, 2\] \(the shape of "
-                                              r".*gate_up_proj_blocks without its last dim\), found torch\.uint8 \[4, 190, 2\]"):
-        open_checkpoint(path)
+    assert_refused(path, rf"tensor {name}: expected uint8 \[4, 192, 2\] \(the shape of "
+                         r".*gate_up_proj_blocks without its last dim\), found torch\.uint8 \[4, 190, 2\]")
 
 
 def test_expert_count_inconsistent_with_config(hf_one, tmp_path):
     path = _rewrite(hf_one, tmp_path / "m", config_update={"num_local_experts": 6})
-    with pytest.raises(CheckpointError, match=r"gate_up_proj_blocks: expected shape \[6, 192, 2, 16\] "
-                                              r"\(config .*num_experts=6.*found \[4, 192, 2, 16\]"):
-        open_checkpoint(path)
+    assert_refused(path, r"gate_up_proj_blocks: expected shape \[6, 192, 2, 16\] "
+                         r"\(config .*num_experts=6.*found \[4, 192, 2, 16\]")
 
 
 def test_hidden_size_inconsistent_with_config(hf_one, tmp_path):
     path = _rewrite(hf_one, tmp_path / "m", config_update={"hidden_size": 96})
-    with pytest.raises(CheckpointError, match=r"expected shape \[4, 192, 3, 16\] .*hidden_size=96.*found \[4, 192, 2, 16\]"):
-        open_checkpoint(path)
+    assert_refused(path, r"expected shape \[4, 192, 3, 16\] .*hidden_size=96.*found \[4, 192, 2, 16\]")
 
 
 def test_intermediate_size_inconsistent_with_config(hf_one, tmp_path):
     path = _rewrite(hf_one, tmp_path / "m", config_update={"intermediate_size": 64})
-    with pytest.raises(CheckpointError, match=r"expected shape \[4, 128, 2, 16\] .*intermediate_size=64.*found \[4, 192, 2, 16\]"):
-        open_checkpoint(path)
+    assert_refused(path, r"expected shape \[4, 128, 2, 16\] .*intermediate_size=64.*found \[4, 192, 2, 16\]")
 
 
 def test_router_shape_inconsistent(hf_one, tmp_path):
     name = "model.layers.1.mlp.router.weight"
     path = _rewrite(hf_one, tmp_path / "m", replace={name: torch.zeros(E, H + 32, dtype=torch.bfloat16)})
-    with pytest.raises(CheckpointError, match=rf"tensor {name}: expected shape \[4, 64\] .*found \[4, 96\]"):
-        open_checkpoint(path)
+    assert_refused(path, rf"tensor {name}: expected shape \[4, 64\] .*found \[4, 96\]")
 
 
 def test_bias_not_float(hf_one, tmp_path):
     name = "model.layers.0.mlp.experts.down_proj_bias"
     path = _rewrite(hf_one, tmp_path / "m", replace={name: torch.zeros(E, H, dtype=torch.int32)})
-    with pytest.raises(CheckpointError, match=rf"tensor {name}: expected a float dtype .*found torch\.int32"):
-        open_checkpoint(path)
+    assert_refused(path, rf"tensor {name}: expected a float dtype .*found torch\.int32")
 
 
 def test_channel_scale_bad_shape(hf_one, tmp_path):
     name = layer_tensor_names("hf", 0)["w2_channel_scale"]
     path = _rewrite(hf_one, tmp_path / "m", replace={name: torch.ones(E, H, 2)})
-    with pytest.raises(CheckpointError, match=rf"tensor {name}: expected a float tensor of shape \[4, 64\] or "
-                                              r"\[4, 64, 1\] .*found torch\.float32 \[4, 64, 2\]"):
-        open_checkpoint(path)
+    assert_refused(path, rf"tensor {name}: expected a float tensor of shape \[4, 64\] or "
+                         r"\[4, 64, 1\] .*found torch\.float32 \[4, 64, 2\]")
 
 
 def test_layer_index_out_of_range(hf_one):
@@ -439,27 +412,22 @@ def test_layer_index_out_of_range(hf_one):
 
 
 def test_missing_config(hf_one, tmp_path):
-    path = tmp_path / "m"
-    shutil.copytree(hf_one, path)
+    path = shutil.copytree(hf_one, tmp_path / "m")
     (path / "config.json").unlink()
-    with pytest.raises(CheckpointError, match="no config.json"):
-        open_checkpoint(path)
+    assert_refused(path, "no config.json")
 
 
 def test_config_not_json(hf_one, tmp_path):
-    path = tmp_path / "m"
-    shutil.copytree(hf_one, path)
+    path = shutil.copytree(hf_one, tmp_path / "m")
     (path / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"config\.json: config is not valid JSON"):
-        open_checkpoint(path)
+    assert_refused(path, r"config\.json: config is not valid JSON")
 
 
 def test_no_moe_tensors(hf_one, tmp_path):
     (tmp_path / "m").mkdir()
     save_file({"model.embed_tokens.weight": torch.zeros(8, 64)}, str(tmp_path / "m" / "model.safetensors"))
     shutil.copy(hf_one / "config.json", tmp_path / "m")
-    with pytest.raises(CheckpointError, match="no MoE expert tensors found"):
-        open_checkpoint(tmp_path / "m")
+    assert_refused(tmp_path / "m", "no MoE expert tensors found")
 
 
 # ---- NaN scale bytes -------------------------------------------------------------------------

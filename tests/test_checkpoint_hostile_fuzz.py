@@ -84,6 +84,17 @@ def _assert_loads_as_intact_or_refuses(path: Path, intact_logits, *, may_differ:
         assert torch.equal(logits, intact_logits)
 
 
+def _assert_rewritten_loads_as_intact_or_refuses(intact, file_name: str, rewrite, *, may_differ: bool = False) -> None:
+    """A copy of the intact checkpoint whose JSON file `file_name` is replaced by the text
+    rewrite(its parsed content) returns, checked by `_assert_loads_as_intact_or_refuses`."""
+    path, logits = intact
+    with tempfile.TemporaryDirectory() as root:
+        ckpt = _copy(path, root)
+        text = rewrite(json.loads((ckpt / file_name).read_text()))
+        (ckpt / file_name).write_text(text)
+        _assert_loads_as_intact_or_refuses(ckpt, logits, may_differ=may_differ)
+
+
 @FUZZ
 @given(change=st.one_of(
     st.tuples(st.just("replace"), JSON_TEXTS),
@@ -95,23 +106,20 @@ def _assert_loads_as_intact_or_refuses(path: Path, intact_logits, *, may_differ:
                                          JSON_VALUES | DEEP)),
     st.tuples(st.just("pad"), st.sampled_from([1024, MAX_JSON_BYTES - 4096, MAX_JSON_BYTES + 1]))))
 def test_random_config_json_only_checkpoint_error(intact, change):
-    path, logits = intact
     kind, value = change
-    with tempfile.TemporaryDirectory() as root:
-        ckpt = _copy(path, root)
-        config = json.loads((ckpt / CONFIG_FILE).read_text())
-        text = json.dumps(config)
+
+    def rewrite(config: dict) -> str:
         if kind == "replace":
-            text = value
-        elif kind == "set":
+            return value
+        if kind == "set":
             key, item = value
             config[key] = item
-            text = json.dumps(config)
-        else:
-            text = text + " " * max(0, value - len(text))
-        (ckpt / CONFIG_FILE).write_text(text)
-        # Keys such as rms_norm_eps change the model legitimately: only what loads is asked for.
-        _assert_loads_as_intact_or_refuses(ckpt, logits, may_differ=kind != "pad")
+            return json.dumps(config)
+        text = json.dumps(config)
+        return text + " " * max(0, value - len(text))
+
+    # Keys such as rms_norm_eps change the model legitimately: only what loads is asked for.
+    _assert_rewritten_loads_as_intact_or_refuses(intact, CONFIG_FILE, rewrite, may_differ=kind != "pad")
 
 
 @FUZZ
@@ -120,20 +128,17 @@ def test_random_config_json_only_checkpoint_error(intact, change):
     st.tuples(st.just("entry"), st.tuples(st.integers(0, 10_000), JSON_VALUES | DEEP))))
 @example(change=("replace", "[" * 200_000 + "]" * 200_000))       # the issue's RecursionError
 def test_random_index_json_refused_or_intact(intact, change):
-    path, logits = intact
     kind, value = change
-    with tempfile.TemporaryDirectory() as root:
-        ckpt = _copy(path, root)
-        index = json.loads((ckpt / INDEX_FILE).read_text())
+
+    def rewrite(index: dict) -> str:
         if kind == "replace":
-            text = value
-        else:
-            position, item = value
-            names = sorted(index["weight_map"])
-            index["weight_map"][names[position % len(names)]] = item
-            text = json.dumps(index)
-        (ckpt / INDEX_FILE).write_text(text)
-        _assert_loads_as_intact_or_refuses(ckpt, logits)
+            return value
+        position, item = value
+        names = sorted(index["weight_map"])
+        index["weight_map"][names[position % len(names)]] = item
+        return json.dumps(index)
+
+    _assert_rewritten_loads_as_intact_or_refuses(intact, INDEX_FILE, rewrite)
 
 
 # Every tensor of the intact model (one layer, Hugging Face names).

@@ -193,14 +193,19 @@ def test_compressed_tensors_norm_topk_prob_is_read(tmp_path):
         assert sharded_error(ck, layer, plans(2, 1, "none"), tokens(4)) < TOL
 
 
+def _with_config(target, raw: dict, folder):
+    """`folder`: target's model.safetensors with config.json `raw`."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(raw))
+    shutil.copy(target / "model.safetensors", folder / "model.safetensors")   # (a link out of the folder is refused)
+    return folder
+
+
 def test_compressed_tensors_config_errors_name_the_field(checkpoints, tmp_path):
     target, _ = checkpoints["compressed-tensors"]
     raw = json.loads((target / "config.json").read_text())
     raw["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 16
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text(json.dumps(raw))
-    shutil.copy(target / "model.safetensors", bad / "model.safetensors")   # (a link out of the folder is refused)
+    bad = _with_config(target, raw, tmp_path / "bad")
     with pytest.raises(CheckpointError, match="config_groups.group_0.*group_size"):
         open_checkpoint(bad)
 
@@ -209,10 +214,7 @@ def test_quark_non_mxfp4_weight_spec_is_refused(checkpoints, tmp_path):
     target, _ = checkpoints["quark-qwen3"]
     raw = json.loads((target / "config.json").read_text())
     raw["quantization_config"]["global_quant_config"]["weight"]["scale_format"] = "float"
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text(json.dumps(raw))
-    shutil.copy(target / "model.safetensors", bad / "model.safetensors")   # (a link out of the folder is refused)
+    bad = _with_config(target, raw, tmp_path / "bad")
     with pytest.raises(CheckpointError, match="global_quant_config.weight.*scale_format"):
         open_checkpoint(bad)
 

@@ -94,6 +94,19 @@ def test_kernel_activations_are_the_semantics_ones():
     assert ACTIVATIONS == SEMANTICS_ACTIVATIONS
 
 
+def test_kernel_routing_protocol_names_routing_metadata_fields():
+    # kernels/ may not import mxfp4_moe, so moe_matmul states the routing fields it reads in a
+    # Protocol of its own (MatmulRouting): each must be a RoutingMetadata field of the same
+    # annotation, each of its properties a RoutingMetadata property.
+    from mxfp4_moe.kernels.moe_matmul import MatmulRouting
+    from mxfp4_moe.routing import RoutingMetadata
+    wanted = MatmulRouting.__annotations__
+    assert {name: RoutingMetadata.__annotations__.get(name) for name in wanted} == wanted
+    for name, value in vars(MatmulRouting).items():
+        if isinstance(value, property):
+            assert isinstance(getattr(RoutingMetadata, name, None), property), name
+
+
 def test_torch_path_imports_no_kernel_but_the_device_check():
     # routing asks `interpreting` (kernels/_device.py, no Triton) to choose between the kernels and
     # their torch twins; nothing else of kernels/ loads, and Triton not at all.

@@ -28,10 +28,34 @@ def _model_check(report_path):
     return check
 
 
-def test_model_check_passes_and_reports_its_figures(full_model, tmp_path):
+def _run_model_check(folder, tmp_path, exit_code: int) -> dict:
+    """verify --model (FAST) on `folder`, which must exit with `exit_code`; its model check's entry
+    of the JSON report."""
     report = tmp_path / "r.json"
-    assert verify.main([str(full_model), "--model", *FAST, "--json", str(report)]) == verify.EXIT_OK
-    check = _model_check(report)
+    assert verify.main([str(folder), "--model", *FAST, "--json", str(report)]) == exit_code
+    return _model_check(report)
+
+
+def _planted(monkeypatch, plant):
+    """Every layer load_model loads goes through plant(weights) first: a bug planted in our MoE block."""
+    real_load_layer = integration.load_layer
+
+    def load_layer(*args, **kwargs):
+        weights = real_load_layer(*args, **kwargs)
+        plant(weights)
+        return weights
+
+    monkeypatch.setattr(integration, "load_layer", load_layer)
+
+
+def _swap_gate_up(weights, names=("w13_blocks", "w13_scales")):
+    for name in names:                               # (rows interleaved: 2j gate, 2j + 1 up)
+        t = getattr(weights, name)
+        t.copy_(t.view(t.shape[0], -1, 2, *t.shape[2:]).flip(2).reshape(t.shape))
+
+
+def test_model_check_passes_and_reports_its_figures(full_model, tmp_path):
+    check = _run_model_check(full_model, tmp_path, verify.EXIT_OK)
     figures = check["figures"]
     assert check["status"] == "PASS"
     assert set(figures["rel_err"]) == {"1", "7", "32"}
@@ -43,20 +67,8 @@ def test_model_check_passes_and_reports_its_figures(full_model, tmp_path):
 def test_model_check_fails_on_swapped_gate_and_up(full_model, tmp_path, monkeypatch):
     # gpt-oss interleaves w13's rows: 2j gate, 2j+1 up. A loader that swapped them would still
     # give finite, plausible outputs; the model check must catch it.
-    real_load_layer = integration.load_layer
-
-    def swapped_load_layer(*args, **kwargs):
-        weights = real_load_layer(*args, **kwargs)
-        for name in ("w13_blocks", "w13_scales", "w13_bias"):
-            t = getattr(weights, name)
-            swapped = t.view(t.shape[0], -1, 2, *t.shape[2:]).flip(2).reshape(t.shape)
-            t.copy_(swapped)
-        return weights
-
-    monkeypatch.setattr(integration, "load_layer", swapped_load_layer)
-    report = tmp_path / "r.json"
-    assert verify.main([str(full_model), "--model", *FAST, "--json", str(report)]) == verify.EXIT_CHECK_FAILED
-    check = _model_check(report)
+    _planted(monkeypatch, lambda weights: _swap_gate_up(weights, names=("w13_blocks", "w13_scales", "w13_bias")))
+    check = _run_model_check(full_model, tmp_path, verify.EXIT_CHECK_FAILED)
     assert check["status"] == "FAIL"
     assert max(check["figures"]["rel_err"].values()) > 1e-2
 
@@ -170,30 +182,11 @@ def test_qwen3_moe_reference_is_float32_with_the_files_values(qwen_model):
 
 def test_model_check_passes_on_qwen3_moe(qwen_model, tmp_path):
     folder, _ = qwen_model
-    report = tmp_path / "r.json"
-    assert verify.main([str(folder), "--model", *FAST, "--json", str(report)]) == verify.EXIT_OK
-    check = _model_check(report)
+    check = _run_model_check(folder, tmp_path, verify.EXIT_OK)
     figures = check["figures"]
     assert check["status"] == "PASS"
     assert max(figures["rel_err"].values()) <= 1e-5          # the same float32 values: measured ~3e-7
     assert figures["ids"] == figures["reference_ids"] and figures["first_difference"] is None
-
-
-def _planted(monkeypatch, plant):
-    real_load_layer = integration.load_layer
-
-    def load_layer(*args, **kwargs):
-        weights = real_load_layer(*args, **kwargs)
-        plant(weights)
-        return weights
-
-    monkeypatch.setattr(integration, "load_layer", load_layer)
-
-
-def _swap_gate_up(weights):
-    for name in ("w13_blocks", "w13_scales"):        # (rows interleaved: 2j gate, 2j + 1 up)
-        t = getattr(weights, name)
-        t.copy_(t.view(t.shape[0], -1, 2, *t.shape[2:]).flip(2).reshape(t.shape))
 
 
 def _flip_norm_topk_prob(weights):
@@ -209,9 +202,7 @@ def _scores_before_softmax(weights):
 def test_model_check_fails_on_a_planted_qwen3_moe_bug(qwen_model, tmp_path, monkeypatch, plant):
     folder, _ = qwen_model
     _planted(monkeypatch, plant)
-    report = tmp_path / "r.json"
-    assert verify.main([str(folder), "--model", *FAST, "--json", str(report)]) == verify.EXIT_CHECK_FAILED
-    check = _model_check(report)
+    check = _run_model_check(folder, tmp_path, verify.EXIT_CHECK_FAILED)
     assert check["status"] == "FAIL"
     assert max(check["figures"]["rel_err"].values()) > 1e-3
 

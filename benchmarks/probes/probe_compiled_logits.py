@@ -88,8 +88,8 @@ def main() -> int:
     bm.write_random_checkpoint(path, shape, args.layers, device, seed=0)
     print(f"written in {time.perf_counter() - t:.1f} s", flush=True)
     gen = torch.Generator().manual_seed(7)
-    prompt = torch.randint(0, shape.vocab, (1, args.prompt), generator=gen).to(device)
-    tokens = torch.randint(0, shape.vocab, (args.steps, 1, 1), generator=gen).to(device)
+    prompt = torch.randint(0, shape.dense.vocab_size, (1, args.prompt), generator=gen).to(device)
+    tokens = torch.randint(0, shape.dense.vocab_size, (args.steps, 1, 1), generator=gen).to(device)
     logits, result = {}, {"commit": bm.git_commit(), "model": shape.label(args.layers), "steps": args.steps}
 
     model = load_model(path, device=device, dtype=torch.float32, backend="torch", progress=False)

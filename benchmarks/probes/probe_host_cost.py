@@ -28,8 +28,8 @@ import mxfp4_moe.eager_plan as eager_plan
 import mxfp4_moe.kernels.launches as launches
 import mxfp4_moe.kernels.moe_matmul as launcher_module
 import mxfp4_moe.moe as moe_module
+from benchmarks.common import gpt_oss_weights
 from mxfp4_moe.moe import MXFP4MoE
-from mxfp4_moe.synthetic import random_expert_weights
 
 
 def host_us(fn, calls: int) -> float:
@@ -116,7 +116,7 @@ def main() -> int:
     print("floors (us):", json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in floors.items()}))
     results["floors_us"] = floors
     for experts in map(int, args.experts.split(",")):
-        w, _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda", dense=False)
+        w = gpt_oss_weights(experts)
         layer = MXFP4MoE(w, backend="triton")
         del w
         for tokens in map(int, args.tokens.split(",")):

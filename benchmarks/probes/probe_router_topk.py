@@ -12,15 +12,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import record, start_probe, time_graph
+from benchmarks.common import gpt_oss_weights, record, start_probe, time_graph
 from mxfp4_moe.kernels.router_topk import router_topk
 from mxfp4_moe.moe import MXFP4MoE
-from mxfp4_moe.synthetic import random_expert_weights
 
 
 def probe_experts(experts: int, token_counts: list[int], rows: list[dict], path: Path, header: dict) -> None:
     """The rows of one expert count (its weights are freed on return)."""
-    w, _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda", dense=False)
+    w = gpt_oss_weights(experts)
     layer = MXFP4MoE(w, backend="triton")
     router_bf16 = w.router_weight.bfloat16()
     bias = w.router_bias

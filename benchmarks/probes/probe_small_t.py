@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import git_commit, time_graph
+from benchmarks.common import git_commit, gpt_oss_weights, time_graph
 from mxfp4_moe.kernels.moe_matmul import pick_block_m
-from mxfp4_moe.synthetic import random_expert_weights
 from mxfp4_moe.routing import route, routing_metadata
 
 launcher = importlib.import_module("mxfp4_moe.kernels.moe_matmul")
@@ -79,7 +78,7 @@ def main() -> int:
            "floor_ms": time_graph(lambda: one.add_(1.0)), "points": []}
     print(json.dumps(out), flush=True)
     for experts, tokens in ((128, 1), (128, 8), (128, 32), (128, 128), (32, 8), (32, 32)):
-        w, _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda", dense=False)
+        w = gpt_oss_weights(experts)
         x = torch.randn(tokens, 2880, device="cuda").to(torch.bfloat16)
         topk_w, topk_ids = route(x, w.router_weight, w.router_bias, 4)
         meta = routing_metadata(topk_ids, w.expert_map, experts, pick_block_m(tokens * 4, experts), topk_w)

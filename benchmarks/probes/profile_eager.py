@@ -19,9 +19,9 @@ import time
 import torch
 from triton.testing import do_bench_cudagraph
 
+from benchmarks.common import gpt_oss_weights
 from mxfp4_moe.graphs import CUDAGraphMoE
 from mxfp4_moe.moe import MXFP4MoE
-from mxfp4_moe.synthetic import random_expert_weights
 
 
 def host_and_wall_ms(fn, calls: int) -> tuple[float, float]:
@@ -71,7 +71,7 @@ def main() -> int:
     args = p.parse_args()
     print(f"device: {torch.cuda.get_device_name()}")
     for experts in map(int, args.experts.split(",")):
-        w, _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda", dense=False)
+        w = gpt_oss_weights(experts)
         layer = MXFP4MoE(w, backend="triton")
         del w
         graphed = CUDAGraphMoE(layer, max_tokens=max(map(int, args.tokens.split(","))))

@@ -11,13 +11,13 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.common import gpt_oss_weights
 from mxfp4_moe.moe import MXFP4MoE
-from mxfp4_moe.synthetic import random_expert_weights
 
 
 def profile_experts(experts: int, token_counts: list[int], forwards: int, top: int) -> None:
     """Print the kernel breakdown at each token count for one expert count."""
-    w, _ = random_expert_weights(experts, 2880, 2880, top_k=4, seed=experts, device="cuda", dense=False)
+    w = gpt_oss_weights(experts)
     layer = MXFP4MoE(w, backend="triton")
     for tokens in token_counts:
         x = torch.randn(tokens, 2880, device="cuda").to(torch.bfloat16)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from ..checkpoint import CONFIG_FILE, CheckpointError, MoEConfig, NanScaleReport, TensorRef, _FileHandles
+from ..checkpoint import CONFIG_FILE, CheckpointError, MoEConfig, NanScaleReport, SafetensorsTensors, TensorRef
 from ..mxfp4 import E8M0_NAN, NanScale
 from ..semantics import MoESemantics
 from ..unfused import UnfusedLayerTensors
@@ -91,30 +91,18 @@ class ExpertReader:
                 yield proj.weight_scale
 
 
-class SafetensorsExpertReader(ExpertReader):
+class SafetensorsExpertReader(SafetensorsTensors, ExpertReader):
     """An `ExpertReader` over safetensors files (`tensors`: name -> (file, dtype, shape, nbytes), as
-    `checkpoint._collect_tensors` gives them), with every tensor by name for the dense model."""
+    `checkpoint._collect_tensors` gives them), with every tensor by name for the dense model
+    (`checkpoint.SafetensorsTensors`: names, `in`, close)."""
 
     def __init__(self, path: Path, config: MoEConfig, semantics: MoESemantics, tensors: dict, nan_scales: str):
-        self._handles = _FileHandles()
-        self._refs = {name: TensorRef(name, file, shape, dtype, nbytes, self._handles)
-                      for name, (file, dtype, shape, nbytes) in tensors.items()}
+        self._index_tensors(tensors)
         super().__init__(path, config, semantics, sorted({ref.file for ref in self._refs.values()}), nan_scales)
-
-    def close(self) -> None:
-        self._handles.close()
 
     @property
     def config_file(self) -> Path:
         return self.path / CONFIG_FILE
-
-    @property
-    def names(self) -> list[str]:
-        """Every tensor name in the checkpoint (dense ones included), sorted."""
-        return sorted(self._refs)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._refs
 
     def tensor(self, name: str) -> TensorRef:
         """Any tensor by name (the dense model's included)."""

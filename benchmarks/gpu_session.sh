@@ -7,6 +7,9 @@
 #   GPU_TESTS_K=small_shapes SKIP_20B=1 bash benchmarks/gpu_session.sh   # some GPU tests, then the verify runs
 #   BENCH_MOE=1 BENCH_MOE_ARGS="--experts 128 --tokens 1 64" ...   # bench_moe at some points only
 #   SKIP_GPU_TESTS=1 SKIP_VERIFY=1 SKIP_20B=1 BENCH_MOE=1 ...        # the benchmark alone
+#   GPU_TESTS_FILES="tests/test_eager_plan.py tests/test_layer_on_gpu.py" ...   # some test files only
+#   VERIFY_FORMATS=1 ...     # also verify a tiny checkpoint of each other format (mxfp4_moe.synthetic_formats)
+#   PROBE_HOST_COST=1 ...    # also the eager layer's host cost (benchmarks/probes/probe_host_cost.py)
 # Set MXFP4_COMMIT=<hash of your checkout> in the command: the device's copy of .git can be stale
 # (seen on 2026-11-28: it named the session's first commit), and the JSON records this value.
 set -uo pipefail
@@ -21,7 +24,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 step() { echo; echo "=== $1"; shift; "$@"; echo "=== rc=$?"; }
 
 if [ "${SKIP_GPU_TESTS:-0}" != 1 ]; then
-  step "gpu tests ${GPU_TESTS_K:+(-k $GPU_TESTS_K)}" python3 -m pytest -q -m gpu tests/ ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+  step "gpu tests ${GPU_TESTS_K:+(-k $GPU_TESTS_K)}" python3 -m pytest -q -m gpu ${GPU_TESTS_FILES:-tests/} ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 fi
 # verify (with the whole-model check) at decode and at 64 tokens, on the built-in checkpoint and on a
 # tiny transformers-loadable model (H = I = 64: one K step per program in every kernel)
@@ -34,6 +37,17 @@ make_synthetic_checkpoint('$TINY', num_layers=2, num_experts=4, hidden=64, inter
     step "verify built-in, $tokens tokens" python3 -m mxfp4_moe.verify --model --tokens $tokens --json "$OUT/verify_builtin_t$tokens.json" > "$OUT/verify_builtin_t$tokens.txt" 2>&1; tail -3 "$OUT/verify_builtin_t$tokens.txt"
     step "verify tiny H = I = 64, $tokens tokens" python3 -m mxfp4_moe.verify $TINY --model --tokens $tokens --json "$OUT/verify_tiny_t$tokens.json" > "$OUT/verify_tiny_t$tokens.txt" 2>&1; tail -3 "$OUT/verify_tiny_t$tokens.txt"
   done
+fi
+if [ "${VERIFY_FORMATS:-0}" = 1 ]; then
+  for fmt in compressed-tensors quark-qwen3 quark-gpt-oss gguf; do
+    target=$(python3 -c "
+from mxfp4_moe.synthetic_formats import make_format_checkpoint
+print(make_format_checkpoint('/tmp/format_$fmt', '$fmt')[0])" 2>"$OUT/write_$fmt.err") || { echo "$fmt: not written: $(tail -1 "$OUT/write_$fmt.err")"; continue; }
+    step "verify $fmt" python3 -m mxfp4_moe.verify "$target" --tokens 64 --json "$OUT/verify_$fmt.json" > "$OUT/verify_$fmt.txt" 2>&1; tail -3 "$OUT/verify_$fmt.txt"
+  done
+fi
+if [ "${PROBE_HOST_COST:-0}" = 1 ]; then
+  step "host cost of an eager layer call" python3 -m benchmarks.probes.probe_host_cost --json "$OUT/host_cost.json" 2>&1 | tail -6
 fi
 CK=/tmp/ckpt20b
 if [ "${SKIP_20B:-0}" != 1 ]; then

@@ -1,7 +1,6 @@
-"""Triton kernel: the gpt-oss router's top-k after its GEMM, in one launch (router bias, top-k of
-the E logits, softmax over the k chosen), where torch takes three launches (RESULTS.md 3.4).
-Launched by
-`router_topk.py`.
+"""Triton kernels of the gpt-oss router, launched by `router_topk.py`: its top-k after the GEMM in
+one launch (router bias, top-k of the E logits, softmax over the k chosen), where torch takes
+three launches (RESULTS.md 3.4); and at decode sizes the GEMM and the top-k in one launch.
 """
 
 import triton
@@ -28,6 +27,55 @@ def _router_topk_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, tokens, num_
     logits = tl.load(logits_ptr + t[:, None].to(tl.int64) * stride_t + e[None, :],
                      mask=mask_t[:, None] & mask_e[None, :], other=0.0)
     logits += tl.load(bias_ptr + e, mask=mask_e, other=0.0)[None, :]
+    _store_topk_softmax(logits, t, mask_t, e, mask_e, weights_ptr, ids_ptr, TOP_K, BLOCK_K, BLOCK_T, BLOCK_E)
+
+
+@triton.jit
+def _router_gemv_topk_kernel(x_ptr, stride_xt, w_ptr, stride_we, bias_ptr, partial_ptr, ticket_ptr,
+                             weights_ptr, ids_ptr, tokens, num_experts, hidden,
+                             TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+                             BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, STEPS: tl.constexpr,
+                             SPLITS: tl.constexpr, PDL: tl.constexpr):
+    """The router's GEMM and `_router_topk_kernel`'s work in one launch, for at most BLOCK_T
+    tokens. Program s sums x[:, h] * w[:, h] over its STEPS * BLOCK_H hidden columns (exact
+    products, float32 sums, in w's dtype: x is converted to it) into partial[s] [BLOCK_T,
+    BLOCK_E]; the program that finishes last (a ticket counter, back to 0 when it is done) adds
+    the SPLITS partial sums in program order, so the logits do not depend on which program ran
+    when, then the bias, the top-k and the softmax as `_router_topk_kernel` does.
+    w [E, >= hidden] with row stride stride_we; partial: SPLITS * BLOCK_T * BLOCK_E float32."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    split = tl.program_id(0)
+    t = tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)
+    mask_t = t < tokens
+    mask_e = e < num_experts
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for step in range(STEPS):
+        h = (split * STEPS + step) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_h = h < hidden
+        xs = tl.load(x_ptr + t[:, None] * stride_xt + h[None, :], mask=mask_t[:, None] & mask_h[None, :], other=0.0)
+        ws = tl.load(w_ptr + e[:, None] * stride_we + h[None, :], mask=mask_e[:, None] & mask_h[None, :], other=0.0)
+        acc = tl.dot(xs.to(ws.dtype), tl.trans(ws), acc, input_precision="ieee")
+    tile = (split * BLOCK_T + t[:, None]) * BLOCK_E + e[None, :]
+    tl.store(partial_ptr + tile, acc, mask=mask_t[:, None])
+    # Release the partial sums, and learn whether every other program has released its own.
+    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == SPLITS - 1:
+        logits = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        for other in range(SPLITS):
+            tile = (other * BLOCK_T + t[:, None]) * BLOCK_E + e[None, :]
+            logits += tl.load(partial_ptr + tile, mask=mask_t[:, None], other=0.0, cache_modifier=".cg")
+        logits += tl.load(bias_ptr + e, mask=mask_e, other=0.0)[None, :]
+        _store_topk_softmax(logits, t, mask_t, e, mask_e, weights_ptr, ids_ptr, TOP_K, BLOCK_K, BLOCK_T, BLOCK_E)
+        tl.atomic_xchg(ticket_ptr, 0)
+
+
+@triton.jit
+def _store_topk_softmax(logits, t, mask_t, e, mask_e, weights_ptr, ids_ptr, TOP_K: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """logits [BLOCK_T, BLOCK_E] (bias added) of tokens t -> ids [tokens, TOP_K] int64 and weights
+    [tokens, TOP_K] float32, as `_router_topk_kernel`'s docstring says."""
     # Selection key: NaN above everything; experts past E and experts already chosen never win.
     key = tl.where(logits != logits, float("inf"), logits)
     open_slot = mask_e[None, :] & (t >= 0)[:, None]          # [BLOCK_T, BLOCK_E]

@@ -73,9 +73,10 @@ class RecordedLaunch:
         """The parameter positions that hold `tensor` itself (by identity)."""
         return [i for i, value in enumerate(self.values) if value is tensor]
 
-    def value(self, name: str):
-        """The recorded value of parameter `name`."""
-        return self.values[list(inspect.signature(self.kernel.fn).parameters).index(name)]
+    @property
+    def parameter_names(self) -> list[str]:
+        """The kernel's parameter names, in the order of `values`."""
+        return list(inspect.signature(self.kernel.fn).parameters)
 
     def replay(self, replaced: dict[int, object] | None = None) -> None:
         """Launch again on the current stream, with the values at the positions in `replaced`

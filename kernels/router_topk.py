@@ -1,5 +1,6 @@
-"""Launcher for the router's fused top-k (`_router_topk.py`), used by `mxfp4_moe.routing.route`
-on CUDA tensors (and under the interpreter); torch.topk and torch.softmax are its twins."""
+"""Launchers for the router's kernels (`_router_topk.py`), used by `mxfp4_moe.routing.route` on
+CUDA tensors (and under the interpreter): the fused top-k after the router's GEMM (torch.topk and
+torch.softmax are its twins), and at decode sizes the GEMM and the top-k in one launch."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import triton
 from ._compat import LAUNCH_OPTIONS
 from .launches import launch
 from ._grid_dependency import pdl_launch
-from ._router_topk import _router_topk_kernel
+from ._router_topk import _router_gemv_topk_kernel, _router_topk_kernel
 
 _TILE_ELEMENTS = 4096       # logits one program holds: 32 tokens at 128 experts
 
@@ -42,4 +43,42 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int,
         logits, bias, weights, ids, tokens, num_experts, logits.stride(0), TOP_K=top_k,
         BLOCK_K=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=block_e, PDL=pdl, num_warps=4,
         launch_pdl=pdl, **LAUNCH_OPTIONS)
+    return weights, ids
+
+
+ROUTER_GEMV_MAX_TOKENS = 16       # the one-launch router's token tile (tl.dot needs 16 rows)
+ROUTER_GEMV_MAX_EXPERTS = 256     # its expert tile: all the logits of a token in one program
+_GEMV_BLOCK_H = 64         # hidden columns per step; a program takes a whole number of steps
+_GEMV_PROGRAMS = 48        # about this many programs share the hidden columns
+
+
+def router_gemv_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] (T <= ROUTER_GEMV_MAX_TOKENS) @ weight[:, :H].T + bias, then `router_topk`'s top-k and
+    softmax, in one launch: (weights [T, top_k] float32, ids [T, top_k] int64). weight [E, >= H]
+    (E <= ROUTER_GEMV_MAX_EXPERTS), bfloat16 with bfloat16 x or float32 with any float x, unit stride
+    along H; bias [E] float32. Products are exact and sums float32, as the router GEMM's; their
+    order is fixed, so equal inputs give equal outputs. No host synchronisation."""
+    tokens, hidden = x.shape
+    num_experts = weight.shape[0]
+    if not (1 <= tokens <= ROUTER_GEMV_MAX_TOKENS and num_experts <= ROUTER_GEMV_MAX_EXPERTS and weight.shape[1] >= hidden
+            and x.stride(1) == 1 and weight.stride(1) == 1 and bias.dtype == torch.float32
+            and bias.shape == (num_experts,) and 1 <= top_k <= num_experts
+            and (weight.dtype == torch.float32 or weight.dtype == x.dtype == torch.bfloat16)):
+        raise ValueError(f"router_gemv_topk: x {tuple(x.shape)} {x.dtype} strides {x.stride()}, weight "
+                         f"{tuple(weight.shape)} {weight.dtype}, bias {tuple(bias.shape)} {bias.dtype}, top_k {top_k}")
+    device = x.device
+    steps = triton.cdiv(triton.cdiv(hidden, _GEMV_BLOCK_H), _GEMV_PROGRAMS)     # per program
+    splits = triton.cdiv(hidden, steps * _GEMV_BLOCK_H)
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    partial = torch.empty(splits * ROUTER_GEMV_MAX_TOKENS * block_e, dtype=torch.float32, device=device)
+    ticket = torch.zeros(1, dtype=torch.int32, device=device)
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=device)
+    pdl = pdl_launch(device)
+    launch(_router_gemv_topk_kernel, (splits,),
+           x, x.stride(0), weight, weight.stride(0), bias, partial, ticket, weights, ids,
+           tokens, num_experts, hidden, TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
+           BLOCK_T=ROUTER_GEMV_MAX_TOKENS, BLOCK_E=block_e, BLOCK_H=_GEMV_BLOCK_H, STEPS=steps, SPLITS=splits, PDL=pdl,
+           num_warps=4, launch_pdl=pdl, **LAUNCH_OPTIONS)
     return weights, ids

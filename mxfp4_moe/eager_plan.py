@@ -6,11 +6,13 @@ config and allocate, and Triton binds and specialises each launch (benchmarks/RE
 None of that changes between two calls with the same token count. So the first call at a token
 count runs the layer's ordinary path while `kernels.launches.record_launches` keeps its launches, and
 keeps the tensors those launches wrote (the routing metadata, the activation, the float32 sum)
-as the plan's workspace. Later calls compute the router logits, zero the sum and replay the
-launches through the compiled kernels, with only x and the logits swapped in.
+as the plan's workspace. Later calls zero the sum and replay the launches through the compiled
+kernels with only x swapped in; above 16 tokens, where the router's GEMM runs in torch rather
+than in the first launch, they compute its logits and swap those in too.
 
 This is sound because every workspace tensor is rewritten by the launches before it is read on
-each call (the same property that lets `graphs.CUDAGraphMoE` capture the layer), and because
+each call (the same property that lets `graphs.CUDAGraphMoE` capture the layer; the one-launch
+router's ticket counter is state its kernel returns to zero), and because
 a plan is keyed on everything that could change a launch's specialisation: the token count, x's
 width and 16-byte alignment, and the CUDA stream (workspaces are not shared between streams).
 A plan holds on to its layer's weight tensors: it is used only while the layer's `weights` and
@@ -24,7 +26,7 @@ import warnings
 import torch
 
 from . import kernel_api
-from .routing import router_logits
+from .routing import one_launch_router, route, router_logits
 
 MAX_PLANNED_TOKENS = 64
 """Token counts up to this get plans: decode sizes, where the host cost dominates; a plan's
@@ -87,22 +89,33 @@ class EagerPlan:
         narrow = lambda weight: weight[:, :x.shape[1]] if weight is not None else None
         self.router_weight, self.router_weight_bf16 = narrow(w.router_weight), narrow(layer.router_weight_bf16)
         self.out_dtype = x.dtype
-        logits = router_logits(x, self.router_weight, self.router_weight_bf16)
+        # At the smallest T the router's GEMM is one of the recorded launches; above, it runs in
+        # torch on every call, and its logits are swapped into the recorded top-k launch.
+        self.computes_logits = not one_launch_router(x, w.router_weight.shape[0])
+        logits = router_logits(x, self.router_weight, self.router_weight_bf16) if self.computes_logits else None
         with kernel_api.record_launches() as launches:
-            self.topk_weights, topk_ids = kernel_api.router_topk(logits, w.router_bias.float(), w.top_k)
+            if self.computes_logits:
+                self.topk_weights, topk_ids = kernel_api.router_topk(logits, w.router_bias.float(), w.top_k)
+            else:
+                self.topk_weights, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k,
+                                                    router_weight_bf16=layer.router_weight_bf16)
             self.sums = layer.expert_sums(x, self.topk_weights, topk_ids)       # [T, H] float32
         self.first_result = (self.sums.to(self.out_dtype, copy=True), self.topk_weights.clone())
-        # Where x and the logits enter the launches; the last launch must be the only one that
-        # adds into the sums (zeroed just before it). Anything else: the ordinary path runs.
-        self.launches = [(launch, launch.positions_of(x), launch.positions_of(logits)) for launch in launches]
+        # Where x and the logits enter the launches. x must enter the first matmul itself (and
+        # the router's launch where that holds the GEMM): a copy made in torch would be replayed
+        # stale. The last launch must be the only one that adds into the sums (zeroed just
+        # before it). Anything else: the ordinary path runs.
+        self.launches = [(launch, launch.positions_of(x), launch.positions_of(logits) if self.computes_logits else [])
+                         for launch in launches]
         adders = [i for i, launch in enumerate(launches) if launch.positions_of(self.sums)]
+        readers_of_x = sum(1 for _, x_positions, _ in self.launches if x_positions)
         self.replayable = (self.sums.dtype == torch.float32 and adders == [len(launches) - 1]
-                           and any(x_positions for _, x_positions, _ in self.launches))
+                           and readers_of_x == (1 if self.computes_logits else 2))
         if not self.replayable:         # (the key stays, so that it is not recorded again; its memory goes)
             self.launches, self.sums, self.topk_weights = [], None, None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = router_logits(x, self.router_weight, self.router_weight_bf16)
+        logits = router_logits(x, self.router_weight, self.router_weight_bf16) if self.computes_logits else None
         last = len(self.launches) - 1
         for i, (launch, x_positions, logits_positions) in enumerate(self.launches):
             if i == last:

@@ -20,7 +20,8 @@ from importlib import import_module
 _HOMES = {
     "interpreting": "_device", "on_hopper": "_device",
     "moe_matmul": "moe_matmul", "pick_block_m": "moe_matmul_configs", "kernel_fallbacks": "moe_matmul_fallbacks",
-    "router_topk": "router_topk", "sort_and_schedule": "expert_sort",
+    "router_topk": "router_topk", "router_gemv_topk": "router_topk", "ROUTER_GEMV_MAX_TOKENS": "router_topk",
+    "ROUTER_GEMV_MAX_EXPERTS": "router_topk", "sort_and_schedule": "expert_sort",
     "to_fragment_order": "fragment_layout", "from_fragment_order": "fragment_layout",
     "fragment_order_problem": "fragment_layout", "record_launches": "launches",
 }

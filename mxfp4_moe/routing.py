@@ -26,7 +26,9 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     `exact_bf16`) with bf16 x on a GPU, one bf16 tensor-core GEMM with float32 output (the same
     products; only the order of the float32 sums differs, and it is faster: RESULTS.md 3.4).
     Then the bias, the top-k and the softmax: one Triton launch on CUDA and under the interpreter (`kernels.router_topk`;
-    among equal logits the lower expert id first), torch.topk and torch.softmax elsewhere.
+    among equal logits the lower expert id first), torch.topk and torch.softmax elsewhere. At
+    decode sizes (`one_launch_router`) the GEMM joins that launch: the same exact products in
+    x's dtype (bf16 with router_weight_bf16) or float32, summed in float32 in a fixed order.
     scoring: "topk_softmax" (gpt-oss, above) or "softmax_topk" (Qwen-style: softmax over all E in
     float32, top-k, divided by their sum when norm_topk_prob; in torch, `semantics.score`).
     """
@@ -38,6 +40,14 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     hidden = x.shape[1]
     if hidden > router_weight.shape[1]:
         raise ValueError(f"x has hidden size {hidden} but the router weight only {router_weight.shape[1]}")
+    if scoring == "topk_softmax" and one_launch_router(x, num_experts):
+        # the GEMM, the bias, the top-k and the softmax in one launch (`kernels.router_topk`)
+        if router_weight_bf16 is not None and x.dtype == torch.bfloat16 and x.device.type == "cuda":
+            weight = router_weight_bf16
+        else:                   # (float32; the interpreter's bf16 arithmetic is unusable, so x too)
+            weight = router_weight.float()
+            x = x.float() if kernel_api.interpreting() else x
+        return kernel_api.router_gemv_topk(x.contiguous(), weight, router_bias.float(), top_k)
     logits = router_logits(x, router_weight, router_weight_bf16)
     if scoring != "topk_softmax":
         from .semantics import score
@@ -48,6 +58,13 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     top_logits, topk_ids = torch.topk(logits + router_bias.float(), top_k, dim=-1)
     topk_weights = torch.softmax(top_logits, dim=-1)
     return topk_weights, topk_ids
+
+
+def one_launch_router(x: torch.Tensor, num_experts: int) -> bool:
+    """Whether `route` (gpt-oss's scoring) takes the one-launch router GEMM and top-k for x: where
+    the Triton routing runs, at up to `ROUTER_GEMV_MAX_TOKENS` tokens and experts."""
+    return (_use_triton(x.device) and 1 <= x.shape[0] <= kernel_api.ROUTER_GEMV_MAX_TOKENS
+            and num_experts <= kernel_api.ROUTER_GEMV_MAX_EXPERTS)
 
 
 def router_logits(x: torch.Tensor, router_weight: torch.Tensor,

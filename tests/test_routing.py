@@ -238,9 +238,18 @@ def test_routing_kernels_compile_for_sm90():
         "    sig = {n: 'constexpr' if n in const else types.get(n, '*fp32') for n in k.arg_names}\n"
         "    triton.compile(ASTSource(fn=k, signature=sig, constexprs=const), target=GPUTarget('cuda', 90, 32),\n"
         "                   options={'num_warps': 4})\n"
-        "    print(k.__name__, block_e)\n")
+        "    print(k.__name__, block_e)\n"
+        "k = r._router_gemv_topk_kernel\n"
+        "for weight in ('*bf16', '*fp32'):\n"
+        "    const = dict(TOP_K=4, BLOCK_K=4, BLOCK_T=16, BLOCK_E=128, BLOCK_H=64, STEPS=1, SPLITS=45, PDL=True)\n"
+        "    types = {'x_ptr': '*bf16', 'w_ptr': weight, 'ticket_ptr': '*i32', 'ids_ptr': '*i64'}\n"
+        "    sig = {n: 'constexpr' if n in const else types.get(n, 'i32' if not n.endswith('_ptr') else '*fp32')\n"
+        "           for n in k.arg_names}\n"
+        "    triton.compile(ASTSource(fn=k, signature=sig, constexprs=const), target=GPUTarget('cuda', 90, 32),\n"
+        "                   options={'num_warps': 4, 'launch_pdl': True})\n"
+        "    print(k.__name__, weight)\n")
     stdout = run_compiler_script("-c", script)
-    assert len(stdout.split()) == 2 * 2 * 5 + 2 * 2, stdout
+    assert len(stdout.split()) == 2 * 2 * 5 + 2 * 2 + 2 * 2, stdout
 
 
 def _torch_topk_softmax(logits, bias, k):
@@ -300,3 +309,39 @@ def test_route_uses_the_fused_topk_where_triton_runs():
     assert _use_triton(x.device)              # the CPU tests run under TRITON_INTERPRET=1
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(weights, want_weights, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("tokens,num_experts,hidden,top_k", [(1, 128, 2880, 4), (5, 32, 2880, 4), (16, 6, 96, 6),
+                                                             (3, 4, 64, 2), (2, 200, 160, 3)])
+def test_one_launch_router_matches_float64(tokens, num_experts, hidden, top_k):
+    # The router GEMM, bias, top-k and softmax in one launch, its hidden columns split over
+    # programs whose partial sums the last one adds: against float64 logits on random inputs,
+    # with outputs poisoned before a second run of the same recorded launch (same workspace and
+    # ticket counter, which the kernel must have put back to zero).
+    from mxfp4_moe.kernels.launches import record_launches
+    from mxfp4_moe.kernels.router_topk import router_gemv_topk
+    gen = torch.Generator().manual_seed(tokens * num_experts)
+    x = torch.randn(tokens, hidden, generator=gen)
+    weight = torch.randn(num_experts, hidden + 32, generator=gen)[:, :hidden + 16]     # wider than x, row stride
+    bias = torch.randn(num_experts, generator=gen)
+    with record_launches() as launches:
+        weights, ids = router_gemv_topk(x, weight, bias, top_k)
+    logits = x.double() @ weight[:, :hidden].double().T + bias.double()
+    want_top, want_ids = torch.topk(logits, top_k, dim=-1)
+    for _ in range(2):
+        assert torch.equal(ids, want_ids)
+        torch.testing.assert_close(weights.double(), torch.softmax(want_top, dim=-1), rtol=1e-5, atol=1e-6)
+        weights.fill_(float("nan"))
+        ids.fill_(-1)
+        (launch,) = launches
+        launch.replay()
+    assert int(launch.values[launch.parameter_names.index("ticket_ptr")].item()) == 0
+
+
+def test_one_launch_router_refuses_what_it_cannot_take():
+    from mxfp4_moe.kernels.router_topk import ROUTER_GEMV_MAX_TOKENS, router_gemv_topk
+    x, weight, bias = torch.randn(2, 64), torch.randn(8, 64), torch.randn(8)
+    for bad in ((torch.randn(ROUTER_GEMV_MAX_TOKENS + 1, 64), weight, bias, 2), (x, weight[:, :32], bias, 2),
+                (x, weight.bfloat16(), bias, 2), (x, weight, bias.double(), 2), (x, weight, bias, 9)):
+        with pytest.raises(ValueError, match="router_gemv_topk"):
+            router_gemv_topk(*bad)

@@ -61,3 +61,25 @@ def test_route_bf16_gemm_matches_float32():
     same = (fast_ids == ref_ids).all(-1)
     assert same.float().mean() > 0.999          # a near-tie may swap two experts' order
     assert rel_err(fast_w[same], ref_w[same]) < 1e-5
+
+
+@pytest.mark.parametrize("num_experts", [32, 128])
+@pytest.mark.parametrize("bf16_weight", [True, False])
+def test_one_launch_router_matches_float64_on_gpu(num_experts, bf16_weight):
+    # At up to 16 tokens route runs the router GEMM and the top-k in one launch (bf16 operands
+    # with a bf16-exact weight, float32 otherwise): against float64 logits of the same values,
+    # every token whose k-th and next logits are not within float32 rounding of each other.
+    from mxfp4_moe.routing import exact_bf16, one_launch_router
+    gen = torch.Generator(device="cuda").manual_seed(num_experts)
+    weight = (torch.randn(num_experts, 2880, generator=gen, device="cuda") / 2880 ** 0.5).bfloat16().float()
+    bias = torch.randn(num_experts, generator=gen, device="cuda")
+    for tokens in (1, 2, 7, 16):
+        x = torch.randn(tokens, 2880, generator=gen, device="cuda").bfloat16()
+        assert one_launch_router(x, num_experts)
+        for _ in range(2):          # the ticket counter is back at zero after each launch
+            got_w, got_ids = route(x, weight, bias, 4, router_weight_bf16=exact_bf16(weight) if bf16_weight else None)
+        logits = x.double() @ weight.double().T + bias.double()
+        top, ids = torch.topk(logits, 5, dim=-1)
+        clear = (top[:, 3] - top[:, 4]) > 1e-4
+        assert torch.equal(got_ids[clear], ids[clear, :4])
+        assert rel_err(got_w[clear], torch.softmax(top[clear, :4], -1)) < 1e-5

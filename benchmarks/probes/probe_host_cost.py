@@ -28,6 +28,7 @@ import mxfp4_moe.eager_plan as eager_plan
 import mxfp4_moe.kernels.launches as launches
 import mxfp4_moe.kernels.moe_matmul as launcher_module
 import mxfp4_moe.moe as moe_module
+import mxfp4_moe.routing as routing_module
 from benchmarks.common import gpt_oss_weights
 from mxfp4_moe.moe import MXFP4MoE
 
@@ -142,8 +143,16 @@ def main() -> int:
                     timer.undo()
                 point["parts_us" if plans else "parts_us_without_plans"] = timer.medians_us()
             layer.eager_plans = True
-            point["gpu_graph_us_l2_warm"] = round(do_bench_cudagraph(lambda: layer(x), rep=100, return_mode="median")
-                                                  * 1e3, 1)
+            graph_us = lambda: round(do_bench_cudagraph(lambda: layer(x), rep=100, return_mode="median") * 1e3, 1)
+            point["gpu_graph_us_l2_warm"] = graph_us()
+            # The same with the router's GEMM in torch (cuBLAS) and the top-k launch after it,
+            # as before the one-launch router (routing.one_launch_router)
+            one_launch_router = routing_module.one_launch_router
+            routing_module.one_launch_router = lambda *args: False
+            try:
+                point["gpu_graph_us_l2_warm_router_gemm_in_torch"] = graph_us()
+            finally:
+                routing_module.one_launch_router = one_launch_router
             results["points"].append(point)
             print(json.dumps(point), flush=True)
         del layer

@@ -60,10 +60,19 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     return topk_weights, topk_ids
 
 
+ONE_LAUNCH_ROUTER_ON_CUDA = False
+"""Whether CUDA tensors take the one-launch router (`one_launch_router`). Off until its GPU tests
+(tests/test_routing_on_gpu.py, tests/test_eager_plan.py) and the layer's timing against the
+cuBLAS GEMM (`benchmarks/probes/probe_host_cost.py --one-launch-router on,off`) have run on a GPU;
+the interpreter runs it in every CPU test meanwhile."""
+
+
 def one_launch_router(x: torch.Tensor, num_experts: int) -> bool:
     """Whether `route` (gpt-oss's scoring) takes the one-launch router GEMM and top-k for x: where
-    the Triton routing runs, at up to `ROUTER_GEMV_MAX_TOKENS` tokens and experts."""
-    return (_use_triton(x.device) and 1 <= x.shape[0] <= kernel_api.ROUTER_GEMV_MAX_TOKENS
+    the Triton routing runs (on CUDA while `ONE_LAUNCH_ROUTER_ON_CUDA`), at up to
+    `ROUTER_GEMV_MAX_TOKENS` tokens and experts."""
+    return (_use_triton(x.device) and (ONE_LAUNCH_ROUTER_ON_CUDA or x.device.type != "cuda")
+            and 1 <= x.shape[0] <= kernel_api.ROUTER_GEMV_MAX_TOKENS
             and num_experts <= kernel_api.ROUTER_GEMV_MAX_EXPERTS)
 
 

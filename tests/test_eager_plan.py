@@ -186,9 +186,12 @@ def test_default_is_on_for_cuda_only():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("one_launch_router", [False, True])
 @pytest.mark.parametrize("fragment_order", [None, False])     # the "rs" kernel, and the "sm90" one
 @pytest.mark.parametrize("experts", [32, 128])
-def test_gpt_oss_shapes_on_the_gpu(experts, fragment_order):
+def test_gpt_oss_shapes_on_the_gpu(experts, fragment_order, one_launch_router, monkeypatch):
+    from mxfp4_moe import routing
+    monkeypatch.setattr(routing, "ONE_LAUNCH_ROUTER_ON_CUDA", one_launch_router)
     planned, plain = layers(experts, 2880, 4, seed=experts, fragment_order=fragment_order)
     for tokens in (1, 2, 8, 33, 64, 8):
         x = torch.randn(tokens, 2880, device="cuda").to(torch.bfloat16)

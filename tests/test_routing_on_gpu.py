@@ -65,11 +65,13 @@ def test_route_bf16_gemm_matches_float32():
 
 @pytest.mark.parametrize("num_experts", [32, 128])
 @pytest.mark.parametrize("bf16_weight", [True, False])
-def test_one_launch_router_matches_float64_on_gpu(num_experts, bf16_weight):
+def test_one_launch_router_matches_float64_on_gpu(num_experts, bf16_weight, monkeypatch):
     # At up to 16 tokens route runs the router GEMM and the top-k in one launch (bf16 operands
     # with a bf16-exact weight, float32 otherwise): against float64 logits of the same values,
     # every token whose k-th and next logits are not within float32 rounding of each other.
+    from mxfp4_moe import routing
     from mxfp4_moe.routing import exact_bf16, one_launch_router
+    monkeypatch.setattr(routing, "ONE_LAUNCH_ROUTER_ON_CUDA", True)
     gen = torch.Generator(device="cuda").manual_seed(num_experts)
     weight = (torch.randn(num_experts, 2880, generator=gen, device="cuda") / 2880 ** 0.5).bfloat16().float()
     bias = torch.randn(num_experts, generator=gen, device="cuda")

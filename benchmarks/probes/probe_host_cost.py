@@ -5,7 +5,8 @@ each moe_matmul, timed by wrapping the functions the layer calls), then the floo
 a Triton launch of an empty kernel with as many arguments as the matmul kernel, the same kernel
 launched through its compiled handle (no Triton Python dispatch), torch.empty and a torch.mm.
 Each point is timed twice: with the layer's eager plans (the default; the parts are then the
-router GEMM and each replayed launch) and without them (`mxfp4_moe.eager_plan`). gpt-oss shapes
+router GEMM and each replayed launch) and without them (`mxfp4_moe.eager_plan`); and each for
+every --one-launch-router setting (`routing.ONE_LAUNCH_ROUTER_ON_CUDA`). gpt-oss shapes
 (H = I = 2880, top-4). Issue 27's target: the whole call <= 100 us.
 
     python -m benchmarks.probes.probe_host_cost --experts 32,128 --tokens 1,8
@@ -14,6 +15,7 @@ router GEMM and each replayed launch) and without them (`mxfp4_moe.eager_plan`).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -106,6 +108,8 @@ def main() -> int:
     p.add_argument("--tokens", default="1,8")
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--json", default=None)
+    p.add_argument("--one-launch-router", default="off,on",
+                   help="routing.ONE_LAUNCH_ROUTER_ON_CUDA settings to time (the router GEMM in cuBLAS, or in one launch)")
     args = p.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     results = {"device": torch.cuda.get_device_name(), "points": []}
@@ -116,13 +120,15 @@ def main() -> int:
     floors["torch_mm_fp32_out"] = host_us(lambda: torch.mm(x_small, router.T, out_dtype=torch.float32), args.calls)
     print("floors (us):", json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in floors.items()}))
     results["floors_us"] = floors
-    for experts in map(int, args.experts.split(",")):
+    for experts, one_launch_router in itertools.product(map(int, args.experts.split(",")),
+                                                        args.one_launch_router.split(",")):
+        routing_module.ONE_LAUNCH_ROUTER_ON_CUDA = one_launch_router == "on"
         w = gpt_oss_weights(experts)
         layer = MXFP4MoE(w, backend="triton")
         del w
         for tokens in map(int, args.tokens.split(",")):
             x = torch.randn(tokens, 2880, device="cuda").to(torch.bfloat16)
-            point = {"experts": experts, "tokens": tokens}
+            point = {"experts": experts, "tokens": tokens, "one_launch_router": one_launch_router}
             for plans in (True, False):
                 layer.eager_plans = plans
                 for _ in range(10):
@@ -143,16 +149,8 @@ def main() -> int:
                     timer.undo()
                 point["parts_us" if plans else "parts_us_without_plans"] = timer.medians_us()
             layer.eager_plans = True
-            graph_us = lambda: round(do_bench_cudagraph(lambda: layer(x), rep=100, return_mode="median") * 1e3, 1)
-            point["gpu_graph_us_l2_warm"] = graph_us()
-            # The same with the router's GEMM in torch (cuBLAS) and the top-k launch after it,
-            # as before the one-launch router (routing.one_launch_router)
-            one_launch_router = routing_module.one_launch_router
-            routing_module.one_launch_router = lambda *args: False
-            try:
-                point["gpu_graph_us_l2_warm_router_gemm_in_torch"] = graph_us()
-            finally:
-                routing_module.one_launch_router = one_launch_router
+            point["gpu_graph_us_l2_warm"] = round(do_bench_cudagraph(lambda: layer(x), rep=100, return_mode="median")
+                                                  * 1e3, 1)
             results["points"].append(point)
             print(json.dumps(point), flush=True)
         del layer

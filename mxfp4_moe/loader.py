@@ -23,10 +23,10 @@ from typing import Protocol, Sequence
 
 import torch
 
+from .formats import UnfusedLayerTensors
 from .mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, E8M0_NAN, PAD_SCALE_E8M0
 from .semantics import GPT_OSS
 from .sharding import SHARD_DIMS, ShardPlan
-from .unfused import UnfusedLayerTensors
 from .weights import ExpertWeights
 
 PAD_CHANNEL_SCALE = 1.0

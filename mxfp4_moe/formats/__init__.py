@@ -1,9 +1,9 @@
 """Readers for MXFP4 MoE checkpoint formats other than gpt-oss's own safetensors layouts, one
 module each behind one interface, and the hook `checkpoint.open_checkpoint` calls to find them.
 
-The interface (`ExpertReader`) is what the loader already reads from an unfused checkpoint:
-`config` (a `checkpoint.MoEConfig`), `semantics` (a `semantics.MoESemantics`) and `layer(i)`
-returning an `unfused.UnfusedLayerTensors` whose tensors read slices lazily in the Hugging Face
+The interface (`ExpertReader`) is what the loader reads: `config` (a `checkpoint.MoEConfig`),
+`semantics` (a `semantics.MoESemantics`) and `layer(i)` returning an `UnfusedLayerTensors` (this
+module's per-expert gate/up/down projections) whose tensors read slices lazily in the Hugging Face
 encoding (packed uint8 [out, in/2], low nibble = even element; E8M0 scale bytes [out, in/32]).
 A reader whose bytes are encoded otherwise (GGUF) converts them in its `read`. The loader then
 interleaves gate and up into w13 and pads and shards exactly as for every other layout.
@@ -16,13 +16,93 @@ interleaves gate and up into w13 and pads and shards exactly as for every other 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..checkpoint import CONFIG_FILE, CheckpointError, MoEConfig, NanScaleReport, SafetensorsTensors, TensorRef
-from ..mxfp4 import E8M0_NAN, NanScale
+import torch
+
+from ..checkpoint import (_FLOAT_DTYPES, CONFIG_FILE, CheckpointError, MoEConfig, NanScaleReport, SafetensorsTensors,
+                          TensorRef)
+from ..mxfp4 import BLOCK_SIZE, E8M0_NAN, NanScale
 from ..semantics import MoESemantics
-from ..unfused import UnfusedLayerTensors
+
+# The projections of one expert, in the order `UnfusedExpert` holds them.
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class UnfusedProjection:
+    """One projection of one expert: weight [out, in/2] uint8, weight_scale [out, in/32] uint8,
+    bias [out] float or None, channel_scale [out] or [out, 1] float or None."""
+    weight: TensorRef
+    weight_scale: TensorRef
+    bias: TensorRef | None = None
+    channel_scale: TensorRef | None = None
+
+
+@dataclass
+class UnfusedExpert:
+    gate: UnfusedProjection      # [I, H]
+    up: UnfusedProjection        # [I, H]
+    down: UnfusedProjection      # [H, I]
+
+
+@dataclass
+class UnfusedLayerTensors:
+    """One layer of an unfused checkpoint: `experts[g]` for each global expert g, and the router
+    (router_weight [E, H] float; router_bias [E] float, or None when the checkpoint has none)."""
+    index: int
+    experts: list[UnfusedExpert]
+    router_weight: TensorRef
+    router_bias: TensorRef | None
+
+    def has_channel_scales(self) -> tuple[bool, bool]:
+        """(w13 has per-channel scales, w2 has them)."""
+        first = self.experts[0]
+        return first.gate.channel_scale is not None, first.down.channel_scale is not None
+
+    def has_biases(self) -> tuple[bool, bool]:
+        """(gate and up have biases, down has one)."""
+        first = self.experts[0]
+        return first.gate.bias is not None, first.down.bias is not None
+
+    def check_sizes(self, *, num_experts: int, hidden: int, inter: int) -> None:
+        """Check every tensor's shape against E, H, I; raise CheckpointError naming the tensor."""
+        if len(self.experts) != num_experts:
+            raise CheckpointError(f"unfused layer {self.index}: has {len(self.experts)} experts, expected {num_experts}")
+        if self.router_weight.shape != (num_experts, hidden):
+            raise CheckpointError(f"{self.router_weight.file}: tensor {self.router_weight.name}: expected shape "
+                                  f"{[num_experts, hidden]}, found {list(self.router_weight.shape)}")
+        if self.router_bias is not None and self.router_bias.shape != (num_experts,):
+            raise CheckpointError(f"{self.router_bias.file}: tensor {self.router_bias.name}: expected shape "
+                                  f"{[num_experts]}, found {list(self.router_bias.shape)}")
+        w13_channel, w2_channel = self.has_channel_scales()
+        w13_bias, w2_bias = self.has_biases()
+        for ex in self.experts:
+            for proj, out, inp in ((ex.gate, inter, hidden), (ex.up, inter, hidden), (ex.down, hidden, inter)):
+                expected = {"weight": ((out, inp // 2), (torch.uint8,)),
+                            "weight_scale": ((out, inp // BLOCK_SIZE), (torch.uint8,))}
+                if proj.bias is not None:
+                    expected["bias"] = ((out,), _FLOAT_DTYPES)
+                if proj.channel_scale is not None:
+                    expected["channel_scale"] = (((out,), (out, 1)), _FLOAT_DTYPES)
+                for kind, (shape, dtypes) in expected.items():
+                    ref = getattr(proj, kind)
+                    shapes = shape if isinstance(shape[0], tuple) else (shape,)
+                    if ref.shape not in shapes or ref.dtype not in dtypes:
+                        raise CheckpointError(f"{ref.file}: tensor {ref.name}: expected {dtypes[0]} shape "
+                                              f"{' or '.join(str(list(s)) for s in shapes)}, found "
+                                              f"{ref.dtype} {list(ref.shape)}")
+            has = ((ex.gate.channel_scale is not None, ex.up.channel_scale is not None),
+                   ex.down.channel_scale is not None)
+            if has != ((w13_channel, w13_channel), w2_channel):
+                raise CheckpointError(f"unfused layer {self.index}: channel scales must be present on every "
+                                      f"expert's gate and up (and down) or on none; {ex.gate.weight.name} differs")
+            has = ((ex.gate.bias is not None, ex.up.bias is not None), ex.down.bias is not None)
+            if has != ((w13_bias, w13_bias), w2_bias):
+                raise CheckpointError(f"unfused layer {self.index}: biases must be present on every expert's "
+                                      f"gate and up (and down) or on none; {ex.gate.weight.name} differs")
 
 
 class ExpertReader:

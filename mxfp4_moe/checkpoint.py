@@ -596,8 +596,8 @@ class NanScaleReport:
 
 class SafetensorsTensors:
     """Every tensor of a set of safetensors files by name, each a lazy TensorRef read through one
-    set of file handles: what `Checkpoint`, `unfused.UnfusedCheckpoint` and the safetensors format
-    readers (`formats.SafetensorsExpertReader`) share."""
+    set of file handles: what `Checkpoint` and the safetensors format readers
+    (`formats.SafetensorsExpertReader`: unfused gpt-oss, compressed-tensors, Quark) share."""
 
     def _index_tensors(self, tensors: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]],
                        identities: dict[Path, tuple] | None = None) -> None:

@@ -118,10 +118,12 @@ class ExpertReader:
         self.path, self.config, self.semantics, self.files = path, config, semantics, files
         self.nan_scales = nan_scales
         self._nan_checked: set[int] = set()
-        self._layers = [self._build_layer(i) for i in range(config.num_layers)]
-        for layer in self._layers:
+        self._layers = []
+        for i in range(config.num_layers):                 # each layer checked as it is built
+            layer = self._build_layer(i)
             layer.check_sizes(num_experts=config.num_experts, hidden=config.hidden_size,
                               inter=config.intermediate_size)
+            self._layers.append(layer)
 
     def _build_layer(self, i: int) -> UnfusedLayerTensors:
         raise NotImplementedError
@@ -176,8 +178,9 @@ class SafetensorsExpertReader(SafetensorsTensors, ExpertReader):
     `checkpoint._collect_tensors` gives them), with every tensor by name for the dense model
     (`checkpoint.SafetensorsTensors`: names, `in`, close)."""
 
-    def __init__(self, path: Path, config: MoEConfig, semantics: MoESemantics, tensors: dict, nan_scales: str):
-        self._index_tensors(tensors)
+    def __init__(self, path: Path, config: MoEConfig, semantics: MoESemantics, tensors: dict, nan_scales: str,
+                 identities: dict[Path, tuple] | None = None):
+        self._index_tensors(tensors, identities)
         super().__init__(path, config, semantics, sorted({ref.file for ref in self._refs.values()}), nan_scales)
 
     @property

@@ -1,14 +1,18 @@
-"""Readers for MXFP4 MoE checkpoint formats other than gpt-oss's own safetensors layouts, one
-module each behind one interface, and the hook `checkpoint.open_checkpoint` calls to find them.
+"""The checkpoint readers, one module per MXFP4 MoE format behind one interface, and the hook
+`checkpoint.open_checkpoint` calls to find the formats other than gpt-oss's fused layouts.
 
 The interface (`ExpertReader`) is what the loader reads: `config` (a `checkpoint.MoEConfig`),
 `semantics` (a `semantics.MoESemantics`) and `layer(i)` returning an `UnfusedLayerTensors` (this
 module's per-expert gate/up/down projections) whose tensors read slices lazily in the Hugging Face
-encoding (packed uint8 [out, in/2], low nibble = even element; E8M0 scale bytes [out, in/32]).
-A reader whose bytes are encoded otherwise (GGUF) converts them in its `read`. The loader then
-interleaves gate and up into w13 and pads and shards exactly as for every other layout.
+encoding (packed uint8 [out, in/2], low nibble = even element; E8M0 scale bytes [out, in/32]), or,
+from gpt-oss's fused layouts, a `gpt_oss.LayerTensors` (each projection stacked over the experts,
+gate and up rows interleaved). A reader whose bytes are encoded otherwise (GGUF) converts them in
+its `read`. The loader interleaves gate and up into w13 where they are apart, and pads and shards
+every layout alike.
 
   format               module                 detected by
+  gpt-oss (fused)      `gpt_oss`              MoE tensor names (HF or original/), when no other claims it
+  gpt-oss (unfused)    `gpt_oss_unfused`      opened by `unfused.open_unfused_checkpoint`
   compressed-tensors   `compressed_tensors`   config.json quantization_config.quant_method
   AMD Quark            `quark`                config.json quantization_config.quant_method
   GGUF                 `gguf`                 a *.gguf file (or a folder holding exactly one)
@@ -107,7 +111,8 @@ class UnfusedLayerTensors:
 
 class ExpertReader:
     """Base of the format readers: path, layout (the format's name), config, semantics, files,
-    layer(i), find_nan_scales(i), close(). Subclasses implement `_build_layer(i)`."""
+    layer(i), find_nan_scales(i), close(). Subclasses implement `_build_layer(i)`, and
+    `_check_layer(layer)` where their layer is not an `UnfusedLayerTensors` (gpt-oss's fused one)."""
 
     layout: str = ""
 
@@ -121,12 +126,16 @@ class ExpertReader:
         self._layers = []
         for i in range(config.num_layers):                 # each layer checked as it is built
             layer = self._build_layer(i)
-            layer.check_sizes(num_experts=config.num_experts, hidden=config.hidden_size,
-                              inter=config.intermediate_size)
+            self._check_layer(layer)
             self._layers.append(layer)
 
     def _build_layer(self, i: int) -> UnfusedLayerTensors:
         raise NotImplementedError
+
+    def _check_layer(self, layer: UnfusedLayerTensors) -> None:
+        """Raise CheckpointError, naming the tensor, where a layer's shapes or dtypes are not the config's."""
+        layer.check_sizes(num_experts=self.config.num_experts, hidden=self.config.hidden_size,
+                          inter=self.config.intermediate_size)
 
     def __enter__(self):
         return self
@@ -142,16 +151,26 @@ class ExpertReader:
                 f"experts={self.config.num_experts}, {self.semantics.activation}/{self.semantics.router})")
 
     def layer(self, i: int) -> UnfusedLayerTensors:
+        """Layer i's tensors. With nan_scales="error", the first call for a layer reads its scale
+        tensors and raises CheckpointError on a NaN (0xFF) byte, naming the tensor and its index."""
         n = self.config.num_layers
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
-            raise CheckpointError(f"{self.path}: layer index {i!r} out of range: expected 0..{n - 1}")
+            raise CheckpointError(f"{self.path}: layer index {i!r} out of range: expected 0..{n - 1}"
+                                  + self._layer_count_source())
         if self.nan_scales == "error" and i not in self._nan_checked:
             report = self.find_nan_scales(i, limit=1)
             if report.count:
-                raise CheckpointError(f"{self.path}: {report.locations[0].describe()}: expected finite E8M0 "
-                                      f"scales, found {report.count} NaN scale bytes in layer {i}")
+                raise self._nan_scale_error(report, i)
             self._nan_checked.add(i)
         return self._layers[i]
+
+    def _layer_count_source(self) -> str:
+        """Where the layer count comes from, as the out-of-range message adds it (nothing here)."""
+        return ""
+
+    def _nan_scale_error(self, report: NanScaleReport, i: int) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {report.locations[0].describe()}: expected finite E8M0 "
+                               f"scales, found {report.count} NaN scale bytes in layer {i}")
 
     def find_nan_scales(self, layer: int, *, limit: int | None = 100) -> NanScaleReport:
         """NaN (0xFF) scale bytes of layer `layer`: count and the first `limit` locations, each
@@ -201,8 +220,9 @@ class SafetensorsExpertReader(SafetensorsTensors, ExpertReader):
 
 
 def open_other_format(path: str | Path, *, nan_scales: str = "report") -> ExpertReader | None:
-    """The reader for `path` if it is one of this package's formats, else None (then it is a
-    gpt-oss layout for `checkpoint.open_checkpoint` to read)."""
+    """The reader for `path` if it is one of the formats found by their files (compressed-tensors,
+    Quark, GGUF), else None (then `checkpoint.open_checkpoint` reads it as gpt-oss's fused layout,
+    `gpt_oss.open_checkpoint`)."""
     from . import compressed_tensors, gguf, quark
     for module in (gguf, compressed_tensors, quark):
         if module.detect(Path(path)):

@@ -13,7 +13,7 @@ like nn.Linear, packed two E2M1 codes per byte along `in`, low nibble = even ele
   model.layers.N.mlp.experts.e.down_proj.weight        uint8 [H, I/2]
   model.layers.N.mlp.experts.e.down_proj.weight_scale  uint8 [H, I/32]
   optional, per projection: .bias float [out]; .channel_scale float [out] or [out, 1]
-    (per-output-channel multiplier, the project's extension, as in checkpoint.py)
+    (per-output-channel multiplier, the project's extension, as in gpt_oss.py)
   model.layers.N.mlp.router.weight  float [E, H];  model.layers.N.mlp.router.bias  float [E]
     (the bias is optional: generic MoE routers have none; the loader then uses zeros)
 

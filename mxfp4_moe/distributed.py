@@ -286,7 +286,7 @@ class DistributedMXFP4MoE(torch.nn.Module):
                         combine: Combine = "all-reduce") -> "DistributedMXFP4MoE":
         """Load this rank's shard of layer `layer` and build the layer.
 
-        checkpoint: a path, or an open `checkpoint.Checkpoint` (or `unfused.UnfusedCheckpoint`).
+        checkpoint: a path, or an open `checkpoint.Checkpoint` (or another `formats.ExpertReader`).
         groups: the layout; default `MoEGroups.from_world(tp_size, ep_size)` (tp_size defaults to
           the world size / ep_size, ep_size to 1). align, placement, hidden_pad: as
           `ShardPlan.create`. device: default this process's current device (cuda:current on

@@ -23,10 +23,10 @@ from typing import Protocol, Sequence
 
 import torch
 
+from .formats import UnfusedLayerTensors
 from .mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, E8M0_NAN, PAD_SCALE_E8M0
 from .semantics import GPT_OSS
 from .sharding import SHARD_DIMS, ShardPlan
-from .unfused import UnfusedLayerTensors
 from .weights import ExpertWeights
 
 PAD_CHANNEL_SCALE = 1.0
@@ -332,9 +332,9 @@ def load_layer(checkpoint, layer: int, plan: ShardPlan, device: torch.device | s
                max_read_bytes: int = DEFAULT_MAX_READ_BYTES, pinned_staging: bool | None = None) -> ExpertWeights:
     """Build layer `layer`'s expert weights for the rank `plan` describes.
 
-    checkpoint: a `checkpoint.Checkpoint` (fused gpt-oss layout, HF or original names), an
-      `unfused.UnfusedCheckpoint` (per-expert gate/up/down) or a `formats.ExpertReader`
-      (compressed-tensors, Quark, GGUF); anything with `.config` (a MoEConfig) and `.layer(i)` returning
+    checkpoint: a `formats.ExpertReader`, whatever its format: gpt-oss fused (`checkpoint.Checkpoint`,
+      HF or original names) or unfused (`unfused.UnfusedCheckpoint`, per-expert gate/up/down),
+      compressed-tensors, Quark, GGUF; anything with `.config` (a MoEConfig) and `.layer(i)` returning
       LayerTensors or UnfusedLayerTensors serves, and its `.semantics` (default gpt-oss's) goes
       into the weights' activation and router scoring.
     Returns ExpertWeights on `device` in the padded kernel layout (E_local = plan's local

@@ -356,3 +356,36 @@ def test_each_rank_reads_its_share_of_bytes(checkpoints, fmt, tp, ep, align):
                 router = E * H * 2
             w = load_layer(ck, 0, plan)
             assert w.bytes_read == plan.num_local_experts * per_expert + router, plan.describe()
+
+
+def test_every_format_is_read_through_the_one_reader_interface(checkpoints, tmp_path):
+    # Issue 29 item 2: one reader per format behind `ExpertReader`, gpt-oss's own layouts (fused
+    # HF and original/, per-expert unfused) included, so the loader and verify speak to one interface.
+    from mxfp4_moe.checkpoint import MoEConfig
+    from mxfp4_moe.formats import ExpertReader
+    from mxfp4_moe.semantics import GPT_OSS
+    from mxfp4_moe.unfused import open_unfused_checkpoint, unfuse_checkpoint
+    _, layers = checkpoints["gguf"]
+    config = MoEConfig(num_layers=1, num_experts=E, experts_per_token=TOP_K, hidden_size=H, intermediate_size=I)
+    hf = write_checkpoint(tmp_path / "hf", config, layers)
+    original = write_checkpoint(tmp_path / "original", config, layers, layout="original")
+    with open_checkpoint(hf) as ck_hf, open_checkpoint(original) as ck_original:
+        with open_unfused_checkpoint(unfuse_checkpoint(ck_hf, tmp_path / "unfused")) as ck_unfused:
+            for ck, layout in ((ck_hf, "hf"), (ck_original, "original"), (ck_unfused, "unfused")):
+                assert isinstance(ck, ExpertReader) and (ck.layout, ck.semantics) == (layout, GPT_OSS)
+    for fmt in FORMATS:
+        with open_checkpoint(checkpoints[fmt][0]) as ck:
+            assert isinstance(ck, ExpertReader) and ck.layout == LAYOUT[fmt]
+
+
+def test_moved_reader_names_stay_importable_from_their_old_modules():
+    # checkpoint.py and unfused.py re-export what moved to formats/gpt_oss.py and
+    # formats/gpt_oss_unfused.py: the same objects, not copies.
+    from mxfp4_moe import checkpoint, unfused
+    from mxfp4_moe.formats import gpt_oss, gpt_oss_unfused
+    for name in ("Checkpoint", "LayerTensors", "Layout", "ORIGINAL_DIR", "layer_tensor_names"):
+        assert getattr(checkpoint, name) is getattr(gpt_oss, name), name
+    for name in ("UnfusedCheckpoint", "open_unfused_checkpoint", "unfuse_checkpoint", "write_unfused_checkpoint"):
+        assert getattr(unfused, name) is getattr(gpt_oss_unfused, name), name
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        getattr(checkpoint, "not_a_name")

@@ -1,14 +1,18 @@
-"""Readers for MXFP4 MoE checkpoint formats other than gpt-oss's own safetensors layouts, one
-module each behind one interface, and the hook `checkpoint.open_checkpoint` calls to find them.
+"""The checkpoint readers, one module per MXFP4 MoE format behind one interface, and the hook
+`checkpoint.open_checkpoint` calls to find the formats other than gpt-oss's fused layouts.
 
-The interface (`ExpertReader`) is what the loader already reads from an unfused checkpoint:
-`config` (a `checkpoint.MoEConfig`), `semantics` (a `semantics.MoESemantics`) and `layer(i)`
-returning an `unfused.UnfusedLayerTensors` whose tensors read slices lazily in the Hugging Face
-encoding (packed uint8 [out, in/2], low nibble = even element; E8M0 scale bytes [out, in/32]).
-A reader whose bytes are encoded otherwise (GGUF) converts them in its `read`. The loader then
-interleaves gate and up into w13 and pads and shards exactly as for every other layout.
+The interface (`ExpertReader`) is what the loader reads: `config` (a `checkpoint.MoEConfig`),
+`semantics` (a `semantics.MoESemantics`) and `layer(i)` returning an `UnfusedLayerTensors` (this
+module's per-expert gate/up/down projections) whose tensors read slices lazily in the Hugging Face
+encoding (packed uint8 [out, in/2], low nibble = even element; E8M0 scale bytes [out, in/32]), or,
+from gpt-oss's fused layouts, a `gpt_oss.LayerTensors` (each projection stacked over the experts,
+gate and up rows interleaved). A reader whose bytes are encoded otherwise (GGUF) converts them in
+its `read`. The loader interleaves gate and up into w13 where they are apart, and pads and shards
+every layout alike.
 
   format               module                 detected by
+  gpt-oss (fused)      `gpt_oss`              MoE tensor names (HF or original/), when no other claims it
+  gpt-oss (unfused)    `gpt_oss_unfused`      opened by `unfused.open_unfused_checkpoint`
   compressed-tensors   `compressed_tensors`   config.json quantization_config.quant_method
   AMD Quark            `quark`                config.json quantization_config.quant_method
   GGUF                 `gguf`                 a *.gguf file (or a folder holding exactly one)
@@ -16,18 +20,99 @@ interleaves gate and up into w13 and pads and shards exactly as for every other 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..checkpoint import CONFIG_FILE, CheckpointError, MoEConfig, NanScaleReport, SafetensorsTensors, TensorRef
-from ..mxfp4 import E8M0_NAN, NanScale
+import torch
+
+from ..checkpoint import (_FLOAT_DTYPES, CONFIG_FILE, CheckpointError, MoEConfig, NanScaleReport, SafetensorsTensors,
+                          TensorRef)
+from ..mxfp4 import BLOCK_SIZE, E8M0_NAN, NanScale
 from ..semantics import MoESemantics
-from ..unfused import UnfusedLayerTensors
+
+# The projections of one expert, in the order `UnfusedExpert` holds them.
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class UnfusedProjection:
+    """One projection of one expert: weight [out, in/2] uint8, weight_scale [out, in/32] uint8,
+    bias [out] float or None, channel_scale [out] or [out, 1] float or None."""
+    weight: TensorRef
+    weight_scale: TensorRef
+    bias: TensorRef | None = None
+    channel_scale: TensorRef | None = None
+
+
+@dataclass
+class UnfusedExpert:
+    gate: UnfusedProjection      # [I, H]
+    up: UnfusedProjection        # [I, H]
+    down: UnfusedProjection      # [H, I]
+
+
+@dataclass
+class UnfusedLayerTensors:
+    """One layer of an unfused checkpoint: `experts[g]` for each global expert g, and the router
+    (router_weight [E, H] float; router_bias [E] float, or None when the checkpoint has none)."""
+    index: int
+    experts: list[UnfusedExpert]
+    router_weight: TensorRef
+    router_bias: TensorRef | None
+
+    def has_channel_scales(self) -> tuple[bool, bool]:
+        """(w13 has per-channel scales, w2 has them)."""
+        first = self.experts[0]
+        return first.gate.channel_scale is not None, first.down.channel_scale is not None
+
+    def has_biases(self) -> tuple[bool, bool]:
+        """(gate and up have biases, down has one)."""
+        first = self.experts[0]
+        return first.gate.bias is not None, first.down.bias is not None
+
+    def check_sizes(self, *, num_experts: int, hidden: int, inter: int) -> None:
+        """Check every tensor's shape against E, H, I; raise CheckpointError naming the tensor."""
+        if len(self.experts) != num_experts:
+            raise CheckpointError(f"unfused layer {self.index}: has {len(self.experts)} experts, expected {num_experts}")
+        if self.router_weight.shape != (num_experts, hidden):
+            raise CheckpointError(f"{self.router_weight.file}: tensor {self.router_weight.name}: expected shape "
+                                  f"{[num_experts, hidden]}, found {list(self.router_weight.shape)}")
+        if self.router_bias is not None and self.router_bias.shape != (num_experts,):
+            raise CheckpointError(f"{self.router_bias.file}: tensor {self.router_bias.name}: expected shape "
+                                  f"{[num_experts]}, found {list(self.router_bias.shape)}")
+        w13_channel, w2_channel = self.has_channel_scales()
+        w13_bias, w2_bias = self.has_biases()
+        for ex in self.experts:
+            for proj, out, inp in ((ex.gate, inter, hidden), (ex.up, inter, hidden), (ex.down, hidden, inter)):
+                expected = {"weight": ((out, inp // 2), (torch.uint8,)),
+                            "weight_scale": ((out, inp // BLOCK_SIZE), (torch.uint8,))}
+                if proj.bias is not None:
+                    expected["bias"] = ((out,), _FLOAT_DTYPES)
+                if proj.channel_scale is not None:
+                    expected["channel_scale"] = (((out,), (out, 1)), _FLOAT_DTYPES)
+                for kind, (shape, dtypes) in expected.items():
+                    ref = getattr(proj, kind)
+                    shapes = shape if isinstance(shape[0], tuple) else (shape,)
+                    if ref.shape not in shapes or ref.dtype not in dtypes:
+                        raise CheckpointError(f"{ref.file}: tensor {ref.name}: expected {dtypes[0]} shape "
+                                              f"{' or '.join(str(list(s)) for s in shapes)}, found "
+                                              f"{ref.dtype} {list(ref.shape)}")
+            has = ((ex.gate.channel_scale is not None, ex.up.channel_scale is not None),
+                   ex.down.channel_scale is not None)
+            if has != ((w13_channel, w13_channel), w2_channel):
+                raise CheckpointError(f"unfused layer {self.index}: channel scales must be present on every "
+                                      f"expert's gate and up (and down) or on none; {ex.gate.weight.name} differs")
+            has = ((ex.gate.bias is not None, ex.up.bias is not None), ex.down.bias is not None)
+            if has != ((w13_bias, w13_bias), w2_bias):
+                raise CheckpointError(f"unfused layer {self.index}: biases must be present on every expert's "
+                                      f"gate and up (and down) or on none; {ex.gate.weight.name} differs")
 
 
 class ExpertReader:
     """Base of the format readers: path, layout (the format's name), config, semantics, files,
-    layer(i), find_nan_scales(i), close(). Subclasses implement `_build_layer(i)`."""
+    layer(i), find_nan_scales(i), close(). Subclasses implement `_build_layer(i)`, and
+    `_check_layer(layer)` where their layer is not an `UnfusedLayerTensors` (gpt-oss's fused one)."""
 
     layout: str = ""
 
@@ -38,13 +123,19 @@ class ExpertReader:
         self.path, self.config, self.semantics, self.files = path, config, semantics, files
         self.nan_scales = nan_scales
         self._nan_checked: set[int] = set()
-        self._layers = [self._build_layer(i) for i in range(config.num_layers)]
-        for layer in self._layers:
-            layer.check_sizes(num_experts=config.num_experts, hidden=config.hidden_size,
-                              inter=config.intermediate_size)
+        self._layers = []
+        for i in range(config.num_layers):                 # each layer checked as it is built
+            layer = self._build_layer(i)
+            self._check_layer(layer)
+            self._layers.append(layer)
 
     def _build_layer(self, i: int) -> UnfusedLayerTensors:
         raise NotImplementedError
+
+    def _check_layer(self, layer: UnfusedLayerTensors) -> None:
+        """Raise CheckpointError, naming the tensor, where a layer's shapes or dtypes are not the config's."""
+        layer.check_sizes(num_experts=self.config.num_experts, hidden=self.config.hidden_size,
+                          inter=self.config.intermediate_size)
 
     def __enter__(self):
         return self
@@ -60,16 +151,26 @@ class ExpertReader:
                 f"experts={self.config.num_experts}, {self.semantics.activation}/{self.semantics.router})")
 
     def layer(self, i: int) -> UnfusedLayerTensors:
+        """Layer i's tensors. With nan_scales="error", the first call for a layer reads its scale
+        tensors and raises CheckpointError on a NaN (0xFF) byte, naming the tensor and its index."""
         n = self.config.num_layers
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
-            raise CheckpointError(f"{self.path}: layer index {i!r} out of range: expected 0..{n - 1}")
+            raise CheckpointError(f"{self.path}: layer index {i!r} out of range: expected 0..{n - 1}"
+                                  + self._layer_count_source())
         if self.nan_scales == "error" and i not in self._nan_checked:
             report = self.find_nan_scales(i, limit=1)
             if report.count:
-                raise CheckpointError(f"{self.path}: {report.locations[0].describe()}: expected finite E8M0 "
-                                      f"scales, found {report.count} NaN scale bytes in layer {i}")
+                raise self._nan_scale_error(report, i)
             self._nan_checked.add(i)
         return self._layers[i]
+
+    def _layer_count_source(self) -> str:
+        """Where the layer count comes from, as the out-of-range message adds it (nothing here)."""
+        return ""
+
+    def _nan_scale_error(self, report: NanScaleReport, i: int) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {report.locations[0].describe()}: expected finite E8M0 "
+                               f"scales, found {report.count} NaN scale bytes in layer {i}")
 
     def find_nan_scales(self, layer: int, *, limit: int | None = 100) -> NanScaleReport:
         """NaN (0xFF) scale bytes of layer `layer`: count and the first `limit` locations, each
@@ -96,8 +197,9 @@ class SafetensorsExpertReader(SafetensorsTensors, ExpertReader):
     `checkpoint._collect_tensors` gives them), with every tensor by name for the dense model
     (`checkpoint.SafetensorsTensors`: names, `in`, close)."""
 
-    def __init__(self, path: Path, config: MoEConfig, semantics: MoESemantics, tensors: dict, nan_scales: str):
-        self._index_tensors(tensors)
+    def __init__(self, path: Path, config: MoEConfig, semantics: MoESemantics, tensors: dict, nan_scales: str,
+                 identities: dict[Path, tuple] | None = None):
+        self._index_tensors(tensors, identities)
         super().__init__(path, config, semantics, sorted({ref.file for ref in self._refs.values()}), nan_scales)
 
     @property
@@ -118,8 +220,9 @@ class SafetensorsExpertReader(SafetensorsTensors, ExpertReader):
 
 
 def open_other_format(path: str | Path, *, nan_scales: str = "report") -> ExpertReader | None:
-    """The reader for `path` if it is one of this package's formats, else None (then it is a
-    gpt-oss layout for `checkpoint.open_checkpoint` to read)."""
+    """The reader for `path` if it is one of the formats found by their files (compressed-tensors,
+    Quark, GGUF), else None (then `checkpoint.open_checkpoint` reads it as gpt-oss's fused layout,
+    `gpt_oss.open_checkpoint`)."""
     from . import compressed_tensors, gguf, quark
     for module in (gguf, compressed_tensors, quark):
         if module.detect(Path(path)):

@@ -35,8 +35,7 @@ import torch
 from ..checkpoint import CONFIG_FILE, CheckpointError, MoEConfig, _collect_tensors, link_roots, read_json
 from ..mxfp4 import BLOCK_SIZE
 from ..semantics import qwen_moe
-from ..unfused import PROJECTIONS, UnfusedExpert, UnfusedLayerTensors, UnfusedProjection
-from . import SafetensorsExpertReader
+from . import PROJECTIONS, SafetensorsExpertReader, UnfusedExpert, UnfusedLayerTensors, UnfusedProjection
 
 QUANT_METHOD = "compressed-tensors"
 MXFP4_FORMAT = "mxfp4-pack-quantized"

@@ -44,8 +44,7 @@ import torch
 from ..checkpoint import CheckpointError, MoEConfig
 from ..mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, NIBBLE_BITS, NIBBLE_MASK
 from ..semantics import GPT_OSS
-from ..unfused import UnfusedExpert, UnfusedLayerTensors, UnfusedProjection
-from . import ExpertReader
+from . import ExpertReader, UnfusedExpert, UnfusedLayerTensors, UnfusedProjection
 
 ARCH = "gpt-oss"
 GGUF_BLOCK_BYTES = 1 + BYTES_PER_BLOCK        # the E8M0 byte, then 16 bytes of codes

@@ -35,8 +35,7 @@ import torch
 from ..checkpoint import CONFIG_FILE, CheckpointError, MoEConfig, _collect_tensors, link_roots, read_json
 from ..mxfp4 import BLOCK_SIZE
 from ..semantics import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT, MoESemantics, qwen_moe
-from ..unfused import PROJECTIONS, UnfusedExpert, UnfusedLayerTensors, UnfusedProjection
-from . import SafetensorsExpertReader
+from . import PROJECTIONS, SafetensorsExpertReader, UnfusedExpert, UnfusedLayerTensors, UnfusedProjection
 from .compressed_tensors import qwen_moe_config
 
 QUANT_METHOD = "quark"

@@ -176,7 +176,7 @@ def check_shard(tensors, plan, weights) -> list[str]:
 
 
 def _check_shard_per_expert(tensors, plan, weights) -> list[str]:
-    """`check_shard` for per-expert gate/up/down tensors (`unfused.UnfusedLayerTensors`): expert
+    """`check_shard` for per-expert gate/up/down tensors (`formats.UnfusedLayerTensors`): expert
     g's gate rows of this rank go to w13 rows 0, 2, 4, ..., its up rows to 1, 3, 5, ...; down's
     columns of this rank's blocks to w2. Absent biases must load as zeros."""
     problems: list[str] = []

@@ -67,7 +67,7 @@ def expert_sort(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_loc
 
     topk_ids [T, k] integer global ids; expert_map [E] global -> local id or -1 (None: identity);
     topk_weights [T, k] float or None. Returns (sorted_slot, sorted_token, sorted_weight or None,
-    inverse, offsets) as documented in `routing.RoutingMetadata` (offsets [E_local + 1] int32).
+    inverse, offsets) as documented in `routing_metadata.RoutingMetadata` (offsets [E_local + 1] int32).
     Three launches, no host synchronisation."""
     s = _Sort(topk_ids, expert_map, num_local_experts, topk_weights)
     counts = torch.empty((s.num_chunks, s.block_e), dtype=torch.int32, device=s.ids.device)

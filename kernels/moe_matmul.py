@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 import triton
@@ -32,6 +32,7 @@ from .moe_matmul_fallbacks import (KernelFallback, ShapeClass, checkpoint_order,
 from .moe_matmul_support import (_rs_unsupported, _sm90_unsupported, _words_descriptor,  # noqa: F401
                                  _words_tma_problem, pick_dequant, rs_x_descriptor, rs_x_tma_block, words_aligned,
                                  words_tma_block)
+from .routing_metadata import RoutingMetadata
 
 Combine = Literal["none", "atomic", "slots"]
 Dequant = Literal["auto", "bytes", "words", "ptx"]
@@ -42,29 +43,8 @@ COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ACTIVATIONS = ("swiglu_oai", "silu")
 
 
-class MatmulRouting(Protocol):
-    """What `moe_matmul` reads of the routing metadata (`mxfp4_moe.routing.RoutingMetadata`, built
-    by `routing_metadata`; its docstring gives each tensor's shape and meaning)."""
-    num_tokens: int
-    top_k: int
-    num_local_experts: int
-    block_m: int
-    sorted_token: torch.Tensor
-    sorted_slot: torch.Tensor
-    sorted_weight: torch.Tensor | None
-    expert_offsets: torch.Tensor
-    tile_expert: torch.Tensor
-    tile_row_start: torch.Tensor
-
-    @property
-    def num_rows(self) -> int: ...
-
-    @property
-    def max_tiles(self) -> int: ...
-
-
 def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor, bias: torch.Tensor | None,
-               meta: MatmulRouting, *, channel_scale: torch.Tensor | None = None, gather: bool = True,
+               meta: RoutingMetadata, *, channel_scale: torch.Tensor | None = None, gather: bool = True,
                swiglu: tuple[float, float] | None = None, apply_row_weight: bool = False,
                combine: Combine = "none", n_out: int | None = None,
                compute_dtype: torch.dtype = torch.bfloat16, config: MatmulConfig | None = None,
@@ -166,7 +146,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
 
 
 def _check_arguments(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor, bias: torch.Tensor | None,
-                     meta: MatmulRouting, *, channel_scale: torch.Tensor | None, gather: bool,
+                     meta: RoutingMetadata, *, channel_scale: torch.Tensor | None, gather: bool,
                      swiglu: tuple[float, float] | None, apply_row_weight: bool, combine: str, n_out: int | None,
                      compute_dtype: torch.dtype, fragments: FragmentWeights | None,
                      activation: str) -> tuple[int, int, int]:
@@ -229,7 +209,7 @@ def _check_weight(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, 
 
 
 def _config_for_call(config: MatmulConfig | None, x: torch.Tensor, blocks: torch.Tensor,
-                     fragments: FragmentWeights | None, meta: MatmulRouting, n: int, k: int, swiglu: bool,
+                     fragments: FragmentWeights | None, meta: RoutingMetadata, n: int, k: int, swiglu: bool,
                      combine: str, compute_dtype: torch.dtype, dequant: str,
                      sm90_other: dict[str, torch.Tensor | None]) -> MatmulConfig:
     """The config this call runs: the caller's, checked (raises ValueError with the reason its
@@ -258,7 +238,7 @@ def _config_for_call(config: MatmulConfig | None, x: torch.Tensor, blocks: torch
     return config
 
 
-def _pick_config(x: torch.Tensor, blocks: torch.Tensor, fragments: FragmentWeights | None, meta: MatmulRouting,
+def _pick_config(x: torch.Tensor, blocks: torch.Tensor, fragments: FragmentWeights | None, meta: RoutingMetadata,
                  n: int, k: int, swiglu: bool, split_k_ok: bool, compute_dtype: torch.dtype, sm90_dequant: str,
                  sm90_other: dict) -> MatmulConfig:
     """`moe_matmul`'s config when the caller gives none: `default_config` for this call, stepping
@@ -298,7 +278,7 @@ def _checked_dequant(dequant: str, compute_dtype: torch.dtype, blocks: torch.Ten
     return dequant
 
 
-def _output(out: torch.Tensor | None, combine: str, meta: MatmulRouting, n_out: int, compute_dtype: torch.dtype,
+def _output(out: torch.Tensor | None, combine: str, meta: RoutingMetadata, n_out: int, compute_dtype: torch.dtype,
             device: torch.device) -> torch.Tensor:
     """The tensor the kernel writes: `out` (checked) or a new one, zeroed where the kernel adds."""
     tokens, rows = meta.num_tokens, meta.num_rows

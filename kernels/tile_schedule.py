@@ -17,7 +17,7 @@ def tile_schedule(offsets: torch.Tensor, num_tiles: int, block_m: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """offsets: [E + 1] int32 (first sorted row of each local expert; [E] = local rows) ->
     (counts [E] int32, tile_expert [num_tiles] int32, tile_row_start [num_tiles] int32), as
-    documented in `routing.RoutingMetadata`. One launch, no host synchronisation."""
+    documented in `routing_metadata.RoutingMetadata`. One launch, no host synchronisation."""
     assert offsets.dtype == torch.int32 and offsets.dim() == 1, (offsets.dtype, offsets.shape)
     num_experts = offsets.shape[0] - 1
     device = offsets.device

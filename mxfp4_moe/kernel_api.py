@@ -24,6 +24,7 @@ _HOMES = {
     "ROUTER_GEMV_MAX_EXPERTS": "router_topk", "sort_and_schedule": "expert_sort",
     "to_fragment_order": "fragment_layout", "from_fragment_order": "fragment_layout",
     "fragment_order_problem": "fragment_layout", "record_launches": "launches",
+    "RoutingMetadata": "routing_metadata", "max_tiles": "routing_metadata",
 }
 
 __all__ = [*_HOMES, "triton_installed"]

@@ -94,17 +94,16 @@ def test_kernel_activations_are_the_semantics_ones():
     assert ACTIVATIONS == SEMANTICS_ACTIVATIONS
 
 
-def test_kernel_routing_protocol_names_routing_metadata_fields():
-    # kernels/ may not import mxfp4_moe, so moe_matmul states the routing fields it reads in a
-    # Protocol of its own (MatmulRouting): each must be a RoutingMetadata field of the same
-    # annotation, each of its properties a RoutingMetadata property.
-    from mxfp4_moe.kernels.moe_matmul import MatmulRouting
-    from mxfp4_moe.routing import RoutingMetadata
-    wanted = MatmulRouting.__annotations__
-    assert {name: RoutingMetadata.__annotations__.get(name) for name in wanted} == wanted
-    for name, value in vars(MatmulRouting).items():
-        if isinstance(value, property):
-            assert isinstance(getattr(RoutingMetadata, name, None), property), name
+def test_the_routing_metadata_has_one_definition_and_needs_no_triton():
+    # moe_matmul reads the routing metadata by the type routing_metadata builds: one dataclass,
+    # beside the kernels (kernels/ may not import mxfp4_moe), importable from mxfp4_moe.routing,
+    # and loadable where Triton is not.
+    from mxfp4_moe import routing
+    from mxfp4_moe.kernels import routing_metadata
+    assert routing.RoutingMetadata is routing_metadata.RoutingMetadata
+    assert routing.max_tiles is routing_metadata.max_tiles
+    imported = {module for _, module, _ in _imports(KERNELS / "routing_metadata.py")}
+    assert imported <= {"__future__", "dataclasses", "torch"}, imported
 
 
 def test_torch_path_imports_no_kernel_but_the_device_check():

@@ -16,7 +16,9 @@ router's ticket counter is state its kernel returns to zero), and because
 a plan is keyed on everything that could change a launch's specialisation: the token count, x's
 width and 16-byte alignment, and the CUDA stream (workspaces are not shared between streams).
 A plan holds on to its layer's weight tensors: it is used only while the layer's `weights` and
-fragment copy are the objects it was recorded with.
+fragment copy are the objects it was recorded with. Like `CUDAGraphMoE`, a layer's plans serve one
+host thread at a time on a given stream: two threads interleaving calls on one stream would
+interleave their writes to the same workspace.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def _plan_key(layer, x: torch.Tensor) -> tuple | None:
         if torch.cuda.is_current_stream_capturing():
             return None     # (a graph captured whole records the launches itself)
         stream = torch.cuda.current_stream(x.device).cuda_stream
-    return tokens, x.shape[1], x.data_ptr() % 16 == 0, stream
+    # (inference mode in the key: a workspace made under it cannot be zeroed outside it)
+    return tokens, x.shape[1], x.data_ptr() % 16 == 0, stream, torch.is_inference_mode_enabled()
 
 
 class EagerPlan:

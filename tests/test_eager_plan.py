@@ -129,6 +129,19 @@ def test_keys_alignment_width_and_calls_without_a_plan():
     assert len(planned._eager_plans) == before
 
 
+def test_inference_mode_gets_its_own_plan():
+    # A workspace made under inference mode cannot be zeroed outside it, nor the other way round.
+    planned, plain = layers(8, 64, 2)
+    x = torch.randn(2, 64, device=DEVICE).to(DTYPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            with torch.inference_mode():
+                agree(planned(x), plain(x))
+            agree(planned(x), plain(x))
+    assert sorted(key[4] for key in planned._eager_plans) == [False, True]
+
+
 def test_plans_are_bounded_and_follow_replaced_weights():
     planned, plain = layers(8, 64, 2)
     for tokens in range(1, eager_plan.MAX_PLANS + 3):

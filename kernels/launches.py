@@ -28,15 +28,18 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     """`kernel[grid](*args, **kwargs)`, recorded into every open `record_launches`."""
     compiled = kernel[grid](*args, **kwargs)
     if _recordings:
-        recorded = RecordedLaunch(kernel, grid, args, kwargs, compiled)
+        try:
+            recorded = RecordedLaunch(kernel, grid, args, kwargs, compiled)
+        except Exception:       # a launch this module cannot describe: None marks the recording unusable
+            recorded = None
         for launches in _recordings:
             launches.append(recorded)
     return compiled
 
 
 @contextlib.contextmanager
-def record_launches() -> Iterator[list["RecordedLaunch"]]:
-    """The launches made inside the block, in order."""
+def record_launches() -> Iterator[list["RecordedLaunch | None"]]:
+    """The launches made inside the block, in order (None for one that could not be recorded)."""
     launches: list[RecordedLaunch] = []
     _recordings.append(launches)
     try:

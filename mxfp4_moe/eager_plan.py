@@ -108,11 +108,13 @@ class EagerPlan:
         # the router's launch where that holds the GEMM): a copy made in torch would be replayed
         # stale. The last launch must be the only one that adds into the sums (zeroed just
         # before it). Anything else: the ordinary path runs.
+        if None in launches:            # (a launch `record_launches` could not describe)
+            launches = []
         self.launches = [(launch, launch.positions_of(x), launch.positions_of(logits) if self.computes_logits else [])
                          for launch in launches]
         adders = [i for i, launch in enumerate(launches) if launch.positions_of(self.sums)]
         readers_of_x = sum(1 for _, x_positions, _ in self.launches if x_positions)
-        self.replayable = (self.sums.dtype == torch.float32 and adders == [len(launches) - 1]
+        self.replayable = (bool(launches) and self.sums.dtype == torch.float32 and adders == [len(launches) - 1]
                            and readers_of_x == (1 if self.computes_logits else 2))
         if not self.replayable:         # (the key stays, so that it is not recorded again; its memory goes)
             self.launches, self.sums, self.topk_weights = [], None, None

@@ -182,6 +182,19 @@ def test_a_call_whose_launches_cannot_be_replayed_keeps_the_ordinary_path(monkey
     assert not plan.replayable and plan.sums is None
 
 
+def test_a_launch_that_cannot_be_recorded_leaves_the_call_unharmed(monkeypatch):
+    planned, plain = layers(8, 64, 2)
+
+    def undescribable(self, *args):
+        raise TypeError("a kernel object this module does not know")
+    monkeypatch.setattr(launches_module.RecordedLaunch, "__init__", undescribable)
+    for _ in range(2):
+        x = torch.randn(3, 64, device=DEVICE).to(DTYPE)
+        agree(planned(x), plain(x))
+    (plan,) = planned._eager_plans.values()
+    assert not plan.replayable
+
+
 def test_the_compiled_graphs_op_runs_without_plans():
     # torch.compile's graphs call the layer through this op, possibly while CUDA-graph trees warm
     # up: a plan's workspace must not be allocated there.

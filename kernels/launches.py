@@ -16,23 +16,32 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from typing import Iterator
 
 from triton import knobs
 from triton.runtime import driver
 
-_recordings: list[list["RecordedLaunch"]] = []
+# The open recordings of each thread: another thread's launches are not this call's.
+_local = threading.local()
+
+
+def _open_recordings() -> list[list["RecordedLaunch | None"]]:
+    if not hasattr(_local, "recordings"):
+        _local.recordings = []
+    return _local.recordings
 
 
 def launch(kernel, grid: tuple, *args, **kwargs):
-    """`kernel[grid](*args, **kwargs)`, recorded into every open `record_launches`."""
+    """`kernel[grid](*args, **kwargs)`, recorded into every `record_launches` open in this thread."""
     compiled = kernel[grid](*args, **kwargs)
-    if _recordings:
+    recordings = _open_recordings()
+    if recordings:
         try:
             recorded = RecordedLaunch(kernel, grid, args, kwargs, compiled)
         except Exception:       # a launch this module cannot describe: None marks the recording unusable
             recorded = None
-        for launches in _recordings:
+        for launches in recordings:
             launches.append(recorded)
     return compiled
 
@@ -40,12 +49,13 @@ def launch(kernel, grid: tuple, *args, **kwargs):
 @contextlib.contextmanager
 def record_launches() -> Iterator[list["RecordedLaunch | None"]]:
     """The launches made inside the block, in order (None for one that could not be recorded)."""
-    launches: list[RecordedLaunch] = []
-    _recordings.append(launches)
+    launches: list[RecordedLaunch | None] = []
+    recordings = _open_recordings()
+    recordings.append(launches)
     try:
         yield launches
     finally:
-        _recordings.remove(launches)
+        recordings.remove(launches)
 
 
 def _hooks_unset() -> bool:

@@ -195,6 +195,18 @@ def test_a_launch_that_cannot_be_recorded_leaves_the_call_unharmed(monkeypatch):
     assert not plan.replayable
 
 
+def test_a_recording_holds_only_its_own_threads_launches():
+    import threading
+    from mxfp4_moe.kernels.router_topk import router_topk
+    logits, bias = torch.randn(2, 8, device=DEVICE), torch.randn(8, device=DEVICE)
+    with launches_module.record_launches() as recorded:
+        other = threading.Thread(target=router_topk, args=(logits, bias, 2))
+        other.start()
+        other.join()
+        router_topk(logits, bias, 2)
+    assert len(recorded) == 1
+
+
 def test_the_compiled_graphs_op_runs_without_plans():
     # torch.compile's graphs call the layer through this op, possibly while CUDA-graph trees warm
     # up: a plan's workspace must not be allocated there.

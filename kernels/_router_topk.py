@@ -60,8 +60,11 @@ def _router_gemv_topk_kernel(x_ptr, stride_xt, w_ptr, stride_we, bias_ptr, parti
         acc = tl.dot(xs.to(ws.dtype), tl.trans(ws), acc, input_precision="ieee")
     tile = (split * BLOCK_T + t[:, None]) * BLOCK_E + e[None, :]
     tl.store(partial_ptr + tile, acc, mask=mask_t[:, None])
-    # Release the partial sums, and learn whether every other program has released its own.
-    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == SPLITS - 1:
+    # Release the partial sums, and learn whether every other program has released its own. The
+    # ticket is one thread's atomic: the barrier first puts every thread's stores before it (the
+    # release then covers them), and the value comes back to all threads through shared memory.
+    tl.debug_barrier()
+    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
         logits = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
         for other in range(SPLITS):
             tile = (other * BLOCK_T + t[:, None]) * BLOCK_E + e[None, :]

@@ -38,10 +38,10 @@ MAX_PLANS = 8
 
 
 def planned_call(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(output in x's dtype, routing weights [T, k] float32) of `layer` on x from its plan for
-    x's key, recording the plan on the first call; None where no plan applies (the caller runs
-    the ordinary path): the layer's `eager_plans` off, a call this path does not cover, while a
-    CUDA graph is being captured, or a key whose recorded launches this plan cannot replay."""
+    """(output in x's dtype, routing weights [T, k] float32, the plan's workspace) of `layer`
+    (whose `eager_plans` is on) on x from its plan for x's key, recording the plan on the first
+    call; None where no plan applies (the caller runs the ordinary path): a call this path does
+    not cover, while a CUDA graph is being captured, or a key whose launches cannot be replayed."""
     key = _plan_key(layer, x)
     if key is None:
         return None
@@ -59,17 +59,20 @@ def planned_call(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | 
                           "this layer's eager calls take the ordinary path from now on", RuntimeWarning, stacklevel=4)
             return None
     plan = EagerPlan(layer, x)
+    result = plan.results()             # the recording call's own, copied out of the workspace
+    if not plan.replayable:             # (the key stays, so that it is not recorded again; its memory goes)
+        plan.launches, plan.sums, plan.topk_weights = [], None, None
     plans.pop(key, None)
     plans[key] = plan
     while len(plans) > MAX_PLANS:
         plans.pop(next(iter(plans)))
-    return plan.first_result
+    return result
 
 
 def _plan_key(layer, x: torch.Tensor) -> tuple | None:
     """The key of x's plan, or None where this path does not cover the call."""
     tokens = x.shape[0]
-    if not (layer.eager_plans and 0 < tokens <= MAX_PLANNED_TOKENS and x.dtype == layer.compute_dtype
+    if not (0 < tokens <= MAX_PLANNED_TOKENS and x.dtype == layer.compute_dtype
             and x.is_contiguous() and layer.weights.router_scoring == "topk_softmax"
             and layer.combine_for(tokens) == "atomic"):
         return None
@@ -103,7 +106,6 @@ class EagerPlan:
                 self.topk_weights, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k,
                                                     router_weight_bf16=layer.router_weight_bf16)
             self.sums = layer.expert_sums(x, self.topk_weights, topk_ids)       # [T, H] float32
-        self.first_result = (self.sums.to(self.out_dtype, copy=True), self.topk_weights.clone())
         # Where x and the logits enter the launches. x must enter the first matmul itself (and
         # the router's launch where that holds the GEMM): a copy made in torch would be replayed
         # stale. The last launch must be the only one that adds into the sums (zeroed just
@@ -116,8 +118,6 @@ class EagerPlan:
         readers_of_x = sum(1 for _, x_positions, _ in self.launches if x_positions)
         self.replayable = (bool(launches) and self.sums.dtype == torch.float32 and adders == [len(launches) - 1]
                            and readers_of_x == (1 if self.computes_logits else 2))
-        if not self.replayable:         # (the key stays, so that it is not recorded again; its memory goes)
-            self.launches, self.sums, self.topk_weights = [], None, None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = router_logits(x, self.router_weight, self.router_weight_bf16) if self.computes_logits else None
@@ -128,4 +128,9 @@ class EagerPlan:
             replaced = {p: x for p in x_positions}
             replaced.update((p, logits) for p in logits_positions)
             launch.replay(replaced)
+        return self.results()
+
+    def results(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the output in x's dtype, a new tensor; the routing weights, the workspace itself:
+        `MXFP4MoE.eager_forward_with_router_scores` copies them)."""
         return self.sums.to(self.out_dtype, copy=True), self.topk_weights

@@ -45,10 +45,11 @@ def rel_err(out, ref):
 
 
 def workspace_tensors(layer, plan):
-    """Every tensor the plan's launches hold that is not one of the layer's weights nor the x or
-    the logits of the recording call (which each replay swaps for its own), nor the one-launch
-    router's ticket counter."""
+    """Every tensor the plan's launches hold that is not one of the layer's weights (nor its bf16
+    copy of the router's) nor the x or the logits of the recording call (which each replay swaps
+    for its own), nor the one-launch router's ticket counter."""
     constant = {id(t) for t in vars(layer.weights).values() if isinstance(t, torch.Tensor)}
+    constant.add(id(layer.router_weight_bf16))      # the one-launch router reads this copy
     for copy in (layer.fragments or {}).values():
         constant |= {id(t) for t in vars(copy).values() if isinstance(t, torch.Tensor)}
     seen = {}

@@ -34,37 +34,40 @@ def _router_topk_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, tokens, num_
 def _router_gemv_topk_kernel(x_ptr, stride_xt, w_ptr, stride_we, bias_ptr, partial_ptr, ticket_ptr,
                              weights_ptr, ids_ptr, tokens, num_experts, hidden,
                              TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
-                             BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, STEPS: tl.constexpr,
-                             SPLITS: tl.constexpr, PDL: tl.constexpr):
+                             BLOCK_E: tl.constexpr, BLOCK_EP: tl.constexpr, BLOCK_H: tl.constexpr,
+                             STEPS: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
     """The router's GEMM and `_router_topk_kernel`'s work in one launch, for at most BLOCK_T
-    tokens. Program s sums x[:, h] * w[:, h] over its STEPS * BLOCK_H hidden columns (exact
-    products, float32 sums, in w's dtype: x is converted to it) into partial[s] [BLOCK_T,
-    BLOCK_E]; the program that finishes last (a ticket counter, back to 0 when it is done) adds
-    the SPLITS partial sums in program order, so the logits do not depend on which program ran
-    when, then the bias, the top-k and the softmax as `_router_topk_kernel` does.
+    tokens. Program (s, b) sums x[:, h] * w[e, h] for the BLOCK_EP experts e of block b over its
+    STEPS * BLOCK_H hidden columns (exact products, float32 sums, in w's dtype: x is converted to
+    it) into its columns of partial[s] [BLOCK_T, BLOCK_E]; the program that finishes last (a
+    ticket counter, back to 0 when it is done) adds the SPLITS partial sums in order of s, so the
+    logits do not depend on which program ran when, then the bias, the top-k and the softmax as
+    `_router_topk_kernel` does. Splitting the experts as well as the hidden columns keeps that
+    last program's read (SPLITS * tokens * BLOCK_E floats) small at 128 experts and more.
     w [E, >= hidden] with row stride stride_we; partial: SPLITS * BLOCK_T * BLOCK_E float32."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
     split = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
-    e = tl.arange(0, BLOCK_E)
     mask_t = t < tokens
-    mask_e = e < num_experts
-    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    e_block = tl.program_id(1) * BLOCK_EP + tl.arange(0, BLOCK_EP)
+    acc = tl.zeros((BLOCK_T, BLOCK_EP), dtype=tl.float32)
     for step in range(STEPS):
         h = (split * STEPS + step) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_h = h < hidden
         xs = tl.load(x_ptr + t[:, None] * stride_xt + h[None, :], mask=mask_t[:, None] & mask_h[None, :], other=0.0)
-        ws = tl.load(w_ptr + e[:, None] * stride_we + h[None, :], mask=mask_e[:, None] & mask_h[None, :], other=0.0)
+        ws = tl.load(w_ptr + e_block[:, None] * stride_we + h[None, :],
+                     mask=(e_block < num_experts)[:, None] & mask_h[None, :], other=0.0)
         acc = tl.dot(xs.to(ws.dtype), tl.trans(ws), acc, input_precision="ieee")
-    tile = (split * BLOCK_T + t[:, None]) * BLOCK_E + e[None, :]
-    tl.store(partial_ptr + tile, acc, mask=mask_t[:, None])
+    tl.store(partial_ptr + (split * BLOCK_T + t[:, None]) * BLOCK_E + e_block[None, :], acc, mask=mask_t[:, None])
     # Release the partial sums, and learn whether every other program has released its own. The
     # ticket is one thread's atomic: the barrier first puts every thread's stores before it (the
     # release then covers them), and the value comes back to all threads through shared memory.
     tl.debug_barrier()
-    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == SPLITS * tl.num_programs(1) - 1:
+        e = tl.arange(0, BLOCK_E)
+        mask_e = e < num_experts
         logits = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
         for other in range(SPLITS):
             tile = (other * BLOCK_T + t[:, None]) * BLOCK_E + e[None, :]

@@ -49,7 +49,8 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int,
 ROUTER_GEMV_MAX_TOKENS = 16       # the one-launch router's token tile (tl.dot needs 16 rows)
 ROUTER_GEMV_MAX_EXPERTS = 256     # its expert tile: all the logits of a token in one program
 _GEMV_BLOCK_H = 64         # hidden columns per step; a program takes a whole number of steps
-_GEMV_PROGRAMS = 48        # about this many programs share the hidden columns
+_GEMV_PROGRAMS = 48        # about this many programs share the hidden columns and the experts
+_GEMV_EXPERTS_PER_PROGRAM = 32     # tl.dot needs >= 16; more experts per program mean more splits of H
 
 
 def router_gemv_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
@@ -68,17 +69,20 @@ def router_gemv_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
         raise ValueError(f"router_gemv_topk: x {tuple(x.shape)} {x.dtype} strides {x.stride()}, weight "
                          f"{tuple(weight.shape)} {weight.dtype}, bias {tuple(bias.shape)} {bias.dtype}, top_k {top_k}")
     device = x.device
-    steps = triton.cdiv(triton.cdiv(hidden, _GEMV_BLOCK_H), _GEMV_PROGRAMS)     # per program
-    splits = triton.cdiv(hidden, steps * _GEMV_BLOCK_H)
     block_e = max(16, triton.next_power_of_2(num_experts))
+    block_ep = min(block_e, _GEMV_EXPERTS_PER_PROGRAM)
+    expert_blocks = block_e // block_ep
+    hidden_splits = max(1, _GEMV_PROGRAMS // expert_blocks)
+    steps = triton.cdiv(triton.cdiv(hidden, _GEMV_BLOCK_H), hidden_splits)     # per program
+    splits = triton.cdiv(hidden, steps * _GEMV_BLOCK_H)
     partial = torch.empty(splits * ROUTER_GEMV_MAX_TOKENS * block_e, dtype=torch.float32, device=device)
     ticket = torch.zeros(1, dtype=torch.int32, device=device)
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
     ids = torch.empty(tokens, top_k, dtype=torch.int64, device=device)
     pdl = pdl_launch(device)
-    launch(_router_gemv_topk_kernel, (splits,),
+    launch(_router_gemv_topk_kernel, (splits, expert_blocks),
            x, x.stride(0), weight, weight.stride(0), bias, partial, ticket, weights, ids,
            tokens, num_experts, hidden, TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
-           BLOCK_T=ROUTER_GEMV_MAX_TOKENS, BLOCK_E=block_e, BLOCK_H=_GEMV_BLOCK_H, STEPS=steps, SPLITS=splits, PDL=pdl,
+           BLOCK_T=ROUTER_GEMV_MAX_TOKENS, BLOCK_E=block_e, BLOCK_EP=block_ep, BLOCK_H=_GEMV_BLOCK_H, STEPS=steps, SPLITS=splits, PDL=pdl,
            num_warps=4, launch_pdl=pdl, **LAUNCH_OPTIONS)
     return weights, ids

@@ -241,7 +241,7 @@ def test_routing_kernels_compile_for_sm90():
         "    print(k.__name__, block_e)\n"
         "k = r._router_gemv_topk_kernel\n"
         "for weight in ('*bf16', '*fp32'):\n"
-        "    const = dict(TOP_K=4, BLOCK_K=4, BLOCK_T=16, BLOCK_E=128, BLOCK_H=64, STEPS=1, SPLITS=45, PDL=True)\n"
+        "    const = dict(TOP_K=4, BLOCK_K=4, BLOCK_T=16, BLOCK_E=128, BLOCK_EP=32, BLOCK_H=64, STEPS=4, SPLITS=12, PDL=True)\n"
         "    types = {'x_ptr': '*bf16', 'w_ptr': weight, 'ticket_ptr': '*i32', 'ids_ptr': '*i64'}\n"
         "    sig = {n: 'constexpr' if n in const else types.get(n, 'i32' if not n.endswith('_ptr') else '*fp32')\n"
         "           for n in k.arg_names}\n"

@@ -348,13 +348,17 @@ def resource_report(compiled, config: MatmulConfig | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(argv if argv is not None else sys.argv[1:])
-    dequant = None
-    if args and args[0].startswith("--dequant="):
-        dequant = args.pop(0).split("=", 1)[1]
-    if args and args[0] == "--small-shapes":
+    import argparse
+    p = argparse.ArgumentParser(description="Compile the grouped-matmul kernels for sm_90 without a GPU and "
+                                            "report registers, spills, shared memory and wgmma use.")
+    p.add_argument("variants", nargs="*", help="variant names to compile (default: every default config)")
+    p.add_argument("--dequant", choices=("ptx", "bytes"), default=None,
+                   help="the Triton kernel's decode (default: as the launcher picks)")
+    p.add_argument("--small-shapes", action="store_true", help="every default config at small H, I")
+    args = p.parse_args(argv)
+    if args.small_shapes:
         return _report_small_shapes()
-    names = set(args)
+    names, dequant = set(args.variants), args.dequant
     for name, config, n, k, swiglu, atomic in default_configs():
         if names and name not in names:
             continue

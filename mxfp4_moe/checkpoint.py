@@ -601,9 +601,15 @@ def open_checkpoint(path: str | Path, *, nan_scales: NanScalePolicy = "report",
 
     path: a gpt-oss Hugging Face model folder (one *.safetensors file, or shards with
       model.safetensors.index.json), an `original/` folder, or a model folder holding `original/`
-      and no top-level safetensors. With layout="original" a model folder's `original/` is used
-      even when top-level files exist. Or a checkpoint of another format `formats.open_other_format`
-      finds (compressed-tensors, Quark, GGUF).
+      and no top-level safetensors. Or a checkpoint of another format `formats.open_other_format`
+      finds (gpt-oss unfused, by config.json quantization_config.layout "unfused";
+      compressed-tensors, Quark, GGUF).
+    layout: "auto" (default) opens whichever format the folder is. "hf" or "original" reads
+      gpt-oss's fused layout of that name and skips the detection of the other formats, whatever
+      config.json says (so it also reads a fused folder whose config wrongly says "unfused"); a
+      folder holding the other layout, or per-expert tensors, raises CheckpointError naming a
+      tensor found. With "original" a model folder's `original/` is used even when top-level
+      files exist.
     nan_scales: "report" (default) leaves NaN scale bytes to `Checkpoint.find_nan_scales(layer)`;
       "error" makes `layer(i)` raise CheckpointError on them.
     Raises CheckpointError (a ValueError) naming file, tensor and expected vs found.
@@ -613,8 +619,8 @@ def open_checkpoint(path: str | Path, *, nan_scales: NanScalePolicy = "report",
     if layout not in ("auto", "hf", "original"):
         raise ValueError(f"layout must be 'auto', 'hf' or 'original', got {layout!r}")
     root = Path(path)
-    from .formats import gpt_oss, open_other_format        # compressed-tensors, Quark, GGUF: a module each
-    if (other := open_other_format(root, nan_scales=nan_scales)) is not None:
+    from .formats import gpt_oss, open_other_format        # the other formats: a module each
+    if layout == "auto" and (other := open_other_format(root, nan_scales=nan_scales)) is not None:
         return other
     return gpt_oss.open_checkpoint(root, nan_scales=nan_scales, layout=layout)
 

@@ -1,6 +1,6 @@
 """Tiny synthetic checkpoints in the other formats (`mxfp4_moe.formats`): the same seeded layers
-`synthetic.synthetic_layer` makes for gpt-oss, written as compressed-tensors (Qwen3-MoE) or GGUF
-(gpt-oss). The tests' inputs: no downloads. `dense_reference` is the MoE those files mean,
+`synthetic.synthetic_layer` makes for gpt-oss, written as compressed-tensors (Qwen3-MoE), GGUF
+(gpt-oss), Quark (either family) or gpt-oss's per-expert unfused layout. The tests' inputs: no downloads. `dense_reference` is the MoE those files mean,
 computed from the dequantized weights and the format's semantics, independently of the loader.
 """
 
@@ -16,8 +16,8 @@ from .mxfp4 import dequantize
 from .semantics import GPT_OSS, MoESemantics, activate, qwen_moe, score
 from .synthetic import LayerWeights, synthetic_layer
 
-Format = Literal["compressed-tensors", "gguf", "quark-qwen3", "quark-gpt-oss"]
-FORMATS: tuple[str, ...] = ("compressed-tensors", "gguf", "quark-qwen3", "quark-gpt-oss")
+Format = Literal["compressed-tensors", "gguf", "quark-qwen3", "quark-gpt-oss", "gpt-oss-unfused"]
+FORMATS: tuple[str, ...] = ("compressed-tensors", "gguf", "quark-qwen3", "quark-gpt-oss", "gpt-oss-unfused")
 
 
 def _fused(layer: LayerWeights) -> dict[str, torch.Tensor]:
@@ -35,8 +35,9 @@ def make_format_checkpoint(path: str | Path, fmt: Format, *, num_layers: int = 1
     """Write a synthetic checkpoint of `fmt` under `path` (a folder; GGUF: `path`/model.gguf).
     Returns (what to open, the layers written, rounded as the file stores them). The Qwen3-MoE
     formats (compressed-tensors, quark-qwen3) drop the biases and store the router in bf16; GGUF
-    keeps biases and router in float32; quark-gpt-oss keeps them in bf16."""
-    from .formats import compressed_tensors, gguf, quark
+    keeps biases and router in float32; quark-gpt-oss keeps them in bf16; gpt-oss-unfused keeps
+    them in float32, holding bf16 values."""
+    from .formats import compressed_tensors, gguf, gpt_oss_unfused, quark
     config = MoEConfig(num_layers=num_layers, num_experts=num_experts, experts_per_token=top_k,
                        hidden_size=hidden, intermediate_size=intermediate)
     layers = [synthetic_layer(config, i, seed=seed) for i in range(num_layers)]
@@ -58,6 +59,8 @@ def make_format_checkpoint(path: str | Path, fmt: Format, *, num_layers: int = 1
                                         norm_topk_prob=norm_topk_prob)
     elif fmt == "gguf":
         target = gguf.write_checkpoint(folder / "model.gguf", [_fused(lw) for lw in layers], top_k=top_k)
+    elif fmt == "gpt-oss-unfused":
+        target = gpt_oss_unfused.write_unfused_checkpoint(folder, [_fused(lw) for lw in layers], top_k=top_k)
     else:
         raise ValueError(f"make_format_checkpoint: fmt must be one of {FORMATS}, got {fmt!r}")
     return target, layers

@@ -1,5 +1,6 @@
 """The other checkpoint formats (`mxfp4_moe.formats`): compressed-tensors MXFP4 (Qwen3-MoE), GGUF
-MXFP4 (gpt-oss) and AMD Quark MXFP4 (Qwen3-MoE and gpt-oss). Each fact the readers rely on is pinned against the package that writes the
+MXFP4 (gpt-oss), AMD Quark MXFP4 (Qwen3-MoE and gpt-oss) and gpt-oss's per-expert unfused layout,
+each opened by `open_checkpoint`. Each fact the readers rely on is pinned against the package that writes the
 format, where it is installed (the test says which module); every format is loaded under TP 1/2/3
 and EP 2 plans with padding presets and checked against the dequantized reference; planted bugs
 (nibble order, gate/up swap, scale byte off by one, router order) must be caught.
@@ -34,7 +35,8 @@ pytest.importorskip("gguf")       # the GGUF reader's parser (extra `gguf`)
 E, H, I, TOP_K = 4, 64, 96, 2       # I = 3 blocks: TP 3 gives each rank one block
 TOL = 1e-6
 BUG = 1e-2
-LAYOUT = {"compressed-tensors": "compressed-tensors", "gguf": "gguf", "quark-qwen3": "quark", "quark-gpt-oss": "quark"}
+LAYOUT = {"compressed-tensors": "compressed-tensors", "gguf": "gguf", "quark-qwen3": "quark", "quark-gpt-oss": "quark",
+          "gpt-oss-unfused": "unfused"}
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +176,7 @@ def test_semantics_each_format_implies(checkpoints):
         assert (ck.semantics.activation, ck.semantics.router, ck.semantics.has_bias) == ("silu", "softmax_topk", False)
         assert ck.semantics.norm_topk_prob is False          # the writer's default, as Qwen3MoeConfig's
         assert ck.layer(0).router_bias is None and ck.layer(0).experts[0].gate.bias is None
-    for fmt in ("gguf", "quark-gpt-oss"):
+    for fmt in ("gguf", "quark-gpt-oss", "gpt-oss-unfused"):
         with open_checkpoint(checkpoints[fmt][0]) as ck:
             assert (ck.semantics.activation, ck.semantics.router) == ("swiglu_oai", "topk_softmax")
             assert (ck.semantics.swiglu_alpha, ck.semantics.swiglu_limit) == (1.702, 7.0)
@@ -340,16 +342,16 @@ def test_planted_router_order_bug_is_caught(checkpoints, monkeypatch):
 def test_each_rank_reads_its_share_of_bytes(checkpoints, fmt, tp, ep, align):
     # The loader's byte count, from the tensor sizes: this rank's gate and up rows and down
     # columns (codes and scale bytes, counted in the Hugging Face encoding: 16 + 1 bytes per block,
-    # which for GGUF is the file's 17-byte block), biases (GGUF, float32; w2's on TP rank 0 only)
-    # and the whole router (Qwen formats bf16 without a bias; GGUF float32, Quark gpt-oss bf16,
-    # with one).
+    # which for GGUF is the file's 17-byte block), biases (GGUF and unfused float32; w2's on TP
+    # rank 0 only) and the whole router (Qwen formats bf16 without a bias; GGUF and unfused
+    # float32, Quark gpt-oss bf16, with one).
     target, _ = checkpoints[fmt]
     with open_checkpoint(target) as ck:
         for plan in plans(tp, ep, align):
             n, hb = plan.inter, H // 32
             per_expert = 2 * n * (H // 2 + hb) + H * (n // 2 + n // 32)
-            if fmt in ("gguf", "quark-gpt-oss"):
-                size = 4 if fmt == "gguf" else 2                # float32 or bf16 biases and router
+            if fmt in ("gguf", "quark-gpt-oss", "gpt-oss-unfused"):
+                size = 2 if fmt == "quark-gpt-oss" else 4      # bf16 or float32 biases and router
                 per_expert += 2 * n * size + (H * size if plan.tp_rank == 0 else 0)
                 router = E * H * size + E * size
             else:
@@ -364,13 +366,13 @@ def test_every_format_is_read_through_the_one_reader_interface(checkpoints, tmp_
     from mxfp4_moe.checkpoint import MoEConfig
     from mxfp4_moe.formats import ExpertReader
     from mxfp4_moe.semantics import GPT_OSS
-    from mxfp4_moe.unfused import open_unfused_checkpoint, unfuse_checkpoint
+    from mxfp4_moe.unfused import unfuse_checkpoint
     _, layers = checkpoints["gguf"]
     config = MoEConfig(num_layers=1, num_experts=E, experts_per_token=TOP_K, hidden_size=H, intermediate_size=I)
     hf = write_checkpoint(tmp_path / "hf", config, layers)
     original = write_checkpoint(tmp_path / "original", config, layers, layout="original")
     with open_checkpoint(hf) as ck_hf, open_checkpoint(original) as ck_original:
-        with open_unfused_checkpoint(unfuse_checkpoint(ck_hf, tmp_path / "unfused")) as ck_unfused:
+        with open_checkpoint(unfuse_checkpoint(ck_hf, tmp_path / "unfused")) as ck_unfused:
             for ck, layout in ((ck_hf, "hf"), (ck_original, "original"), (ck_unfused, "unfused")):
                 assert isinstance(ck, ExpertReader) and (ck.layout, ck.semantics) == (layout, GPT_OSS)
     for fmt in FORMATS:

@@ -8,6 +8,7 @@ overlapped or misplaced a slice, the concatenation would not give back the check
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -367,6 +368,92 @@ def test_unfused_loads_like_fused(small, tmp_path, tp, ep, placement, align):
     plans = ShardPlan.all_ranks(num_experts=7, hidden=320, inter=736, tp_size=tp, ep_size=ep,
                                 placement=placement, align=align)
     check_all_ranks(unfused, full, plans)
+
+
+def test_open_checkpoint_finds_unfused_by_its_config(small, tmp_path):
+    # config.json's quantization_config.layout "unfused" is what open_checkpoint (and so verify
+    # and load_model) detects: the same reader as open_unfused_checkpoint, the same bytes loaded,
+    # rank by rank (E 7 over EP 2, I 23 blocks over TP 3, channel scales, three shards).
+    from mxfp4_moe.unfused import UnfusedCheckpoint
+    checkpoint, _ = small
+    folder = unfuse_checkpoint(checkpoint, tmp_path / "unfused", shards=3)
+    with open_checkpoint(folder) as found, open_unfused_checkpoint(folder) as direct:
+        assert type(found) is UnfusedCheckpoint and found.layout == "unfused"
+        assert (found.config, found.semantics) == (direct.config, direct.semantics)
+        for plan in ShardPlan.all_ranks(num_experts=7, hidden=320, inter=736, tp_size=3, ep_size=2, align="marlin"):
+            got, want = load_layer(found, 0, plan), load_layer(direct, 0, plan)
+            for name in FIELDS:
+                assert torch.equal(getattr(got, name), getattr(want, name)), (name, plan.describe())
+
+
+def test_open_checkpoint_passes_nan_scales_to_the_unfused_reader(tmp_path):
+    t = random_layer(2, 64, 64, seed=12)
+    t["w2_scales"][1, 5, 0] = E8M0_NAN          # expert 1's down_proj scale, row 5, block 0
+    folder = write_unfused_checkpoint(tmp_path / "u", [t], top_k=1)
+    with open_checkpoint(folder) as ck:
+        report = ck.find_nan_scales(0)
+        assert report.count == 1 and report.locations[0].index == (5, 0)
+    with open_checkpoint(folder, nan_scales="error") as ck, pytest.raises(
+            CheckpointError, match=r"model\.layers\.0\.mlp\.experts\.1\.down_proj\.weight_scale.*NaN"):
+        ck.layer(0)
+
+
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_explicit_fused_layout_on_an_unfused_folder_names_a_per_expert_tensor(tmp_path, layout):
+    # layout="hf" / "original" asks for gpt-oss's fused layout and skips the format detection: an
+    # unfused folder is refused naming its file and a per-expert tensor, not a missing fused one.
+    folder = write_unfused_checkpoint(tmp_path / "u", [random_layer(2, 64, 64, seed=13)], top_k=1)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor model\.layers\.0\.mlp\.experts\.0\..*: "
+                                              rf"expected gpt-oss's fused '{layout}' layout .*found per-expert tensors"):
+        open_checkpoint(folder, layout=layout)
+
+
+def test_unfused_config_over_fused_tensors_names_the_fused_tensor(tmp_path):
+    # Hostile: the config says "unfused", the file holds gpt-oss's fused tensors. The error names
+    # the file and the fused tensor; layout="hf" reads the fused tensors whatever the config says.
+    t = random_layer(2, 64, 64, seed=14)
+    folder = write_with_synthetic(tmp_path / "fused", t).path
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "layout": "unfused"}
+    (folder / "config.json").write_text(json.dumps(config))
+    fused_name = layer_tensor_names("hf", 0)["w13_blocks"]
+    message = (rf"model\.safetensors: tensor {re.escape(fused_name)}: expected the per-expert \(unfused\) layout "
+               rf".*config\.json declares .*found gpt-oss's fused 'hf' layout")
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(folder)
+    with pytest.raises(CheckpointError, match=rf"tensor {re.escape(fused_name)}: expected the per-expert"):
+        open_unfused_checkpoint(folder)
+    with open_checkpoint(folder, layout="hf") as ck:
+        assert ck.layout == "hf" and torch.equal(ck.layer(0).w13_blocks.read_all(), t["w13_blocks"])
+
+
+def test_one_fused_layer_in_an_unfused_checkpoint_is_named(tmp_path):
+    # Hostile: layer 0 per expert, layer 1 fused, under an "unfused" config.
+    layers = [random_layer(2, 64, 64, seed=15), random_layer(2, 64, 64, seed=16)]
+    folder = write_unfused_checkpoint(tmp_path / "u", layers, top_k=1)
+    from safetensors.torch import load_file
+    tensors = {n: v for n, v in load_file(str(folder / "model.safetensors")).items() if ".layers.1." not in n}
+    tensors.update({layer_tensor_names("hf", 1)[k]: v.contiguous() for k, v in layers[1].items()})
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.mlp\.experts\.gate_up_proj_blocks: "
+                                              r"expected the per-expert \(unfused\) layout "
+                                              r"\(model\.layers\.1\.mlp\.experts\.0\.gate_proj\.weight\)"):
+        open_checkpoint(folder)
+
+
+def test_per_expert_tensors_under_a_config_without_the_layout_name_a_tensor(tmp_path):
+    # Hostile, the reverse: per-expert tensors, but config.json does not say "unfused", so the
+    # fused reader gets the folder. It names a per-expert tensor and the key to set;
+    # open_unfused_checkpoint still opens the folder whatever its config says.
+    folder = write_unfused_checkpoint(tmp_path / "u", [random_layer(2, 64, 64, seed=17)], top_k=1)
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]["layout"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.0\.mlp\.experts\.0\..*"
+                                              r"found per-expert tensors; .*set quantization_config\.layout to 'unfused'"):
+        open_checkpoint(folder)
+    with open_unfused_checkpoint(folder) as ck:
+        assert ck.layout == "unfused"
 
 
 def test_unfused_names_and_interleave(tmp_path):

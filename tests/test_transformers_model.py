@@ -133,6 +133,35 @@ def test_a_checkpoint_without_dense_weights_is_a_clear_error(tmp_path):
         load_model(moe_only, device="cpu", dtype=torch.float32, backend="torch", progress=False)
 
 
+def _unfused_full_model(source, folder):
+    """The full model at `source` (Hugging Face layout), its experts written per expert
+    (`mxfp4_moe.unfused`) and its dense tensors and config (quantization_config.layout "unfused")
+    beside them."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from mxfp4_moe.unfused import unfuse_checkpoint
+    with open_checkpoint(source) as ckpt:
+        unfuse_checkpoint(ckpt, folder)
+    dense = {name: t for file in sorted(source.glob("*.safetensors"))
+             for name, t in load_file(str(file)).items() if ".mlp." not in name}
+    save_file(dense, str(folder / "dense.safetensors"))
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "layout": "unfused"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_load_model_reads_an_unfused_checkpoint(checkpoints, reference, tmp_path):
+    # open_checkpoint finds the per-expert layout by config.json, whose dense tensors keep the
+    # Hugging Face names: the same model as the fused checkpoint, within the same bound.
+    folder = _unfused_full_model(checkpoints["hf"], tmp_path / "unfused")
+    model = load_model(folder, device="cpu", dtype=torch.float32, backend="torch", progress=False)
+    assert all(isinstance(layer.mlp, MXFP4GptOssMLP) for layer in model.model.layers)
+    _check_against_reference(model, reference)
+
+
 def test_a_sharded_plan_needs_torch_distributed(checkpoints):
     with open_checkpoint(checkpoints["hf"]) as ckpt:
         plan = shard_plan(ckpt, tp_size=2, tp_rank=0)

@@ -1,6 +1,6 @@
 """`python -m mxfp4_moe.verify` on the other formats: compressed-tensors MXFP4 (Qwen3-MoE, oracle
-transformers' Qwen3MoeSparseMoeBlock), GGUF MXFP4 (gpt-oss, oracle GptOssMLP) and Quark MXFP4
-(both families): format,
+transformers' Qwen3MoeSparseMoeBlock), GGUF MXFP4 (gpt-oss, oracle GptOssMLP), Quark MXFP4
+(both families) and gpt-oss's per-expert unfused layout (found by its config.json): format,
 sharding, kernels, consistency and oracle pass on honest files and a NaN scale fails."""
 
 import json
@@ -31,6 +31,7 @@ def _run(path, tmp_path, *args):
     pytest.param("quark-qwen3", ["--tp", "3", "--align", "triton"], id="quark-qwen3-tp3-triton"),
     pytest.param("quark-gpt-oss", ["--tp", "2", "--ep", "2", "--align", "flashinfer-cutlass"],
                  id="quark-gpt-oss-tp2-ep2-flashinfer"),
+    pytest.param("gpt-oss-unfused", ["--tp", "2", "--ep", "2", "--align", "triton"], id="gpt-oss-unfused-tp2-ep2-triton"),
 ])
 def test_verify_passes_on_each_format(fmt, args, tmp_path):
     target, _ = make_format_checkpoint(tmp_path / "ckpt", fmt, num_layers=1, seed=2)

@@ -12,10 +12,13 @@ every layout alike.
 
   format               module                 detected by
   gpt-oss (fused)      `gpt_oss`              MoE tensor names (HF or original/), when no other claims it
-  gpt-oss (unfused)    `gpt_oss_unfused`      opened by `unfused.open_unfused_checkpoint`
+  gpt-oss (unfused)    `gpt_oss_unfused`      config.json quantization_config.layout "unfused"
   compressed-tensors   `compressed_tensors`   config.json quantization_config.quant_method
   AMD Quark            `quark`                config.json quantization_config.quant_method
   GGUF                 `gguf`                 a *.gguf file (or a folder holding exactly one)
+
+`open_checkpoint(path, layout="hf" | "original")` skips the detection: it reads gpt-oss's fused
+layout of that name, whatever the config says.
 """
 
 from __future__ import annotations
@@ -220,11 +223,12 @@ class SafetensorsExpertReader(SafetensorsTensors, ExpertReader):
 
 
 def open_other_format(path: str | Path, *, nan_scales: str = "report") -> ExpertReader | None:
-    """The reader for `path` if it is one of the formats found by their files (compressed-tensors,
-    Quark, GGUF), else None (then `checkpoint.open_checkpoint` reads it as gpt-oss's fused layout,
-    `gpt_oss.open_checkpoint`)."""
-    from . import compressed_tensors, gguf, quark
-    for module in (gguf, compressed_tensors, quark):
+    """The reader for `path` if it is one of the formats found by their files (GGUF,
+    compressed-tensors, Quark, gpt-oss unfused), else None (then `checkpoint.open_checkpoint` reads
+    it as gpt-oss's fused layout, `gpt_oss.open_checkpoint`). The quant_method formats come before
+    the unfused layout, which a config says by quantization_config.layout alone."""
+    from . import compressed_tensors, gguf, gpt_oss_unfused, quark
+    for module in (gguf, compressed_tensors, quark, gpt_oss_unfused):
         if module.detect(Path(path)):
             return module.open_checkpoint(Path(path), nan_scales=nan_scales)
     return None

@@ -66,6 +66,10 @@ _ORIGINAL_SUFFIXES = {
 _LAYER_PREFIX = {"hf": "model.layers.{}.mlp.", "original": "block.{}.mlp."}
 _LAYER_NAME_RE = {"hf": re.compile(r"^model\.layers\.(\d+)\.mlp\.(experts|router)\."),
                   "original": re.compile(r"^block\.(\d+)\.mlp\.(mlp[12]_|gate\.)")}
+# Expert tensors of the Hugging Face naming: fused (experts.gate_up_proj_blocks) or per expert
+# (experts.0.gate_proj.weight: gpt_oss_unfused, compressed-tensors, Quark).
+_FUSED_EXPERTS_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.[a-z_]+$")
+_PER_EXPERT_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.")
 
 
 def layer_tensor_names(layout: Layout, layer: int) -> dict[str, str]:
@@ -251,6 +255,26 @@ def _detect_layout(names, folder: Path) -> Layout:
     return "hf" if hf else "original"
 
 
+def _refuse_per_expert(tensors: dict, layout: Layout | Literal["auto"], config_file: Path) -> None:
+    """Raise CheckpointError naming a tensor where the Hugging Face naming holds per-expert MoE
+    tensors and no fused ones: the layer would otherwise fail on a missing fused tensor, which
+    does not say what the folder holds."""
+    if any(_FUSED_EXPERTS_RE.match(n) for n in tensors):
+        return
+    name = min((n for n in tensors if _PER_EXPERT_RE.match(n)), default=None)
+    if name is None:
+        return
+    if layout != "auto":
+        asked = f"gpt-oss's fused {layout!r} layout (asked for by layout={layout!r})"
+        fix = "open with layout='auto' to read a format that config.json declares"
+    else:
+        asked = "gpt-oss's fused layout (no other format claims the folder)"
+        fix = (f"for per-expert gpt-oss tensors (mxfp4_moe.unfused), set quantization_config.layout to 'unfused' "
+               f"in {config_file}")
+    raise CheckpointError(f"{tensors[name][0]}: tensor {name}: expected {asked}, with tensors such as "
+                          f"{layer_tensor_names('hf', 0)['w13_blocks']}, found per-expert tensors; {fix}")
+
+
 def open_checkpoint(root: Path, *, nan_scales: NanScalePolicy = "report",
                     layout: Layout | Literal["auto"] = "auto") -> Checkpoint:
     """Open a gpt-oss checkpoint folder in either fused layout: what `checkpoint.open_checkpoint`
@@ -271,11 +295,13 @@ def open_checkpoint(root: Path, *, nan_scales: NanScalePolicy = "report",
     identities: dict[Path, tuple] = {}
     tensors = _collect_tensors(folder, roots, identities)
     found_layout = _detect_layout(tensors, folder)
-    if layout != "auto" and found_layout != layout:
-        raise CheckpointError(f"{folder}: expected the {layout!r} layout, found tensors of the {found_layout!r} layout")
     config_file = folder / CONFIG_FILE
     if not os.path.lexists(config_file) and folder != root and os.path.lexists(root / CONFIG_FILE):
         config_file = root / CONFIG_FILE
+    if found_layout == "hf":
+        _refuse_per_expert(tensors, layout, config_file)
+    if layout != "auto" and found_layout != layout:
+        raise CheckpointError(f"{folder}: expected the {layout!r} layout, found tensors of the {found_layout!r} layout")
     if not os.path.lexists(config_file):
         raise CheckpointError(f"{folder}: no {CONFIG_FILE}: expected the model config next to the safetensors files")
     config = MoEConfig.from_file(config_file, roots)

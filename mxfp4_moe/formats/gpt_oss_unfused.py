@@ -20,7 +20,9 @@ like nn.Linear, packed two E2M1 codes per byte along `in`, low nibble = even ele
 config.json: the gpt-oss keys `MoEConfig.from_dict` reads (num_hidden_layers, num_local_experts,
 num_experts_per_tok, hidden_size, intermediate_size, swiglu_limit, swiglu_alpha) and
 `quantization_config: {"quant_method": "mxfp4", "layout": "unfused"}`. A projection has a bias
-(or a channel scale) for every expert of the layer or for none.
+(or a channel scale) for every expert of the layer or for none. `checkpoint.open_checkpoint` finds
+the format by that layout key (`detect`); `open_unfused_checkpoint` opens a folder as unfused
+whatever its config says.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..checkpoint import CONFIG_FILE, INDEX_FILE, CheckpointError, MoEConfig, _collect_tensors, link_roots
+from ..checkpoint import (CONFIG_FILE, INDEX_FILE, CheckpointError, MoEConfig, NanScalePolicy, _collect_tensors,
+                          link_roots, read_json)
 from ..mxfp4 import BLOCK_SIZE
 from ..semantics import GPT_OSS
 from . import PROJECTIONS, SafetensorsExpertReader, UnfusedExpert, UnfusedLayerTensors, UnfusedProjection
+from .gpt_oss import layer_tensor_names
 
 UNFUSED_LAYOUT = "unfused"
 
@@ -47,6 +51,23 @@ def router_names(layer: int) -> tuple[str, str]:
     return f"model.layers.{layer}.mlp.router.weight", f"model.layers.{layer}.mlp.router.bias"
 
 
+def _declares_unfused(raw) -> bool:
+    """Whether a parsed config.json says quantization_config.layout "unfused"."""
+    quant = raw.get("quantization_config") if isinstance(raw, dict) else None
+    return isinstance(quant, dict) and quant.get("layout") == UNFUSED_LAYOUT
+
+
+def detect(path: Path) -> bool:
+    """Whether `path` is a folder whose config.json says quantization_config.layout "unfused"."""
+    config_file = path / CONFIG_FILE
+    if not (path.is_dir() and config_file.is_file()):
+        return False
+    try:
+        return _declares_unfused(read_json(config_file, "config", link_roots(path)))
+    except CheckpointError:
+        return False                         # open_checkpoint's own reading reports it
+
+
 class UnfusedCheckpoint(SafetensorsExpertReader):
     """An opened unfused checkpoint: `path`, `layout` ("unfused"), `config` (MoEConfig), `files`,
     `semantics` (gpt-oss's) and `layer(i) -> UnfusedLayerTensors`. Close it (or use `with`) to
@@ -54,8 +75,9 @@ class UnfusedCheckpoint(SafetensorsExpertReader):
 
     layout = UNFUSED_LAYOUT
 
-    def __init__(self, path: Path, config: MoEConfig, tensors: dict, identities: dict | None = None):
-        super().__init__(path, config, GPT_OSS, tensors, "report", identities)
+    def __init__(self, path: Path, config: MoEConfig, tensors: dict, identities: dict | None = None,
+                 nan_scales: NanScalePolicy = "report"):
+        super().__init__(path, config, GPT_OSS, tensors, nan_scales, identities)
 
     def _build_layer(self, i: int) -> UnfusedLayerTensors:
         experts = []
@@ -72,16 +94,47 @@ class UnfusedCheckpoint(SafetensorsExpertReader):
         return UnfusedLayerTensors(i, experts, self._ref(w_name), self._ref(b_name, required=False))
 
 
-def open_unfused_checkpoint(path: str | Path) -> UnfusedCheckpoint:
+def open_unfused_checkpoint(path: str | Path, *, nan_scales: NanScalePolicy = "report") -> UnfusedCheckpoint:
     """Open an unfused checkpoint folder (config.json plus one or more *.safetensors, with
-    model.safetensors.index.json when sharded). Reads headers only; checks every tensor's shape
-    and dtype against the config; raises CheckpointError naming file, tensor, expected vs found."""
+    model.safetensors.index.json when sharded), whether or not its config says layout "unfused".
+    Reads headers only; checks every tensor's shape and dtype against the config; raises
+    CheckpointError naming file, tensor, expected vs found. nan_scales: as `checkpoint.open_checkpoint`."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: expected a checkpoint folder")
     roots, identities = link_roots(folder), {}
-    config = MoEConfig.from_file(folder / CONFIG_FILE, roots)
-    return UnfusedCheckpoint(folder, config, _collect_tensors(folder, roots, identities), identities)
+    config_file = folder / CONFIG_FILE
+    raw = read_json(config_file, "config", roots)
+    config = MoEConfig.from_dict(raw, source=str(config_file))
+    tensors = _collect_tensors(folder, roots, identities)
+    _refuse_fused(tensors, config, config_file, _declares_unfused(raw))
+    return UnfusedCheckpoint(folder, config, tensors, identities, nan_scales)
+
+
+# `formats.open_other_format` opens each format it detects by the module's `open_checkpoint`.
+open_checkpoint = open_unfused_checkpoint
+
+
+def _refuse_fused(tensors: dict, config: MoEConfig, config_file: Path, declared: bool) -> None:
+    """Raise CheckpointError naming the tensor where a layer has gpt-oss's fused MoE tensors in
+    place of the per-expert ones: the reader would otherwise name only a missing per-expert tensor."""
+    for i in range(config.num_layers):
+        expected = expert_prefix(i, 0) + "gate_proj.weight"
+        if expected in tensors:
+            continue
+        for fused_layout in ("hf", "original"):
+            name = layer_tensor_names(fused_layout, i)["w13_blocks"]
+            if name not in tensors:
+                continue
+            if declared:
+                source = f"that {config_file} declares (quantization_config.layout 'unfused')"
+                fix = (f"for a fused checkpoint, remove that key or open it with "
+                       f"open_checkpoint(path, layout={fused_layout!r})")
+            else:
+                source = "that open_unfused_checkpoint reads"
+                fix = "open a fused one with checkpoint.open_checkpoint(path)"
+            raise CheckpointError(f"{tensors[name][0]}: tensor {name}: expected the per-expert (unfused) layout "
+                                  f"({expected}) {source}, found gpt-oss's fused {fused_layout!r} layout; {fix}")
 
 
 # ---- writing (for tests and examples) ----------------------------------------------------------

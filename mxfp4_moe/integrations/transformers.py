@@ -234,7 +234,7 @@ def shard_plan(checkpoint: Checkpoint, *, tp_size: int = 1, tp_rank: int = 0, ep
 
 def _dense_sources(model_keys, checkpoint: Checkpoint, config) -> dict[str, tuple[str, slice | None]]:
     """Each dense parameter's checkpoint tensor: {model key: (tensor name, row slice or None)}."""
-    if checkpoint.layout == "hf":
+    if checkpoint.layout in ("hf", "unfused"):     # the unfused layout keeps Hugging Face's names
         return {key: (key, None) for key in model_keys}
     if checkpoint.layout == "gguf":
         from ..formats.gguf import dense_tensor_name

@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                f"--align {BUILTIN_LAYOUT['align']} unless those are given. "
                "Exit status: 0 all checks passed, 1 a check failed, 2 unreadable checkpoint or bad arguments.")
     p.add_argument("checkpoint", nargs="?", help="checkpoint folder (Hugging Face layout, original/ layout, "
-                                                 "a model folder holding original/, or compressed-tensors "
-                                                 "MXFP4) or a GGUF file")
+                                                 "a model folder holding original/, gpt-oss unfused, "
+                                                 "compressed-tensors or Quark MXFP4) or a GGUF file")
     p.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel size (all ranks simulated in one process; under torchrun one process "
                         "per rank, WORLD_SIZE = tp x ep, default tp = WORLD_SIZE)")

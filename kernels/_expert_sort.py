@@ -13,9 +13,9 @@ The pairs are cut into chunks of BLOCK_R; for chunk c and key e:
     scatter:    pair r of chunk c with key e goes to start[c, e] + (pairs of key e before r in
                 chunk c): a stable counting sort                               (one program a chunk)
 
-When every pair fits in one chunk (decode sizes), `_sort_one_chunk_kernel` does all three and
-the tile schedule (`_tile_schedule._schedule_tiles`) in one launch: routing metadata is then one
-kernel instead of four.
+When every pair fits in one chunk (decode sizes), `_sort_one_chunk` does all three and the tile
+schedule (`_tile_schedule._schedule_tiles`) in one program: routing metadata is then one kernel
+instead of four (`_sort_one_chunk_kernel`), or the end of the one-launch router's.
 """
 
 import triton
@@ -106,14 +106,28 @@ def _sort_one_chunk_kernel(ids_ptr, map_ptr, weights_ptr, sorted_slot_ptr, sorte
                            HAS_MAP: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
                            TILE_STEPS: tl.constexpr, PDL: tl.constexpr):
-    """rows <= BLOCK_R: histogram, scan and scatter of the one chunk, then the tile schedule, in
-    one program: the outputs of `_histogram_kernel` .. `_scatter_kernel` and
-    `_tile_schedule_kernel`, the same values. TILE_STEPS: a power of two >= num_tiles / BLOCK_T
-    (a compile-time loop bound, as the interpreter needs). PDL: launched as a programmatic
-    dependent launch (`_grid_dependency.py`): wait for the router's ids first."""
+    """`_sort_one_chunk` in a launch of its own. PDL: launched as a programmatic dependent launch
+    (`_grid_dependency.py`): wait for the router's ids first."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+    _sort_one_chunk(ids_ptr, map_ptr, weights_ptr, sorted_slot_ptr, sorted_token_ptr, sorted_weight_ptr,
+                    inverse_ptr, offsets_ptr, counts_ptr, tile_expert_ptr, tile_row_start_ptr,
+                    rows, num_local, top_k, num_tiles, HAS_MAP, HAS_WEIGHTS, BLOCK_R, BLOCK_E, BLOCK_M, BLOCK_T,
+                    TILE_STEPS)
+
+
+@triton.jit
+def _sort_one_chunk(ids_ptr, map_ptr, weights_ptr, sorted_slot_ptr, sorted_token_ptr, sorted_weight_ptr,
+                    inverse_ptr, offsets_ptr, counts_ptr, tile_expert_ptr, tile_row_start_ptr,
+                    rows, num_local, top_k, num_tiles,
+                    HAS_MAP: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, TILE_STEPS: tl.constexpr):
+    """rows <= BLOCK_R: histogram, scan and scatter of the one chunk, then the tile schedule, in
+    one program: the outputs of `_histogram_kernel` .. `_scatter_kernel` and
+    `_tile_schedule_kernel`, the same values. TILE_STEPS: a power of two >= num_tiles / BLOCK_T
+    (a compile-time loop bound, as the interpreter needs). Also the last step of the one-launch
+    router (`_router_topk._router_gemv_topk_kernel`), on the ids it has just written."""
     r, key = _chunk_keys(ids_ptr, map_ptr, rows, num_local, 0, HAS_MAP, BLOCK_R)
     mask = r < rows
     e = tl.arange(0, BLOCK_E)

@@ -7,6 +7,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ._expert_sort import _sort_one_chunk
+
 
 @triton.jit
 def _router_topk_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, tokens, num_experts, stride_t,
@@ -33,9 +35,13 @@ def _router_topk_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, tokens, num_
 @triton.jit
 def _router_gemv_topk_kernel(x_ptr, stride_xt, w_ptr, stride_we, bias_ptr, partial_ptr, ticket_ptr,
                              weights_ptr, ids_ptr, tokens, num_experts, hidden,
+                             map_ptr, sorted_slot_ptr, sorted_token_ptr, sorted_weight_ptr, inverse_ptr, offsets_ptr,
+                             counts_ptr, tile_expert_ptr, tile_row_start_ptr, num_local, num_tiles,
                              TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
                              BLOCK_E: tl.constexpr, BLOCK_EP: tl.constexpr, BLOCK_H: tl.constexpr,
-                             STEPS: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+                             STEPS: tl.constexpr, SPLITS: tl.constexpr, SORT: tl.constexpr, HAS_MAP: tl.constexpr,
+                             SORT_BLOCK_R: tl.constexpr, SORT_BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+                             SCHEDULE_BLOCK_T: tl.constexpr, TILE_STEPS: tl.constexpr, PDL: tl.constexpr):
     """The router's GEMM and `_router_topk_kernel`'s work in one launch, for at most BLOCK_T
     tokens. Program (s, b) sums x[:, h] * w[e, h] for the BLOCK_EP experts e of block b over its
     STEPS * BLOCK_H hidden columns (exact products, float32 sums, in w's dtype: x is converted to
@@ -44,7 +50,11 @@ def _router_gemv_topk_kernel(x_ptr, stride_xt, w_ptr, stride_we, bias_ptr, parti
     logits do not depend on which program ran when, then the bias, the top-k and the softmax as
     `_router_topk_kernel` does. Splitting the experts as well as the hidden columns keeps that
     last program's read (SPLITS * tokens * BLOCK_E floats) small at 128 experts and more.
-    w [E, >= hidden] with row stride stride_we; partial: SPLITS * BLOCK_T * BLOCK_E float32."""
+    w [E, >= hidden] with row stride stride_we; partial: SPLITS * BLOCK_T * BLOCK_E float32.
+    SORT: that program then sorts the pairs by local expert and lays out the tile schedule
+    (`_expert_sort._sort_one_chunk` on the ids and weights it has just written; the sort's
+    pointers and sizes are unused otherwise), so that the routing metadata takes no launch of
+    its own."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -74,6 +84,12 @@ def _router_gemv_topk_kernel(x_ptr, stride_xt, w_ptr, stride_we, bias_ptr, parti
             logits += tl.load(partial_ptr + tile, mask=mask_t[:, None], other=0.0, cache_modifier=".cg")
         logits += tl.load(bias_ptr + e, mask=mask_e, other=0.0)[None, :]
         _store_topk_softmax(logits, t, mask_t, e, mask_e, weights_ptr, ids_ptr, TOP_K, BLOCK_K, BLOCK_T, BLOCK_E)
+        if SORT:
+            tl.debug_barrier()          # every thread's ids and weights stored before any is read back
+            _sort_one_chunk(ids_ptr, map_ptr, weights_ptr, sorted_slot_ptr, sorted_token_ptr, sorted_weight_ptr,
+                            inverse_ptr, offsets_ptr, counts_ptr, tile_expert_ptr, tile_row_start_ptr,
+                            tokens * TOP_K, num_local, TOP_K, num_tiles, HAS_MAP, True, SORT_BLOCK_R,
+                            SORT_BLOCK_E, BLOCK_M, SCHEDULE_BLOCK_T, TILE_STEPS)
         tl.atomic_xchg(ticket_ptr, 0)
 
 

@@ -87,34 +87,54 @@ def expert_sort(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_loc
     return s.outputs()
 
 
+def fits_one_chunk(rows: int, num_local_experts: int) -> bool:
+    """Whether a sort of `rows` pairs is one program's (`_sort_one_chunk`): T * k <= 64 pairs
+    at E_local = 128, 256 at 32 (decode sizes)."""
+    return _chunking(rows, num_local_experts)[2] == 1
+
+
+class OneChunkSort(_Sort):
+    """A sort that fits one chunk, and its tile schedule: the outputs, and the sizes of the one
+    program (`_expert_sort._sort_one_chunk`) that computes them, in its own launch
+    (`sort_and_schedule`) or at the end of the one-launch router's (`router_topk`)."""
+
+    def __init__(self, topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_local_experts: int,
+                 topk_weights: torch.Tensor | None, num_tiles: int, block_m: int):
+        super().__init__(topk_ids, expert_map, num_local_experts, topk_weights)
+        self.num_tiles, self.block_m = num_tiles, block_m
+        # The schedule's tiles per step: the tiles' next power of two, up to TILES_PER_PROGRAM (a
+        # search over more tiles than there are is what made one launch lose to two: RESULTS.md 3.5).
+        self.schedule_block_t = min(TILES_PER_PROGRAM, max(16, triton.next_power_of_2(num_tiles)))
+        self.tile_steps = triton.next_power_of_2(triton.cdiv(num_tiles, self.schedule_block_t))
+        # Likewise the pairs: the one-hot [pairs x key slots] the program scans spans the pairs'
+        # next power of two, not the chunk's (T = 1 at E = 128: 16 x 256 instead of 64 x 256).
+        self.pair_block = min(self.block_r, max(16, triton.next_power_of_2(self.rows)))
+        device = self.ids.device
+        self.counts = torch.empty(num_local_experts, dtype=torch.int32, device=device)
+        self.tile_expert = torch.empty(num_tiles, dtype=torch.int32, device=device)
+        self.tile_row_start = torch.empty(num_tiles, dtype=torch.int32, device=device)
+
+    def schedule_outputs(self) -> tuple:
+        """`sort_and_schedule`'s return value."""
+        return (*self.outputs(), self.counts, self.tile_expert, self.tile_row_start)
+
+
 def sort_and_schedule(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_local_experts: int,
                       topk_weights: torch.Tensor | None, num_tiles: int, block_m: int) -> tuple:
     """`expert_sort`, then `tile_schedule.tile_schedule(offsets, num_tiles, block_m)`: returns
     (sorted_slot, sorted_token, sorted_weight, inverse, offsets, counts, tile_expert,
-    tile_row_start). When every pair fits in one chunk of the sort (T * k <= 64 pairs at
-    E_local = 128, 256 at 32: decode sizes), one launch sorts and builds the schedule; otherwise
-    four launches. No host synchronisation either way."""
-    num_chunks = _chunking(topk_ids.shape[0] * topk_ids.shape[1], num_local_experts)[2]
-    if num_chunks > 1:
+    tile_row_start). When every pair fits in one chunk of the sort (`fits_one_chunk`), one
+    launch sorts and builds the schedule; otherwise four launches. No host synchronisation
+    either way."""
+    if not fits_one_chunk(topk_ids.shape[0] * topk_ids.shape[1], num_local_experts):
         sorted_pairs = expert_sort(topk_ids, expert_map, num_local_experts, topk_weights)
         return (*sorted_pairs, *tile_schedule(sorted_pairs[4], num_tiles, block_m))
-    s = _Sort(topk_ids, expert_map, num_local_experts, topk_weights)
-
-    # The schedule's tiles per step: the tiles' next power of two, up to TILES_PER_PROGRAM (a
-    # search over more tiles than there are is what made one launch lose to two: RESULTS.md 3.5).
-    block_t = min(TILES_PER_PROGRAM, max(16, triton.next_power_of_2(num_tiles)))
-    # Likewise the pairs: the one-hot [pairs x key slots] the program scans spans the pairs' next
-    # power of two, not the chunk's (T = 1 at E = 128: 16 x 256 instead of 64 x 256).
-    block_r = min(s.block_r, max(16, triton.next_power_of_2(s.rows)))
-    device = s.ids.device
-    pdl = pdl_launch(device)
-    counts, tile_expert, tile_row_start = (torch.empty(num_local_experts, dtype=torch.int32, device=device),
-                                           torch.empty(num_tiles, dtype=torch.int32, device=device),
-                                           torch.empty(num_tiles, dtype=torch.int32, device=device))
+    s = OneChunkSort(topk_ids, expert_map, num_local_experts, topk_weights, num_tiles, block_m)
+    pdl = pdl_launch(s.ids.device)
     launch(_sort_one_chunk_kernel, (1,),
-        *s.scatter_pointers(), s.inverse, s.offsets, counts, tile_expert, tile_row_start,
+        *s.scatter_pointers(), s.inverse, s.offsets, s.counts, s.tile_expert, s.tile_row_start,
         s.rows, s.num_local, s.top_k, num_tiles,
-        HAS_MAP=s.has_map, HAS_WEIGHTS=s.weights is not None, BLOCK_R=block_r, BLOCK_E=s.block_e,
-        BLOCK_M=block_m, BLOCK_T=block_t, TILE_STEPS=triton.next_power_of_2(triton.cdiv(num_tiles, block_t)),
+        HAS_MAP=s.has_map, HAS_WEIGHTS=s.weights is not None, BLOCK_R=s.pair_block, BLOCK_E=s.block_e,
+        BLOCK_M=block_m, BLOCK_T=s.schedule_block_t, TILE_STEPS=s.tile_steps,
         PDL=pdl, num_warps=_NUM_WARPS, launch_pdl=pdl, **LAUNCH_OPTIONS)
-    return (*s.outputs(), counts, tile_expert, tile_row_start)
+    return s.schedule_outputs()

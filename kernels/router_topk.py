@@ -1,6 +1,7 @@
 """Launchers for the router's kernels (`_router_topk.py`), used by `mxfp4_moe.routing.route` on
 CUDA tensors (and under the interpreter): the fused top-k after the router's GEMM (torch.topk and
-torch.softmax are its twins), and at decode sizes the GEMM and the top-k in one launch."""
+torch.softmax are its twins), and at decode sizes the GEMM and the top-k in one launch, which
+can also sort the pairs by expert and lay out the tiles (`router_gemv_topk_sort`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ._compat import LAUNCH_OPTIONS
 from .launches import launch
 from ._grid_dependency import pdl_launch
 from ._router_topk import _router_gemv_topk_kernel, _router_topk_kernel
+from .expert_sort import OneChunkSort, fits_one_chunk
 
 _TILE_ELEMENTS = 4096       # logits one program holds: 32 tokens at 128 experts
 
@@ -60,6 +62,29 @@ def router_gemv_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     (E <= ROUTER_GEMV_MAX_EXPERTS), bfloat16 with bfloat16 x or float32 with any float x, unit stride
     along H; bias [E] float32. Products are exact and sums float32, as the router GEMM's; their
     order is fixed, so equal inputs give equal outputs. No host synchronisation."""
+    weights, ids = _router_outputs(x, weight, bias, top_k)
+    _launch_router_gemv(x, weight, bias, top_k, weights, ids, None)
+    return weights, ids
+
+
+def router_gemv_topk_sort(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
+                          expert_map: torch.Tensor | None, num_local_experts: int, num_tiles: int, block_m: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """`router_gemv_topk`, and in the same launch `expert_sort.sort_and_schedule` of its ids and
+    weights: (weights, ids, sort_and_schedule's tuple). Only where that sort fits one program
+    (`expert_sort.fits_one_chunk(T * top_k, num_local_experts)`)."""
+    if not fits_one_chunk(x.shape[0] * top_k, num_local_experts):
+        raise ValueError(f"router_gemv_topk_sort: {x.shape[0]} x {top_k} pairs over {num_local_experts} local "
+                         "experts do not fit one sort program")
+    weights, ids = _router_outputs(x, weight, bias, top_k)
+    sort = OneChunkSort(ids, expert_map, num_local_experts, weights, num_tiles, block_m)
+    _launch_router_gemv(x, weight, bias, top_k, weights, ids, sort)
+    return weights, ids, sort.schedule_outputs()
+
+
+def _router_outputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checks of `router_gemv_topk`'s arguments, and its outputs allocated."""
     tokens, hidden = x.shape
     num_experts = weight.shape[0]
     if not (1 <= tokens <= ROUTER_GEMV_MAX_TOKENS and num_experts <= ROUTER_GEMV_MAX_EXPERTS and weight.shape[1] >= hidden
@@ -68,6 +93,14 @@ def router_gemv_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
             and (weight.dtype == torch.float32 or weight.dtype == x.dtype == torch.bfloat16)):
         raise ValueError(f"router_gemv_topk: x {tuple(x.shape)} {x.dtype} strides {x.stride()}, weight "
                          f"{tuple(weight.shape)} {weight.dtype}, bias {tuple(bias.shape)} {bias.dtype}, top_k {top_k}")
+    return (torch.empty(tokens, top_k, dtype=torch.float32, device=x.device),
+            torch.empty(tokens, top_k, dtype=torch.int64, device=x.device))
+
+
+def _launch_router_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
+                        weights: torch.Tensor, ids: torch.Tensor, sort: OneChunkSort | None) -> None:
+    tokens, hidden = x.shape
+    num_experts = weight.shape[0]
     device = x.device
     block_e = max(16, triton.next_power_of_2(num_experts))
     block_ep = min(block_e, _GEMV_EXPERTS_PER_PROGRAM)
@@ -77,12 +110,22 @@ def router_gemv_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     splits = triton.cdiv(hidden, steps * _GEMV_BLOCK_H)
     partial = torch.empty(splits * ROUTER_GEMV_MAX_TOKENS * block_e, dtype=torch.float32, device=device)
     ticket = torch.zeros(1, dtype=torch.int32, device=device)
-    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
-    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=device)
+    if sort is None:        # the sort's pointers and sizes go unread
+        sort_arguments = (ids,) * 9 + (0, 0)
+        sort_constexprs = dict(SORT=False, HAS_MAP=False, SORT_BLOCK_R=16, SORT_BLOCK_E=16, BLOCK_M=16,
+                               SCHEDULE_BLOCK_T=16, TILE_STEPS=1)
+    else:
+        sort_arguments = (sort.map, sort.sorted_slot, sort.sorted_token, sort.sorted_weight, sort.inverse,
+                          sort.offsets, sort.counts, sort.tile_expert, sort.tile_row_start, sort.num_local,
+                          sort.num_tiles)
+        sort_constexprs = dict(SORT=True, HAS_MAP=sort.has_map, SORT_BLOCK_R=sort.pair_block,
+                               SORT_BLOCK_E=sort.block_e, BLOCK_M=sort.block_m,
+                               SCHEDULE_BLOCK_T=sort.schedule_block_t, TILE_STEPS=sort.tile_steps)
     pdl = pdl_launch(device)
     launch(_router_gemv_topk_kernel, (splits, expert_blocks),
            x, x.stride(0), weight, weight.stride(0), bias, partial, ticket, weights, ids,
-           tokens, num_experts, hidden, TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
-           BLOCK_T=ROUTER_GEMV_MAX_TOKENS, BLOCK_E=block_e, BLOCK_EP=block_ep, BLOCK_H=_GEMV_BLOCK_H, STEPS=steps, SPLITS=splits, PDL=pdl,
-           num_warps=4, launch_pdl=pdl, **LAUNCH_OPTIONS)
-    return weights, ids
+           tokens, num_experts, hidden, *sort_arguments, TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
+           BLOCK_T=ROUTER_GEMV_MAX_TOKENS, BLOCK_E=block_e, BLOCK_EP=block_ep, BLOCK_H=_GEMV_BLOCK_H, STEPS=steps,
+           SPLITS=splits, **sort_constexprs, PDL=pdl,
+           num_warps=8 if sort is not None else 4,      # (the sort's one-hot tile: up to 64 x 256 values)
+           launch_pdl=pdl, **LAUNCH_OPTIONS)

@@ -28,7 +28,7 @@ import warnings
 import torch
 
 from . import kernel_api
-from .routing import one_launch_router, route, router_logits
+from .routing import one_launch_router, route_with_metadata, router_logits
 
 MAX_PLANNED_TOKENS = 64
 """Token counts up to this get plans: decode sizes, where the host cost dominates; a plan's
@@ -102,10 +102,13 @@ class EagerPlan:
         with kernel_api.record_launches() as launches:
             if self.computes_logits:
                 self.topk_weights, topk_ids = kernel_api.router_topk(logits, w.router_bias.float(), w.top_k)
-            else:
-                self.topk_weights, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k,
-                                                    router_weight_bf16=layer.router_weight_bf16)
-            self.sums = layer.expert_sums(x, self.topk_weights, topk_ids)       # [T, H] float32
+                self.sums = layer.expert_sums(x, self.topk_weights, topk_ids)       # [T, H] float32
+            else:               # (the router's launch also sorts the pairs where they fit one program)
+                self.topk_weights, _, meta = route_with_metadata(
+                    x, w.router_weight, w.router_bias, w.top_k, router_weight_bf16=layer.router_weight_bf16,
+                    expert_map=w.expert_map, num_local_experts=w.num_local_experts,
+                    block_m=layer.block_m_for(x.shape[0]))
+                self.sums = layer.grouped_matmuls(x, meta)
         # Where x and the logits enter the launches. x must enter the first matmul itself (and
         # the router's launch where that holds the GEMM): a copy made in torch would be replayed
         # stale. The last launch must be the only one that adds into the sums (zeroed just

@@ -14,7 +14,7 @@ import torch
 from . import kernel_api
 from .reference import reference_moe
 from .eager_plan import planned_call
-from .routing import exact_bf16, route, routing_metadata
+from .routing import exact_bf16, route, route_with_metadata, routing_metadata
 from .weights import ExpertWeights
 
 Backend = Literal["auto", "triton", "torch"]
@@ -179,6 +179,12 @@ class MXFP4MoE(torch.nn.Module):
             planned = planned_call(self, x)
             if planned is not None:
                 return planned
+        if self.backend == "triton" and w.router_scoring == "topk_softmax" and x.shape[0]:
+            # (at decode sizes the router's launch also sorts the pairs: `route_with_metadata`)
+            topk_weights, topk_ids, meta = route_with_metadata(
+                x, w.router_weight, w.router_bias, w.top_k, router_weight_bf16=self.router_weight_bf16,
+                expert_map=w.expert_map, num_local_experts=w.num_local_experts, block_m=self.block_m_for(x.shape[0]))
+            return self.grouped_matmuls(x, meta).to(x.dtype), topk_weights
         topk_weights, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k,
                                        router_weight_bf16=self.router_weight_bf16, scoring=w.router_scoring,
                                        norm_topk_prob=w.norm_topk_prob)
@@ -226,14 +232,24 @@ class MXFP4MoE(torch.nn.Module):
         w = self.weights
         if self.backend == "torch":
             return reference_moe(x, w, topk_weights, topk_ids, torch.float32)
-        moe_matmul, pick_block_m = kernel_api.moe_matmul, kernel_api.pick_block_m
         tokens = x.shape[0]
         if tokens == 0:
             return x.new_zeros((0, w.hidden))
+        meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, self.block_m_for(tokens), topk_weights)
+        return self.grouped_matmuls(x, meta)
+
+    def block_m_for(self, tokens: int) -> int:
+        """Rows per tile of the grouped matmuls (and of their routing metadata) at `tokens` tokens."""
+        return kernel_api.pick_block_m(tokens * self.weights.top_k, self.weights.num_local_experts)
+
+    def grouped_matmuls(self, x: torch.Tensor, meta) -> torch.Tensor:
+        """The triton backend's w13 (+ activation) and w2 (+ combine) of x [T, H(_pad)] routed as
+        `meta` (`routing.routing_metadata` at `block_m_for(T)`) -> [T, H] float32 sums."""
+        w = self.weights
+        moe_matmul = kernel_api.moe_matmul
+        tokens = x.shape[0]
         if self.fragments is not None:
             x = _fragment_kernel_input(x, self.compute_dtype)
-        block_m = pick_block_m(tokens * w.top_k, w.num_local_experts)
-        meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, block_m, topk_weights)
         frag = self.fragments or {}
         act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta,
                          channel_scale=w.w13_channel_scale, gather=True,

@@ -30,22 +30,11 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     scoring: "topk_softmax" (gpt-oss, above) or "softmax_topk" (Qwen-style: softmax over all E in
     float32, top-k, divided by their sum when norm_topk_prob; in torch, `semantics.score`).
     """
-    if x.dim() != 2:
-        raise ValueError(f"route expects x as [tokens, hidden], got shape {tuple(x.shape)}")
-    num_experts = router_weight.shape[0]
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be in 1..{num_experts}, got {top_k}")
-    hidden = x.shape[1]
-    if hidden > router_weight.shape[1]:
-        raise ValueError(f"x has hidden size {hidden} but the router weight only {router_weight.shape[1]}")
-    if scoring == "topk_softmax" and one_launch_router(x, num_experts):
+    _check_route(x, router_weight, top_k)
+    if scoring == "topk_softmax" and one_launch_router(x, router_weight.shape[0]):
         # the GEMM, the bias, the top-k and the softmax in one launch (`kernels.router_topk`)
-        if router_weight_bf16 is not None and x.dtype == torch.bfloat16 and x.device.type == "cuda":
-            weight = router_weight_bf16
-        else:                   # (float32; the interpreter's bf16 arithmetic is unusable, so x too)
-            weight = router_weight.float()
-            x = x.float() if kernel_api.interpreting() else x
-        return kernel_api.router_gemv_topk(x.contiguous(), weight, router_bias.float(), top_k)
+        return kernel_api.router_gemv_topk(*_one_launch_operands(x, router_weight, router_weight_bf16),
+                                           router_bias.float(), top_k)
     logits = router_logits(x, router_weight, router_weight_bf16)
     if scoring != "topk_softmax":
         from .semantics import score
@@ -56,6 +45,47 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     top_logits, topk_ids = torch.topk(logits + router_bias.float(), top_k, dim=-1)
     topk_weights = torch.softmax(top_logits, dim=-1)
     return topk_weights, topk_ids
+
+
+def _check_route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"route expects x as [tokens, hidden], got shape {tuple(x.shape)}")
+    num_experts = router_weight.shape[0]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in 1..{num_experts}, got {top_k}")
+    if x.shape[1] > router_weight.shape[1]:
+        raise ValueError(f"x has hidden size {x.shape[1]} but the router weight only {router_weight.shape[1]}")
+
+
+def _one_launch_operands(x: torch.Tensor, router_weight: torch.Tensor, router_weight_bf16: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, weight) as the one-launch router reads them: the exact bf16 weight with bf16 x on a
+    GPU, else float32 (the interpreter's bf16 arithmetic is unusable, so x too)."""
+    if router_weight_bf16 is not None and x.dtype == torch.bfloat16 and x.device.type == "cuda":
+        return x.contiguous(), router_weight_bf16
+    x = x.float() if kernel_api.interpreting() else x
+    return x.contiguous(), router_weight.float()
+
+
+def route_with_metadata(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, top_k: int, *,
+                        router_weight_bf16: torch.Tensor | None, expert_map: torch.Tensor | None,
+                        num_local_experts: int, block_m: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, RoutingMetadata]:
+    """`route` with gpt-oss's scoring, then `routing_metadata(topk_ids, expert_map,
+    num_local_experts, block_m, topk_weights)`: (topk_weights, topk_ids, metadata). Where the
+    one-launch router runs and the sort fits one program (`kernels.expert_sort.fits_one_chunk`),
+    both in that one launch: the same values as the two calls."""
+    _check_route(x, router_weight, top_k)
+    tokens = x.shape[0]
+    if (one_launch_router(x, router_weight.shape[0])
+            and kernel_api.fits_one_chunk(tokens * top_k, num_local_experts)):
+        num_tiles = kernel_api.max_tiles(tokens * top_k, num_local_experts, block_m)
+        topk_weights, topk_ids, sorted_and_scheduled = kernel_api.router_gemv_topk_sort(
+            *_one_launch_operands(x, router_weight, router_weight_bf16), router_bias.float(), top_k,
+            expert_map, num_local_experts, num_tiles, block_m)
+        return topk_weights, topk_ids, _metadata(sorted_and_scheduled, tokens, top_k, num_local_experts, block_m)
+    topk_weights, topk_ids = route(x, router_weight, router_bias, top_k, router_weight_bf16=router_weight_bf16)
+    return topk_weights, topk_ids, routing_metadata(topk_ids, expert_map, num_local_experts, block_m, topk_weights)
 
 
 ONE_LAUNCH_ROUTER_ON_CUDA = False
@@ -185,6 +215,14 @@ def routing_metadata(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, nu
         sorted_slot, sorted_token, sorted_weight, inverse, offsets = expert_sort_torch(
             topk_ids, expert_map, num_local_experts, topk_weights)
         counts, tile_expert, row_start = tile_schedule_torch(offsets, n_tiles, block_m)
+    return _metadata((sorted_slot, sorted_token, sorted_weight, inverse, offsets, counts, tile_expert, row_start),
+                     tokens, top_k, num_local_experts, block_m)
+
+
+def _metadata(sorted_and_scheduled: tuple, tokens: int, top_k: int, num_local_experts: int,
+              block_m: int) -> RoutingMetadata:
+    """A `RoutingMetadata` from `kernels.expert_sort.sort_and_schedule`'s tuple."""
+    sorted_slot, sorted_token, sorted_weight, inverse, offsets, counts, tile_expert, row_start = sorted_and_scheduled
     return kernel_api.RoutingMetadata(
         num_tokens=tokens, top_k=top_k, num_local_experts=num_local_experts, block_m=block_m,
         sorted_token=sorted_token, sorted_slot=sorted_slot, sorted_weight=sorted_weight, inverse=inverse,

@@ -240,16 +240,19 @@ def test_routing_kernels_compile_for_sm90():
         "                   options={'num_warps': 4})\n"
         "    print(k.__name__, block_e)\n"
         "k = r._router_gemv_topk_kernel\n"
-        "for weight in ('*bf16', '*fp32'):\n"
-        "    const = dict(TOP_K=4, BLOCK_K=4, BLOCK_T=16, BLOCK_E=128, BLOCK_EP=32, BLOCK_H=64, STEPS=4, SPLITS=12, PDL=True)\n"
-        "    types = {'x_ptr': '*bf16', 'w_ptr': weight, 'ticket_ptr': '*i32', 'ids_ptr': '*i64'}\n"
-        "    sig = {n: 'constexpr' if n in const else types.get(n, 'i32' if not n.endswith('_ptr') else '*fp32')\n"
+        "for weight, sort in (('*bf16', False), ('*fp32', False), ('*bf16', True)):\n"
+        "    const = dict(TOP_K=4, BLOCK_K=4, BLOCK_T=16, BLOCK_E=128, BLOCK_EP=32, BLOCK_H=64, STEPS=4, SPLITS=12,\n"
+        "                 SORT=sort, HAS_MAP=True, SORT_BLOCK_R=64, SORT_BLOCK_E=256, BLOCK_M=16, SCHEDULE_BLOCK_T=128,\n"
+        "                 TILE_STEPS=1, PDL=True)\n"
+        "    types = {'x_ptr': '*bf16', 'w_ptr': weight, 'ticket_ptr': '*i32', 'ids_ptr': '*i64', 'map_ptr': '*i32',\n"
+        "             'weights_ptr': '*fp32', 'sorted_weight_ptr': '*fp32', 'partial_ptr': '*fp32', 'bias_ptr': '*fp32'}\n"
+        "    sig = {n: 'constexpr' if n in const else types.get(n, 'i32' if not n.endswith('_ptr') else '*i32')\n"
         "           for n in k.arg_names}\n"
         "    triton.compile(ASTSource(fn=k, signature=sig, constexprs=const), target=GPUTarget('cuda', 90, 32),\n"
-        "                   options={'num_warps': 4, 'launch_pdl': True})\n"
+        "                   options={'num_warps': 8 if sort else 4, 'launch_pdl': True})\n"
         "    print(k.__name__, weight)\n")
     stdout = run_compiler_script("-c", script)
-    assert len(stdout.split()) == 2 * 2 * 5 + 2 * 2 + 2 * 2, stdout
+    assert len(stdout.split()) == 2 * 2 * 5 + 2 * 2 + 3 * 2, stdout
 
 
 def _torch_topk_softmax(logits, bias, k):
@@ -345,3 +348,55 @@ def test_one_launch_router_refuses_what_it_cannot_take():
                 (x, weight.bfloat16(), bias, 2), (x, weight, bias.double(), 2), (x, weight, bias, 9)):
         with pytest.raises(ValueError, match="router_gemv_topk"):
             router_gemv_topk(*bad)
+
+
+@pytest.mark.parametrize("tokens,num_experts,hidden,local,block_m", [
+    (1, 128, 2880, None, 16),           # decode at gpt-oss-120b's expert count
+    (16, 128, 160, None, 16),           # 64 pairs: the most one sort program holds at 128 experts
+    (3, 32, 96, None, 32),
+    (16, 256, 64, None, 16),            # 64 pairs over 256 experts: two chunks, the sort's own launches
+    (7, 12, 64, [1, 4, 5, 11], 16),     # expert parallelism: other ranks' pairs sort last
+    (5, 6, 64, [], 16),                 # no local expert: every pair dropped
+])
+def test_route_with_metadata_in_one_launch_matches_route_then_metadata(tokens, num_experts, hidden, local, block_m):
+    # The one-launch router's last program also sorting the pairs and laying out the tiles
+    # (`router_gemv_topk_sort`, taken wherever the sort fits one program) against `route` then
+    # `routing_metadata` on the same inputs, with the sort's outputs poisoned before a replay of
+    # the recorded launch: every field equal, exactly.
+    from mxfp4_moe.kernels.expert_sort import fits_one_chunk
+    from mxfp4_moe.kernels.launches import record_launches
+    from mxfp4_moe.routing import route_with_metadata
+    top_k = 4
+    gen = torch.Generator().manual_seed(tokens * num_experts + hidden)
+    x = torch.randn(tokens, hidden, generator=gen)
+    weight, bias = torch.randn(num_experts, hidden, generator=gen), torch.randn(num_experts, generator=gen)
+    if local is None:
+        expert_map, num_local = None, num_experts
+    else:
+        expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
+        expert_map[local] = torch.arange(len(local), dtype=torch.int32)
+        num_local = max(1, len(local))
+    with record_launches() as launches:
+        topk_w, topk_ids, meta = route_with_metadata(x, weight, bias, top_k, router_weight_bf16=None,
+                                                      expert_map=expert_map, num_local_experts=num_local,
+                                                      block_m=block_m)
+    fused = fits_one_chunk(tokens * top_k, num_local)
+    assert len(launches) == (1 if fused else 5), [launch.kernel.__name__ for launch in launches]   # router, sort, schedule
+    want_w, want_ids = route(x, weight, bias, top_k)
+    want = routing_metadata(want_ids, expert_map, num_local, block_m, want_w)
+    fields = ("sorted_token", "sorted_slot", "sorted_weight", "inverse", "expert_counts", "expert_offsets",
+              "tile_expert", "tile_row_start")
+    for replay in (False, True):
+        if replay:
+            for name in fields:
+                getattr(meta, name).fill_(-7)
+            topk_w.fill_(float("nan"))
+            launches[0].replay()
+            if not fused:
+                for launch in launches[1:]:
+                    launch.replay()
+        assert torch.equal(topk_ids, want_ids)
+        torch.testing.assert_close(topk_w, want_w, rtol=1e-5, atol=1e-6)
+        for name in fields:
+            got, expected = getattr(meta, name), getattr(want, name)
+            assert got.dtype == expected.dtype and torch.equal(got, expected), name

@@ -163,12 +163,12 @@ def dense_weights_problem(checkpoint, reference: str | Path | None = None) -> st
     if checkpoint.layout == "gguf":
         return _gguf_problem(checkpoint, reference)
     if reference is not None:
-        return (f"--reference is for GGUF files; {checkpoint.path} is a {checkpoint.layout} checkpoint, which "
+        return (f"--reference is for GGUF files; {checkpoint.path} holds the {checkpoint.layout!r} layout, which "
                 "transformers loads itself")
     if checkpoint.layout == "compressed-tensors":
         return _qwen3_moe_problem(checkpoint)
     if checkpoint.layout not in ("hf", "original"):      # the other formats (`mxfp4_moe.formats`)
-        return (f"{checkpoint.path} is a {checkpoint.layout} checkpoint: the model check compares gpt-oss "
+        return (f"{checkpoint.path} holds the {checkpoint.layout!r} layout: the model check compares gpt-oss "
                 "checkpoints in the Hugging Face layout with transformers' own load; it has no reference for "
                 "this format yet")
     from ..integrations.transformers import check_dense_tensors, missing_dense_tensors

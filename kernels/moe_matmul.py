@@ -81,7 +81,10 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
        Triton kernel where neither can run this call); its block_m must be meta.block_m. A
        default Gluon kernel that fails to compile or launch falls back to the Triton kernel for
        that shape class, with one RuntimeWarning (`kernel_fallbacks`); an explicit config raises.
-    out: for combine="none", an [R, n_out] compute_dtype tensor to write into (returned).
+    out: a tensor to write into (returned): for combine="none" [R, n_out] compute_dtype; for
+       "atomic" [T, n_out] float32 that the kernel adds into, zeroed by the caller. Zeroing it
+       before an earlier launch (the layer zeroes its sums before routing) keeps the memset out
+       from between w13 and w2, where it would stop w2 from starting during w13's tail.
     dequant: how the kernel decodes the weights, all exact: "bytes" (one code at a time, any
        dtype), "words" (uint32 words in plain Triton), "ptx" (uint32 words through inline PTX; bf16,
        GPU only); "words"/"ptx" need `words_aligned(blocks)`. "auto": `pick_dequant`.
@@ -283,9 +286,10 @@ def _output(out: torch.Tensor | None, combine: str, meta: RoutingMetadata, n_out
     """The tensor the kernel writes: `out` (checked) or a new one, zeroed where the kernel adds."""
     tokens, rows = meta.num_tokens, meta.num_rows
     if out is not None:
-        if combine != "none":
-            raise ValueError("moe_matmul: out= is only for combine='none'")
-        _check_weight("out", out, (rows, n_out), compute_dtype, device)
+        if combine == "slots":
+            raise ValueError("moe_matmul: out= is for combine='none' or 'atomic'")
+        shape, dtype = ((rows, n_out), compute_dtype) if combine == "none" else ((tokens, n_out), torch.float32)
+        _check_weight("out", out, shape, dtype, device)
         return out
     if combine == "none":
         return torch.empty((rows, n_out), dtype=compute_dtype, device=device)

@@ -28,7 +28,7 @@ import warnings
 import torch
 
 from . import kernel_api
-from .routing import one_launch_router, route_with_metadata, router_logits
+from .routing import one_launch_router, route_with_metadata, router_logits, routing_metadata
 
 MAX_PLANNED_TOKENS = 64
 """Token counts up to this get plans: decode sizes, where the host cost dominates; a plan's
@@ -99,20 +99,22 @@ class EagerPlan:
         # torch on every call, and its logits are swapped into the recorded top-k launch.
         self.computes_logits = not one_launch_router(x, w.router_weight.shape[0])
         logits = router_logits(x, self.router_weight, self.router_weight_bf16) if self.computes_logits else None
+        sums = layer.zeroed_sums(x)                             # [T, H] float32
         with kernel_api.record_launches() as launches:
             if self.computes_logits:
                 self.topk_weights, topk_ids = kernel_api.router_topk(logits, w.router_bias.float(), w.top_k)
-                self.sums = layer.expert_sums(x, self.topk_weights, topk_ids)       # [T, H] float32
+                meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts,
+                                        layer.block_m_for(x.shape[0]), self.topk_weights)
             else:               # (the router's launch also sorts the pairs where they fit one program)
                 self.topk_weights, _, meta = route_with_metadata(
                     x, w.router_weight, w.router_bias, w.top_k, router_weight_bf16=layer.router_weight_bf16,
                     expert_map=w.expert_map, num_local_experts=w.num_local_experts,
                     block_m=layer.block_m_for(x.shape[0]))
-                self.sums = layer.grouped_matmuls(x, meta)
+            self.sums = layer.grouped_matmuls(x, meta, sums)
         # Where x and the logits enter the launches. x must enter the first matmul itself (and
         # the router's launch where that holds the GEMM): a copy made in torch would be replayed
-        # stale. The last launch must be the only one that adds into the sums (zeroed just
-        # before it). Anything else: the ordinary path runs.
+        # stale. The last launch must be the only one that adds into the sums (zeroed before the
+        # first). Anything else: the ordinary path runs.
         if None in launches:            # (a launch `record_launches` could not describe)
             launches = []
         self.launches = [(launch, launch.positions_of(x), launch.positions_of(logits) if self.computes_logits else [])
@@ -123,11 +125,9 @@ class EagerPlan:
                            and readers_of_x == (1 if self.computes_logits else 2))
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.sums.zero_()           # (first: a memset between two launches would stop the second starting early)
         logits = router_logits(x, self.router_weight, self.router_weight_bf16) if self.computes_logits else None
-        last = len(self.launches) - 1
-        for i, (launch, x_positions, logits_positions) in enumerate(self.launches):
-            if i == last:
-                self.sums.zero_()
+        for launch, x_positions, logits_positions in self.launches:
             replaced = {p: x for p in x_positions}
             replaced.update((p, logits) for p in logits_positions)
             launch.replay(replaced)

@@ -181,10 +181,11 @@ class MXFP4MoE(torch.nn.Module):
                 return planned
         if self.backend == "triton" and w.router_scoring == "topk_softmax" and x.shape[0]:
             # (at decode sizes the router's launch also sorts the pairs: `route_with_metadata`)
+            sums = self.zeroed_sums(x)
             topk_weights, topk_ids, meta = route_with_metadata(
                 x, w.router_weight, w.router_bias, w.top_k, router_weight_bf16=self.router_weight_bf16,
                 expert_map=w.expert_map, num_local_experts=w.num_local_experts, block_m=self.block_m_for(x.shape[0]))
-            return self.grouped_matmuls(x, meta).to(x.dtype), topk_weights
+            return self.grouped_matmuls(x, meta, sums).to(x.dtype), topk_weights
         topk_weights, topk_ids = route(x, w.router_weight, w.router_bias, w.top_k,
                                        router_weight_bf16=self.router_weight_bf16, scoring=w.router_scoring,
                                        norm_topk_prob=w.norm_topk_prob)
@@ -235,30 +236,39 @@ class MXFP4MoE(torch.nn.Module):
         tokens = x.shape[0]
         if tokens == 0:
             return x.new_zeros((0, w.hidden))
+        sums = self.zeroed_sums(x)
         meta = routing_metadata(topk_ids, w.expert_map, w.num_local_experts, self.block_m_for(tokens), topk_weights)
-        return self.grouped_matmuls(x, meta)
+        return self.grouped_matmuls(x, meta, sums)
+
+    def zeroed_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """The [T, H] float32 zeros the triton backend's w2 adds each token's expert outputs into,
+        made before the routing's launches so that no memset runs between w13 and w2 (there it
+        would keep w2's programmatic dependent launch from overlapping w13's tail)."""
+        return torch.zeros((x.shape[0], self.weights.hidden), dtype=torch.float32, device=x.device)
 
     def block_m_for(self, tokens: int) -> int:
         """Rows per tile of the grouped matmuls (and of their routing metadata) at `tokens` tokens."""
         return kernel_api.pick_block_m(tokens * self.weights.top_k, self.weights.num_local_experts)
 
-    def grouped_matmuls(self, x: torch.Tensor, meta) -> torch.Tensor:
+    def grouped_matmuls(self, x: torch.Tensor, meta, sums: torch.Tensor) -> torch.Tensor:
         """The triton backend's w13 (+ activation) and w2 (+ combine) of x [T, H(_pad)] routed as
-        `meta` (`routing.routing_metadata` at `block_m_for(T)`) -> [T, H] float32 sums."""
+        `meta` (`routing.routing_metadata` at `block_m_for(T)`), added into `sums` (`zeroed_sums`;
+        returned) where the combine is "atomic"; else a new [T, H] float32 tensor."""
         w = self.weights
         moe_matmul = kernel_api.moe_matmul
         tokens = x.shape[0]
         if self.fragments is not None:
             x = _fragment_kernel_input(x, self.compute_dtype)
         frag = self.fragments or {}
+        combine = self.combine_for(tokens)
         act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta,
                          channel_scale=w.w13_channel_scale, gather=True,
                          swiglu=(w.swiglu_alpha, w.swiglu_limit), activation=w.activation,
                          compute_dtype=self.compute_dtype, fragments=frag.get("w13"))
         y = moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta,
                        channel_scale=w.w2_channel_scale, gather=False, apply_row_weight=True,
-                       combine=self.combine_for(tokens), n_out=w.hidden, compute_dtype=self.compute_dtype,
-                       fragments=frag.get("w2"))
+                       combine=combine, n_out=w.hidden, compute_dtype=self.compute_dtype,
+                       fragments=frag.get("w2"), out=sums if combine == "atomic" else None)
         return y
 
 

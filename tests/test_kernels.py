@@ -69,6 +69,18 @@ def test_w13_swiglu_then_w2_combine(E, H, I, H_pad, I_pad, T, k, dtype, nan_like
                                      n_out=H, compute_dtype=dtype)
         assert y.shape == (T, H) and y.dtype == torch.float32
         assert rel_err(y, y_ref) < TOL[dtype], combine
+    # "atomic" adds into a given out (the layer zeroes its sums before routing): here one holding
+    # a random start, which must come back plus the sums, in the same tensor.
+    start = torch.randn(T, H, generator=gen)
+    out = start.clone()
+    y = moe_matmul(act, *args2, gather=False, apply_row_weight=True, combine="atomic", n_out=H,
+                   compute_dtype=dtype, out=out)
+    assert y is out
+    assert rel_err(y - start, reference_moe_matmul(act_ref, *args2, gather=False, apply_row_weight=True,
+                                                   combine="atomic", n_out=H, compute_dtype=dtype)) < TOL[dtype]
+    with pytest.raises(ValueError, match="out"):
+        moe_matmul(act, *args2, gather=False, apply_row_weight=True, combine="atomic", n_out=H,
+                   compute_dtype=dtype, out=torch.zeros(T, H, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("tokens", [0, 1], ids=["T0", "T1"])

@@ -105,17 +105,48 @@ def _decode_fragment(words, scale_words, dot_layout: gl.constexpr):
 
 @gluon.jit
 def _load_step(words_ptrs, scale_ptrs, row_mask, step, NUM_K: gl.constexpr, STEP_WORDS: gl.constexpr,
-               STEP_SCALES: gl.constexpr, ROW_MASK: gl.constexpr):
+               STEP_SCALES: gl.constexpr, ROW_MASK: gl.constexpr, STREAM: gl.constexpr):
     """One K step's fragment-order words and scale words. Steps past the last one reload the
-    last (their values are never used: no mask needed along K)."""
+    last (their values are never used: no mask needed along K). STREAM: read them as lines the
+    L2 may drop first (each is read once)."""
     step = gl.minimum(step, NUM_K - 1)
+    EVICTION: gl.constexpr = "evict_first" if STREAM else ""
     if ROW_MASK:
-        words = gl.load(words_ptrs + step * STEP_WORDS, mask=row_mask[:, :, :, None])
-        scale_words = gl.load(scale_ptrs + step * STEP_SCALES, mask=row_mask)
+        words = gl.load(words_ptrs + step * STEP_WORDS, mask=row_mask[:, :, :, None], eviction_policy=EVICTION)
+        scale_words = gl.load(scale_ptrs + step * STEP_SCALES, mask=row_mask, eviction_policy=EVICTION)
     else:
-        words = gl.load(words_ptrs + step * STEP_WORDS)
-        scale_words = gl.load(scale_ptrs + step * STEP_SCALES)
+        words = gl.load(words_ptrs + step * STEP_WORDS, eviction_policy=EVICTION)
+        scale_words = gl.load(scale_ptrs + step * STEP_SCALES, eviction_policy=EVICTION)
     return words, scale_words
+
+
+# One thread (the program's first) asks the L2 for [$1, $1 + $2): a bulk prefetch, whose lines
+# are kept ahead of streamed ones (evict last). $0 is a register the instruction never writes.
+_PREFETCH_L2_PTX: gl.constexpr = gl.constexpr("""
+{
+.reg .pred first;
+.reg .u32 tid;
+.reg .b64 policy;
+mov.u32 tid, %tid.x;
+setp.eq.u32 first, tid, 0;
+createpolicy.fractional.L2::evict_last.b64 policy, 1.0;
+@first cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, policy;
+}
+// dummy $0
+""")
+
+
+@gluon.jit
+def _prefetch_slice_to_l2(base_ptr, bytes_per_expert, expert, part, parts):
+    """Ask the L2 for part `part` of `parts` of expert `expert`'s bytes_per_expert bytes from
+    base_ptr (a uint8 or int32 tensor, experts contiguous; bytes_per_expert a multiple of 16)."""
+    chunk = (bytes_per_expert // parts + 15) // 16 * 16
+    start = part * chunk
+    size = gl.minimum(chunk, bytes_per_expert - start)
+    if size > 0:
+        address = base_ptr.to(gl.pointer_type(gl.int8)) + expert.to(gl.int64) * bytes_per_expert + start
+        gl.inline_asm_elementwise(_PREFETCH_L2_PTX, "=r,l,r", [address, size], dtype=gl.int32, is_pure=False,
+                                  pack=1)
 
 
 @gluon.jit
@@ -132,11 +163,11 @@ def _copy_x_step(x_stage, x_ptrs, mask_xm, offs_xk, K_X, step, BLOCK_K: gl.const
 
 @gluon.jit
 def _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, load_step, NUM_K: gl.constexpr, STEP_WORDS: gl.constexpr,
-                   STEP_SCALES: gl.constexpr, ROW_MASK: gl.constexpr, dot_layout: gl.constexpr):
+                   STEP_SCALES: gl.constexpr, ROW_MASK: gl.constexpr, STREAM: gl.constexpr, dot_layout: gl.constexpr):
     """Start the loads of step `load_step` (PREFETCH - 1 ahead), decode the oldest step in the
     queue: (A fragment, the queue moved on by one)."""
     queue = queue + (_load_step(words_ptrs, scale_ptrs, row_mask, load_step, NUM_K, STEP_WORDS, STEP_SCALES,
-                                ROW_MASK),)
+                                ROW_MASK, STREAM),)
     words, scale_words = queue[0]
     return _decode_fragment(words, scale_words, dot_layout), queue[1:]
 
@@ -178,12 +209,14 @@ def _moe_matmul_rs_kernel(
         expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
         N, K_X, N_OUT,
         alpha, limit,
+        next_words_ptr, next_scales_ptr, next_expert_words, next_expert_scales,
         NUM_K: gl.constexpr, LAYOUT_STEPS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, SPLIT_K: gl.constexpr,
         PIPELINE_MMA: gl.constexpr, EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, WIDTH_STEP: gl.constexpr,
         GATHER: gl.constexpr, SCATTER: gl.constexpr, ATOMIC: gl.constexpr,
         HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
-        ROW_WEIGHT: gl.constexpr, X_TMA: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
+        ROW_WEIGHT: gl.constexpr, X_TMA: gl.constexpr, L2_PREFETCH: gl.constexpr, PDL: gl.constexpr,
+        num_warps: gl.constexpr):
     """One program: BLOCK_M sorted rows of one expert x BLOCK_N weight rows (16 * num_warps, or
     a multiple: each warp then holds several 16-row blocks, every one a wgmma of its own on the
     same x rows).
@@ -200,7 +233,11 @@ def _moe_matmul_rs_kernel(
     step), instead of BLOCK_M. X_TMA (no GATHER, not PIPELINE_MMA): the x rows come by TMA through
     x_desc (a box of [BLOCK_M, BLOCK_K] per step, the pieces read its rows), else x_desc is unused
     (None) and they come by cp.async. Unit strides along K (x), along N (bias, channel scale) and
-    along the output columns; the launcher checks."""
+    along the output columns; the launcher checks. L2_PREFETCH: the next matmul's weights of the
+    same experts (fragment-order words and scale bytes, next_expert_words / next_expert_scales
+    bytes per expert from next_words_ptr / next_scales_ptr) are asked into L2 while this one runs,
+    a slice per program of each expert's first tile, and this kernel's own weights are read as
+    streamed (evict first) so that they do not push those out; unused when off."""
     STEPS: gl.constexpr = (NUM_K + SPLIT_K - 1) // SPLIT_K
     if PDL:
         # Launched as a programmatic dependent launch: wait for the kernel before (whose outputs,
@@ -213,6 +250,10 @@ def _moe_matmul_rs_kernel(
     if expert < 0:
         return  # past the last real tile
     row_start, row_end = _tile_rows(expert_offsets_ptr, tile_row_start_ptr, tile, expert)
+    if L2_PREFETCH:
+        if row_start == gl.load(expert_offsets_ptr + expert):        # (the expert's first tile)
+            _prefetch_slice_to_l2(next_words_ptr, next_expert_words, expert, pid_n, gl.num_programs(0))
+            _prefetch_slice_to_l2(next_scales_ptr, next_expert_scales, expert, pid_n, gl.num_programs(0))
     args = (x_ptr, stride_xm, x_desc, words_ptr, s_ptr, row_groups, bias_ptr, stride_be, cs_ptr, stride_cse, y_ptr,
             stride_ym, gather_ptr, scatter_ptr, row_weight_ptr, N, K_X, N_OUT, alpha, limit, pid_n, split, expert,
             row_start, row_end)
@@ -223,11 +264,11 @@ def _moe_matmul_rs_kernel(
             if (rows > (c - 1) * WIDTH_STEP) & (rows <= c * WIDTH_STEP):
                 _rs_tile(*args, NUM_K, LAYOUT_STEPS, _width_pieces(c * WIDTH_STEP), BLOCK_N, BLOCK_K, STAGES,
                          PREFETCH, STEPS, PIPELINE_MMA, EVEN_K, ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS,
-                         HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, X_TMA, num_warps)
+                         HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT, X_TMA, L2_PREFETCH, num_warps)
     else:
         _rs_tile(*args, NUM_K, LAYOUT_STEPS, (BLOCK_M,), BLOCK_N, BLOCK_K, STAGES, PREFETCH, STEPS, PIPELINE_MMA,
                  EVEN_K, ROW_MASK, GATHER, SCATTER, ATOMIC, HAS_BIAS, HAS_CHANNEL_SCALE, SWIGLU, ROW_WEIGHT,
-                 X_TMA, num_warps)
+                 X_TMA, L2_PREFETCH, num_warps)
 
 
 @gluon.constexpr_function
@@ -361,7 +402,7 @@ def _rs_tile(x_ptr, stride_xm, x_desc, words_ptr, s_ptr, row_groups, bias_ptr, s
              STAGES: gl.constexpr, PREFETCH: gl.constexpr, STEPS: gl.constexpr, PIPELINE_MMA: gl.constexpr,
              EVEN_K: gl.constexpr, ROW_MASK: gl.constexpr, GATHER: gl.constexpr, SCATTER: gl.constexpr,
              ATOMIC: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_CHANNEL_SCALE: gl.constexpr, SWIGLU: gl.constexpr,
-             ROW_WEIGHT: gl.constexpr, X_TMA: gl.constexpr, num_warps: gl.constexpr):
+             ROW_WEIGHT: gl.constexpr, X_TMA: gl.constexpr, L2_PREFETCH: gl.constexpr, num_warps: gl.constexpr):
     """The K loop and epilogue of one program of `_moe_matmul_rs_kernel`, sum(PIECES) columns
     wide on the wgmma's N side: one accumulator per piece (a power of two), each K step's
     decoded fragment shared by the pieces' wgmmas."""
@@ -419,7 +460,7 @@ def _rs_tile(x_ptr, stride_xm, x_desc, words_ptr, s_ptr, row_groups, bias_ptr, s
     queue = ()
     for st in gl.static_range(PREFETCH - 1):
         queue = queue + (_load_step(words_ptrs, scale_ptrs, row_mask, first + st, NUM_K, STEP_WORDS, STEP_SCALES,
-                                    ROW_MASK),)
+                                    ROW_MASK, L2_PREFETCH),)
 
     accs = ()
     for i in gl.static_range(len(PIECES)):
@@ -433,14 +474,14 @@ def _rs_tile(x_ptr, stride_xm, x_desc, words_ptr, s_ptr, row_groups, bias_ptr, s
         for kp in range(LOOP_STEPS // 2):
             ki = 2 * kp
             a0, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH - 1,
-                                       NUM_K, STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
+                                       NUM_K, STEP_WORDS, STEP_SCALES, ROW_MASK, L2_PREFETCH, dot_layout)
             _wait_x_step(STAGES)
             accs, a0_used = _mma_pieces(a0, _x_buffers(x_smems, ki % STAGES), accs)
             accs, a1_used = _retire_mma(accs, a1_used, 1)
             _refill_x_step(x_smems, x_ptrs, masks_xm, offs_xk, K_X, first, ki, STAGES - 2, STEPS, LOOP_STEPS,
                            STAGES, BLOCK_K, EVEN_K)
             a1, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH, NUM_K,
-                                       STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
+                                       STEP_WORDS, STEP_SCALES, ROW_MASK, L2_PREFETCH, dot_layout)
             _wait_x_step(STAGES)
             accs, a1_used = _mma_pieces(a1, _x_buffers(x_smems, (ki + 1) % STAGES), accs)
             accs, a0_used = _retire_mma(accs, a0_used, 1)
@@ -450,7 +491,7 @@ def _rs_tile(x_ptr, stride_xm, x_desc, words_ptr, s_ptr, row_groups, bias_ptr, s
     else:
         for ki in range(STEPS):
             a, queue = _next_fragment(queue, words_ptrs, scale_ptrs, row_mask, first + ki + PREFETCH - 1, NUM_K,
-                                      STEP_WORDS, STEP_SCALES, ROW_MASK, dot_layout)
+                                      STEP_WORDS, STEP_SCALES, ROW_MASK, L2_PREFETCH, dot_layout)
             if X_TMA:
                 # Step ki's rows have landed; the barrier: every warp is past step ki - 1, whose
                 # wgmma it retired, so the buffer of step ki - 2 is free for the refill below.

@@ -50,7 +50,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                compute_dtype: torch.dtype = torch.bfloat16, config: MatmulConfig | None = None,
                out: torch.Tensor | None = None, dequant: Dequant = "auto",
                unsafe_pipelined_rs_mma: bool = False, fragments: FragmentWeights | None = None,
-               activation: str = "swiglu_oai") -> torch.Tensor:
+               activation: str = "swiglu_oai", l2_prefetch: FragmentWeights | None = None) -> torch.Tensor:
     """Grouped MXFP4 matmul over the expert-sorted rows of `meta`.
 
     For sorted row r of local expert e: h[r] = x[src(r)] @ dequant(W[e]).T (* channel_scale[e])
@@ -91,6 +91,11 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
     fragments: the same weights in fragment order (`fragment_layout.to_fragment_order`), which
        the "rs" kernel reads instead of blocks / scales_e8m0 (those are still checked); other
        kernels ignore them.
+    l2_prefetch: the next matmul's weights in fragment order (w2's, during w13): the "rs" kernel
+       asks the L2 for the routed experts' share of them while it runs, and streams its own
+       weights past them (`_moe_matmul_rs_kernel`'s L2_PREFETCH); other kernels ignore it. For
+       decode sizes, where every expert has one tile and the next weights fit the L2 beside this
+       kernel's stream.
     unsafe_pipelined_rs_mma: for benchmarks only. With swapped operands, let the matrix
        instructions run across K steps the way Triton 3.6 pipelines them, which races with the
        next step's decode (triton issue #9433, see `_moe_matmul_kernel`); measures the fix's cost.
@@ -124,7 +129,7 @@ def moe_matmul(x: torch.Tensor, blocks: torch.Tensor, scales_e8m0: torch.Tensor,
                  SWIGLU=swiglu is not None, ROW_WEIGHT=apply_row_weight)
     act = activation if swiglu is not None else "swiglu_oai"     # (no activation step: nothing to refuse)
     launch = _Launch(x, blocks, scales_e8m0, fragments, bias, channel_scale, y, meta.max_tiles, routing, fused,
-                     compute_dtype, dequant, unsafe_pipelined_rs_mma, act)
+                     compute_dtype, dequant, unsafe_pipelined_rs_mma, act, l2_prefetch)
     shape_class = ShapeClass(config, n, k, x.shape[1], swiglu is not None, combine, gather, act)
     fallback = None if explicit else fallback_for(shape_class)
     if fallback is None:
@@ -316,6 +321,7 @@ class _Launch:
     dequant: str
     unsafe_pipelined_rs_mma: bool
     activation: str = "swiglu_oai"
+    l2_prefetch: FragmentWeights | None = None
 
 
 def _refuse_other_activations(a: _Launch, kernel: str) -> None:
@@ -343,11 +349,21 @@ def _launch_rs(a: _Launch, config: MatmulConfig) -> None:
         bias, bias.stride(0),
         cs, cs.stride(0),
         a.y, a.y.stride(0),
-        *a.routing, **rs_constexprs(config, fw.row_groups, fw.k_steps, fw.k, a.x.shape[1]),
-        X_TMA=x_desc is not None, PDL=pdl,
+        *a.routing, *_l2_prefetch_arguments(a.l2_prefetch, dummy),
+        **rs_constexprs(config, fw.row_groups, fw.k_steps, fw.k, a.x.shape[1]),
+        X_TMA=x_desc is not None, L2_PREFETCH=a.l2_prefetch is not None, PDL=pdl,
         **{name: a.fused[name] for name in ("GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE",
                                             "SWIGLU", "ROW_WEIGHT")},
         num_warps=config.num_warps, launch_pdl=pdl, **LAUNCH_OPTIONS)
+
+
+def _l2_prefetch_arguments(weights: FragmentWeights | None, dummy: torch.Tensor) -> tuple:
+    """The "rs" kernel's next_words_ptr, next_scales_ptr, next_expert_words, next_expert_scales:
+    bytes per expert of each (`dummy` and zeros, unread, without a prefetch)."""
+    if weights is None:
+        return dummy, dummy, 0, 0
+    per_expert = lambda t: t[0].numel() * t.element_size()
+    return weights.words, weights.scales, per_expert(weights.words), per_expert(weights.scales)
 
 
 def _launch_sm90(a: _Launch, config: MatmulConfig) -> None:

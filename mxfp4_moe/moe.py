@@ -45,6 +45,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+
+L2_PREFETCH_MAX_ROWS = 0
+"""Up to this many routed rows (T * k), w13's launch asks the L2 for the routed experts' w2
+weights while it runs (`moe_matmul(l2_prefetch=)`, the "rs" kernel), so that w2 reads them from
+L2. Off (0) until measured on a GPU (`benchmarks/probes/probe_layer_ab.py --switch l2_prefetch`);
+at decode sizes the two matmuls' weights (about 50 MB at one token, top-4) fill the L2."""
+
+
 class MXFP4MoE(torch.nn.Module):
     """MoE layer: route, w13 + activation, w2, routing-weighted combine, with the family's
     semantics the weights carry (`ExpertWeights.semantics`: gpt-oss's top-k softmax and clamped
@@ -261,10 +269,11 @@ class MXFP4MoE(torch.nn.Module):
             x = _fragment_kernel_input(x, self.compute_dtype)
         frag = self.fragments or {}
         combine = self.combine_for(tokens)
+        l2_prefetch = frag.get("w2") if tokens * w.top_k <= L2_PREFETCH_MAX_ROWS else None
         act = moe_matmul(x, w.w13_blocks, w.w13_scales, w.w13_bias, meta,
                          channel_scale=w.w13_channel_scale, gather=True,
                          swiglu=(w.swiglu_alpha, w.swiglu_limit), activation=w.activation,
-                         compute_dtype=self.compute_dtype, fragments=frag.get("w13"))
+                         compute_dtype=self.compute_dtype, fragments=frag.get("w13"), l2_prefetch=l2_prefetch)
         y = moe_matmul(act, w.w2_blocks, w.w2_scales, w.w2_bias, meta,
                        channel_scale=w.w2_channel_scale, gather=False, apply_row_weight=True,
                        combine=combine, n_out=w.hidden, compute_dtype=self.compute_dtype,

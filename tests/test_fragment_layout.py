@@ -334,7 +334,7 @@ def test_rs_constexprs_name_every_tiling_constexpr_of_the_kernel():
     from mxfp4_moe.kernels.fragment_layout import layout_shape
     from mxfp4_moe.kernels.moe_matmul import MatmulConfig, rs_constexprs
     fused = {"GATHER", "SCATTER", "ATOMIC", "HAS_BIAS", "HAS_CHANNEL_SCALE", "SWIGLU", "ROW_WEIGHT", "X_TMA",
-             "PDL", "num_warps"}
+             "L2_PREFETCH", "PDL", "num_warps"}
     kernel_constexprs = {p.name for p in _moe_matmul_rs_kernel.params if p.is_constexpr}
     cfg = MatmulConfig(128, 128, 64, True, 8, 4, "rs", 3, width_step=64)
     got = rs_constexprs(cfg, *layout_shape(2880, 2880), 2880, 2880)

@@ -113,13 +113,14 @@ def _compile(kernel, source_type, signature: dict, constexprs: dict, config: Mat
 
 def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool, n: int = 2880,
                     compute: str = "bfloat16", x_dtype: str = "bfloat16", dequant: str | None = None,
-                    retire_mma_each_step: bool | None = None, rs_kernel=None):
+                    retire_mma_each_step: bool | None = None, rs_kernel=None, l2_prefetch: bool = False):
     """Compile the kernel `config` names for sm_90 as a launch on contiguous tensors of an [n, k]
     weight would specialize it; returns triton's CompiledKernel. For the Triton kernel: dequant, its DEQUANT
     (default: what the launcher picks on a GPU, "ptx" for bf16, else "bytes");
     retire_mma_each_step, its RETIRE_MMA_EACH_STEP (default: as the launcher sets it on a GPU,
     i.e. config.swap_ab). The Gluon kernels ("sm90", "rs") are bf16 only. rs_kernel: compile this
-    variant of the "rs" kernel (same arguments) in its place (`benchmarks/probes/probe_rs_parts.py`)."""
+    variant of the "rs" kernel (same arguments) in its place (`benchmarks/probes/probe_rs_parts.py`);
+    l2_prefetch: its L2_PREFETCH."""
     if _device.interpreting():
         raise RuntimeError("sm90_report needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
     if config.kernel == "rs":
@@ -129,7 +130,10 @@ def compile_variant(config: MatmulConfig, *, k: int, swiglu: bool, atomic: bool,
         from ..moe_matmul import rs_constexprs, rs_x_tma_block
         signature = {**_signature("*bf16", "*fp32" if atomic else "*bf16"), "words_ptr": "*i32", "row_groups": "i32"}
         # PDL as the launcher sets it on Hopper (`_grid_dependency.pdl_launch`).
-        constexprs = {**rs_constexprs(config, *layout_shape(n, k), k, k), "num_warps": config.num_warps, "PDL": True}
+        signature.update(next_words_ptr="*i32", next_scales_ptr="*u8", next_expert_words="i32",
+                         next_expert_scales="i32")
+        constexprs = {**rs_constexprs(config, *layout_shape(n, k), k, k), "num_warps": config.num_warps, "PDL": True,
+                      "L2_PREFETCH": l2_prefetch}
         # As the launcher: w2 (atomic, no gather) reads x by TMA where `rs_x_tma_block` allows.
         x_tma = rs_x_tma_block(config) if atomic else None
         if x_tma is None:

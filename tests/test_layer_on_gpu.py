@@ -176,6 +176,34 @@ def test_layer_at_small_shapes_every_token_count(shape):
     assert kernel_fallbacks()[fallbacks_before:] == []
 
 
+@pytest.mark.parametrize("shape", [SMALL_LAYERS[0], SMALL_LAYERS[3], SMALL_LAYERS[5]],
+                         ids=["E4-H64-I2880", "builtin", "gpt-oss-120b-TP32-I64"])
+def test_layer_with_the_decode_experiments_on(shape, monkeypatch):
+    # The one-launch router (its GEMM, top-k and expert sort in one launch) and w2's weights asked
+    # into L2 during w13 (the "rs" kernel's L2_PREFETCH), both off by default until measured:
+    # against the float32 reference at decode token counts, eager and through an eager plan.
+    from mxfp4_moe import moe, routing
+    from mxfp4_moe.kernels.moe_matmul import kernel_fallbacks
+    from mxfp4_moe.reference import reference_moe
+    monkeypatch.setattr(routing, "ONE_LAUNCH_ROUTER_ON_CUDA", True)
+    monkeypatch.setattr(moe, "L2_PREFETCH_MAX_ROWS", 64)
+    E, H, I, k, H_pad, I_pad = shape
+    weights, _ = random_expert_weights(E, H, I, top_k=k, hidden_pad=H_pad, inter_pad=I_pad, seed=E + H + I + 1,
+                                       tp_rank=1 if I < 2880 and H == 2880 else 0, device="cuda", dense=False)
+    layer = MXFP4MoE(weights, backend="triton")
+    rebuilt = layer.checkpoint_weights()
+    fallbacks_before = len(kernel_fallbacks())
+    for tokens in (1, 2, 7, 16):
+        x = torch.randn(tokens, H, generator=torch.Generator(device="cuda").manual_seed(tokens),
+                        device="cuda").to(torch.bfloat16)
+        topk_w, topk_ids = route(x, weights.router_weight, weights.router_bias, k,
+                                 router_weight_bf16=layer.router_weight_bf16)
+        ref = reference_moe(x.float(), rebuilt, topk_w, topk_ids, torch.float32)
+        for _ in range(3):                  # the plan's recording call, then two replays
+            assert rel_err(layer(x), ref) < TOL_BF16, tokens
+    assert kernel_fallbacks()[fallbacks_before:] == []
+
+
 def test_layer_under_torch_compile_reduce_overhead_matches_eager():
     # The layer is one custom op to torch.compile (`mxfp4_moe.custom_ops`): it traces with no
     # graph break and CUDA-graph mode ("reduce-overhead") captures and replays it. The slots

@@ -58,7 +58,7 @@ def test_model_check_refuses_quark_by_name(tmp_path, capsys):
     # --model has no reference for Quark yet: a usage error naming the format, not a crash.
     target, _ = make_format_checkpoint(tmp_path / "ckpt", "quark-gpt-oss", num_layers=1)
     assert verify.main([str(target), "--model", "--quiet"]) == verify.EXIT_BAD_INPUT
-    assert "is a quark checkpoint" in capsys.readouterr().err
+    assert "holds the 'quark' layout" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fmt,says", [("compressed-tensors", "has no dense weights"),

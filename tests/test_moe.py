@@ -95,3 +95,26 @@ def test_auto_combine_is_atomic():
     assert MXFP4MoE(weights, backend="torch", combine="slots").combine_for(1) == "slots"
     with pytest.raises(ValueError, match="combine"):
         MXFP4MoE(weights, backend="torch", combine="sum")
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_sums_are_zeroed_before_the_first_launch(tokens, monkeypatch):
+    # w2 adds into float32 sums: they must be made (a memset on a GPU) before the routing's
+    # launches, never between w13 and w2, where the memset would keep w2's programmatic dependent
+    # launch from starting during w13's tail. The routing at decode sizes is one launch (router
+    # GEMM, top-k and sort) under the interpreter; at 40 tokens the router's GEMM runs in torch.
+    from mxfp4_moe.kernels.launches import record_launches
+    weights, _ = random_expert_weights(8, 64, 64, top_k=2, seed=tokens)
+    layer = MXFP4MoE(weights, backend="triton", compute_dtype=torch.float32, eager_plans=False)
+    launches_before_sums = []
+    zeroed_sums = layer.zeroed_sums
+    monkeypatch.setattr(layer, "zeroed_sums", lambda x: launches_before_sums.append(len(launches)) or zeroed_sums(x))
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens))
+    with record_launches() as launches:
+        y = layer(x)
+    names = [launch.kernel.__name__ for launch in launches]
+    assert launches_before_sums == [0], names
+    assert names[-2:] == ["_moe_matmul_kernel", "_moe_matmul_kernel"]       # w13, then w2 (adding into the sums)
+    assert names[0] == ("_router_gemv_topk_kernel" if tokens <= 16 else "_router_topk_kernel"), names
+    assert len(names) == (3 if tokens <= 16 else 4), names     # the routing in one launch, or top-k then sort
+    assert rel_err(y, MXFP4MoE(weights, backend="torch")(x)) < 1e-5

@@ -10,6 +10,13 @@
 #   GPU_TESTS_FILES="tests/test_eager_plan.py tests/test_layer_on_gpu.py" ...   # some test files only
 #   VERIFY_FORMATS=1 ...     # also verify a tiny checkpoint of each other format (mxfp4_moe.synthetic_formats)
 #   PROBE_HOST_COST=1 ...    # also the eager layer's host cost (benchmarks/probes/probe_host_cost.py)
+#   LAYER_AB="one_launch_router l2_prefetch" ...   # first, the layer with each switch off and on
+#                            # (benchmarks/probes/probe_layer_ab.py; AB_POINTS="128:1,..." to choose points)
+#   GPU_TESTS_K="not kernel_vs_float32 or gpt-oss-20b-E32-1-" ...   # every GPU test but most kernel x config
+#                            # points (about 120 of the kernel file's 327)
+# The device has no `gguf` package (VERIFY_FORMATS' GGUF step needs it): unzip its wheel (pure Python;
+# `pip download gguf --no-deps`) into an ignored folder of the checkout, name that folder in the call's
+# carry and add it to PYTHONPATH in the command.
 # Set MXFP4_COMMIT=<hash of your checkout> in the command: the device's copy of .git can be stale
 # (seen on 2026-11-28: it named the session's first commit), and the JSON records this value.
 set -uo pipefail
@@ -23,6 +30,10 @@ echo "commit $commit"; nvidia-smi --query-gpu=name,memory.total --format=csv,noh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 step() { echo; echo "=== $1"; shift; "$@"; echo "=== rc=$?"; }
 
+for switch in ${LAYER_AB:-}; do
+  step "layer A/B: $switch" python3 -m benchmarks.probes.probe_layer_ab --switch "$switch" \
+    --points "${AB_POINTS:-128:1,128:2,128:8,32:1,32:8}" --out "$OUT" 2>&1 | grep -v '^{"device' | cut -c1-330
+done
 if [ "${SKIP_GPU_TESTS:-0}" != 1 ]; then
   step "gpu tests ${GPU_TESTS_K:+(-k $GPU_TESTS_K)}" python3 -m pytest -q -m gpu ${GPU_TESTS_FILES:-tests/} ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 fi

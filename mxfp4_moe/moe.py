@@ -45,7 +45,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-
 L2_PREFETCH_MAX_ROWS = 0
 """Up to this many routed rows (T * k), w13's launch asks the L2 for the routed experts' w2
 weights while it runs (`moe_matmul(l2_prefetch=)`, the "rs" kernel), so that w2 reads them from

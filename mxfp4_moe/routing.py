@@ -89,10 +89,11 @@ def route_with_metadata(x: torch.Tensor, router_weight: torch.Tensor, router_bia
 
 
 ONE_LAUNCH_ROUTER_ON_CUDA = False
-"""Whether CUDA tensors take the one-launch router (`one_launch_router`). Off until its GPU tests
-(tests/test_routing_on_gpu.py, tests/test_eager_plan.py) and the layer's timing against the
-cuBLAS GEMM (`benchmarks/probes/probe_host_cost.py --one-launch-router on,off`) have run on a GPU;
-the interpreter runs it in every CPU test meanwhile."""
+"""Whether CUDA tensors take the one-launch router (`one_launch_router`; with the expert sort in
+the same launch through `route_with_metadata`). Off until its GPU tests
+(tests/test_routing_on_gpu.py, tests/test_eager_plan.py, tests/test_layer_on_gpu.py) and the
+layer's GPU time against cuBLAS then the sort (`benchmarks/probes/probe_layer_ab.py --switch
+one_launch_router`) have run on a GPU; the interpreter runs it in every CPU test meanwhile."""
 
 
 def one_launch_router(x: torch.Tensor, num_experts: int) -> bool:

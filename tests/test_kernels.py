@@ -329,6 +329,30 @@ def test_gluon_configs_of_the_gpu_tests_compile_for_sm90():
             assert rep["k_loops"] == (fields[0] // width_step if width_step else 1), rep
 
 
+def test_rs_kernel_with_the_l2_prefetch_compiles_for_sm90():
+    # The "rs" kernel's L2_PREFETCH (w2's weights asked into L2 during w13: `moe.L2_PREFETCH_MAX_ROWS`,
+    # off until measured) at the decode configs it is meant for: it compiles for sm_90 with each
+    # supported Triton's ptxas, issues its two bulk prefetches (words, scales) and reads its own
+    # weights evict-first, and costs no local memory and no wgmma race.
+    script = (
+        "import json\n"
+        "from mxfp4_moe.kernels.tools.sm90_report import compile_variant, resource_report\n"
+        "from mxfp4_moe.kernels.moe_matmul import MatmulConfig\n"
+        "for fields in ((16, 64, 256, True, 4, 4, 'rs', 2), (16, 64, 128, True, 4, 4, 'rs', 2)):\n"
+        "    cfg = MatmulConfig(*fields)\n"
+        "    for prefetch in (False, True):\n"
+        "        c = compile_variant(cfg, k=2880, n=5760, swiglu=True, atomic=False, l2_prefetch=prefetch)\n"
+        "        ptx = c.asm['ptx']\n"
+        "        print(json.dumps({'prefetch': prefetch, 'bulk': ptx.count('cp.async.bulk.prefetch.L2'),\n"
+        "                          'evict_first': ptx.count('L1::evict_first'), **resource_report(c, cfg)}))\n")
+    stdout = run_compiler_script("-c", script)
+    reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 4
+    for rep in reports:
+        assert rep["local_bytes"] == 0 and rep["in_flight_overwrites"] == 0 and rep["hgmma"] > 0, rep
+        assert (rep["bulk"], rep["evict_first"] > 0) == ((2, True) if rep["prefetch"] else (0, False)), rep
+
+
 def test_sm90_race_check_flags_pipelined_register_operand_wgmma():
     # Triton 3.6 keeps up to 3 swapped-operand wgmmas (weights in registers) in flight across
     # the K loop's back edge, and ptxas 12.8 lets the next step's decode overwrite registers they

@@ -7,8 +7,9 @@ None of that changes between two calls with the same token count. So the first c
 count runs the layer's ordinary path while `kernels.launches.record_launches` keeps its launches, and
 keeps the tensors those launches wrote (the routing metadata, the activation, the float32 sum)
 as the plan's workspace. Later calls zero the sum and replay the launches through the compiled
-kernels with only x swapped in; above 16 tokens, where the router's GEMM runs in torch rather
-than in the first launch, they compute its logits and swap those in too.
+kernels with only x swapped in; where the router's GEMM runs in torch rather than in the first
+launch (above 16 tokens, and on CUDA while `routing.ONE_LAUNCH_ROUTER_ON_CUDA` is off), they
+compute its logits and swap those in too.
 
 This is sound because every workspace tensor is rewritten by the launches before it is read on
 each call (the same property that lets `graphs.CUDAGraphMoE` capture the layer; the one-launch

@@ -1,7 +1,8 @@
 """Probe (GPU): where the host time of one eager layer call goes at decode sizes, timed with the
 GPU idle (synchronise, time the call's issue alone, synchronise), median of many calls. For each
-(E, T): the whole call, then its parts as the call makes them (the router, the routing metadata,
-each moe_matmul, timed by wrapping the functions the layer calls), then the floors they stand on:
+(E, T): the whole call, then its parts as the call makes them (the routing, with the router and
+the routing metadata inside it where they are two steps, each moe_matmul; timed by wrapping the
+functions the layer calls), then the floors they stand on:
 a Triton launch of an empty kernel with as many arguments as the matmul kernel, the same kernel
 launched through its compiled handle (no Triton Python dispatch), torch.empty and a torch.mm.
 Each point is timed twice: with the layer's eager plans (the default; the parts are then the
@@ -138,9 +139,10 @@ def main() -> int:
                 if plans:       # the replayed call: the router GEMM, then each recorded launch
                     timer.wrap(eager_plan, "router_logits")
                     timer.wrap(launches.RecordedLaunch, "replay", label=lambda a, kw: f"replay {a[0].kernel.__name__}")
-                else:
-                    timer.wrap(moe_module, "route")
-                    timer.wrap(moe_module, "routing_metadata")
+                else:           # the routing as a whole, and its two steps where they are apart
+                    timer.wrap(moe_module, "route_with_metadata")
+                    timer.wrap(routing_module, "route")
+                    timer.wrap(routing_module, "routing_metadata")
                     timer.wrap(launcher_module, "moe_matmul",
                                label=lambda a, kw: "moe_matmul_w13" if kw.get("gather") else "moe_matmul_w2")
                 try:

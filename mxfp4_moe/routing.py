@@ -75,17 +75,18 @@ def route_with_metadata(x: torch.Tensor, router_weight: torch.Tensor, router_bia
     num_local_experts, block_m, topk_weights)`: (topk_weights, topk_ids, metadata). Where the
     one-launch router runs and the sort fits one program (`kernels.expert_sort.fits_one_chunk`),
     both in that one launch: the same values as the two calls."""
-    _check_route(x, router_weight, top_k)
     tokens = x.shape[0]
-    if (one_launch_router(x, router_weight.shape[0])
+    if not (one_launch_router(x, router_weight.shape[0])
             and kernel_api.fits_one_chunk(tokens * top_k, num_local_experts)):
-        num_tiles = kernel_api.max_tiles(tokens * top_k, num_local_experts, block_m)
-        topk_weights, topk_ids, sorted_and_scheduled = kernel_api.router_gemv_topk_sort(
-            *_one_launch_operands(x, router_weight, router_weight_bf16), router_bias.float(), top_k,
-            expert_map, num_local_experts, num_tiles, block_m)
-        return topk_weights, topk_ids, _metadata(sorted_and_scheduled, tokens, top_k, num_local_experts, block_m)
-    topk_weights, topk_ids = route(x, router_weight, router_bias, top_k, router_weight_bf16=router_weight_bf16)
-    return topk_weights, topk_ids, routing_metadata(topk_ids, expert_map, num_local_experts, block_m, topk_weights)
+        topk_weights, topk_ids = route(x, router_weight, router_bias, top_k, router_weight_bf16=router_weight_bf16)
+        return topk_weights, topk_ids, routing_metadata(topk_ids, expert_map, num_local_experts, block_m,
+                                                        topk_weights)
+    _check_route(x, router_weight, top_k)      # (`route` checks its own)
+    num_tiles = kernel_api.max_tiles(tokens * top_k, num_local_experts, block_m)
+    topk_weights, topk_ids, sorted_and_scheduled = kernel_api.router_gemv_topk_sort(
+        *_one_launch_operands(x, router_weight, router_weight_bf16), router_bias.float(), top_k,
+        expert_map, num_local_experts, num_tiles, block_m)
+    return topk_weights, topk_ids, _metadata(sorted_and_scheduled, tokens, top_k, num_local_experts, block_m)
 
 
 ONE_LAUNCH_ROUTER_ON_CUDA = False
